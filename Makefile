@@ -1,0 +1,34 @@
+# hrmspec — the two commands of the quick start, and a few more.
+#   make demo   install what is needed, then train the CPU demo (specs/hrm-text-tiny.yaml)
+#   make test   install what is needed (with the dev extras), then lint and run the test suite
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
+# torch first and pinned: this version has a CPU build; an unpinned torch pulls a CUDA build of several GB
+TORCH ?= torch==2.13.0
+OUT ?= runs/hrm-text-tiny
+
+.PHONY: install install-dev demo test test-all lint bench
+
+install:
+	$(PIP) $(TORCH)
+	$(PIP) -e .
+
+install-dev:
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]'
+
+demo: install
+	$(PYTHON) -m hrmspec train specs/hrm-text-tiny.yaml --out $(OUT)
+	$(PYTHON) -m hrmspec eval $(OUT)
+
+lint:
+	$(PYTHON) -m ruff check .
+
+test: install-dev lint
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: install-dev lint
+	$(PYTHON) -m pytest -q
+
+bench: install-dev
+	$(PYTHON) benchmarks/report.py

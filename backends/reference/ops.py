@@ -1,0 +1,64 @@
+"""Reference ops: the math of every op a ModelGraph contains, in plain torch.
+
+Each function is the definition other backends are checked against, so clarity beats speed;
+where torch has a fused op with the same math (rms_norm, scaled_dot_product_attention) we use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors are computed in fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in at least fp32 and cast back."""
+    y = F.rms_norm(upcast(x), (x.shape[-1],), None if weight is None else upcast(weight), eps)
+    return y.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, S, head_dim): frequency theta^(-2i/head_dim), halves repeated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, S, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, h, S, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + log mask) v; mask is boolean (B, 1, Sq, Sk), True = may attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sigmoid_gate(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(g) * a
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
+    """(sum of token losses in fp32, number of counted tokens)."""
+    total = F.cross_entropy(
+        upcast(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    return total, (labels != ignore_index).sum()

@@ -1,0 +1,5 @@
+import sys
+
+from hrmspec.cli import main
+
+sys.exit(main())

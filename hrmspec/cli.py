@@ -1,0 +1,164 @@
+"""The `hrmspec` command line (also `python -m hrmspec`).
+
+User errors (a malformed spec, a missing file, a checkpoint that does not fit) print one clear
+message and exit 2; `--debug` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hrmspec.errors import HrmspecError
+
+EXIT_USER_ERROR = 2
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a spec file (YAML) or a shipped spec's name, e.g. hrm-text-tiny")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec value; VALUE is YAML (e.g. --set model.d_model=256 --set 'data.tasks=[gcd]')",
+    )
+
+
+def _load(args):
+    from hrmspec.spec import load_spec, parse_override
+
+    return load_spec(args.spec, dict(parse_override(o) for o in args.overrides))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args)
+    print(f"{spec.source}: ok ({spec.name})")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from hrmspec.graph import build_graph
+    from hrmspec.show import show
+
+    spec = _load(args)
+    G = build_graph(spec, args.progress)
+    show(G, seq_len=args.seq_len, dtype_bytes=args.dtype_bytes)
+    if args.png:
+        from hrmspec.graph.draw import draw_schedule
+
+        draw_schedule(G, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import json
+    from pathlib import Path
+
+    import networkx as nx
+    import yaml
+
+    import hrmspec
+
+    spec = _load(args)
+    model = hrmspec.compile(spec, backend=args.backend)
+    print(f"{spec.name}: compiled for backend '{args.backend}', {model.num_parameters():,} parameters")
+    if args.emit:
+        out = Path(args.emit)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+        data = nx.node_link_data(model.graph, edges="edges")
+        data["graph"] = {k: v for k, v in data["graph"].items() if isinstance(v, (str, int, float, type(None)))}
+        (out / "graph.json").write_text(json.dumps(data, indent=1, default=str))
+        print(f"wrote {out}/spec.yaml, {out}/graph.json")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from hrmspec.runtime.hf import import_hf
+
+    import_hf(args.dir, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from hrmspec.runtime.hf import export_hf
+
+    export_hf(args.ckpt, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hrmspec",
+        description="Compile, inspect and train Hierarchical Recurrent Models written as YAML specs.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check a spec and report the first error")
+    _spec_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("show", help="print the unrolled graph, parameters, FLOPs and memory")
+    _spec_args(p)
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for attention FLOPs (default 2048)")
+    p.add_argument("--progress", type=float, default=1.0, help="training progress 0..1 for the credit plan")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
+    p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compile", help="compile a spec for a backend")
+    _spec_args(p)
+    p.add_argument("--backend", default="reference", choices=["reference"], help="target backend")
+    p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("import-hf", help="convert a transformers hrm_text checkpoint to an hrmspec checkpoint")
+    p.add_argument("dir", help="a directory with config.json and model.safetensors")
+    p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write an hrmspec checkpoint as a transformers hrm_text checkpoint")
+    p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors)")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.set_defaults(func=cmd_export_hf)
+
+    for name, register in _extra_commands():
+        register(sub, name)
+    return parser
+
+
+def _extra_commands():
+    """Commands defined next to the code they run (training, evaluation)."""
+    try:
+        from hrmspec.runtime.commands import COMMANDS
+    except ImportError:
+        return []
+    return COMMANDS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HrmspecError as e:
+        if args.debug:
+            raise
+        print(f"hrmspec: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hrmspec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

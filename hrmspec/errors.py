@@ -1,0 +1,56 @@
+"""User-facing errors.
+
+Every error a user can cause (a malformed spec, a missing file, a checkpoint that does not fit its
+spec) is a subclass of `HrmspecError`. The CLI prints `str(error)` and exits 2; only `--debug`
+shows a traceback. Messages follow one shape::
+
+    specs/tiny.yaml:12:5: model.modules.L.layers: expected a positive integer, found 'four'
+      hint: did you mean 'layers'?
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class HrmspecError(Exception):
+    """Base class of errors caused by user input; the CLI reports them without a traceback."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a value came from: a file position (1-based) or a command-line override."""
+
+    file: str
+    line: int = 0
+    col: int = 0
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}:{self.col}"
+        return self.file
+
+
+class SpecError(HrmspecError):
+    """A spec that cannot be loaded: names the place, the field, what was expected and found."""
+
+    def __init__(self, message: str, loc: Location | None = None, path: str = "", hint: str = ""):
+        self.message, self.loc, self.path, self.hint = message, loc, path, hint
+        where = f"{loc}: " if loc is not None else ""
+        field = f"{path}: " if path else ""
+        text = f"{where}{field}{message}"
+        if hint:
+            text += f"\n  hint: {hint}"
+        super().__init__(text)
+
+
+class CheckpointError(HrmspecError):
+    """A checkpoint that is missing, corrupt or does not match its spec."""
+
+
+def close_match(name: str, choices: Iterable[str]) -> str:
+    """A 'did you mean' hint for a misspelt name, or '' when nothing is close."""
+    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{found[0]}'?" if found else ""

@@ -1,0 +1,116 @@
+"""Counting on the ModelGraph: parameters, FLOPs per token, activation memory.
+
+FLOPs are "model FLOPs": 2 per multiply-add of every matmul (projections, MLP, head) plus the
+two attention matmuls (QK^T and AV: 4 * heads * head_dim FLOPs per attended key). Elementwise
+ops are left out, as is customary. A causal or PrefixLM query of a length-S row attends to
+(S + 1) / 2 keys on average, a bidirectional one to S.
+
+A training step costs 3x the forward FLOPs (forward, and backward for activations and weights)
+for grad-carrying calls and the head, and 1x for no-grad calls, which is why the credit plan
+makes deep recurrences affordable. Activation memory counts the elements each grad-carrying
+call keeps for backward; no-grad calls keep none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from hrmspec.graph.build import call_nodes
+from hrmspec.spec.schema import ModelSpec
+
+
+@dataclass
+class ModuleStats:
+    name: str
+    layers: int
+    params: int
+    calls: int
+    grad_calls: int
+    flops_per_token: float  # forward, one call, at the analysed sequence length
+
+
+@dataclass
+class GraphStats:
+    params: int
+    params_by_part: dict[str, int]
+    buffers: int
+    modules: list[ModuleStats]
+    seq_len: int
+    forward_flops_per_token: float
+    train_flops_per_token: float
+    activation_bytes_per_token: float  # grad-carrying calls, at `dtype_bytes`
+    dtype_bytes: int
+    credit_depth: int | None
+    calls: list[dict] = field(default_factory=list)
+
+
+def _attended(mask: str, seq_len: int) -> float:
+    return float(seq_len) if mask == "bidirectional" else (seq_len + 1) / 2
+
+
+def module_flops(body: nx.DiGraph, model: ModelSpec, mask: str, seq_len: int) -> float:
+    """Forward FLOPs per token of one call of a module."""
+    total = 0.0
+    for _, op in body.nodes(data=True):
+        total += op["flops"]
+        if op["op"] == "attention":
+            total += 4 * model.heads * model.head_dim * _attended(mask, seq_len)
+    return total
+
+
+def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2) -> GraphStats:
+    spec = G.graph["spec"]
+    model: ModelSpec = spec.model
+    d, V = model.d_model, model.vocab
+    calls = call_nodes(G)
+    parts: dict[str, int] = {"embed": V * d}
+    buffers = 0
+    modules = []
+    per_call_flops: dict[str, float] = {}
+    saved_per_call: dict[str, int] = {}
+    for m in model.modules:
+        body = G.graph["bodies"][m.name]
+        params = sum(op["params"] for _, op in body.nodes(data=True))
+        parts[f"module {m.name}"] = params
+        flops = module_flops(body, model, m.block.attention.mask, seq_len)
+        per_call_flops[m.name] = flops
+        saved_per_call[m.name] = sum(op["saved"] for _, op in body.nodes(data=True))
+        mine = [c for c in calls if c["module"] == m.name]
+        modules.append(ModuleStats(m.name, m.layers, params, len(mine), sum(c["grad"] for c in mine), flops))
+    for s in model.states:
+        if s.init == "learned":
+            parts[f"state {s.name}"] = d
+        elif s.init in ("buffer", "zeros"):
+            buffers += d
+    if model.head == "untied":
+        parts["head"] = V * d
+    if model.final_norm and model.block.norm.affine:
+        parts["final_norm"] = d
+    head_flops = 2 * d * V
+    fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops
+    train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * head_flops
+    # kept for backward: each grad call's saved activations, plus its input sum and the logits
+    saved = sum(saved_per_call[c["module"]] + d for c in calls if c["grad"]) + V
+    return GraphStats(
+        params=sum(parts.values()),
+        params_by_part=parts,
+        buffers=buffers,
+        modules=modules,
+        seq_len=seq_len,
+        forward_flops_per_token=fwd,
+        train_flops_per_token=train,
+        activation_bytes_per_token=saved * dtype_bytes,
+        dtype_bytes=dtype_bytes,
+        credit_depth=G.graph["credit_depth"],
+        calls=calls,
+    )
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"

@@ -1,0 +1,155 @@
+"""The typed, immutable form of a spec. Knows nothing of torch.
+
+A `Spec` is what `load_spec` returns after validation: every default filled in, every module's
+block resolved (the shared `model.block` with the module's own overrides applied), the schedule
+parsed into `Repeat`/`Statement` trees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hrmspec.spec.grammar import INPUT, Statement
+
+NormPlace = Literal["pre", "post", "sandwich"]
+MaskKind = Literal["causal", "prefix_lm", "bidirectional"]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    type: Literal["rms"] = "rms"
+    eps: float = 1e-6
+    affine: bool = False  # a learnable per-channel scale
+    place: NormPlace = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    type: Literal["gated", "plain"] = "gated"  # gated: sigmoid(W_g x) * attention(x), per channel
+    rope_theta: float | None = 10000.0  # None: no rotary embedding
+    mask: MaskKind = "prefix_lm"
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One layer: attention then MLP, each wrapped in residual + norm per `norm.place`."""
+
+    norm: NormSpec
+    attention: AttentionSpec
+    mlp: Literal["swiglu", "gelu"]
+    ffn: int  # hidden width of the MLP
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    name: str
+    layers: int
+    exit_norm: Literal["rms", "none"]  # MagicNorm caps every module call with an RMSNorm
+    block: BlockSpec
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    name: str
+    # embed: the scaled token embedding; buffer: a fixed random vector (not trained);
+    # zeros: a zero vector; learned: a trained vector
+    init: Literal["embed", "buffer", "zeros", "learned"]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    count: int
+    body: tuple[Repeat | Statement, ...]
+
+
+@dataclass(frozen=True)
+class CreditSpec:
+    """Which module calls carry gradient (the rest run under no-grad). See hrmspec.graph.credit."""
+
+    mode: Literal["none", "depth", "last", "per_cycle"] = "none"
+    depth_from: int = 2
+    depth_to: int = 5
+    warmup: float = 0.2  # fraction of total training steps over which depth ramps from..to
+    priority: tuple[str, ...] = ()
+    last: int = 0
+    per_cycle: tuple[tuple[str, tuple[int, ...]], ...] = ()  # module -> trailing grad calls per outer cycle
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    type: Literal["lecun_normal", "normal"] = "lecun_normal"
+    std: float = 0.02  # used by `normal`
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab: int
+    d_model: int
+    heads: int
+    head_dim: int
+    block: BlockSpec
+    modules: tuple[ModuleSpec, ...]
+    states: tuple[StateSpec, ...]
+    schedule: tuple[Repeat | Statement, ...]
+    output: str
+    head: Literal["tied", "untied"]
+    embed_scale: float
+    init: InitSpec
+    credit: CreditSpec
+    max_seq_len: int = 2048
+    # an extra RMSNorm before the head (off for MagicNorm models, where the exit norm serves)
+    final_norm: bool = False
+
+    def module(self, name: str) -> ModuleSpec:
+        return next(m for m in self.modules if m.name == name)
+
+    def state(self, name: str) -> StateSpec:
+        return next(s for s in self.states if s.name == name)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    # task_completion: loss on response tokens (the last instruction token predicts the first
+    # response token); lm: loss on every next token
+    type: Literal["task_completion", "lm"] = "task_completion"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    model: ModelSpec
+    objective: ObjectiveSpec
+    train: dict = field(default_factory=dict)  # validated by the training loop
+    data: dict = field(default_factory=dict)  # validated by the data pipeline
+    eval: dict = field(default_factory=dict)
+    source: str = field(default="<memory>", compare=False)  # the file it was loaded from
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the resolved document
+
+
+def swiglu_width(d_model: int, expansion: float) -> int:
+    """SwiGLU width matching a plain MLP of `expansion`: 2/3 of it, rounded up to a multiple of 256."""
+    return math.ceil(round(expansion * d_model * 2 / 3) / 256) * 256
+
+
+def lecun_std(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in)
+
+
+__all__ = [
+    "INPUT",
+    "AttentionSpec",
+    "BlockSpec",
+    "CreditSpec",
+    "InitSpec",
+    "ModelSpec",
+    "ModuleSpec",
+    "NormSpec",
+    "ObjectiveSpec",
+    "Repeat",
+    "Spec",
+    "StateSpec",
+    "Statement",
+]

@@ -1,0 +1,114 @@
+"""The layers a module stacks: attention + MLP, each in a residual with RMSNorm, and the stack
+itself capped by MagicNorm's exit norm. The math lives in the backend's ops table.
+
+Shapes: B batch, S sequence, d d_model, h heads, hd head_dim, T cached + new keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hrmspec.spec.schema import BlockSpec, ModuleSpec
+
+
+@dataclass
+class Context:
+    """Per-batch tensors shared by every module call: the mask and the rotary tables."""
+
+    mask: dict[str, torch.Tensor | None]  # mask kind -> (B, 1, S, T) bool, None = no masking
+    rope: dict[float, tuple[torch.Tensor, torch.Tensor]]  # rope_theta -> cos, sin (B, 1, S, hd)
+
+
+class Norm(nn.Module):
+    def __init__(self, d: int, eps: float, affine: bool, ops):
+        super().__init__()
+        self.eps, self.ops = eps, ops
+        self.weight = nn.Parameter(torch.ones(d)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.eps, self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, head_dim: int, block: BlockSpec, ops):
+        super().__init__()
+        a = block.attention
+        self.h, self.hd, self.ops = heads, head_dim, ops
+        self.gated, self.mask_kind, self.theta = a.type == "gated", a.mask, a.rope_theta
+        n_proj = 4 if self.gated else 3
+        self.qkvg = nn.Linear(d, n_proj * heads * head_dim, bias=a.bias)  # q, k, v (, gate) in one matmul
+        self.o = nn.Linear(heads * head_dim, d, bias=a.bias)
+
+    def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        parts = self.qkvg(x).view(B, S, -1, self.h, self.hd).unbind(2)  # each (B, S, h, hd)
+        q, k, v = (t.transpose(1, 2) for t in parts[:3])  # (B, h, S, hd)
+        if self.theta is not None:
+            cos, sin = ctx.rope[self.theta]
+            q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
+        if cache is not None:  # cache = [k, v] of earlier positions, (B, h, T - S, hd) or None
+            if cache[0] is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[0], cache[1] = k, v
+        y = self.ops.attention(q, k, v, ctx.mask[self.mask_kind]).transpose(1, 2)  # (B, S, h, hd)
+        if self.gated:
+            y = self.ops.sigmoid_gate(parts[3], y)
+        return self.o(y.reshape(B, S, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, block: BlockSpec, ops):
+        super().__init__()
+        self.kind, self.ops, self.ffn = block.mlp, ops, block.ffn
+        self.gate_up = nn.Linear(d, (2 if self.kind == "swiglu" else 1) * block.ffn, bias=False)
+        self.down = nn.Linear(block.ffn, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up(x)
+        if self.kind == "swiglu":
+            gate, up = h.split(self.ffn, dim=-1)
+            return self.down(self.ops.swiglu(gate, up))
+        return self.down(self.ops.gelu(h))
+
+
+class Block(nn.Module):
+    """pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))."""
+
+    def __init__(self, d: int, heads: int, head_dim: int, block: BlockSpec, ops):
+        super().__init__()
+        n = block.norm
+        self.place = n.place
+        self.attn = Attention(d, heads, head_dim, block, ops)
+        self.mlp = MLP(d, block, ops)
+        self.attn_norm = Norm(d, n.eps, n.affine, ops)
+        self.mlp_norm = Norm(d, n.eps, n.affine, ops)
+        if self.place == "sandwich":
+            self.attn_out_norm = Norm(d, n.eps, n.affine, ops)
+            self.mlp_out_norm = Norm(d, n.eps, n.affine, ops)
+
+    def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
+        if self.place == "pre":
+            x = x + self.attn(self.attn_norm(x), ctx, cache)
+            return x + self.mlp(self.mlp_norm(x))
+        if self.place == "post":
+            x = self.attn_norm(x + self.attn(x, ctx, cache))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn_out_norm(self.attn(self.attn_norm(x), ctx, cache))
+        return x + self.mlp_out_norm(self.mlp(self.mlp_norm(x)))
+
+
+class Stack(nn.Module):
+    """A module of the spec: its layers, then (MagicNorm) an exit RMSNorm on every call."""
+
+    def __init__(self, m: ModuleSpec, d: int, heads: int, head_dim: int, ops):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d, heads, head_dim, m.block, ops) for _ in range(m.layers))
+        self.exit_norm = Norm(d, m.block.norm.eps, False, ops) if m.exit_norm == "rms" else None
+
+    def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, None if cache is None else cache[i])
+        return self.exit_norm(x) if self.exit_norm is not None else x

@@ -1,0 +1,194 @@
+"""CompiledModel: the torch.nn.Module a spec compiles to.
+
+The forward pass is the unrolled schedule, read off the ModelGraph:
+
+    x   = embed(input_ids) * embed_scale                       # (B, S, d)
+    z   = {state: its initial value}                           # e.g. z_H = x, z_L = buffer
+    for call in calls:                                         # e.g. L, L, L, H, L, L, L, H
+        with grad enabled only if the credit plan says so:
+            z[call.target] = module[call.module](sum(z[i] for i in call.inputs))
+    logits = head(z[output])
+
+Calls outside the credit plan run under no-grad: they keep no activations and gradient stops at
+their outputs, so training memory grows with the credit depth, not with the number of cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from hrmspec.runtime.blocks import Context, Norm, Stack
+from hrmspec.runtime.masks import dense_mask
+from torch import nn
+
+from hrmspec.graph.build import build_graph
+from hrmspec.graph.credit import credit_depth, grad_flags
+from hrmspec.spec.grammar import INPUT
+from hrmspec.spec.schema import Spec, lecun_std
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, vocab)
+    loss: torch.Tensor | None = None  # mean over counted label tokens
+    loss_sum: torch.Tensor | None = None  # sum over counted tokens (for distributed averaging)
+    n_tokens: torch.Tensor | None = None  # number of counted label tokens
+
+
+class KVCache:
+    """One [k, v] slot per (module call, layer): each call of a module attends to its own past."""
+
+    def __init__(self, layers_per_call: list[int]):
+        self.slots = [[[None, None] for _ in range(n)] for n in layers_per_call]
+
+    @property
+    def length(self) -> int:
+        k = self.slots[0][0][0]
+        return 0 if k is None else k.shape[2]
+
+
+class CompiledModel(nn.Module):
+    """A spec compiled for one backend. `model(input_ids, ...)` returns a ModelOutput."""
+
+    def __init__(self, spec: Spec, ops, graph: nx.DiGraph | None = None, backend: str = "reference"):
+        super().__init__()
+        m = spec.model
+        self.spec, self.ops, self.backend = spec, ops, backend
+        self.graph = graph if graph is not None else build_graph(spec)
+        self.calls = self.graph.graph["calls"]
+        self.embed = nn.Embedding(m.vocab, m.d_model)
+        self.embed_scale = m.embed_scale
+        self.stacks = nn.ModuleDict({mod.name: Stack(mod, m.d_model, m.heads, m.head_dim, ops) for mod in m.modules})
+        self.state_params = nn.ParameterDict()
+        for s in m.states:
+            if s.init in ("buffer", "zeros"):
+                self.register_buffer(f"init_{s.name}", torch.zeros(m.d_model))
+            elif s.init == "learned":
+                self.state_params[s.name] = nn.Parameter(torch.zeros(m.d_model))
+        self.final_norm = Norm(m.d_model, m.block.norm.eps, m.block.norm.affine, ops) if m.final_norm else None
+        self.head = nn.Linear(m.d_model, m.vocab, bias=False) if m.head == "untied" else None
+        self.set_progress(1.0)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ credit plan
+
+    def set_progress(self, progress: float) -> None:
+        """Move the credit plan to a training progress in [0, 1]."""
+        self.progress = float(progress)
+        self.grad_flags = grad_flags(self.calls, self.spec.model.credit, self.progress)
+
+    @property
+    def credit_depth(self) -> int | None:
+        return credit_depth(self.spec.model.credit, self.progress)
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Truncated normal init (at 2 std): LeCun (std 1/sqrt(fan_in)) or a fixed std."""
+        m = self.spec.model
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def tn(t: torch.Tensor, std: float) -> None:
+            t.copy_(torch.nn.init.trunc_normal_(torch.empty_like(t), 0.0, std, -2 * std, 2 * std, generator=gen))
+
+        def std_of(fan_in: int) -> float:
+            return lecun_std(fan_in) if m.init.type == "lecun_normal" else m.init.std
+
+        tn(self.embed.weight, std_of(m.d_model))
+        if self.head is not None:
+            tn(self.head.weight, std_of(m.d_model))
+        for stack in self.stacks.values():
+            for layer in stack.layers:
+                for lin in (layer.attn.qkvg, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                    tn(lin.weight, std_of(lin.in_features))
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+        for mod in self.modules():
+            if isinstance(mod, Norm) and mod.weight is not None:
+                mod.weight.fill_(1.0)
+        for s in m.states:
+            if s.init == "buffer":
+                tn(getattr(self, f"init_{s.name}"), 1.0)
+            elif s.init == "learned":
+                tn(self.state_params[s.name], 1.0)
+
+    # ------------------------------------------------------------------ forward
+
+    def context(self, B: int, S: int, prefix_mask, doc_ids, position_ids, past: int = 0) -> Context:
+        """Masks and rotary tables for this batch, built once and shared by every call."""
+        m, device = self.spec.model, self.embed.weight.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=device).expand(B, S)
+        masks = {}
+        for kind in {mod.block.attention.mask for mod in m.modules}:
+            # decoding with a cache: the new token may see every cached key; no mask needed
+            masks[kind] = None if past else dense_mask(kind, B, S, prefix_mask, doc_ids, device)
+        dtype = self.embed.weight.dtype
+        rope = {}
+        for theta in {mod.block.attention.rope_theta for mod in m.modules} - {None}:
+            rope[theta] = self.ops.rope_tables(position_ids, m.head_dim, theta, dtype)
+        return Context(mask=masks, rope=rope)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        prefix_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """`labels[b, t]` is the token position t should predict (-100: not counted)."""
+        B, S = input_ids.shape
+        m = self.spec.model
+        past = cache.length if cache is not None else 0
+        ctx = self.context(B, S, prefix_mask, doc_ids, position_ids, past)
+        x = self.embed(input_ids) * self.embed_scale  # (B, S, d)
+        z = {INPUT: x}
+        for s in m.states:
+            if s.init == "embed":
+                z[s.name] = x
+            elif s.init == "learned":
+                z[s.name] = self.state_params[s.name].to(x.dtype).expand_as(x)
+            else:
+                z[s.name] = getattr(self, f"init_{s.name}").to(x.dtype).expand_as(x)
+        track = torch.is_grad_enabled()
+        for call, grad in zip(self.calls, self.grad_flags):
+            with torch.set_grad_enabled(track and grad):
+                h = z[call.inputs[0]]
+                for name in call.inputs[1:]:
+                    h = h + z[name]
+                z[call.target] = self.stacks[call.module](h, ctx, None if cache is None else cache.slots[call.index])
+        h = z[m.output]
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        logits = self.head(h) if self.head is not None else h @ self.embed.weight.T  # (B, S, vocab)
+        out = ModelOutput(logits=logits)
+        if labels is not None:
+            out.loss_sum, out.n_tokens = self.ops.cross_entropy(logits, labels)
+            out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        return out
+
+    def new_cache(self) -> KVCache:
+        return KVCache([len(self.stacks[c.module].layers) for c in self.calls])
+
+    # ------------------------------------------------------------------ conveniences
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Decode a response after each prompt; see hrmspec.runtime.generate.generate."""
+        from hrmspec.runtime.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_hf(self, directory) -> None:
+        """Write a transformers `hrm_text` checkpoint (config.json + model.safetensors)."""
+        from hrmspec.runtime.hf import save_hf
+
+        save_hf(self, directory)
