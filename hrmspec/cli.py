@@ -138,10 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands defined next to the code they run (training, evaluation)."""
-    try:
-        from hrmspec.runtime.commands import COMMANDS
-    except ImportError:
-        return []
+    from hrmspec.runtime.commands import COMMANDS
+
     return COMMANDS
 
 

@@ -1,0 +1,147 @@
+"""Training checkpoints, written so that a crash never leaves a broken one.
+
+A run directory holds ``checkpoints/step_<N>/`` folders. Each is written in full under a
+temporary name, every file fsynced, then renamed into place (a rename is atomic on POSIX), so a
+reader sees either the previous set of checkpoints or the new one — never half a checkpoint.
+The newest complete folder is the one to resume from; older ones beyond `keep` are pruned.
+
+A checkpoint folder holds:
+
+    model.safetensors      weights and buffers (the model's state_dict)
+    ema.safetensors        the parameter EMA (when enabled)
+    optimizer.pt           optimizer state
+    trainer.pt             step, data position, RNG states (torch, numpy, python)
+    spec.yaml              the resolved spec
+    tokenizer.json         the tokenizer
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from hrmspec.errors import CheckpointError
+
+PREFIX = "step_"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    spec_raw: dict,
+    tokenizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema=None,
+    trainer_state: dict | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec_raw, sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        torch.save({"step": step, "rng": rng_state(), **(trainer_state or {})}, tmp / "trainer.pt")
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_path(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(run_dir)
+        kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}{kept}") from None
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
+
+
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights, naming any tensor that is missing, unexpected or of the wrong shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    if missing or extra:
+        raise CheckpointError(
+            f"{source} does not match its spec: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise CheckpointError(
+                f"{source}: tensor '{k}' has shape {tuple(t.shape)}, the spec needs {tuple(own[k].shape)}"
+            )
+    model.load_state_dict(tensors)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    path = ckpt / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None

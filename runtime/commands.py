@@ -1,0 +1,105 @@
+"""The training-side commands of the CLI: train, eval, generate, plot."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_train(args) -> int:
+    from hrmspec.cli import _load
+    from hrmspec.runtime.train import train
+
+    spec = _load(args)
+    last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress)
+    if last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {args.out}/checkpoints")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hrmspec.runtime.evaluate import evaluate_run
+
+    res = evaluate_run(args.dir, n=args.n, tasks=args.tasks)
+    t = Table(title=f"Held-out accuracy ({res['checkpoint']})")
+    t.add_column("task")
+    t.add_column("accuracy", justify="right")
+    t.add_column("n", justify="right")
+    for name, r in res["tasks"].items():
+        t.add_row(name, f"{100 * r['accuracy']:.1f}%", str(r["n"]))
+    t.add_row("[bold]all[/bold]", f"[bold]{100 * res['accuracy']:.1f}%[/bold]", str(res["n"]))
+    Console().print(t)
+    print(f"wrote {args.dir}/eval.json")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from hrmspec.runtime.data import Sample, format_sample
+    from hrmspec.runtime.evaluate import load_run
+
+    model, tok, _, _ = load_run(args.dir)
+    prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
+    ids = torch.tensor([tok.encode(prompt)])
+    out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k)
+    row = out[0, ids.shape[1] :].tolist()
+    if tok.eos_id in row:
+        row = row[: row.index(tok.eos_id)]
+    print(tok.decode(row, skip_special=True))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from hrmspec.runtime.plot import plot_run
+
+    path = plot_run(args.dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _register_train(sub, name):
+    from hrmspec.cli import _spec_args
+
+    p = sub.add_parser(name, help="train a spec on its data: section (see README)")
+    _spec_args(p)
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _register_eval(sub, name):
+    p = sub.add_parser(name, help="decode held-out samples and score them with the tasks' answer checkers")
+    p.add_argument("dir", help="a run directory")
+    p.add_argument("--tasks", nargs="+", help="evaluate these tasks instead of the spec's")
+    p.add_argument("--n", type=int, default=200, help="held-out samples (default 200)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _register_generate(sub, name):
+    p = sub.add_parser(name, help="answer one prompt with a trained run")
+    p.add_argument("dir", help="a run directory")
+    p.add_argument("prompt", help="the instruction")
+    p.add_argument("--condition", default=None, help="a condition token, e.g. direct")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+
+def _register_plot(sub, name):
+    p = sub.add_parser(name, help="plot loss, accuracy and credit depth of a run to a PNG")
+    p.add_argument("dir", help="a run directory")
+    p.add_argument("--out", default=None, help="PNG path (default DIR/training.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+COMMANDS: list[tuple[str, object]] = [
+    ("train", _register_train), ("eval", _register_eval), ("generate", _register_generate), ("plot", _register_plot),
+]
+
+__all__ = ["COMMANDS", "argparse"]

@@ -1,0 +1,122 @@
+"""Evaluation: greedy decoding of held-out samples, scored by each task's own answer checker.
+
+For reasoning-gym tasks the score is the dataset's `score_answer(answer, entry)`; for JSONL data it
+is an exact match of the response. A sample counts as correct when its score is 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+_SPLITS: dict = {}
+
+
+def _eval_split(dcfg, root=None):
+    from hrmspec.runtime.data import load_split
+
+    key = repr(dcfg)
+    if key not in _SPLITS:
+        _SPLITS[key] = load_split(dcfg, "eval", root=root)
+    return _SPLITS[key]
+
+
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema):
+    """Temporarily evaluate with the EMA weights."""
+    if ema is None:
+        yield model
+        return
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.copy_to(model)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+
+
+@torch.no_grad()
+def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy responses to token-id prompts; prompts of equal length are decoded as one batch."""
+    answers: list[str] = [""] * len(prompts)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    for idx in by_len.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            ids = torch.tensor([prompts[i] for i in chunk])
+            out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id)
+            for row, i in zip(out[:, ids.shape[1] :].tolist(), chunk):
+                if tokenizer.eos_id in row:
+                    row = row[: row.index(tokenizer.eos_id)]
+                answers[i] = tokenizer.decode(row, skip_special=True)
+    return answers
+
+
+def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None) -> dict:
+    """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}."""
+    from hrmspec.runtime.data import format_sample
+
+    split = _eval_split(dcfg, root)
+    samples = split.samples[:n]
+    if not samples:
+        return {"tasks": {}, "accuracy": 0.0, "n": 0}
+    prompts = [tokenizer.encode(format_sample(s)[0]) for s in samples]
+    was_training = model.training
+    model.eval()
+    with ema_weights(model, ema):
+        answers = decode_answers(model, tokenizer, prompts, max_new_tokens)
+    model.train(was_training)
+    correct: dict[str, list[float]] = defaultdict(list)
+    for s, a in zip(samples, answers):
+        correct[s.task or "data"].append(float(split.score(s, a) >= 1.0))
+    tasks = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(correct.items())}
+    total = sum(len(v) for v in correct.values())
+    return {"tasks": tasks, "accuracy": sum(sum(v) for v in correct.values()) / total, "n": total}
+
+
+def load_run(run_dir: str | Path, use_ema: bool = True):
+    """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default."""
+    import hrmspec
+    from hrmspec.errors import CheckpointError
+    from hrmspec.runtime import checkpoint as ckpt
+    from hrmspec.runtime.tokenizer import Tokenizer
+    from hrmspec.spec.load import load_spec
+
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}/checkpoints: train first (hrmspec train SPEC --out {run_dir})")
+    spec = load_spec(last / "spec.yaml")
+    model = hrmspec.compile(spec)
+    ckpt.load_model_state(model, ckpt.read_tensors(last / "model.safetensors"), last)
+    if use_ema and (last / "ema.safetensors").exists():
+        ema = ckpt.read_tensors(last / "ema.safetensors")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(ema[name])
+    return model.eval(), Tokenizer.load(last), spec, last
+
+
+def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True) -> dict:
+    """Evaluate the newest checkpoint of a run; writes run_dir/eval.json."""
+    from hrmspec.runtime.data import DataConfig
+    from hrmspec.runtime.train import TrainConfig
+
+    run_dir = Path(run_dir)
+    model, tokenizer, spec, last = load_run(run_dir, use_ema)
+    data = dict(spec.data)
+    if tasks:
+        data["tasks"] = tasks
+    dcfg = DataConfig.from_dict(data)
+    cfg = TrainConfig.from_dict(dict(spec.train))
+    res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir)
+    res["checkpoint"] = str(last)
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
+    return res

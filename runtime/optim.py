@@ -1,0 +1,93 @@
+"""Optimizers and learning-rate schedules for training HRMs.
+
+AdamATan2 is Adam with the division m / (sqrt(v) + eps) replaced by a * atan2(m, b * sqrt(v)):
+bounded (|update| <= a * pi / 2), scale-invariant in the gradient, and with no eps to tune. Weight
+decay is decoupled (AdamW style): p <- p * (1 - lr * wd) before the update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class AdamATan2(torch.optim.Optimizer):
+    """p <- p * (1 - lr * wd) - lr * a * atan2(m_hat, b * sqrt(v_hat)), with bias-corrected moments."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
+                 a: float = 1.27, b: float = 1.0):
+        if lr < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
+            raise ValueError(f"invalid AdamATan2 hyper-parameters lr={lr}, betas={betas}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, a=a, b=b))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd, a, b = group["lr"], group["betas"], group["weight_decay"], group["a"], group["b"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = m / (1 - beta1**t)
+                v_hat = v / (1 - beta2**t)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(torch.atan2(m_hat, b * v_hat.sqrt()), alpha=-lr * a)
+        return loss
+
+
+def make_optimizer(name: str, params, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam_atan2":
+        return AdamATan2(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str, min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup` steps, then constant or cosine decay to min_ratio * base."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class EMA:
+    """An exponential moving average of parameters (evaluation and export use it)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])

@@ -1,0 +1,153 @@
+"""Training: exact resume, atomic checkpoints, NaN handling, bad input, 2-process DDP."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hrmspec.errors import CheckpointError
+from hrmspec.runtime import checkpoint as ckpt
+from hrmspec.runtime.train import TrainError, train
+from hrmspec.spec import load_spec_text
+
+SPEC = """
+name: micro
+model:
+  vocab: 320
+  d_model: 32
+  heads: 2
+  ffn: 64
+  max_seq_len: 96
+  modules: {L: {layers: 1}, H: {layers: 1}}
+  states: {z_H: {init: embed}, z_L: {init: buffer}}
+  schedule:
+    - repeat: 2
+      do: [{repeat: 2, do: ["z_L = L(z_L + z_H)"]}, "z_H = H(z_H + z_L)"]
+  output: z_H
+  credit: {depth: {from: 2, to: 4, warmup: 0.5}, priority: [H, L]}
+data: {source: reasoning_gym, tasks: [basic_arithmetic], size: 120, eval_size: 8}
+train: {steps: 6, batch_size: 4, seq_len: 96, log_every: 1, save_every: 3, keep: 5, lr: 3.0e-3, max_new_tokens: 8}
+"""
+
+
+def spec(**overrides):
+    return load_spec_text(SPEC, overrides=overrides or None)
+
+
+def losses(run):
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["credit_depth"], r["grad_norm"]) for r in recs if "loss" in r]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(spec(), full, progress_bar=False)
+    train(spec(), part, progress_bar=False, stop_after=3)
+    assert [s for s, *_ in losses(part)] == [1, 2, 3]
+    train(spec(), part, resume=True, progress_bar=False)
+    assert losses(part) == losses(full)
+    assert [r[2] for r in losses(full)] == [2, 2, 3, 4, 4, 4]  # 2 + floor(min(1, (step/6) / 0.5) * 2)
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    train(spec(**{"train.keep": 1}), tmp_path, progress_bar=False)
+    found = ckpt.list_checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step_00000006"]
+    names = {p.name for p in found[0].iterdir()}
+    assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "trainer.pt", "spec.yaml", "tokenizer.json"} <= names
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def failing(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint writes model + ema; the second fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", failing)
+    with pytest.raises(CheckpointError, match="No space left on device.*step_00000003 is intact"):
+        train(spec(), tmp_path, progress_bar=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path) / "model.safetensors")  # still loads
+
+
+def test_nan_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+    from hrmspec.runtime import model as model_mod
+
+    real = model_mod.CompiledModel.forward
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(model_mod.CompiledModel, "forward", poisoned)
+    with pytest.raises(TrainError, match="not finite for 2 steps"):
+        train(spec(**{"train.max_nan_steps": 2}), tmp_path, progress_bar=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from hrmspec.runtime.evaluate import load_run
+
+    train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
+    last = ckpt.latest_checkpoint(tmp_path)
+    (last / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file"):
+        load_run(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    from hrmspec.runtime.evaluate import load_run
+
+    train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
+    last = ckpt.latest_checkpoint(tmp_path)
+    text = (last / "spec.yaml").read_text().replace("ffn: 64", "ffn: 96")
+    (last / "spec.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=r"tensor 'stacks\.\w\.layers\.0\.mlp\.\w+\.weight' has shape"):
+        load_run(tmp_path)
+
+
+def test_bad_train_config_and_small_vocab(tmp_path):
+    with pytest.raises(TrainError, match="unknown key.*did you mean 'steps'"):
+        train(spec(**{"train.stepz": 3}), tmp_path, progress_bar=False)
+    with pytest.raises(TrainError, match="vocab_size 100 is too small"):
+        train(spec(**{"model.vocab": 100}), tmp_path, progress_bar=False)
+
+
+def test_eval_scores_with_task_checker(tmp_path):
+    from hrmspec.runtime.evaluate import evaluate_run
+
+    train(spec(), tmp_path, progress_bar=False)
+    res = evaluate_run(tmp_path, n=8)
+    assert res["n"] == 8 and 0.0 <= res["accuracy"] <= 1.0
+    assert set(res["tasks"]) == {"basic_arithmetic"}
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
+
+
+@pytest.mark.skipif(not shutil.which("torchrun"), reason="torchrun not installed")
+def test_two_process_ddp_matches_single_process(tmp_path):
+    spec_file = tmp_path / "micro.yaml"
+    spec_file.write_text(SPEC)
+    single, double = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "hrmspec", "train", str(spec_file), "--no-progress", "--set", "train.steps=4"]
+    subprocess.run(base + ["--out", str(single)], check=True, env=env, timeout=600, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "hrmspec",
+           "train", str(spec_file), "--no-progress", "--set", "train.steps=4", "--out", str(double)]
+    r = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(single), losses(double)
+    assert [x[0] for x in a] == [x[0] for x in b] == [1, 2, 3, 4]
+    for (_, la, _, ga), (_, lb, _, gb) in zip(a, b):
+        assert abs(la - lb) < 1e-4 and abs(ga - gb) < 1e-3
+    assert torch.equal(torch.tensor([x[2] for x in a]), torch.tensor([x[2] for x in b]))
