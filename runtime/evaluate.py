@@ -92,7 +92,9 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
 
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
-        raise CheckpointError(f"no checkpoint in {run_dir}/checkpoints: train first (hrmspec train SPEC --out {run_dir})")
+        raise CheckpointError(
+            f"no checkpoint in {run_dir}/checkpoints: train first (hrmspec train SPEC --out {run_dir})"
+        )
     spec = load_spec(last / "spec.yaml")
     model = hrmspec.compile(spec)
     ckpt.load_model_state(model, ckpt.read_tensors(last / "model.safetensors"), last)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
-from hrmspec.runtime.blocks import Context, Norm, Stack
-from hrmspec.runtime.masks import dense_mask
 from torch import nn
 
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit import credit_depth, grad_flags
+from hrmspec.runtime.blocks import Context, Norm, Stack
+from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schema import Spec, lecun_std
 

@@ -62,7 +62,8 @@ class TrainConfig:
         for key in d:
             if key not in names:
                 hint = close_match(key, names)
-                raise TrainError(f"train.{key}: unknown key{' (' + hint + ')' if hint else ''}; known: {', '.join(names)}")
+                hint = f" ({hint})" if hint else ""
+                raise TrainError(f"train.{key}: unknown key{hint}; known: {', '.join(names)}")
         cfg = cls(**d)
         for name in ("steps", "batch_size", "seq_len"):
             v = getattr(cfg, name)
@@ -107,7 +108,9 @@ def prepare_data(spec: Spec, cfg: TrainConfig, out: Path, tokenizer=None):
     rows, stats = pack(encode_samples(train.samples, tokenizer), cfg.seq_len, spec.objective.type,
                        pad_id=tokenizer.pad_id)
     if len(rows) < cfg.batch_size:
-        raise TrainError(f"only {len(rows)} packed rows for batch_size {cfg.batch_size}: use more data or a smaller batch")
+        raise TrainError(
+            f"only {len(rows)} packed rows for batch_size {cfg.batch_size}: use more data or a smaller batch"
+        )
     return tokenizer, rows, stats, dcfg
 
 

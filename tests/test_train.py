@@ -59,7 +59,8 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     found = ckpt.list_checkpoints(tmp_path)
     assert [p.name for p in found] == ["step_00000006"]
     names = {p.name for p in found[0].iterdir()}
-    assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "trainer.pt", "spec.yaml", "tokenizer.json"} <= names
+    expected = {"model.safetensors", "ema.safetensors", "optimizer.pt", "trainer.pt", "spec.yaml", "tokenizer.json"}
+    assert expected <= names
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
