@@ -18,7 +18,22 @@ from hrmspec.spec.schema import (
 from hrmspec.spec.source import parse_override
 
 __all__ = [
-    "INPUT", "AttentionSpec", "BlockSpec", "CreditSpec", "InitSpec", "ModelSpec", "ModuleSpec", "NormSpec",
-    "ObjectiveSpec", "Repeat", "Spec", "StateSpec", "Statement", "load_spec", "load_spec_text", "parse_override",
-    "parse_statement", "shipped_specs_dir",
+    "INPUT",
+    "AttentionSpec",
+    "BlockSpec",
+    "CreditSpec",
+    "InitSpec",
+    "ModelSpec",
+    "ModuleSpec",
+    "NormSpec",
+    "ObjectiveSpec",
+    "Repeat",
+    "Spec",
+    "StateSpec",
+    "Statement",
+    "load_spec",
+    "load_spec_text",
+    "parse_override",
+    "parse_statement",
+    "shipped_specs_dir",
 ]

@@ -21,8 +21,18 @@ INPUT = "x"  # the name of the scaled input embedding inside statements
 
 _EXAMPLE = '"z_L = L(z_L + z_H)"'
 _OPERATORS = {
-    ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
-    ast.MatMult: "@", ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.MatMult: "@",
+    ast.BitAnd: "&",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
 }
 
 
@@ -75,8 +85,16 @@ class _Text:
 
 
 def _terms(node: ast.expr, src: _Text, path: str) -> list[ast.Name]:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _terms(node.left, src, path) + _terms(node.right, src, path)
+    """The names of a sum, left to right (a + b + c parses as (a + b) + c: walk the left spine)."""
+    rights: list[ast.expr] = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        rights.append(node.right)
+        node = node.left
+    if rights:
+        out = _terms(node, src, path)
+        for right in reversed(rights):
+            out += _terms(right, src, path)
+        return out
     if isinstance(node, ast.Name):
         return [node]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cat":
@@ -110,6 +128,10 @@ def parse_statement(text: str, loc: Location, path: str = "") -> Statement:
     src = _Text(text, loc)
     try:
         tree = ast.parse(src.source, mode="exec")
+    except (RecursionError, MemoryError, ValueError):
+        raise SpecError(
+            "cannot parse the statement: it is nested too deeply or too long", loc, path
+        ) from None
     except SyntaxError as e:
         where = src.at(offset=max((e.offset or 1) - 1, 0)) if (e.lineno or 1) == 1 else loc
         raise SpecError(
@@ -128,7 +150,9 @@ def parse_statement(text: str, loc: Location, path: str = "") -> Statement:
     if not isinstance(stmt, ast.Assign):
         found = ast.unparse(stmt)
         raise SpecError(
-            f"expected an assignment 'state = Module(inputs)', found '{found}'", src.at(stmt), path,
+            f"expected an assignment 'state = Module(inputs)', found '{found}'",
+            src.at(stmt),
+            path,
             'e.g. "z_H = H(z_H + z_L)"',
         )
     if len(stmt.targets) != 1 or not isinstance(stmt.targets[0], ast.Name):
@@ -177,7 +201,10 @@ def parse_statement(text: str, loc: Location, path: str = "") -> Statement:
     for n in names:
         if n.id in seen:
             raise SpecError(
-                f"'{n.id}' appears twice in the sum", src.at(n), path, "each state may be added once"
+                f"expected each name once in a sum, found '{n.id}' twice",
+                src.at(n),
+                path,
+                "remove the repeat",
             )
         seen.add(n.id)
     return Statement(

@@ -35,9 +35,9 @@ _REQUIRED = object()
 # model instead of model.block) and to tell a misspelt required key from a valid optional one.
 _KEYS: dict[str, tuple[str, ...]] = {
     "the top level": ("name", "extends", "model", "objective", "train", "data", "eval"),
-    "model": (
-        "vocab", "d_model", "heads", "head_dim", "ffn", "expansion", "max_seq_len", "final_norm", "block",
-        "modules", "states", "schedule", "output", "head", "init", "embed_scale", "credit",
+    "model": tuple(
+        "vocab d_model heads head_dim ffn expansion max_seq_len final_norm block modules states schedule "
+        "output head init embed_scale credit".split()
     ),
     "model.block": ("norm", "attention", "mlp"),
     "model.block.norm": ("type", "eps", "affine", "place"),
@@ -49,6 +49,16 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "model.credit": ("depth", "last", "per_cycle", "priority"),
     "model.credit.depth": ("from", "to", "warmup"),
     "objective": ("type",),
+}
+
+# Keys the language will grow into; written today, they say so instead of "unknown key".
+_RESERVED = {
+    "model": {
+        "prelude": "layers before the recurrence: write a module called once, outside any repeat",
+        "coda": "layers after the recurrence: write a module called once, outside any repeat",
+        "act": "adaptive computation time: use a fixed repeat count",
+        "adapters": "cat(...) injection through adapters: inject by addition",
+    },
 }
 
 # What a required key holds, shown when it is missing.
@@ -160,7 +170,12 @@ class _Fields:
         known = _KEYS.get(self.level, ())
         for k in self.data:
             if k not in self.read and k not in known and close_match(str(k), [key]):
-                self.fail(self.path + (k,), f"unknown key '{k}'", f"did you mean '{key}'? (it is required)", key=True)
+                self.fail(
+                    self.path + (k,),
+                    f"unknown key '{k}'",
+                    f"did you mean '{key}'? (it is required)",
+                    key=True,
+                )
         hint = f"e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
         unknown = [str(k) for k in self.data if k not in self.read and k not in known]
         if unknown:
@@ -172,13 +187,20 @@ class _Fields:
         if key not in self.data:
             return v
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            what = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+            what = {1: "a positive integer", 0: "a non-negative integer"}.get(
+                minimum, f"an integer >= {minimum}"
+            )
             hint = f"write {int(v)}" if isinstance(v, float) and v.is_integer() and v >= minimum else ""
             self.fail(self.path + (key,), f"expected {what}, found {_describe(v)}", hint)
         return v
 
     def number(
-        self, key: str, default: Any = _REQUIRED, lo: float = -math.inf, hi: float = math.inf, positive: bool = False
+        self,
+        key: str,
+        default: Any = _REQUIRED,
+        lo: float = -math.inf,
+        hi: float = math.inf,
+        positive: bool = False,
     ) -> float:
         v = self.raw(key, default)
         if key not in self.data:
@@ -221,9 +243,18 @@ class _Fields:
 
     def finish(self) -> None:
         for key in self.data:
+            if key in _RESERVED.get(self.level, {}):
+                self.fail(
+                    self.path + (key,),
+                    f"'{key}' is reserved for a later version and not supported yet",
+                    _RESERVED[self.level][key],
+                    key=True,
+                )
             if key not in self.read:
                 allowed = sorted(k for k in self.read if isinstance(k, str))
-                self.fail(self.path + (key,), f"unknown key '{key}'", _key_hint(key, allowed, self.level), key=True)
+                self.fail(
+                    self.path + (key,), f"unknown key '{key}'", _key_hint(key, allowed, self.level), key=True
+                )
 
 
 # --------------------------------------------------------------------------- blocks
@@ -259,7 +290,9 @@ def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:
 def _layer_fields(f: _Fields, base: BlockSpec) -> tuple[NormSpec, AttentionSpec, str]:
     """norm, attention and mlp read from a mapping (model.block or a module), over `base`."""
     norm = _norm(f.src, f.path + ("norm",), base.norm) if f.has("norm") else base.norm
-    attention = _attention(f.src, f.path + ("attention",), base.attention) if f.has("attention") else base.attention
+    attention = (
+        _attention(f.src, f.path + ("attention",), base.attention) if f.has("attention") else base.attention
+    )
     f.read.update({"norm", "attention"})
     mlp = f.choice("mlp", ("swiglu", "gelu"), base.mlp)
     return norm, attention, mlp
@@ -267,15 +300,17 @@ def _layer_fields(f: _Fields, base: BlockSpec) -> tuple[NormSpec, AttentionSpec,
 
 def _width_fields(f: _Fields) -> tuple[int | None, float | None]:
     """(ffn, expansion) from a mapping: an MLP width, or a ratio of d_model; at most one of them."""
-    if f.has("ffn") and f.has("expansion"):
+    given = [k for k in ("ffn", "expansion") if f.data.get(k) is not None]  # null unsets an inherited value
+    f.read.update({"ffn", "expansion"})
+    if len(given) == 2:
         f.fail(
             f.path + ("expansion",),
             "expected either 'ffn' (a width) or 'expansion' (a ratio of d_model), found both",
             "remove one of them",
             key=True,
         )
-    ffn = f.integer("ffn", None)
-    expansion = f.number("expansion", None, lo=0.0, positive=True)
+    ffn = f.integer("ffn") if "ffn" in given else None
+    expansion = f.number("expansion", lo=0.0, positive=True) if "expansion" in given else None
     return ffn, expansion
 
 
@@ -299,11 +334,19 @@ def _schedule(src: Source, path: PathT, items: Any) -> tuple:
         p = path + (i,)
         if isinstance(item, dict):
             f = _Fields(src, p, level="model.schedule (a repeat block)")
-            if not (f.has("repeat") or f.has("do")) and not any(close_match(str(k), ["repeat"]) for k in item):
+            if not (f.has("repeat") or f.has("do")) and not any(
+                close_match(str(k), ["repeat"]) for k in item
+            ):
                 f.fail(
                     p,
                     f"expected a statement string or a repeat block {{repeat, do}}, found {_describe(item)}",
                     'quote statements: - "z_H = H(z_H + z_L)"',
+                )
+            if isinstance(item.get("repeat"), dict):
+                f.fail(
+                    p + ("repeat",),
+                    f"expected a positive integer, found {_describe(item['repeat'])}",
+                    "a sampled number of cycles is reserved for a later version; use a fixed count",
                 )
             count = f.integer("repeat")
             body = _schedule(src, p + ("do",), f.raw("do"))
@@ -333,14 +376,16 @@ def _check_names(st: Statement, modules: list[str], states: list[str]) -> None:
         raise SpecError(f"unknown module '{st.module}'", module_loc, st.path, hint)
     if st.target not in states:
         hint = _near(st.target, states) or (
-            f"'{st.target}' is a module; assign to a state" if st.target in modules
+            f"'{st.target}' is a module; assign to a state"
+            if st.target in modules
             else f"declare it under model.states (states: {', '.join(states)})"
         )
         raise SpecError(f"unknown state '{st.target}' on the left of '='", target_loc, st.path, hint)
     for name, loc in zip(st.inputs, input_locs):
         if name != INPUT and name not in states:
             hint = _near(name, states + [INPUT]) or (
-                f"'{name}' is a module, not a state" if name in modules
+                f"'{name}' is a module, not a state"
+                if name in modules
                 else f"states: {', '.join(states)}; '{INPUT}' is the input embedding"
             )
             raise SpecError(f"unknown state '{name}'", loc, st.path, hint)
@@ -354,10 +399,16 @@ def _credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
     if node is None or node == "none":
         return CreditSpec(mode="none")
     f = _Fields(
-        src, path, "a mapping with one of depth, last, per_cycle (or the word none)", "model.credit",
+        src,
+        path,
+        "a mapping with one of depth, last, per_cycle (or the word none)",
+        "model.credit",
         _near(node, ["none"]) if isinstance(node, str) else "e.g. credit: {depth: 5, priority: [H, L]}",
     )
     modes = [k for k in ("depth", "last", "per_cycle") if f.has(k)]
+    if not modes:
+        f.read.update({"depth", "last", "per_cycle", "priority"})
+        f.finish()  # a misspelt mode is reported as such
     if len(modes) != 1:
         where = path + (modes[1],) if len(modes) > 1 else path
         f.fail(
@@ -368,7 +419,11 @@ def _credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
         )
     mode = modes[0]
     if mode != "depth" and f.has("priority"):
-        f.fail(path + ("priority",), f"'priority' applies to depth credit only, not to '{mode}'", key=True)
+        f.fail(
+            path + ("priority",),
+            f"unexpected key 'priority' with '{mode}' credit: it orders modules for depth credit only",
+            key=True,
+        )
     if mode == "last":
         k = f.integer("last")
         f.finish()
@@ -382,7 +437,12 @@ def _credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
 
 def _per_cycle(src: Source, path: PathT, called: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     uniq = list(dict.fromkeys(called))
-    g = _Fields(src, path, "a mapping of module name -> list of grad calls per cycle", hint="e.g. per_cycle: {L: [0, 3]}")
+    g = _Fields(
+        src,
+        path,
+        "a mapping of module name -> list of grad calls per cycle",
+        hint="e.g. per_cycle: {L: [0, 3]}",
+    )
     table = []
     for name in list(g.data):
         if name not in uniq:
@@ -390,9 +450,13 @@ def _per_cycle(src: Source, path: PathT, called: list[str]) -> tuple[tuple[str, 
             g.fail(path + (name,), f"unknown module '{name}'", hint, key=True)
         counts = g.raw(name)
         if isinstance(counts, int) and not isinstance(counts, bool):
-            g.fail(path + (name,), f"expected a list of non-negative integers, found {counts}", f"e.g. [{counts}]")
-        if not isinstance(counts, list) or not counts:
-            g.fail(path + (name,), f"expected a non-empty list of non-negative integers, found {_describe(counts)}")
+            g.fail(
+                path + (name,),
+                f"expected a list of non-negative integers, found {counts}",
+                f"e.g. [{counts}]",
+            )
+        if not isinstance(counts, list):
+            g.fail(path + (name,), f"expected a list of non-negative integers, found {_describe(counts)}")
         for i, c in enumerate(counts):
             if isinstance(c, bool) or not isinstance(c, int) or c < 0:
                 g.fail(path + (name, i), f"expected a non-negative integer, found {_describe(c)}")
@@ -411,7 +475,10 @@ def _depth_credit(f: _Fields, path: PathT, called: list[str]) -> CreditSpec:
         warmup, from_path = 0.0, dpath
     else:
         d = _Fields(
-            f.src, dpath, "an integer or a mapping {from, to, warmup}", "model.credit.depth",
+            f.src,
+            dpath,
+            "an integer or a mapping {from, to, warmup}",
+            "model.credit.depth",
             "e.g. depth: 5, or depth: {from: 2, to: 5, warmup: 0.2}",
         )
         lo = d.integer("from")
@@ -419,14 +486,20 @@ def _depth_credit(f: _Fields, path: PathT, called: list[str]) -> CreditSpec:
         warmup = d.number("warmup", 0.0, lo=0.0, hi=1.0)
         d.finish()
         if hi < lo:
-            d.fail(dpath + ("to",), f"expected 'to' >= 'from' ({lo}), found {hi}", "depth ramps up from 'from' to 'to'")
+            d.fail(
+                dpath + ("to",),
+                f"expected 'to' >= 'from' ({lo}), found {hi}",
+                "depth ramps up from 'from' to 'to'",
+            )
         from_path = dpath + ("from",)
     uniq = list(dict.fromkeys(called))
     prio = f.raw("priority", None)
     if prio is None:
         prio = uniq
     if not isinstance(prio, list) or not all(isinstance(p, str) for p in prio):
-        f.fail(path + ("priority",), f"expected a list of module names, found {_describe(prio)}", f"e.g. {uniq}")
+        f.fail(
+            path + ("priority",), f"expected a list of module names, found {_describe(prio)}", f"e.g. {uniq}"
+        )
     for i, name in enumerate(prio):
         if name not in uniq:
             hint = _near(name, uniq) or f"called modules: {', '.join(uniq)}"
@@ -454,8 +527,18 @@ def _depth_credit(f: _Fields, path: PathT, called: list[str]) -> CreditSpec:
 
 
 def _divisor_hint(d_model: int, heads: int) -> str:
-    near = sorted((h for h in range(1, d_model + 1) if d_model % h == 0), key=lambda h: (abs(h - heads), h))[:2]
-    return f"use heads {' or '.join(str(h) for h in sorted(near))}, or set head_dim"
+    below = max(h for h in range(1, heads) if d_model % h == 0) if heads > 1 else None
+    above = min((h for h in range(heads + 1, d_model + 1) if d_model % h == 0), default=None)
+    near = " or ".join(str(h) for h in (below, above) if h is not None)
+    return f"use heads {near} (divisors of {d_model}), or set head_dim"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _model(src: Source, top: _Fields) -> ModelSpec:
@@ -511,7 +594,7 @@ def _model(src: Source, top: _Fields) -> ModelSpec:
             f.fail(
                 path + ("modules", m),
                 f"module '{m}' is declared but never called in the schedule",
-                f"call it, e.g. \"{state_names[0]} = {m}({state_names[0]})\", or remove it",
+                f'call it, e.g. "{state_names[0]} = {m}({state_names[0]})", or remove it',
                 key=True,
             )
     if not any(s.init == "embed" for s in states) and not any(INPUT in st.inputs for st in statements):
@@ -525,7 +608,9 @@ def _model(src: Source, top: _Fields) -> ModelSpec:
     output = f.raw("output", state_names[0])
     if output not in state_names:
         hint = _near(output, state_names) or (
-            f"'{INPUT}' is the input embedding, not a state" if output == INPUT else f"states: {', '.join(state_names)}"
+            f"'{INPUT}' is the input embedding, not a state"
+            if output == INPUT
+            else f"states: {', '.join(state_names)}"
         )
         f.fail(path + ("output",), f"expected a state, found {_describe(output)}", hint)
     assigned = [st.target for st in statements]
@@ -544,8 +629,9 @@ def _model(src: Source, top: _Fields) -> ModelSpec:
     if scale == "auto":
         # the embedding table is initialised with std s and scaled by 1/s, so z_H starts at unit scale
         scale = 1.0 / (lecun_std(d_model) if init.type == "lecun_normal" else init.std)
-    elif isinstance(scale, str) and _near(scale, ["auto"]):
-        f.fail(path + ("embed_scale",), f"expected a positive number or auto, found {_describe(scale)}", "auto")
+    elif isinstance(scale, str) and not _is_number(scale):
+        hint = _near(scale, ["auto"]) or "auto: 1 / (the embedding's init std)"
+        f.fail(path + ("embed_scale",), f"expected a positive number or auto, found {_describe(scale)}", hint)
     else:
         scale = f.number("embed_scale", positive=True)
 
@@ -553,24 +639,48 @@ def _model(src: Source, top: _Fields) -> ModelSpec:
     f.read.add("credit")
     f.finish()
     return ModelSpec(
-        vocab=vocab, d_model=d_model, heads=heads, head_dim=head_dim, block=block, modules=tuple(modules),
-        states=tuple(states), schedule=schedule, output=output, head=head, embed_scale=float(scale),
-        init=init, credit=credit, max_seq_len=max_seq_len, final_norm=final_norm,
+        vocab=vocab,
+        d_model=d_model,
+        heads=heads,
+        head_dim=head_dim,
+        block=block,
+        modules=tuple(modules),
+        states=tuple(states),
+        schedule=schedule,
+        output=output,
+        head=head,
+        embed_scale=float(scale),
+        init=init,
+        credit=credit,
+        max_seq_len=max_seq_len,
+        final_norm=final_norm,
     )
 
 
 def _modules(
-    src: Source, path: PathT, f: _Fields, block: BlockSpec, d_model: int, ffn: int | None, expansion: float | None
+    src: Source,
+    path: PathT,
+    f: _Fields,
+    block: BlockSpec,
+    d_model: int,
+    ffn: int | None,
+    expansion: float | None,
 ) -> list[ModuleSpec]:
     f.raw("modules")
-    mf = _Fields(src, path, "a mapping of module name -> {layers, ...}", hint="e.g. modules: {L: {layers: 2}}")
+    mf = _Fields(
+        src, path, "a mapping of module name -> {layers, ...}", hint="e.g. modules: {L: {layers: 2}}"
+    )
     if not mf.data:
         mf.fail(path, "expected at least one module", "e.g. modules: {L: {layers: 2}, H: {layers: 2}}")
     modules = []
     for name in list(mf.data):
         mpath = path + (name,)
         if not isinstance(name, str) or not name.isidentifier() or name == INPUT:
-            mf.fail(mpath, f"expected a module name (an identifier other than '{INPUT}'), found {name!r}", key=True)
+            mf.fail(
+                mpath,
+                f"expected a module name (an identifier other than '{INPUT}'), found {name!r}",
+                key=True,
+            )
         shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
         g = _Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
         layers = g.integer("layers")
@@ -588,9 +698,11 @@ def _modules(
         else:
             g.fail(mpath, "expected an MLP width: model.ffn, model.expansion or this module's ffn", key=True)
         g.finish()
-        modules.append(ModuleSpec(name=name, layers=layers, exit_norm=exit_norm, block=BlockSpec(
-            norm, attention, mlp, width
-        )))
+        modules.append(
+            ModuleSpec(
+                name=name, layers=layers, exit_norm=exit_norm, block=BlockSpec(norm, attention, mlp, width)
+            )
+        )
         mf.read.add(name)
     return modules
 
@@ -611,9 +723,16 @@ def _states(src: Source, path: PathT, f: _Fields, module_names: list[str]) -> li
         if not isinstance(name, str) or not name.isidentifier():
             sf.fail(spath, f"expected a state name (an identifier), found {name!r}", key=True)
         if name in module_names:
-            sf.fail(spath, f"'{name}' is both a module and a state", "rename one of them", key=True)
+            sf.fail(
+                spath,
+                f"expected distinct module and state names, found '{name}' as both",
+                "rename one",
+                key=True,
+            )
         shorthand = f"write {name}: {{init: {sf.data[name]}}}" if sf.data[name] in _INITS else ""
-        g = _Fields(src, spath, "a mapping {init: embed | buffer | zeros | learned}", "model.states.<name>", shorthand)
+        g = _Fields(
+            src, spath, "a mapping {init: embed | buffer | zeros | learned}", "model.states.<name>", shorthand
+        )
         states.append(StateSpec(name=name, init=g.choice("init", _INITS)))
         g.finish()
         sf.read.add(name)
@@ -627,7 +746,10 @@ def _init(src: Source, path: PathT, f: _Fields) -> InitSpec:
     if isinstance(node, str):
         return InitSpec(type=f.choice("init", ("lecun_normal", "normal")))
     g = _Fields(src, path + ("init",), "lecun_normal, normal or a mapping {type, std}", "model.init")
-    init = InitSpec(type=g.choice("type", ("lecun_normal", "normal"), "lecun_normal"), std=g.number("std", 0.02, positive=True))
+    init = InitSpec(
+        type=g.choice("type", ("lecun_normal", "normal"), "lecun_normal"),
+        std=g.number("std", 0.02, positive=True),
+    )
     g.finish()
     return init
 
@@ -639,7 +761,9 @@ def spec_from_source(src: Source) -> Spec:
     """Validate a parsed document (see `hrmspec.spec.source`) into a `Spec`."""
     top = _Fields(src, (), level="the top level")
     if "extends" in src.data:
-        top.fail(("extends",), "'extends' needs a spec file to resolve against", "use load_spec(path)", key=True)
+        top.fail(
+            ("extends",), "'extends' needs a spec file to resolve against", "use load_spec(path)", key=True
+        )
     name = top.text("name", Path(src.file).stem)
     model = _model(src, top)
     obj = top.raw("objective", None)

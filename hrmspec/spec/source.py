@@ -9,6 +9,7 @@ keeping the location it came from, so an error always points at the text the use
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,7 @@ def read_source(path: str | Path, _chain: tuple[str, ...] = ()) -> Source:
         raise SpecError(f"expected a file name, found {_kind(base_name)}", where, "extends", hint)
     base_path = path.parent / base_name
     if not base_path.is_file():
-        near = [p.name for p in base_path.parent.glob("*.y*ml")] if base_path.parent.is_dir() else []
-        hint = close_match(base_path.name, near) or "the path is relative to the file that extends it"
+        hint = _near_file(base_path) or "the path is relative to the file that extends it"
         raise SpecError(f"base spec not found: {base_path}", where, "extends", hint)
     chain = _chain + (str(path.resolve()),)
     if str(base_path.resolve()) in chain:
@@ -193,11 +193,18 @@ def _missing_file_hint(path: Path) -> str:
     from hrmspec.spec.load import shipped_specs_dir
 
     shipped = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
-    near = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
-    match = close_match(path.name, near) or close_match(path.stem, shipped)
-    if match:
-        return match
-    return f"check the path; shipped specs: {', '.join(shipped)}"
+    return (
+        _near_file(path)
+        or close_match(path.stem, shipped)
+        or f"check the path; shipped specs: {', '.join(shipped)}"
+    )
+
+
+def _near_file(path: Path) -> str:
+    """'did you mean' a spec file beside `path` whose name is close to it."""
+    near = {p.stem: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
+    match = difflib.get_close_matches(path.stem, list(near), n=1, cutoff=0.6)
+    return f"did you mean '{near[match[0]]}'?" if match else ""
 
 
 def apply_overrides(src: Source, overrides: dict[str, Any] | None) -> Source:
