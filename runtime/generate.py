@@ -57,6 +57,6 @@ def generate(
         if use_cache:
             logits = model(nxt[:, None], cache=cache).logits[:, -1]
         else:
-            full_prefix = torch.cat([prefix_mask, torch.zeros(B, ids.shape[1] - S, dtype=torch.bool)], dim=1)
+            full_prefix = torch.cat([prefix_mask, torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)], dim=1)
             logits = model(ids, prefix_mask=full_prefix).logits[:, -1]
     return ids

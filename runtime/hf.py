@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,9 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str = "hrm-text", sourc
         raise c.fail("attention_dropout", "attention dropout is not supported (set 0.0)")
     # HrmTextConfig rewrites num_hidden_layers to per_stack * H_cycles * (L_cycles + 1), one KV cache
     # slot per stack call, and keeps the real depth in num_layers_per_stack; legacy files lack the latter
-    per_stack = "num_layers_per_stack" if config.get("num_layers_per_stack") is not None else "num_hidden_layers"
+    per_stack = (
+        "num_layers_per_stack" if config.get("num_layers_per_stack") is not None else "num_hidden_layers"
+    )
     init_range = c.number("initializer_range")
     if not 0 < init_range <= 1:
         raise c.fail("initializer_range", f"expected a number in (0, 1], found {init_range!r}")
@@ -324,7 +327,9 @@ def _dims(spec: Spec) -> tuple[int, int, int, bool]:
     return m.heads * m.head_dim, b.ffn, m.module("L").layers, b.attention.bias
 
 
-def to_hf_tensors(spec: Spec, tensors: Mapping[str, torch.Tensor], layout: str = "file") -> dict[str, torch.Tensor]:
+def to_hf_tensors(
+    spec: Spec, tensors: Mapping[str, torch.Tensor], layout: str = "file"
+) -> dict[str, torch.Tensor]:
     """Our state-dict names -> HF names. `layout`: "file" (as save_pretrained writes) or "module"
     (HrmTextForCausalLM.state_dict()). Works on any mapping keyed like our state_dict (e.g. grads)."""
     if layout not in ("file", "module"):
@@ -393,7 +398,9 @@ def _unfuse(spec: Spec, tensors: Mapping[str, torch.Tensor], source: str) -> dic
             raise CheckpointError(f"{source}: tensor '{name}' is given twice (fused and unfused)")
         out[name] = t
 
-    def split(name: str, t: torch.Tensor, parts: tuple[str, ...], width: int, new: Callable[[str], str]) -> None:
+    def split(
+        name: str, t: torch.Tensor, parts: tuple[str, ...], width: int, new: Callable[[str], str]
+    ) -> None:
         want = (len(parts) * width, d) if name.endswith(".weight") else (len(parts) * width,)
         _check_shape(name, want, t, source)
         for r, chunk in zip(parts, t.split(width), strict=True):
@@ -424,8 +431,12 @@ def _check_names(
     optional: Collection[str] = (),
 ) -> None:
     """Every expected tensor present with its shape, nothing unexpected; lists all problems at once."""
-    problems = [f"missing tensor '{n}' of shape {s}" for n, s in want.items() if n not in got and n not in optional]
-    problems += [f"unexpected tensor '{n}' of shape {tuple(t.shape)}" for n, t in got.items() if n not in want]
+    problems = [
+        f"missing tensor '{n}' of shape {s}" for n, s in want.items() if n not in got and n not in optional
+    ]
+    problems += [
+        f"unexpected tensor '{n}' of shape {tuple(t.shape)}" for n, t in got.items() if n not in want
+    ]
     problems += [
         f"tensor '{n}' has shape {tuple(t.shape)}, expected {want[n]}"
         for n, t in got.items()
@@ -449,12 +460,18 @@ def from_hf_tensors(
     for s in STACKS:
         for i in range(layers):
             ours, p = f"stacks.{s}.layers.{i}.", f"model.{s}_module.layers.{i}."
-            out[ours + "attn.qkvg.weight"] = torch.cat([hf[p + f"self_attn.{r}_proj.weight"] for r in _ATTN_ROWS])
+            out[ours + "attn.qkvg.weight"] = torch.cat(
+                [hf[p + f"self_attn.{r}_proj.weight"] for r in _ATTN_ROWS]
+            )
             out[ours + "attn.o.weight"] = hf[p + "self_attn.o_proj.weight"]
             if bias:
-                out[ours + "attn.qkvg.bias"] = torch.cat([hf[p + f"self_attn.{r}_proj.bias"] for r in _ATTN_ROWS])
+                out[ours + "attn.qkvg.bias"] = torch.cat(
+                    [hf[p + f"self_attn.{r}_proj.bias"] for r in _ATTN_ROWS]
+                )
                 out[ours + "attn.o.bias"] = hf[p + "self_attn.o_proj.bias"]
-            out[ours + "mlp.gate_up.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+            out[ours + "mlp.gate_up.weight"] = torch.cat(
+                [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]
+            )
             out[ours + "mlp.down.weight"] = hf[p + "mlp.down_proj.weight"]
     if not tied:
         out["head.weight"] = hf["lm_head.weight"]
@@ -519,8 +536,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    # fresh contiguous CPU copies: safetensors refuses views that share memory (split rows, a tied head)
-    own = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    # safetensors refuses tensors that share memory (split rows of one weight, a tied head): copy
+    # those; the rest are written as they are, so saving a large model does not double its memory
+    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    storages = Counter(v.untyped_storage().data_ptr() for v in cpu.values())
+    own = {
+        k: v.clone() if storages[v.untyped_storage().data_ptr()] > 1 else v.contiguous()
+        for k, v in cpu.items()
+    }
     _atomic_write(path, lambda p: save_file(own, str(p), metadata={"format": "pt"}))
 
 
