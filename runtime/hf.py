@@ -631,16 +631,27 @@ def save_checkpoint(model, directory: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
-    """Load a checkpoint written by save_checkpoint as a CompiledModel on `backend`.
+    """Load a checkpoint written by save_checkpoint (or a training run's newest checkpoint, with its
+    EMA weights) as a CompiledModel on `backend`.
     A tensor missing, unexpected or of the wrong shape for the spec is a CheckpointError."""
     from hrmspec.compile import compile as compile_spec
 
+    from hrmspec.runtime.checkpoint import latest_checkpoint
+
     directory = Path(directory)
+    if (directory / "checkpoints").is_dir():  # a training run: its newest checkpoint
+        directory = latest_checkpoint(directory) or directory
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     if not spec_path.is_file():
         raise CheckpointError(f"checkpoint file not found: {spec_path}")
     model = compile_spec(load_spec(spec_path), backend=backend)
     _load_ours(model, _read_tensors(weights_path), str(weights_path))
+    ema_path = directory / "ema.safetensors"
+    if ema_path.is_file():  # training checkpoints keep an EMA of the weights: export that
+        ema = _read_tensors(ema_path)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(ema[name])
     return model
 
 

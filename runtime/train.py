@@ -205,6 +205,7 @@ def train(
             net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    board = _tensorboard(out) if rank == 0 else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
     warmup = int(cfg.warmup * cfg.steps)
     last: dict = {}
@@ -261,6 +262,9 @@ def train(
                 t_log, tokens_since = now, 0
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
+                if board is not None:
+                    for key in ("loss", "lr", "credit_depth", "tokens_per_s", "grad_norm"):
+                        board.add_scalar(f"train/{key}", last[key], step)
             if bar is not None:
                 bar.update(step, loss_value, last.get("tokens_per_s"))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and rank == 0:
@@ -277,9 +281,20 @@ def train(
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if board is not None:
+            board.close()
     if world > 1:
         dist.barrier()
     return last
+
+
+def _tensorboard(out: Path):
+    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def _log_eval(model, ema, tokenizer, dcfg, cfg, n, step, metrics_file) -> dict:

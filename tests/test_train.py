@@ -152,3 +152,53 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for (_, la, _, ga), (_, lb, _, gb) in zip(a, b):
         assert abs(la - lb) < 1e-4 and abs(ga - gb) < 1e-3
     assert torch.equal(torch.tensor([x[2] for x in a]), torch.tensor([x[2] for x in b]))
+
+
+def test_export_trained_run_to_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hrmspec.cli import main
+    from hrmspec.runtime.evaluate import load_run
+
+    run = tmp_path / "run"
+    train(spec(**{"train.steps": 3}), run, progress_bar=False)
+    assert main(["export-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, *_ = load_run(run)  # EMA weights, as exported
+    ids = torch.randint(0, 300, (2, 10))
+    prefix = torch.zeros(2, 10, dtype=torch.bool)
+    prefix[:, :4] = True
+    with torch.no_grad():
+        a = ours(ids, prefix_mask=prefix).logits
+        b = hf(input_ids=ids, token_type_ids=prefix.long()).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_train_eval_generate_plot(tmp_path, capsys):
+    from hrmspec.cli import main
+
+    spec_file, run = tmp_path / "micro.yaml", tmp_path / "run"
+    spec_file.write_text(SPEC)
+    assert main(["train", str(spec_file), "--out", str(run), "--set", "train.steps=3", "--no-progress"]) == 0
+    assert main(["eval", str(run), "--n", "4"]) == 0
+    assert "basic_arithmetic" in capsys.readouterr().out
+    assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "4"]) == 0
+    assert main(["plot", str(run)]) == 0
+    png = (run / "training.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys):
+    from hrmspec.cli import main
+
+    spec_file = tmp_path / "micro.yaml"
+    spec_file.write_text(SPEC)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"\n')
+    base = ["train", str(spec_file), "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(base + ["--set", "data={source: jsonl, path: missing.jsonl}"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(base + ["--set", f"data={{source: jsonl, path: {bad}}}"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
