@@ -69,26 +69,27 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    model: torch.nn.Module,
+    model_state: dict[str, torch.Tensor],
     spec_raw: dict,
     tokenizer=None,
-    optimizer: torch.optim.Optimizer | None = None,
-    ema=None,
+    optimizer_state: dict | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
     trainer_state: dict | None = None,
     keep: int = 3,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep`.
+
+    States are plain (full, unsharded) state dicts; under FSDP the caller gathers them first."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        if ema_state is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "spec.yaml").write_text(yaml.safe_dump(spec_raw, sort_keys=False))
         if tokenizer is not None:
             tokenizer.save(tmp)

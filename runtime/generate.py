@@ -57,6 +57,8 @@ def generate(
         if use_cache:
             logits = model(nxt[:, None], cache=cache).logits[:, -1]
         else:
-            full_prefix = torch.cat([prefix_mask, torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)], dim=1)
+            response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
+            response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
+            full_prefix = torch.cat([prefix_mask, response], dim=1)
             logits = model(ids, prefix_mask=full_prefix).logits[:, -1]
     return ids

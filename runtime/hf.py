@@ -635,7 +635,6 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
     EMA weights) as a CompiledModel on `backend`.
     A tensor missing, unexpected or of the wrong shape for the spec is a CheckpointError."""
     from hrmspec.compile import compile as compile_spec
-
     from hrmspec.runtime.checkpoint import latest_checkpoint
 
     directory = Path(directory)

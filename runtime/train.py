@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from hrmspec.errors import HrmspecError, close_match
 from hrmspec.runtime import checkpoint as ckpt
@@ -170,39 +171,39 @@ def train(
     model = hrmspec.compile(spec)
     model.reset_parameters(seed=cfg.seed)
     batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
+    step, nan_run, skipped = 0, 0, 0
+    if start_ckpt is not None:
+        state = ckpt.read_trainer_state(start_ckpt)
+        ckpt.load_model_state(model, ckpt.read_tensors(start_ckpt / "model.safetensors"), start_ckpt)
+        batches.load_state_dict(state["data"])
+        step, skipped = state["step"], state.get("skipped", 0)
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", step)
+    if rank == 0:
+        tokenizer.save(out)
+        (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+
+    sharded = world > 1 and fsdp
+    net = model
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for stack in model.stacks.values():
+            fully_shard(stack)
+        net = fully_shard(model)
+    elif world > 1:
+        # which parameters get gradient changes with the credit plan
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    # optimizer and EMA see the parameters as they are after sharding (DTensors under FSDP)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or n.startswith("embed") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.betas, cfg.weight_decay)
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    step, nan_run, skipped = 0, 0, 0
     if start_ckpt is not None:
-        state = ckpt.read_trainer_state(start_ckpt)
-        ckpt.load_model_state(model, ckpt.read_tensors(start_ckpt / "model.safetensors"), start_ckpt)
-        optimizer.load_state_dict(torch.load(start_ckpt / "optimizer.pt", weights_only=False))
-        if ema is not None:
-            ema.load_state_dict(ckpt.read_tensors(start_ckpt / "ema.safetensors"))
-        batches.load_state_dict(state["data"])
+        _load_training_state(start_ckpt, model, optimizer, ema, sharded)
         ckpt.set_rng_state(state["rng"])
-        step, skipped = state["step"], state.get("skipped", 0)
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", step)
-    if rank == 0:
-        tokenizer.save(out)
-        (out / "spec.yaml").write_text(__import__("yaml").safe_dump(spec.raw, sort_keys=False))
-
-    net = model
-    if world > 1:
-        if fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for stack in model.stacks.values():
-                fully_shard(stack)
-            net = fully_shard(model)
-        else:
-            # which parameters get gradient changes with the credit plan
-            net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     board = _tensorboard(out) if rank == 0 else None
@@ -257,7 +258,7 @@ def train(
                 last = {
                     "step": step, "loss": round(loss_value, 6), "lr": lr, "credit_depth": model.credit_depth,
                     "tokens_per_s": round(tokens_since / max(now - t_log, 1e-9), 1),
-                    "grad_norm": round(float(grad_norm), 6), "skipped_steps": skipped,
+                    "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": skipped,
                 }
                 t_log, tokens_since = now, 0
                 metrics_file.write(json.dumps(last) + "\n")
@@ -269,11 +270,13 @@ def train(
                 bar.update(step, loss_value, last.get("tokens_per_s"))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and rank == 0:
                 _log_eval(model, ema, tokenizer, dcfg, cfg, cfg.eval_n, step, metrics_file)
-            if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or step == stop_after):
-                ckpt.save_checkpoint(
-                    out, step, model, spec.raw, tokenizer, optimizer, ema,
-                    {"data": batches.state_dict(), "skipped": skipped}, keep=cfg.keep,
-                )
+            if step % cfg.save_every == 0 or step == cfg.steps or step == stop_after:
+                model_state, optim_state, ema_state = _full_states(model, optimizer, ema, sharded)
+                if rank == 0:
+                    ckpt.save_checkpoint(
+                        out, step, model_state, spec.raw, tokenizer, optim_state, ema_state,
+                        {"data": batches.state_dict(), "skipped": skipped}, keep=cfg.keep,
+                    )
             if stop_after is not None and step >= stop_after:
                 break
     finally:
@@ -286,6 +289,40 @@ def train(
     if world > 1:
         dist.barrier()
     return last
+
+
+def _scalar(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def _full_states(model, optimizer, ema, sharded: bool):
+    """Plain state dicts to save. Under FSDP this gathers shards: every rank must call it."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict(), ema.state_dict() if ema is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    ema_state = {k: v.full_tensor() for k, v in ema.state_dict().items()} if ema is not None else None
+    return model_state, optim_state, ema_state
+
+
+def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -> None:
+    optim_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)
+    ema_state = ckpt.read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
+    if not sharded:
+        optimizer.load_state_dict(optim_state)
+        if ema is not None:
+            ema.load_state_dict(ema_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    if ema is not None:
+        for name, shadow in ema.shadow.items():
+            shadow.copy_(distribute_tensor(ema_state[name], shadow.device_mesh, shadow.placements))
 
 
 def _tensorboard(out: Path):

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -135,16 +134,19 @@ def test_eval_scores_with_task_checker(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
 
 
-@pytest.mark.skipif(not shutil.which("torchrun"), reason="torchrun not installed")
-def test_two_process_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(tmp_path, mode):
     spec_file = tmp_path / "micro.yaml"
     spec_file.write_text(SPEC)
     single, double = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "hrmspec", "train", str(spec_file), "--no-progress", "--set", "train.steps=4"]
     subprocess.run(base + ["--out", str(single)], check=True, env=env, timeout=600, capture_output=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "hrmspec",
+    port = 29517 + (mode == "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "hrmspec",
            "train", str(spec_file), "--no-progress", "--set", "train.steps=4", "--out", str(double)]
+    cmd += ["--fsdp"] if mode == "fsdp" else []
     r = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(single), losses(double)
