@@ -6,7 +6,7 @@ Shapes: B batch, S sequence, d d_model, h heads, hd head_dim, T cached + new key
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +20,18 @@ class Context:
 
     mask: dict[str, torch.Tensor | None]  # mask kind -> (B, 1, S, T) bool, None = no masking
     rope: dict[float, tuple[torch.Tensor, torch.Tensor]]  # rope_theta -> cos, sin (B, 1, S, hd)
+    _additive: dict = field(default_factory=dict)
+
+    def attn_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask as an additive 0 / -inf tensor of `dtype`, made once per batch: a boolean
+        mask would be converted (and kept for backward) anew in every layer of every call."""
+        m = self.mask[kind]
+        if m is None:
+            return None
+        key = (kind, dtype)
+        if key not in self._additive:
+            self._additive[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return self._additive[key]
 
 
 class Norm(nn.Module):
@@ -45,7 +57,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         parts = self.qkvg(x).view(B, S, -1, self.h, self.hd).unbind(2)  # each (B, S, h, hd)
-        q, k, v = (t.transpose(1, 2) for t in parts[:3])  # (B, h, S, hd)
+        q, k = (t.transpose(1, 2) for t in parts[:2])  # (B, h, S, hd)
+        # a copy, so what attention keeps for backward does not pin the whole fused projection
+        v = parts[2].transpose(1, 2).contiguous()
         if self.theta is not None:
             cos, sin = ctx.rope[self.theta]
             q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
@@ -53,7 +67,7 @@ class Attention(nn.Module):
             if cache[0] is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
-        y = self.ops.attention(q, k, v, ctx.mask[self.mask_kind]).transpose(1, 2)  # (B, S, h, hd)
+        y = self.ops.attention(q, k, v, ctx.attn_mask(self.mask_kind, q.dtype)).transpose(1, 2)  # (B, S, h, hd)
         if self.gated:
             y = self.ops.sigmoid_gate(parts[3], y)
         return self.o(y.reshape(B, S, self.h * self.hd))

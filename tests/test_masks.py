@@ -1,9 +1,10 @@
 """Mask semantics: the dense masks equal the definition evaluated by loops, and the predicate form."""
 
 import torch
-from hrmspec.runtime.masks import dense_mask, mask_predicate
 from hypothesis import given
 from hypothesis import strategies as st
+
+from hrmspec.runtime.masks import dense_mask, mask_predicate
 
 
 def loop_mask(kind, prefix, doc):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from hrmspec.backends.reference import ops
-from hrmspec.runtime.blocks import Block, Context
-from hrmspec.runtime.masks import dense_mask
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hrmspec
+from hrmspec.backends.reference import ops
+from hrmspec.runtime.blocks import Block, Context
+from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec import load_spec_text
 from hrmspec.spec.schema import AttentionSpec, BlockSpec, NormSpec
 

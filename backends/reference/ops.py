@@ -40,7 +40,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + log mask) v; mask is boolean (B, 1, Sq, Sk), True = may attend."""
+    """softmax(q k^T / sqrt(hd) + mask) v; mask is (B, 1, Sq, Sk), boolean (True = may attend) or
+    additive (0 / -inf)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
