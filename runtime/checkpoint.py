@@ -27,19 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.files import fsync_path
 
 PREFIX = "step_"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,9 +78,9 @@ def save_checkpoint(
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(_plain(model_state), tmp / "model.safetensors")
         if ema_state is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+            save_file(_plain(ema_state), tmp / "ema.safetensors")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "spec.yaml").write_text(yaml.safe_dump(spec_raw, sort_keys=False))
@@ -113,13 +106,8 @@ def save_checkpoint(
     return final
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file {path}")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

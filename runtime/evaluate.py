@@ -87,6 +87,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
     import hrmspec
     from hrmspec.errors import CheckpointError
     from hrmspec.runtime import checkpoint as ckpt
+    from hrmspec.runtime.files import read_tensors
     from hrmspec.runtime.tokenizer import Tokenizer
     from hrmspec.spec.load import load_spec
 
@@ -97,9 +98,9 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
         )
     spec = load_spec(last / "spec.yaml")
     model = hrmspec.compile(spec)
-    ckpt.load_model_state(model, ckpt.read_tensors(last / "model.safetensors"), last)
+    ckpt.load_model_state(model, read_tensors(last / "model.safetensors"), last)
     if use_ema and (last / "ema.safetensors").exists():
-        ema = ckpt.read_tensors(last / "ema.safetensors")
+        ema = read_tensors(last / "ema.safetensors")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(ema[name])

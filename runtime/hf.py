@@ -29,17 +29,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from hrmspec.errors import CheckpointError, SpecError
+from hrmspec.runtime.files import read_json, read_tensors, write_tensors, write_text_atomic
 from hrmspec.spec.load import load_spec, load_spec_text
 from hrmspec.spec.schema import Repeat, Spec, Statement, lecun_std
 
@@ -497,89 +495,18 @@ def _load_ours(model, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     model.load_state_dict(dict(tensors), strict=True)  # copies, casting to the model's dtype
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temp file beside `path`, fsync it, then rename it over `path`: a reader (or a
-    crash) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    # safetensors refuses tensors that share memory (split rows of one weight, a tied head): copy
-    # those; the rest are written as they are, so saving a large model does not double its memory
-    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
-    storages = Counter(v.untyped_storage().data_ptr() for v in cpu.values())
-    own = {
-        k: v.clone() if storages[v.untyped_storage().data_ptr()] > 1 else v.contiguous()
-        for k, v in cpu.items()
-    }
-    _atomic_write(path, lambda p: save_file(own, str(p), metadata={"format": "pt"}))
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of an HF directory: model.safetensors, else the shards its index names."""
     single = directory / WEIGHTS_FILE
     index = directory / WEIGHTS_INDEX_FILE
     if single.is_file() or not index.is_file():
-        return _read_tensors(single), str(single)
-    weight_map = _read_json(index).get("weight_map")
+        return read_tensors(single), str(single)
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors.update(_read_tensors(directory / shard))
+        tensors.update(read_tensors(directory / shard))
     return tensors, str(index)
 
 
@@ -593,7 +520,7 @@ def from_hf(directory: str | os.PathLike, backend: str = "reference"):
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     config_path = directory / CONFIG_FILE
     spec = spec_from_hf_config(
-        _read_json(config_path), name=directory.resolve().name or "hrm-text", source=str(config_path)
+        read_json(config_path), name=directory.resolve().name or "hrm-text", source=str(config_path)
     )
     tensors, source = _read_hf_weights(directory)
     model = compile_spec(spec, backend=backend)
@@ -609,8 +536,8 @@ def save_hf(model, directory: str | os.PathLike) -> Path:
     config["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     tensors = state_dict_to_hf(model, layout="file")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_tensors(directory / WEIGHTS_FILE, tensors)
-    _write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    write_tensors(directory / WEIGHTS_FILE, tensors)
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -624,9 +551,9 @@ def save_checkpoint(model, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     doc = {"name": model.spec.name, **{k: v for k, v in model.spec.raw.items() if k != "name"}}
-    _write_tensors(directory / WEIGHTS_FILE, model.state_dict())
+    write_tensors(directory / WEIGHTS_FILE, model.state_dict())
     header = "# the resolved spec of an hrmspec checkpoint; its tensors are in model.safetensors\n"
-    _write_text(directory / SPEC_FILE, header + yaml.safe_dump(doc, sort_keys=False))
+    write_text_atomic(directory / SPEC_FILE, header + yaml.safe_dump(doc, sort_keys=False))
     return directory
 
 
@@ -644,10 +571,10 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
     if not spec_path.is_file():
         raise CheckpointError(f"checkpoint file not found: {spec_path}")
     model = compile_spec(load_spec(spec_path), backend=backend)
-    _load_ours(model, _read_tensors(weights_path), str(weights_path))
+    _load_ours(model, read_tensors(weights_path), str(weights_path))
     ema_path = directory / "ema.safetensors"
     if ema_path.is_file():  # training checkpoints keep an EMA of the weights: export that
-        ema = _read_tensors(ema_path)
+        ema = read_tensors(ema_path)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(ema[name])

@@ -23,6 +23,7 @@ import yaml
 
 from hrmspec.errors import HrmspecError, close_match
 from hrmspec.runtime import checkpoint as ckpt
+from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.optim import EMA, lr_at, make_optimizer
 from hrmspec.spec.schema import Spec
 
@@ -65,6 +66,15 @@ class TrainConfig:
                 hint = close_match(key, names)
                 hint = f" ({hint})" if hint else ""
                 raise TrainError(f"train.{key}: unknown key{hint}; known: {', '.join(names)}")
+        for name in ("lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema"):
+            v = d.get(name)
+            if isinstance(v, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+                try:
+                    d[name] = float(v)
+                except ValueError:
+                    raise TrainError(f"train.{name}: expected a number, found {v!r}") from None
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TrainError(f"train.{name}: expected a number, found {v!r}")
         cfg = cls(**d)
         for name in ("steps", "batch_size", "seq_len"):
             v = getattr(cfg, name)
@@ -174,7 +184,7 @@ def train(
     step, nan_run, skipped = 0, 0, 0
     if start_ckpt is not None:
         state = ckpt.read_trainer_state(start_ckpt)
-        ckpt.load_model_state(model, ckpt.read_tensors(start_ckpt / "model.safetensors"), start_ckpt)
+        ckpt.load_model_state(model, read_tensors(start_ckpt / "model.safetensors"), start_ckpt)
         batches.load_state_dict(state["data"])
         step, skipped = state["step"], state.get("skipped", 0)
         if rank == 0:
@@ -310,7 +320,7 @@ def _full_states(model, optimizer, ema, sharded: bool):
 
 def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -> None:
     optim_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)
-    ema_state = ckpt.read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
+    ema_state = read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
     if not sharded:
         optimizer.load_state_dict(optim_state)
         if ema is not None:

@@ -11,7 +11,8 @@ import torch
 
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime import checkpoint as ckpt
-from hrmspec.runtime.train import TrainError, train
+from hrmspec.runtime.files import read_tensors
+from hrmspec.runtime.train import TrainConfig, TrainError, train
 from hrmspec.spec import load_spec_text
 
 SPEC = """
@@ -78,7 +79,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         train(spec(), tmp_path, progress_bar=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    ckpt.read_tensors(ckpt.latest_checkpoint(tmp_path) / "model.safetensors")  # still loads
+    read_tensors(ckpt.latest_checkpoint(tmp_path) / "model.safetensors")  # still loads
 
 
 def test_nan_losses_are_skipped_then_stop(tmp_path, monkeypatch):
@@ -120,6 +121,9 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 def test_bad_train_config_and_small_vocab(tmp_path):
     with pytest.raises(TrainError, match="unknown key.*did you mean 'steps'"):
         train(spec(**{"train.stepz": 3}), tmp_path, progress_bar=False)
+    with pytest.raises(TrainError, match="train.lr: expected a number, found 'fast'"):
+        train(spec(**{"train.lr": "fast"}), tmp_path, progress_bar=False)
+    assert TrainConfig.from_dict({"lr": "3e-3"}).lr == 3e-3  # YAML 1.1 reads 3e-3 as a string
     with pytest.raises(TrainError, match="vocab_size 100 is too small"):
         train(spec(**{"model.vocab": 100}), tmp_path, progress_bar=False)
 
