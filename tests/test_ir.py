@@ -128,6 +128,22 @@ def test_validation_errors():
         x + ProgramBuilder("other").row("y")
     with pytest.raises(IRError, match="at least one output"):
         ProgramBuilder("empty").build()
+    with pytest.raises(IRError, match="takes 2 operands"):
+        b.emit("add", x)
+    with pytest.raises(IRError, match="cannot cast"):
+        x.cast("int8")
+    assert b.const(-0.0).i != b.const(0.0).i  # constants are told apart by their bits
+
+
+def test_serialisation_round_trip():
+    import json
+
+    from hrmspec.ir import RowProgram, grad
+
+    for p in builtin_programs().values():
+        for q in (p, grad(p)):
+            r = RowProgram.from_dict(json.loads(json.dumps(q.to_dict())))
+            assert r == q and r.hash == q.hash and r.nodes == q.nodes and str(r) == str(q)
 
 
 # -- the expression parser ---------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""RowProgram -> Triton source: one program instance per row, the whole row in one block.
+
+    row   = program_id(0)                  the row this instance computes
+    cols  = arange(0, BLOCK)               BLOCK = next power of two >= D
+    mask  = cols < D                       every load and store of a row or vector is masked
+
+Values are computed in fp32 whatever the storage type (bf16/fp16/fp32 are upcast after load and
+cast to the pointer's element type at the store). Lanes past D hold garbage (other=0 then any
+op), so a reduction first replaces them by its identity: sum(where(mask, v, 0)), max(where(mask,
+v, -inf)). Only `tl.*` math is printed (no libdevice, no inline asm), so the same source runs in
+the interpreter (TRITON_INTERPRET=1) and compiles for any GPU target.
+
+The printer is tables: `CODE_FOR_OP` maps an op to a format of its operands, `REDUCE_FOR_OP`
+maps a reduction to its Triton function and identity, and `POW` prints constant powers.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+
+from hrmspec.ir.program import RowProgram
+
+CODE_FOR_OP = {
+    "neg": "(-{0})",
+    "exp": "tl.exp({0})",
+    "log": "tl.log({0})",
+    "sqrt": "tl.sqrt({0})",
+    "rsqrt": "tl.rsqrt({0})",
+    "sigmoid": "tl.sigmoid({0})",
+    "silu": "({0} * tl.sigmoid({0}))",
+    "tanh": "_tanh({0})",  # there is no tl.tanh: a helper below
+    "relu": "tl.maximum({0}, 0.0)",
+    "square": "({0} * {0})",
+    "add": "({0} + {1})",
+    "sub": "({0} - {1})",
+    "mul": "({0} * {1})",
+    "div": "({0} / {1})",
+    "lt": "({0} < {1})",
+    "gt": "({0} > {1})",
+    "le": "({0} <= {1})",
+    "ge": "({0} >= {1})",
+    "eq": "({0} == {1})",
+    "where": "tl.where({0}, {1}, {2})",
+}
+CAST = {
+    "f32": "{0}.to(tl.float32)",  # from a boolean: 0.0 or 1.0
+    "bool": "({0} != 0.0)",
+    "bf16": "_round_bf16({0})",  # round to the half type, keep computing in fp32 (helper below)
+    "f16": "{0}.to(tl.float16).to(tl.float32)",
+}
+# helpers are printed into the module (once) when the kernel calls them
+HELPERS = {
+    "_tanh": '''@triton.jit
+def _tanh(a):
+    # tanh(a) = sign(a) (1 - e) / (1 + e) with e = exp(-2|a|); below |a| = 1/4, where 1 - e cancels,
+    # the odd Taylor series to a^9 instead (its truncation error there is < 1e-8 relative)
+    m = tl.abs(a)
+    e = tl.exp(-2.0 * m)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
+                                                                                    + a2 * 0.021869488536155203))))
+    return tl.where(m < 0.25, small, tl.where(a < 0.0, -big, big))
+''',
+    "_round_bf16": '''@triton.jit
+def _round_bf16(a):
+    # round to nearest even at bfloat16 precision (keep the top 16 bits of the fp32), with integer
+    # ops: the interpreter's fp32 -> bf16 conversion truncates, so .to(tl.bfloat16) would differ
+    bits = a.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = (bits >> 16) << 16
+    return tl.where(a != a, a, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+''',
+}
+REDUCE_FOR_OP = {"sum": ("tl.sum", "0.0"), "mean": ("tl.sum", "0.0"), "max": ("tl.max", 'float("-inf")')}
+TORCH_TO_TL = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
+
+RESERVED = {"row", "cols", "mask", "in_row", "width", "n_rows", "n_cols", "BLOCK", "tl", "triton", "float"}
+
+
+def literal(v: float) -> str:
+    if math.isnan(v):
+        return 'float("nan")'
+    if math.isinf(v):
+        return 'float("inf")' if v > 0 else 'float("-inf")'
+    return repr(float(v))
+
+
+def _product(a: str, n: int) -> str:
+    """a**n for a positive integer n by repeated squaring, as a product of temporaries-free terms."""
+    if n == 1:
+        return a
+    half = _product(a, n // 2)
+    sq = f"({half} * {half})"
+    return f"({sq} * {a})" if n % 2 else sq
+
+
+def POW(a: str, c: float) -> str:
+    """a ** c for a constant c, with tl math only: exact products for small integers."""
+    if c == 0.5:
+        return f"tl.sqrt({a})"
+    if c == -0.5:
+        return f"tl.rsqrt({a})"
+    if c == int(c) and 0 < abs(c) <= 8:
+        p = _product(a, int(abs(c)))
+        return p if c > 0 else f"(1.0 / {p})"
+    return f"tl.exp2({literal(c)} * tl.log2({a}))"  # a > 0: a^c = 2^(c log2 a)
+
+
+def identifier(name: str) -> str:
+    """A Python name for an input or output value that cannot clash with the kernel's own names
+    (t<i> temporaries, pointers *_ptr, strides *_stride, the fixed names above)."""
+    if name in RESERVED or keyword.iskeyword(name) or re.fullmatch(r"t\d+", name) or name.endswith(("_ptr", "_stride")):
+        return f"{name}_v"
+    return name
+
+
+def kernel_name(program: RowProgram, direction: str, base: str | None = None) -> str:
+    """hrm_<name>_<fwd|bwd>_<hash8>: the same program always gets the same name."""
+    base = re.sub(r"\W", "_", base or program.name)
+    return f"hrm_{base}_{direction}_{program.hash[:8]}"
+
+
+def parameters(program: RowProgram) -> list[tuple[str, str, str]]:
+    """The kernel parameters in order: (parameter name, what it is, the input/output name).
+    What it is: ptr_in, stride_in, ptr_out, stride_out, n_rows, n_cols."""
+    params = []
+    for i in program.inputs:
+        params.append((f"{i.name}_ptr", "ptr_in", i.name))
+        if i.kind == "row":
+            params.append((f"{i.name}_stride", "stride_in", i.name))
+    for o in program.outputs:
+        params.append((f"{o.name}_ptr", "ptr_out", o.name))
+        if o.kind == "row":
+            params.append((f"{o.name}_stride", "stride_out", o.name))
+    return params + [("n_rows", "n_rows", ""), ("n_cols", "n_cols", "")]
+
+
+def render_kernel(program: RowProgram, name: str) -> str:
+    """The @triton.jit function computing `program` (one row per program instance)."""
+    p = program
+    params = parameters(p)
+    ins = ", ".join(n for n, what, _ in params if what.endswith("_in"))
+    outs = ", ".join(n for n, what, _ in params if what.endswith("_out"))
+    body = [
+        "row = tl.program_id(0).to(tl.int64)",
+        "cols = tl.arange(0, BLOCK)",
+        "mask = cols < n_cols",
+    ]
+    if any(i.kind == "scalar" for i in p.inputs) or any(o.kind == "scalar" for o in p.outputs):
+        body.append("in_row = row < n_rows  # true for grid = (n_rows,); it bounds the per-row scalar accesses")
+    if p.uses_width or any(n.op == "mean" for n in p.nodes):
+        body.append("width = tl.cast(n_cols, tl.float32)")
+    refs: list[str] = []
+    for i, n in enumerate(p.nodes):
+        if n.op == "input":
+            v, kind = identifier(n.arg), n.kind
+            addr = {"row": f"{n.arg}_ptr + row * {n.arg}_stride + cols", "vector": f"{n.arg}_ptr + cols",
+                    "scalar": f"{n.arg}_ptr + row"}[kind]
+            m = "in_row" if kind == "scalar" else "mask"
+            body.append(f"{v} = tl.load({addr}, mask={m}, other=0.0).to(tl.float32)")
+            refs.append(v)
+            continue
+        if n.op == "const":
+            refs.append(literal(n.arg))
+            continue
+        if n.op == "width":
+            refs.append("width")
+            continue
+        ops = [refs[s] for s in n.srcs]
+        if n.op in REDUCE_FOR_OP:
+            fn, ident = REDUCE_FOR_OP[n.op]
+            expr = f"{fn}(tl.where(mask, {ops[0]}, {ident}), axis=0)"
+            if n.op == "mean":
+                expr += " / width"
+        elif n.op == "pow":
+            expr = POW(ops[0], n.arg)
+        elif n.op == "cast":
+            expr = CAST[n.arg].format(*ops)
+        else:
+            expr = CODE_FOR_OP[n.op].format(*ops)
+        if expr.startswith("(") and CODE_FOR_OP.get(n.op, "").endswith(")") and CODE_FOR_OP[n.op].startswith("("):
+            expr = expr[1:-1]  # the template's outer parentheses are only needed inside other expressions
+        body.append(f"t{i} = {expr}")
+        refs.append(f"t{i}")
+    for o in p.outputs:
+        n, v = p.nodes[o.node], refs[o.node]
+        if o.kind == "row":
+            if n.kind not in ("row", "vector"):  # a per-row scalar or a constant stored over the whole row
+                v = f"({v} + tl.zeros([BLOCK], dtype=tl.float32))"
+            body.append(f"tl.store({o.name}_ptr + row * {o.name}_stride + cols, "
+                        f"{v}.to({o.name}_ptr.dtype.element_ty), mask=mask)")
+        else:
+            if n.kind == "const":
+                v = f"({v} + tl.zeros([], dtype=tl.float32))"
+            body.append(f"tl.store({o.name}_ptr + row, {v}.to({o.name}_ptr.dtype.element_ty), mask=in_row)")
+    doc = "\n".join("    # " + line for line in str(p).splitlines())
+    lines = ["@triton.jit", f"def {name}(", f"    {ins},  # inputs", f"    {outs},  # outputs",
+             "    n_rows, n_cols, BLOCK: tl.constexpr,", "):", doc]
+    return "\n".join(lines + ["    " + line for line in body]) + "\n"
+
+
+def render_module(program: RowProgram, name: str) -> str:
+    """A complete, importable Python module holding the kernel `name`."""
+    header = (f'"""Generated by hrmspec from RowProgram \'{program.name}\' ({program.hash}); do not edit."""\n\n'
+              "import triton\nimport triton.language as tl\n\n\n")
+    kernel = render_kernel(program, name)
+    helpers = "".join(src + "\n\n" for fn, src in HELPERS.items() if f"{fn}(" in kernel)
+    return header + helpers + kernel
+
+
+def signature(program: RowProgram, dtypes: dict[str, str]) -> dict[str, str]:
+    """Argument types for ahead-of-time compilation: `dtypes` maps input/output names to fp32,
+    bf16 or fp16 (the storage type of the pointer)."""
+    sig = {}
+    for pname, what, ref in parameters(program):
+        sig[pname] = f"*{dtypes[ref]}" if what.startswith("ptr") else "i64" if what.startswith("stride") else "i32"
+    sig["BLOCK"] = "constexpr"
+    return sig
