@@ -19,7 +19,7 @@ install-dev:
 
 demo: install
 	$(PYTHON) -m hrmspec train specs/hrm-text-tiny.yaml --out $(OUT)
-	$(PYTHON) -m hrmspec eval $(OUT)
+	$(PYTHON) -m hrmspec eval $(OUT) --n 500
 
 lint:
 	$(PYTHON) -m ruff check .

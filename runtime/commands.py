@@ -23,7 +23,7 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.evaluate import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks)
-    t = Table(title=f"Held-out accuracy ({res['checkpoint']})")
+    t = Table(title="Held-out accuracy", caption=f"checkpoint {res['checkpoint']}")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
     t.add_column("n", justify="right")

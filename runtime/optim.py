@@ -69,16 +69,22 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str, min_ra
 
 
 class EMA:
-    """An exponential moving average of parameters (evaluation and export use it)."""
+    """An exponential moving average of parameters (evaluation and export use it).
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) after t updates, so early in training the
+    average follows the weights instead of lingering at their initial values."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.steps = 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+            self.shadow[n].lerp_(p.detach(), 1 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -213,6 +213,8 @@ def train(
     ema = EMA(model, cfg.ema) if cfg.ema else None
     if start_ckpt is not None:
         _load_training_state(start_ckpt, model, optimizer, ema, sharded)
+        if ema is not None:
+            ema.steps = state.get("ema_steps", step)
         ckpt.set_rng_state(state["rng"])
 
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
@@ -285,7 +287,8 @@ def train(
                 if rank == 0:
                     ckpt.save_checkpoint(
                         out, step, model_state, spec.raw, tokenizer, optim_state, ema_state,
-                        {"data": batches.state_dict(), "skipped": skipped}, keep=cfg.keep,
+                        {"data": batches.state_dict(), "skipped": skipped, "ema_steps": ema.steps if ema else 0},
+                        keep=cfg.keep,
                     )
             if stop_after is not None and step >= stop_after:
                 break
