@@ -1,8 +1,13 @@
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Without a GPU, Triton kernels run in its interpreter; the variable must be set before triton is
+# first imported (torch may import it), so it is set here, before anything else.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # CPU machines with 2 cores: keep property tests small and free of wall-clock deadlines.
 settings.register_profile("ci", max_examples=15, deadline=None, derandomize=True)

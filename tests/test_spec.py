@@ -91,7 +91,7 @@ def test_hrm_text_1b():
 
 def test_hrm_text_tiny_extends_the_1b_recipe():
     big, tiny = load_spec("hrm-text-1b").model, load_spec("hrm-text-tiny").model
-    assert (tiny.vocab, tiny.d_model, tiny.heads, tiny.head_dim, tiny.block.ffn) == (512, 128, 4, 32, 384)
+    assert (tiny.vocab, tiny.d_model, tiny.heads, tiny.head_dim, tiny.block.ffn) == (320, 128, 4, 32, 384)
     assert [(x.name, x.layers, x.exit_norm) for x in tiny.modules] == [("L", 2, "rms"), ("H", 2, "rms")]
     assert tiny.block.norm == big.block.norm and tiny.block.attention == big.block.attention
     assert (tiny.schedule, tiny.states, tiny.credit) == (big.schedule, big.states, big.credit)
@@ -264,7 +264,7 @@ def test_overrides_on_a_loaded_spec():
     tiny = load_spec("hrm-text-tiny")
     assert load_spec(tiny) is tiny
     wider = load_spec(tiny, {"model.d_model": 256})
-    assert wider.model.d_model == 256 and wider.model.vocab == 512 and tiny.model.d_model == 128
+    assert wider.model.d_model == 256 and wider.model.vocab == 320 and tiny.model.d_model == 128
 
 
 def test_overrides_do_not_touch_the_file(tmp_path):
