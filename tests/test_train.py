@@ -206,5 +206,9 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     assert main(base + ["--set", f"data={{source: jsonl, path: {bad}}}"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"instruction": "a", "response": ""}\n')
+    assert main(base + ["--set", f"data={{source: jsonl, path: {empty}}}"]) == 2
+    assert "training set is empty" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
