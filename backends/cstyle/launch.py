@@ -1,0 +1,226 @@
+"""What the OpenCL and CUDA launchers share: checking and flattening tensors, allocating outputs,
+and the autograd Function pairing a forward kernel with the kernel of its backward program.
+
+A `CRowKernel` is one RowProgram; its source is specialised at launch for the storage types of
+the tensors it is given (pointer types differ) and the threads per row (`block_size(D)`). A
+launcher subclass supplies the `dialect`, a `tag` for the cache key and `launch`. `CRowOp`
+wraps a forward program as a differentiable op:
+
+    d_x[r, :] = bwd(x[r], w, d_y[r])              one block per row, like the forward
+    d_w[:]    = sum_r  p[r, :],  p = bwd(...)[d_w] fp32 partials, reduced by torch (second stage)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hrmspec.backends.cstyle import cache
+from hrmspec.backends.cstyle.printer import Dialect, block_size, kernel_name, parameters, render_source
+from hrmspec.backends.triton.launch import KernelError
+from hrmspec.ir import RowProgram, grad, reduce_vector_grads
+from hrmspec.ir.evaluate import row_shapes
+
+STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+MAX_WIDTH = 2**31 - 1  # columns are int indices; rows any width (the threads loop over the row)
+
+
+@dataclass
+class Launch:
+    """One launch, ready for a device: flattened tensors (rows [n_rows, D] with unit stride along
+    D, vectors [D] and per-row scalars [n_rows] contiguous), their storage types and the source."""
+
+    n_rows: int
+    width: int
+    block: int
+    tensors: dict[str, torch.Tensor]
+    dtypes: dict[str, str]
+    path: Path  # the cache file of the specialised source
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) a flattened tensor can touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
+
+
+class CRowKernel:
+    """A RowProgram printed as a C-style kernel; subclasses run it on a device."""
+
+    dialect: Dialect
+
+    def __init__(self, program: RowProgram, direction: str = "fwd", base: str | None = None):
+        self.program = program
+        self.name = kernel_name(program, direction, base)
+
+    def tag(self) -> str:
+        """The toolchain the source is compiled by (part of the cache key)."""
+        return ""
+
+    def source(self, dtypes: dict[str, str], block: int) -> str:
+        return render_source(self.program, self.name, self.dialect, dtypes, block)
+
+    def path(self, dtypes: dict[str, str], block: int) -> Path:
+        d = self.dialect
+        return cache.write_source(self.name, self.source(dtypes, block), d.name, d.suffix, self.tag())
+
+    def launch(self, job: Launch) -> None:
+        raise NotImplementedError
+
+    def __call__(self, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None,
+                 out_dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+        """Run over all rows. `out` may hold preallocated outputs (rows [..., D] with unit stride
+        along D, scalars [...] contiguous, none overlapping an input); the others are allocated, in
+        `out_dtypes[name]` or the dtype of the first row input (row partials: fp32)."""
+        p = self.program
+        lead, width = row_shapes(p, inputs)
+        if width > MAX_WIDTH:
+            raise KernelError(f"{p.name}: rows of width {width} exceed the int32 column index ({MAX_WIDTH})")
+        for name, t in inputs.items():
+            if name in p.input_names and t.dtype not in STORAGE:
+                raise KernelError(f"{p.name}: input '{name}' is {t.dtype}; C-style kernels store fp32, fp16 or bf16")
+        devices = {inputs[n].device for n in p.input_names}
+        if len(devices) > 1:
+            raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
+        device = devices.pop()
+        n_rows = math.prod(lead)
+        rows = p.kinds_of("row")
+        store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
+        out = dict(out or {})
+        flat: dict[str, torch.Tensor] = {}
+        for i in p.inputs:
+            t = inputs[i.name]
+            t = t.reshape(n_rows, width) if i.kind == "row" else t.reshape(-1)
+            if t.numel() and (t.stride(-1) != 1 or (i.kind != "row" and not t.is_contiguous())):
+                t = t.contiguous()
+            flat[i.name] = t
+        for o in p.outputs:
+            shape = (*lead, width) if o.kind == "row" else lead
+            if o.name not in out:
+                dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
+                out[o.name] = torch.empty(shape, dtype=dtype, device=device)
+            t = out[o.name]
+            if tuple(t.shape) != tuple(shape):
+                raise KernelError(f"{p.name}: output '{o.name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if t.dtype not in STORAGE or t.device != device:
+                raise KernelError(f"{p.name}: output '{o.name}' is {t.dtype} on {t.device}; expected fp32, fp16 or "
+                                  f"bf16 on {device}")
+            try:  # outputs are written in place: views of [rows, D] with unit stride along D, rows apart
+                f = t.view(n_rows, width) if o.kind == "row" else t.view(n_rows)
+            except RuntimeError:
+                f = None
+            if f is None or (f.numel() and (f.stride(-1) != 1 or (o.kind == "row" and n_rows > 1
+                                                                    and f.stride(0) < width))):
+                raise KernelError(f"{p.name}: output '{o.name}' must be writable in place as rows with unit stride "
+                                  f"along D, got strides {t.stride()}")
+            flat[o.name] = f
+        self._check_overlap(flat)
+        if n_rows == 0:
+            return out
+        dtypes = {name: STORAGE[t.dtype] for name, t in flat.items()}
+        block = block_size(width)
+        self.launch(Launch(n_rows, width, block, flat, dtypes, self.path(dtypes, block)))
+        return out
+
+    def _check_overlap(self, flat: dict[str, torch.Tensor]) -> None:
+        # inputs are declared restrict, and a later pass over the row rereads them after stores
+        spans = {name: _span(t) for name, t in flat.items()}
+        names = self.program.output_names
+        for o in names:
+            for other, (a, b) in spans.items():
+                if other != o and a < spans[o][1] and spans[o][0] < b:
+                    raise KernelError(f"{self.program.name}: output '{o}' overlaps "
+                                      f"{'output' if other in names else 'input'} '{other}' in memory")
+
+    def arguments(self, job: Launch, pointer, offset) -> list:
+        """Kernel arguments in parameter order; `pointer(t)` and `offset(t)` give what the device
+        wants for a buffer, strides and sizes are 64-bit and 32-bit integers."""
+        import numpy as np
+
+        args = []
+        for q in parameters(self.program, self.dialect):
+            t = job.tensors.get(q.ref)
+            kind = q.what.split("_")[0]
+            if kind == "ptr":
+                args.append(pointer(t))
+            elif kind == "offset":
+                args.append(np.int64(offset(t)))
+            elif kind == "stride":
+                args.append(np.int64(t.stride(0)))
+            else:
+                args.append(np.int32(job.n_rows if q.what == "n_rows" else job.width))
+        return args
+
+
+class _RowFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op: CRowOp, *tensors: torch.Tensor):
+        ctx.op = op
+        ctx.save_for_backward(*tensors)
+        outs = op.forward_kernel(dict(zip(op.program.input_names, tensors)))
+        return tuple(outs[n] for n in op.program.output_names)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *cotangents: torch.Tensor):
+        op: CRowOp = ctx.op
+        names = op.program.input_names
+        wrt = tuple(n for n, need in zip(names, ctx.needs_input_grad[1:]) if need)
+        if not wrt:
+            return (None,) * (1 + len(names))
+        inputs = dict(zip(names, ctx.saved_tensors))
+        lead, width = row_shapes(op.program, inputs)
+        cot = {}
+        for o, g in zip(op.program.outputs, cotangents):
+            if g is None:  # an output that did not reach the loss
+                g = torch.zeros((*lead, width) if o.kind == "row" else lead, device=inputs[names[0]].device)
+            cot[f"d_{o.name}"] = g
+        kernel = op.backward_kernel(wrt)
+        dtypes = {f"d_{n}": inputs[n].dtype for n in wrt}
+        partial = {f"d_{n}": torch.float32 for n in wrt if op.program.input(n).kind == "vector"}
+        d = kernel({**inputs, **cot}, out_dtypes={**dtypes, **partial})
+        d = reduce_vector_grads(kernel.program, d, dtypes)
+        return (None, *(d.get(f"d_{n}") for n in names))
+
+
+class CRowOp:
+    """A forward RowProgram as a differentiable op backed by generated C-style kernels of the
+    subclass's `kernel_class`:
+
+        op = OpenCLRowOp(rms_norm())
+        y = op(x=x, w=w)["y"]          # or op(x, w), inputs in program order
+    """
+
+    kernel_class: type[CRowKernel]
+
+    def __init__(self, program: RowProgram):
+        self.program = program
+        self.forward_kernel = self.kernel_class(program, "fwd")
+        self._backward: dict[tuple[str, ...], CRowKernel] = {}
+
+    def backward_kernel(self, wrt: tuple[str, ...]) -> CRowKernel:
+        """The kernel of grad(program, wrt), built once per set of inputs that need a gradient."""
+        if wrt not in self._backward:
+            self._backward[wrt] = self.kernel_class(grad(self.program, list(wrt)), "bwd", base=self.program.name)
+        return self._backward[wrt]
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = self.program.input_names
+        if len(args) > len(names):
+            raise KernelError(f"{self.program.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        inputs = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names or k in inputs:
+                raise KernelError(f"{self.program.name}: unexpected or repeated input '{k}'; "
+                                  f"inputs are {', '.join(names)}")
+            inputs[k] = v
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise KernelError(f"{self.program.name}: missing input(s) {', '.join(missing)}")
+        outs = _RowFunction.apply(self, *(inputs[n] for n in names))
+        return dict(zip(self.program.output_names, outs))
