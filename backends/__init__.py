@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
-from hrmspec.errors import HrmspecError
+import importlib.util
+import os
+import sys
 
-BACKENDS = ("reference",)
+from hrmspec.errors import HrmspecError, close_match
+
+BACKENDS = ("reference", "triton")
 
 
 def get_backend(name: str):
-    """The ops of backend `name` (only `reference` so far: torch ops evaluating the graph)."""
+    """The ops of backend `name`: `reference` (torch ops, the definition of every op) or `triton`
+    (generated kernels where there are some, see backends/triton/ops.py; the reference elsewhere)."""
     if name == "reference":
         from hrmspec.backends.reference import ops
 
         return ops
-    from hrmspec.errors import close_match
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise HrmspecError("the triton backend needs the triton package (pip install triton); "
+                               "or use --backend reference")
+        if "triton" not in sys.modules:
+            import torch
 
-    raise HrmspecError(
-        f"unknown backend '{name}'; available: {', '.join(BACKENDS)}" + (f" ({close_match(name, BACKENDS)})"
-                                                                         if close_match(name, BACKENDS) else "")
-    )
+            # without a GPU the kernels run in Triton's interpreter, which must be chosen before
+            # triton is first imported (its own jit functions are built then)
+            if not torch.cuda.is_available():
+                os.environ.setdefault("TRITON_INTERPRET", "1")
+        from hrmspec.backends.triton import ops
+
+        return ops
+    hint = close_match(name, BACKENDS)
+    raise HrmspecError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}" + (f" ({hint})" if hint else ""))

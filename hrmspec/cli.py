@@ -73,6 +73,60 @@ def cmd_compile(args) -> int:
         data["graph"] = {k: v for k, v in data["graph"].items() if isinstance(v, (str, int, float, type(None)))}
         (out / "graph.json").write_text(json.dumps(data, indent=1, default=str))
         print(f"wrote {out}/spec.yaml, {out}/graph.json")
+        if args.backend == "triton":
+            _emit_kernels(model.graph, out)
+    return 0
+
+
+def _emit_kernels(G, out) -> None:
+    """The Triton source of every kernel the spec needs (fusion regions and op-by-op kernels,
+    forward and backward) as DIR/kernels/<name>.py, and DIR/kernels.json indexing them."""
+    import json
+
+    from hrmspec.backends.triton.printer import render_module
+    from hrmspec.graph.fusion import fuse_model
+
+    plan = fuse_model(G)
+    (out / "kernels").mkdir(exist_ok=True)
+    index = []
+    for k in plan.kernels:
+        source = f"kernels/{k.name}.py"
+        (out / source).write_text(render_module(k.program, k.name))
+        index.append({"kernel": k.name, "direction": k.direction, "region": k.forward.name, "width": k.width,
+                      "inputs": list(k.program.input_names), "outputs": list(k.program.output_names),
+                      "runs_in": k.regions, "source": source})
+    (out / "kernels.json").write_text(json.dumps(index, indent=1))
+    print(f"wrote {len(index)} kernels to {out}/kernels/ (index: {out}/kernels.json)")
+
+
+def cmd_check(args) -> int:
+    from rich.console import Console
+
+    from hrmspec.backends import get_backend
+    from hrmspec.graph import build_graph
+    from hrmspec.graph.fusion import fuse_model
+
+    spec = _load(args)
+    get_backend("triton")  # without a GPU: the interpreter, chosen before triton is imported
+    from hrmspec.check import ARCHS, check_kernels, ptxas_available, report
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: whole kernel names rather than 80 columns
+        console = Console(width=160)
+    plan = fuse_model(build_graph(spec))
+    archs = tuple(args.arch or ARCHS)
+    compile_ = not args.no_compile and ptxas_available()
+    if not args.no_compile and not compile_:
+        console.print("[yellow]no ptxas in this triton build: the sm_80 / sm_90 compile is skipped[/yellow]")
+    checks = check_kernels(plan.kernels, draws=args.draws, archs=archs if compile_ else ())
+    report(checks, archs, console, title=f"{spec.name}: {len(checks)} kernels ({args.draws} draws each)")
+    failed = [c.kernel.name for c in checks if not c.ok]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(checks)} kernels failed:[/red] {', '.join(failed)}")
+        return 1
+    fallbacks = sum(bool(c.fallback) for c in checks)
+    note = f" ({fallbacks} run the reference op: too wide for a one-block kernel)" if fallbacks else ""
+    console.print(f"[green]all {len(checks)} kernels ok[/green]{note}")
     return 0
 
 
@@ -117,9 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a spec for a backend")
     _spec_args(p)
-    p.add_argument("--backend", default="reference", choices=["reference"], help="target backend")
-    p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR")
+    p.add_argument("--backend", default="reference", choices=["reference", "triton"], help="target backend")
+    p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR, and with "
+                   "--backend triton the source of every generated kernel (DIR/kernels/, DIR/kernels.json)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("check", help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")
+    _spec_args(p)
+    p.add_argument("--draws", type=int, default=3, help="random draws per kernel (default 3)")
+    p.add_argument("--arch", type=int, action="append", metavar="SM", help="compile for sm_SM (default: 80 and 90)")
+    p.add_argument("--no-compile", action="store_true", help="numerics only, no sm_80 / sm_90 compile")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("import-hf", help="convert a transformers hrm_text checkpoint to an hrmspec checkpoint")
     p.add_argument("dir", help="a directory with config.json and model.safetensors")

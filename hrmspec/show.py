@@ -8,6 +8,7 @@ from rich.table import Table
 
 from hrmspec.graph.analysis import analyse, human
 from hrmspec.graph.credit import credit_table
+from hrmspec.graph.fusion import fuse_model
 
 
 def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Console | None = None) -> None:
@@ -60,4 +61,31 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     t.add_row("training-step FLOPs (grad calls 3x, no-grad 1x)", human(st.train_flops_per_token))
     t.add_row(f"activation memory ({dtype_bytes} B/elem, grad calls)", human(st.activation_bytes_per_token, "B"))
     t.add_row(f"activation memory for one {seq_len}-token row", human(st.activation_bytes_per_token * seq_len, "B"))
+    console.print(t)
+    traffic_table(G, dtype_bytes, console)
+
+
+def traffic_table(G: nx.DiGraph, dtype_bytes: int = 2, console: Console | None = None) -> None:
+    """Activation bytes per token of one forward pass, op by op vs the fusion pass's regions."""
+    console = console or Console()
+    plan = fuse_model(G, dtype_bytes)
+    t = Table(title=f"Memory traffic per token, one forward pass ({dtype_bytes} B/elem; op by op vs fused regions)")
+    t.add_column("kernel", no_wrap=True)
+    t.add_column("fuses")
+    t.add_column("runs", justify="right")
+    t.add_column("op by op", justify="right")
+    t.add_column("fused", justify="right")
+    t.add_column("saved", justify="right")
+
+    def pct(a: int, b: int) -> str:
+        return f"{1 - b / a:.0%}" if a else "-"
+
+    for r in plan.traffic:
+        t.add_row(r.kernel, r.fuses, str(r.runs), human(r.op_bytes, "B"), human(r.fused_bytes, "B"),
+                  pct(r.op_bytes, r.fused_bytes))
+    op, fused, other = plan.op_bytes, plan.fused_bytes, plan.other_bytes
+    t.add_row("[bold]row ops[/bold]", "", "", human(op, "B"), human(fused, "B"), pct(op, fused))
+    t.add_row("matmuls + attention (activations, not fused)", "", "", human(other, "B"), human(other, "B"), "")
+    t.add_row("[bold]total[/bold]", "", "", human(op + other, "B"), human(fused + other, "B"),
+              pct(op + other, fused + other))
     console.print(t)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hrmspec.spec.schema import BlockSpec, ModuleSpec
+from hrmspec.graph.fusion import norm_program
+from hrmspec.ir import evaluate
+from hrmspec.spec.schema import BlockSpec, ModuleSpec, NormSpec
 
 
 @dataclass
@@ -35,13 +37,33 @@ class Context:
 
 
 class Norm(nn.Module):
-    def __init__(self, d: int, eps: float, affine: bool, ops):
+    """RMSNorm, or (spec.type == "expr") a norm the spec writes as a row expression of x.
+
+    An expression norm is a RowProgram (parsed once at load) whose vector inputs are this module's
+    parameters, one per name under `params`; the backend runs it with `ops.row_program` (generated
+    kernels on triton), or else the IR's torch evaluator, which autograd differentiates."""
+
+    def __init__(self, d: int, eps: float, affine: bool, ops, spec: NormSpec | None = None):
         super().__init__()
         self.eps, self.ops = eps, ops
-        self.weight = nn.Parameter(torch.ones(d)) if affine else None
+        self.weight = nn.Parameter(torch.ones(d)) if affine and (spec is None or spec.type == "rms") else None
+        self.program = None
+        if spec is not None and spec.type == "expr":
+            self.program = norm_program(spec)
+            self.params = nn.ParameterDict({name: nn.Parameter(_init_vector(d, init)) for name, init in spec.params})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.eps, self.weight)
+        if self.program is None:
+            return self.ops.rms_norm(x, self.eps, self.weight)
+        run = getattr(self.ops, "row_program", None) or evaluate
+        return run(self.program, {"x": x, **self.params})["y"]
+
+
+def _init_vector(d: int, init: str) -> torch.Tensor:
+    """An expression norm's parameter: zeros, ones, or normal (std 0.02, truncated at 2 std)."""
+    if init == "normal":
+        return nn.init.trunc_normal_(torch.empty(d), 0.0, 0.02, -0.04, 0.04)
+    return torch.ones(d) if init == "ones" else torch.zeros(d)
 
 
 class Attention(nn.Module):
@@ -97,11 +119,11 @@ class Block(nn.Module):
         self.place = n.place
         self.attn = Attention(d, heads, head_dim, block, ops)
         self.mlp = MLP(d, block, ops)
-        self.attn_norm = Norm(d, n.eps, n.affine, ops)
-        self.mlp_norm = Norm(d, n.eps, n.affine, ops)
+        self.attn_norm = Norm(d, n.eps, n.affine, ops, n)
+        self.mlp_norm = Norm(d, n.eps, n.affine, ops, n)
         if self.place == "sandwich":
-            self.attn_out_norm = Norm(d, n.eps, n.affine, ops)
-            self.mlp_out_norm = Norm(d, n.eps, n.affine, ops)
+            self.attn_out_norm = Norm(d, n.eps, n.affine, ops, n)
+            self.mlp_out_norm = Norm(d, n.eps, n.affine, ops, n)
 
     def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
         if self.place == "pre":

@@ -7,6 +7,7 @@ close match for a misspelt name. Unknown keys are errors: a typo must never be s
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "output head init embed_scale credit".split()
     ),
     "model.block": ("norm", "attention", "mlp"),
-    "model.block.norm": ("type", "eps", "affine", "place"),
+    "model.block.norm": ("type", "eps", "affine", "place", "expr", "params"),
     "model.block.attention": ("type", "rope_theta", "mask", "bias"),
     "model.modules.<name>": ("layers", "exit_norm", "ffn", "expansion", "norm", "attention", "mlp"),
     "model.states.<name>": ("init",),
@@ -75,6 +76,7 @@ _EXAMPLES = {
     "do": 'do: ["z_H = H(z_H + z_L)"]',
     "from": "depth: {from: 2, to: 5, warmup: 0.2}",
     "model": "model: {vocab: 512, d_model: 128, heads: 4, ...}",
+    "expr": 'expr: "x * rsqrt(mean(x*x) + eps) * (1 + w)", params: {w: zeros}',
 }
 
 
@@ -261,15 +263,79 @@ class _Fields:
 
 
 def _norm(src: Source, path: PathT, base: NormSpec) -> NormSpec:
-    f = _Fields(src, path, "a mapping {type, eps, affine, place}", "model.block.norm")
-    out = NormSpec(
-        type=f.choice("type", ("rms",), base.type),
-        eps=f.number("eps", base.eps, lo=0.0, hi=1.0, positive=True),
-        affine=f.boolean("affine", base.affine),
-        place=f.choice("place", ("pre", "post", "sandwich"), base.place),
-    )
+    f = _Fields(src, path, "a mapping {type, eps, affine, place, expr, params}", "model.block.norm")
+    kind = f.choice("type", ("rms", "expr"), base.type)
+    eps = f.number("eps", base.eps, lo=0.0, hi=1.0, positive=True)
+    affine = f.boolean("affine", base.affine)
+    place = f.choice("place", ("pre", "post", "sandwich"), base.place)
+    if kind == "rms":
+        for key in ("expr", "params"):
+            if f.has(key):
+                f.fail(path + (key,), f"'{key}' belongs to an expression norm, but this norm has type rms",
+                       "add type: expr", key=True)
+        f.finish()
+        return NormSpec(type="rms", eps=eps, affine=affine, place=place)
+    return _expr_norm(f, path, base, eps, place)
+
+
+# Where an inherited expression norm was written: a module's norm merges over model.block.norm.
+_BLOCK_NORM: PathT = ("model", "block", "norm")
+_NORM_INITS = ("zeros", "ones", "normal")
+
+
+def _expr_norm(f: _Fields, path: PathT, base: NormSpec, eps: float, place: str) -> NormSpec:
+    """type: expr — the text is parsed into a RowProgram now, so a typo is reported at load time,
+    at its column inside the expression."""
+    from hrmspec.ir.ops import FUNCTIONS  # the IR only when a spec uses it
+    from hrmspec.ir.parse import parse_norm_expr
+
+    if f.has("affine") and f.data["affine"] is True:
+        f.fail(path + ("affine",), "'affine' applies to rms norms; an expression norm declares its weights",
+               'e.g. expr: "x * rsqrt(mean(x*x) + eps) * w", params: {w: ones}', key=True)
+    inherited = base.type == "expr"
+    text = f.text("expr", base.expr if inherited else _REQUIRED)
+    expr_path = path + ("expr",) if f.has("expr") else _BLOCK_NORM + ("expr",)
+    params_path = path + ("params",) if f.has("params") or not inherited else _BLOCK_NORM + ("params",)
+    params = (base.params or ()) if inherited else ()
+    f.read.add("params")
+    if f.has("params"):
+        g = _Fields(f.src, path + ("params",), "a mapping of name -> zeros | ones | normal", "",
+                    "e.g. params: {w: zeros}")
+        params = ()
+        for name in list(g.data):
+            where = path + ("params", name)
+            if not isinstance(name, str) or not name.isidentifier():
+                g.fail(where, f"expected a parameter name (an identifier), found {name!r}", key=True)
+            if name in ("x", "eps") or name in FUNCTIONS:
+                what = "the row" if name == "x" else "the norm's epsilon" if name == "eps" else "a built-in function"
+                g.fail(where, f"'{name}' is {what} and cannot be declared as a parameter", "choose another name",
+                       key=True)
+            params += ((name, g.choice(name, _NORM_INITS)),)
+        g.finish()
     f.finish()
-    return out
+
+    loc, field = f.src.loc(expr_path), dotted(expr_path)
+    try:
+        program = parse_norm_expr(text, dict(params), eps, name="expr_norm", loc=loc, path=field)
+    except SpecError as e:
+        unknown = re.match(r"unknown name '(\w+)'", e.message)
+        if unknown and not e.hint.startswith("did you mean"):
+            name = unknown.group(1)
+            hint = f"{e.hint}; a learnable vector is declared under params, e.g. params: {{{name}: zeros}}"
+            raise SpecError(e.message, e.loc, e.path, hint) from None
+        raise
+    used = {n.arg for n in program.nodes if n.op == "input"}
+    if "x" not in used:
+        raise SpecError("the norm never reads the row 'x'", loc, field, 'e.g. "x * rsqrt(mean(x*x) + eps)"')
+    if program.outputs[0].kind != "row":
+        raise SpecError(f"'{text.strip()}' gives one number per row; a norm must give a value per channel", loc,
+                        field, "multiply the row by it, e.g. x * rsqrt(mean(x*x) + eps)")
+    for name, _ in params:
+        if name not in used:
+            raise SpecError(f"parameter '{name}' is declared but the expression does not use it",
+                            f.src.key_loc(params_path + (name,)), dotted(params_path + (name,)),
+                            "use it in expr, or remove it")
+    return NormSpec(type="expr", eps=eps, affine=False, place=place, expr=text, params=params)
 
 
 def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:

@@ -19,10 +19,14 @@ MaskKind = Literal["causal", "prefix_lm", "bidirectional"]
 
 @dataclass(frozen=True)
 class NormSpec:
-    type: Literal["rms"] = "rms"
+    type: Literal["rms", "expr"] = "rms"  # expr: the norm written as a row expression (`expr`)
     eps: float = 1e-6
-    affine: bool = False  # a learnable per-channel scale
+    affine: bool = False  # a learnable per-channel scale (rms only; an expr norm declares its own `params`)
     place: NormPlace = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+    # type expr: the text, e.g. "x * rsqrt(mean(x*x) + eps) * (1 + w)", checked against the Kernel IR at load
+    expr: str | None = None
+    # type expr: the learnable per-channel vectors the text names, (name, init) with init zeros | ones | normal
+    params: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""The Triton backend's op table: the functions of `backends/reference/ops.py`, some of them generated.
+
+    generated RowProgram kernels      rms_norm, sigmoid_gate, swiglu, gelu, and row_program (the
+    (TritonRowOp: forward kernel,     expression norms a spec declares); the backward kernel of each
+    backward by IR autodiff)          is printed from `hrmspec.ir.grad` of its forward program
+    the flash-attention template      attention, when backends/triton/attention.py imports and the
+    (backends/triton/attention.py)    mask is one it prints (causal, prefix-LM, bidirectional, each
+                                      within packed documents) over equal query and key lengths
+    the reference torch ops           rope, rope_tables, cross_entropy; attention otherwise
+                                      (decoding with a cache, head dims over 128)
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `get_backend`
+before triton is imported). Whatever a kernel cannot run — a row wider than MAX_WIDTH, fp64, a
+tensor on a device the kernels are not built for — runs the reference op instead, with a warning
+(once per op and reason): a fallback is reported, never silent, and never a wrong result.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+
+import torch
+
+from hrmspec.backends.reference import ops as reference
+from hrmspec.backends.triton.aot import interpreting
+from hrmspec.backends.triton.launch import MAX_WIDTH, TritonRowOp
+from hrmspec.ir import RowProgram, evaluate, library
+
+upcast = reference.upcast
+rotate_half = reference.rotate_half
+rope_tables = reference.rope_tables
+rope = reference.rope
+cross_entropy = reference.cross_entropy
+
+GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # and attention, see `attention`
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
+
+_row_ops: dict[str, TritonRowOp] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def _fallback(op: str, reason: str) -> None:
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"triton backend: {op}: {reason}; running the reference op instead", stacklevel=3)
+
+
+def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
+    """Why generated kernels cannot run on these tensors, or None."""
+    if width > MAX_WIDTH:
+        return f"rows of width {width} exceed the {MAX_WIDTH} a one-block row kernel holds"
+    for t in tensors:
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"{t.dtype} is computed in fp32 by the kernels; the reference keeps its precision"
+        if (t.device.type == "cpu") != interpreting():
+            where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
+            return f"a tensor on {t.device} while the kernels run on {where}"
+    return None
+
+
+def row_program(program: RowProgram, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run a forward RowProgram as a generated, differentiable kernel: rows [..., D], vectors [D]."""
+    rows = [inputs[n] for n in program.kinds_of("row")]
+    reason = _unsupported(list(inputs.values()), rows[0].shape[-1] if rows else 0)
+    if reason is not None:
+        _fallback(program.name, reason)
+        return evaluate(program, inputs)
+    if program.hash not in _row_ops:
+        _row_ops[program.hash] = TritonRowOp(program)
+    return _row_ops[program.hash](**inputs)
+
+
+@functools.cache
+def _rms_norm_program(eps: float, affine: bool) -> RowProgram:
+    return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)
+
+
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight."""
+    inputs = {"x": x} if weight is None else {"x": x, "w": weight}
+    reason = _unsupported(list(inputs.values()), x.shape[-1])
+    if reason is not None:
+        _fallback("rms_norm", reason)
+        return reference.rms_norm(x, eps, weight)
+    return row_program(_rms_norm_program(float(eps), weight is not None), inputs)["y"]
+
+
+def _elementwise(name: str, program: RowProgram, ref, **inputs: torch.Tensor) -> torch.Tensor:
+    first = next(iter(inputs.values()))
+    reason = _unsupported(list(inputs.values()), first.shape[-1])
+    if reason is not None:
+        _fallback(name, reason)
+        return ref(*inputs.values())
+    shape = first.shape
+    if first.dim() > 2 and all(t.shape == shape for t in inputs.values()) and shape[-1] * shape[-2] <= WIDE_ROW:
+        # elementwise: (B, S, h, hd) as B*S rows of h*hd, fewer and fuller program instances
+        inputs = {k: t.flatten(-2) for k, t in inputs.items()}
+    return row_program(program, inputs)["y"].view(shape)
+
+
+_SIGMOID_GATE, _SWIGLU, _GELU = library.sigmoid_gate(), library.swiglu(), library.gelu()
+
+
+def sigmoid_gate(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return _elementwise("sigmoid_gate", _SIGMOID_GATE, reference.sigmoid_gate, g=g, a=a)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _elementwise("swiglu", _SWIGLU, reference.swiglu, a=gate, b=up)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return _elementwise("gelu", _GELU, reference.gelu, x=x)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attention():
+    """The flash-attention template's entry point, or None while it is not importable."""
+    try:
+        from hrmspec.backends.triton.attention import flash_attention
+    except ImportError:
+        return None
+    return flash_attention
+
+
+_last_mask: list = [None, None]  # (weakref to the mask, what it was recognised as): one mask serves a whole batch
+
+
+def describe_mask(mask: torch.Tensor | None, batch: int, seq_len: int):
+    """(kind, prefix, doc) when `mask` (B, 1, S, S; boolean, or additive 0 / -inf) is exactly a mask
+    the template prints, else None. Every kind lets a token see the one before it in its own
+    document, so a token that cannot starts a new document (doc ids are the running count of
+    starts); the prefix of a PrefixLM mask is read off the pairs above the diagonal (both ends of
+    such a pair are prefix tokens). The mask rebuilt from what was read must equal the given one, so
+    anything else in it (a window, a document split in two) is never mistaken for a printable mask."""
+    if mask is None:
+        return "bidirectional", None, None
+    ref = _last_mask[0]() if _last_mask[0] is not None else None
+    if ref is mask:
+        return _last_mask[1]
+    allowed = (mask if mask.dtype == torch.bool else mask == 0).expand(batch, 1, seq_len, seq_len)[:, 0]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    starts = ~allowed.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, S-1): token j cannot see token j-1
+    doc = torch.cat([torch.zeros_like(starts[:, :1]), starts], 1).long().cumsum(1)
+    same = doc[:, :, None] == doc[:, None, :]
+    above = allowed & ~causal
+    prefix = above.any(-1) | above.any(-2)
+    candidates = (("bidirectional", None, same), ("causal", None, causal & same),
+                  ("prefix_lm", prefix, (causal | (prefix[:, :, None] & prefix[:, None, :])) & same))
+    found = None
+    for kind, pre, rebuilt in candidates:
+        if torch.equal(allowed, rebuilt.expand_as(allowed)):
+            found = (kind, pre, doc if bool(starts.any()) else None)
+            break
+    _last_mask[:] = [weakref.ref(mask), found]
+    return found
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
+    flash = _flash_attention()
+    if flash is None:
+        return reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
+    reason = _unsupported([q, k, v], 0)
+    if reason is None and q.shape != k.shape:
+        reason = "query and key lengths differ (decoding with a cache)"
+    elif reason is None and q.shape[-1] > 128:
+        reason = f"head dim {q.shape[-1]} > 128"
+    found = describe_mask(mask, q.shape[0], q.shape[2]) if reason is None else None
+    if reason is None and found is None:
+        reason = "a mask the template does not print"
+    if reason is not None:
+        _fallback("attention", reason)
+        return reference.attention(q, k, v, mask)
+    kind, prefix, doc = found
+    return flash(q, k, v, kind, prefix, doc)
