@@ -56,7 +56,10 @@ def test_compile_emit_writes_graph(tmp_path, capsys):
     assert "model" in (tmp_path / "spec.yaml").read_text()
 
 
-@pytest.mark.parametrize("cmd", ["validate", "show", "compile", "import-hf", "export-hf"])
+COMMANDS = ["validate", "show", "compile", "check", "import-hf", "export-hf", "train", "eval", "generate", "plot"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_help(cmd):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

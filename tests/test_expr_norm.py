@@ -180,3 +180,13 @@ def test_expression_norm_on_the_triton_backend_equals_the_reference(tmp_path, mo
     yt.backward(cot)
     torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tri.params["w"].grad, ref.params["w"].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_show_counts_expression_norm_parameters():
+    from hrmspec.graph import analyse, build_graph
+    from hrmspec.spec import load_spec
+
+    expr = {"type": "expr", "expr": "x * rsqrt(mean(x*x) + eps) * (1 + w)", "params": {"w": "zeros"}}
+    spec = load_spec("hrm-text-tiny", {"model.block.norm": expr})
+    model = hrmspec.compile(spec)
+    assert analyse(build_graph(spec)).params == model.num_parameters()

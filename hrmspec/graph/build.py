@@ -58,7 +58,8 @@ def body_graph(m: ModuleSpec, model: ModelSpec) -> nx.DiGraph:
     d, h, hd, b = model.d_model, model.heads, model.head_dim, m.block
     inner = h * hd
     bias = int(b.attention.bias)
-    norm_params = d if b.norm.affine else 0
+    # an expression norm has one learnable per-channel vector per declared param
+    norm_params = d * len(b.norm.params or {}) if b.norm.type == "expr" else (d if b.norm.affine else 0)
     g = nx.DiGraph(module=m.name, layers=m.layers)
     prev = None
 
