@@ -38,9 +38,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         axes[1].plot([r["step"] for r in evals], [100 * r["eval"]["accuracy"] for r in evals], marker="o", label="all")
     if final.exists():
         res = json.loads(final.read_text())
-        axes[1].axhline(100 * res["accuracy"], color="gray", linestyle="--", label="final (eval.json)")
+        last = x[-1] if x else 0
+        axes[1].plot([last], [100 * res["accuracy"]], marker="*", markersize=12, linestyle="none",
+                     label=f"final: {100 * res['accuracy']:.1f}% of {res['n']} (eval.json)")
     axes[1].set_ylabel("held-out accuracy %")
-    axes[1].set_ylim(0, 100)
+    axes[1].set_ylim(0, 105)
     axes[1].legend(loc="lower right")
     axes[2].step(x, [r["credit_depth"] or 0 for r in steps], where="post")
     axes[2].set_ylabel("credit depth")
