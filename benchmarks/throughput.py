@@ -666,7 +666,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
             mfu = c.flops_per_s / res["peak"][c.dtype]
             ax.annotate(
                 f"{mfu:.0%}",
-                (x, c.tokens_per_s / 1e3),
+                (x, best),
                 textcoords="offset points",
                 xytext=(0, 2),
                 ha="center",
