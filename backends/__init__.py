@@ -8,12 +8,13 @@ import sys
 
 from hrmspec.errors import HrmspecError, close_match
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "opencl")
 
 
 def get_backend(name: str):
     """The ops of backend `name`: `reference` (torch ops, the definition of every op) or `triton`
-    (generated kernels where there are some, see backends/triton/ops.py; the reference elsewhere)."""
+    (generated kernels where there are some, see backends/triton/ops.py; the reference elsewhere) or
+    `opencl` (generated C-style row kernels on an OpenCL device, PoCL on the CPU; backends/cstyle/ops.py)."""
     if name == "reference":
         from hrmspec.backends.reference import ops
 
@@ -30,6 +31,13 @@ def get_backend(name: str):
             if not torch.cuda.is_available():
                 os.environ.setdefault("TRITON_INTERPRET", "1")
         from hrmspec.backends.triton import ops
+
+        return ops
+    if name == "opencl":
+        if importlib.util.find_spec("pyopencl") is None:
+            raise HrmspecError("the opencl backend needs pyopencl and an OpenCL platform "
+                               "(pip install pyopencl pocl-binary-distribution); or use --backend reference")
+        from hrmspec.backends.cstyle import ops
 
         return ops
     hint = close_match(name, BACKENDS)

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a spec for a backend")
     _spec_args(p)
-    p.add_argument("--backend", default="reference", choices=["reference", "triton"], help="target backend")
+    p.add_argument("--backend", default="reference", choices=["reference", "triton", "opencl"], help="target backend")
     p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR, and with "
                    "--backend triton the source of every generated kernel (DIR/kernels/, DIR/kernels.json)")
     p.set_defaults(func=cmd_compile)

@@ -18,15 +18,14 @@ tensor on a device the kernels are not built for — runs the reference op inste
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 
 import torch
 
 from hrmspec.backends.reference import ops as reference
+from hrmspec.backends.rowops import RowOpTable
 from hrmspec.backends.triton.aot import interpreting
 from hrmspec.backends.triton.launch import MAX_WIDTH, TritonRowOp
-from hrmspec.ir import RowProgram, evaluate, library
 
 upcast = reference.upcast
 rotate_half = reference.rotate_half
@@ -36,16 +35,6 @@ cross_entropy = reference.cross_entropy
 
 GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # and attention, see `attention`
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
-
-_row_ops: dict[str, TritonRowOp] = {}
-_warned: set[tuple[str, str]] = set()
-
-
-def _fallback(op: str, reason: str) -> None:
-    if (op, reason) not in _warned:
-        _warned.add((op, reason))
-        warnings.warn(f"triton backend: {op}: {reason}; running the reference op instead", stacklevel=3)
 
 
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
@@ -61,59 +50,13 @@ def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     return None
 
 
-def row_program(program: RowProgram, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run a forward RowProgram as a generated, differentiable kernel: rows [..., D], vectors [D]."""
-    rows = [inputs[n] for n in program.kinds_of("row")]
-    reason = _unsupported(list(inputs.values()), rows[0].shape[-1] if rows else 0)
-    if reason is not None:
-        _fallback(program.name, reason)
-        return evaluate(program, inputs)
-    if program.hash not in _row_ops:
-        _row_ops[program.hash] = TritonRowOp(program)
-    return _row_ops[program.hash](**inputs)
-
-
-@functools.cache
-def _rms_norm_program(eps: float, affine: bool) -> RowProgram:
-    return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)
-
-
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight."""
-    inputs = {"x": x} if weight is None else {"x": x, "w": weight}
-    reason = _unsupported(list(inputs.values()), x.shape[-1])
-    if reason is not None:
-        _fallback("rms_norm", reason)
-        return reference.rms_norm(x, eps, weight)
-    return row_program(_rms_norm_program(float(eps), weight is not None), inputs)["y"]
-
-
-def _elementwise(name: str, program: RowProgram, ref, **inputs: torch.Tensor) -> torch.Tensor:
-    first = next(iter(inputs.values()))
-    reason = _unsupported(list(inputs.values()), first.shape[-1])
-    if reason is not None:
-        _fallback(name, reason)
-        return ref(*inputs.values())
-    shape = first.shape
-    if first.dim() > 2 and all(t.shape == shape for t in inputs.values()) and shape[-1] * shape[-2] <= WIDE_ROW:
-        # elementwise: (B, S, h, hd) as B*S rows of h*hd, fewer and fuller program instances
-        inputs = {k: t.flatten(-2) for k, t in inputs.items()}
-    return row_program(program, inputs)["y"].view(shape)
-
-
-_SIGMOID_GATE, _SWIGLU, _GELU = library.sigmoid_gate(), library.swiglu(), library.gelu()
-
-
-def sigmoid_gate(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return _elementwise("sigmoid_gate", _SIGMOID_GATE, reference.sigmoid_gate, g=g, a=a)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _elementwise("swiglu", _SWIGLU, reference.swiglu, a=gate, b=up)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return _elementwise("gelu", _GELU, reference.gelu, x=x)
+_table = RowOpTable("triton", TritonRowOp, _unsupported)
+_fallback = _table.fallback
+row_program = _table.row_program
+rms_norm = _table.rms_norm
+sigmoid_gate = _table.sigmoid_gate
+swiglu = _table.swiglu
+gelu = _table.gelu
 
 
 # --------------------------------------------------------------------------- attention
