@@ -603,7 +603,8 @@ def nominal_note(fp32_peak: float, threads: int) -> str:
         return ""
     note = (
         f" (the fp32 figure is {fp32_peak / nominal:.0%} of {nominal / 1e9:.0f} GFLOP/s, {threads} cores x "
-        f"{cpu_mhz():.0f} MHz x two FMA units' FLOPs per cycle"
+        f"{cpu_mhz():.0f} MHz, the clock /proc/cpuinfo reports, which turbo can exceed, x two FMA units' "
+        "FLOPs per cycle"
     )
     if fp32_peak < 0.75 * nominal:
         note += ": other jobs held the cores whenever it was sampled, so it is low and the MFU high"
