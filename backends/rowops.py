@@ -21,6 +21,19 @@ from hrmspec.ir import RowProgram, evaluate, library
 WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def beyond_limits(tensors: list[torch.Tensor], width: int, max_width: int) -> str | None:
+    """Why a one-block row kernel cannot take these tensors whatever the device, or None."""
+    if width > max_width:
+        return f"rows of width {width} exceed the {max_width} a one-block row kernel holds"
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            return f"{t.dtype} is computed in fp32 by the kernels; the reference keeps its precision"
+    return None
+
+
 @functools.cache
 def rms_norm_program(eps: float, affine: bool) -> RowProgram:
     return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)

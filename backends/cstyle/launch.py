@@ -20,8 +20,8 @@ import torch
 
 from hrmspec.backends.cstyle import cache
 from hrmspec.backends.cstyle.printer import Dialect, block_size, kernel_name, parameters, render_source
-from hrmspec.backends.triton.launch import KernelError
-from hrmspec.ir import RowProgram, grad, reduce_vector_grads
+from hrmspec.backends.triton.launch import KernelError, RowFunction
+from hrmspec.ir import RowProgram, grad
 from hrmspec.ir.evaluate import row_shapes
 
 STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -157,37 +157,6 @@ class CRowKernel:
         return args
 
 
-class _RowFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, op: CRowOp, *tensors: torch.Tensor):
-        ctx.op = op
-        ctx.save_for_backward(*tensors)
-        outs = op.forward_kernel(dict(zip(op.program.input_names, tensors)))
-        return tuple(outs[n] for n in op.program.output_names)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *cotangents: torch.Tensor):
-        op: CRowOp = ctx.op
-        names = op.program.input_names
-        wrt = tuple(n for n, need in zip(names, ctx.needs_input_grad[1:]) if need)
-        if not wrt:
-            return (None,) * (1 + len(names))
-        inputs = dict(zip(names, ctx.saved_tensors))
-        lead, width = row_shapes(op.program, inputs)
-        cot = {}
-        for o, g in zip(op.program.outputs, cotangents):
-            if g is None:  # an output that did not reach the loss
-                g = torch.zeros((*lead, width) if o.kind == "row" else lead, device=inputs[names[0]].device)
-            cot[f"d_{o.name}"] = g
-        kernel = op.backward_kernel(wrt)
-        dtypes = {f"d_{n}": inputs[n].dtype for n in wrt}
-        partial = {f"d_{n}": torch.float32 for n in wrt if op.program.input(n).kind == "vector"}
-        d = kernel({**inputs, **cot}, out_dtypes={**dtypes, **partial})
-        d = reduce_vector_grads(kernel.program, d, dtypes)
-        return (None, *(d.get(f"d_{n}") for n in names))
-
-
 class CRowOp:
     """A forward RowProgram as a differentiable op backed by generated C-style kernels of the
     subclass's `kernel_class`:
@@ -222,5 +191,5 @@ class CRowOp:
         missing = [n for n in names if n not in inputs]
         if missing:
             raise KernelError(f"{self.program.name}: missing input(s) {', '.join(missing)}")
-        outs = _RowFunction.apply(self, *(inputs[n] for n in names))
+        outs = RowFunction.apply(self, *(inputs[n] for n in names))
         return dict(zip(self.program.output_names, outs))

@@ -15,7 +15,7 @@ import torch
 
 from hrmspec.backends.cstyle.opencl import OpenCLRowOp
 from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.rowops import RowOpTable
+from hrmspec.backends.rowops import RowOpTable, beyond_limits
 from hrmspec.backends.triton.launch import MAX_WIDTH
 
 upcast = reference.upcast
@@ -26,18 +26,12 @@ attention = reference.attention
 cross_entropy = reference.cross_entropy
 
 GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
-    if width > MAX_WIDTH:
-        return f"rows of width {width} exceed the {MAX_WIDTH} a one-block row kernel holds"
-    for t in tensors:
-        if t.dtype not in _KERNEL_DTYPES:
-            return f"{t.dtype} is computed in fp32 by the kernels; the reference keeps its precision"
-        if t.device.type != "cpu":
-            return f"a tensor on {t.device}; the OpenCL launcher takes CPU tensors"
-    return None
+    reason = beyond_limits(tensors, width, MAX_WIDTH)
+    off_cpu = next((t for t in tensors if t.device.type != "cpu"), None)
+    if reason is None and off_cpu is not None:
+        reason = f"a tensor on {off_cpu.device}; the OpenCL launcher takes CPU tensors"
+    return reason
 
 
 _table = RowOpTable("opencl", OpenCLRowOp, _unsupported)

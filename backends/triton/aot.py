@@ -107,10 +107,15 @@ def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     In a process that interprets, the work runs in a fresh Python with TRITON_INTERPRET unset."""
     if not interpreting():
         return [compile_for(**job) for job in jobs]
-    payload = json.dumps([{**job, "program": job["program"].to_dict()} for job in jobs])
+    return compile_in_fresh_process(__name__, [{**job, "program": job["program"].to_dict()} for job in jobs])
+
+
+def compile_in_fresh_process(module: str, jobs: list[dict]) -> list[CompiledInfo]:
+    """Run `python -m module` with TRITON_INTERPRET unset: it reads the JSON jobs on stdin and prints
+    one JSON line of CompiledInfo. A process that once interpreted cannot compile for a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "hrmspec.backends.triton.aot"], input=payload, capture_output=True,
-                         text=True, env=env)
+    res = subprocess.run([sys.executable, "-m", module], input=json.dumps(jobs), capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         raise RuntimeError(f"compiling in a subprocess failed:\n{res.stderr[-4000:]}")
     return [CompiledInfo(**d) for d in json.loads(res.stdout.splitlines()[-1])]

@@ -35,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +43,7 @@ from string import Template
 import torch
 
 from hrmspec.backends.triton import cache
-from hrmspec.backends.triton.aot import CompiledInfo, interpreting, ptxas_usage
+from hrmspec.backends.triton.aot import CompiledInfo, compile_in_fresh_process, interpreting, ptxas_usage
 from hrmspec.backends.triton.launch import KernelError
 
 KINDS = ("causal", "prefix_lm", "bidirectional")
@@ -557,12 +555,7 @@ def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     """`compile_for(**job)` for each job; in a process that interprets, in a fresh Python."""
     if not interpreting():
         return [compile_for(**job) for job in jobs]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(jobs), capture_output=True, text=True,
-                         env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"compiling in a subprocess failed:\n{res.stderr[-4000:]}")
-    return [CompiledInfo(**d) for d in json.loads(res.stdout.splitlines()[-1])]
+    return compile_in_fresh_process(__name__, jobs)
 
 
 if __name__ == "__main__":

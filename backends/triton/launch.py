@@ -110,9 +110,12 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-class _RowFunction(torch.autograd.Function):
+class RowFunction(torch.autograd.Function):
+    """A RowProgram op as an autograd node, for any launcher whose op has `program`,
+    `forward_kernel` and `backward_kernel(wrt)` (the Triton and the C-style backends)."""
+
     @staticmethod
-    def forward(ctx, op: TritonRowOp, *tensors: torch.Tensor):
+    def forward(ctx, op, *tensors: torch.Tensor):
         ctx.op = op
         ctx.save_for_backward(*tensors)
         outs = op.forward_kernel(dict(zip(op.program.input_names, tensors)))
@@ -121,7 +124,7 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *cotangents: torch.Tensor):
-        op: TritonRowOp = ctx.op
+        op = ctx.op
         names = op.program.input_names
         wrt = tuple(n for n, need in zip(names, ctx.needs_input_grad[1:]) if need)
         if not wrt:
@@ -170,5 +173,5 @@ class TritonRowOp:
                 raise KernelError(f"{self.program.name}: unexpected or repeated input '{k}'; "
                                   f"inputs are {', '.join(names)}")
             inputs[k] = v
-        outs = _RowFunction.apply(self, *(inputs[n] for n in names))
+        outs = RowFunction.apply(self, *(inputs[n] for n in names))
         return dict(zip(self.program.output_names, outs))

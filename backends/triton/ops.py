@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.rowops import RowOpTable
+from hrmspec.backends.rowops import RowOpTable, beyond_limits
 from hrmspec.backends.triton.aot import interpreting
 from hrmspec.backends.triton.launch import MAX_WIDTH, TritonRowOp
 
@@ -34,20 +34,14 @@ rope = reference.rope
 cross_entropy = reference.cross_entropy
 
 GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # and attention, see `attention`
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     """Why generated kernels cannot run on these tensors, or None."""
-    if width > MAX_WIDTH:
-        return f"rows of width {width} exceed the {MAX_WIDTH} a one-block row kernel holds"
-    for t in tensors:
-        if t.dtype not in _KERNEL_DTYPES:
-            return f"{t.dtype} is computed in fp32 by the kernels; the reference keeps its precision"
-        if (t.device.type == "cpu") != interpreting():
-            where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
-            return f"a tensor on {t.device} while the kernels run on {where}"
-    return None
+    reason = beyond_limits(tensors, width, MAX_WIDTH)
+    misplaced = next((t for t in tensors if (t.device.type == "cpu") != interpreting()), None)
+    if reason is None and misplaced is not None:
+        where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
+        reason = f"a tensor on {misplaced.device} while the kernels run on {where}"
+    return reason
 
 
 _table = RowOpTable("triton", TritonRowOp, _unsupported)
