@@ -8,13 +8,14 @@ import sys
 
 from hrmspec.errors import HrmspecError, close_match
 
-BACKENDS = ("reference", "triton", "opencl")
+BACKENDS = ("reference", "triton", "opencl", "cuda")
 
 
 def get_backend(name: str):
     """The ops of backend `name`: `reference` (torch ops, the definition of every op) or `triton`
     (generated kernels where there are some, see backends/triton/ops.py; the reference elsewhere) or
-    `opencl` (generated C-style row kernels on an OpenCL device, PoCL on the CPU; backends/cstyle/ops.py)."""
+    `opencl` (generated C-style row kernels on an OpenCL device, PoCL on the CPU; backends/cstyle/ops.py) or
+    `cuda` (the same kernels as CUDA C through CuPy on a CUDA device; backends/cstyle/cuda_ops.py)."""
     if name == "reference":
         from hrmspec.backends.reference import ops
 
@@ -40,5 +41,27 @@ def get_backend(name: str):
         from hrmspec.backends.cstyle import ops
 
         return ops
+    if name == "cuda":
+        missing = _cuda_missing()
+        if missing:
+            raise HrmspecError(f"the cuda backend needs a CUDA device and CuPy (pip install cupy-cuda12x, or "
+                               f"cupy-cuda13x for CUDA 13), but {missing}; --backend opencl runs the same "
+                               "generated C-style kernels on the CPU through PoCL")
+        from hrmspec.backends.cstyle import cuda_ops
+
+        return cuda_ops
     hint = close_match(name, BACKENDS)
     raise HrmspecError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}" + (f" ({hint})" if hint else ""))
+
+
+def _cuda_missing() -> str:
+    """What the cuda backend lacks on this machine ('' when nothing)."""
+    import torch
+
+    missing = [] if torch.cuda.is_available() else ["torch sees no CUDA device"]
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        first_line = (str(e) or type(e).__name__).splitlines()[0]
+        missing.append(f"CuPy does not import ({first_line})")
+    return " and ".join(missing)

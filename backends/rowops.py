@@ -1,4 +1,13 @@
-"""Row ops as generated kernels: the part of an op table that any RowProgram backend shares.
+"""Row ops as generated kernels: what every RowProgram backend (Triton, OpenCL, CUDA C) shares.
+
+`RowOp` wraps a forward RowProgram as a differentiable op, given a launcher's kernel class;
+`RowFunction` is its autograd node:
+
+    forward    outs = fwd(inputs)                     one program instance per row
+    keeps      what `save_plan` picked: the inputs the backward reads, and the forward outputs it
+               reads instead of recomputing (for h = x + r, y = norm(h): h and w, not x and r)
+    backward   d = bwd(kept, d_outs)                  the kernel of grad(program, saved=...)
+               d_w = sum over rows of d_w's fp32 per-row partials (a second stage, in torch)
 
 A backend that can run RowPrograms (Triton, OpenCL, CUDA C) gets rms_norm, sigmoid_gate, swiglu,
 gelu and `row_program` (the expression norms a spec declares) from one `RowOpTable`, given its
@@ -16,7 +25,15 @@ from collections.abc import Callable
 import torch
 
 from hrmspec.backends.reference import ops as reference
-from hrmspec.ir import RowProgram, evaluate, library
+from hrmspec.errors import HrmspecError
+from hrmspec.graph.fusion import trainable
+from hrmspec.ir import RowProgram, evaluate, grad, kept_tensors, library, reduce_vector_grads, save_plan
+from hrmspec.ir.evaluate import row_shapes
+
+
+class KernelError(HrmspecError):
+    """A kernel that cannot run on the given tensors (too wide, wrong device, bad output buffer)."""
+
 
 WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
 
@@ -34,12 +51,93 @@ def beyond_limits(tensors: list[torch.Tensor], width: int, max_width: int) -> st
     return None
 
 
+class RowOp:
+    """A forward RowProgram as a differentiable op on generated kernels of `kernel_class` (a class
+    taking (program, direction, base) whose instances run over rows: `kernel(inputs, out_dtypes=)`).
+
+        op = TritonRowOp(rms_norm())
+        y = op(x=x, w=w)["y"]          # or op(x, w), inputs in program order
+
+    The backward kernel differentiates every input but rotary tables, whichever of them need a
+    gradient in a given call (the unneeded ones are dropped): one backward kernel per op, the one
+    `hrmspec check` verifies."""
+
+    kernel_class: type
+
+    def __init__(self, program: RowProgram):
+        self.program = program
+        self.wrt = trainable(program)
+        self.saved = save_plan(program, self.wrt)
+        self.keep_inputs, self.keep_outputs = kept_tensors(program, self.saved, self.wrt)
+        self.forward_kernel = self.kernel_class(program, "fwd")
+        self._backward = None
+
+    @property
+    def backward_kernel(self):
+        """The kernel of grad(program, wrt, saved), built on first use."""
+        if self._backward is None:
+            bwd = grad(self.program, list(self.wrt), saved=self.saved)
+            self._backward = self.kernel_class(bwd, "bwd", base=self.program.name)
+        return self._backward
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = self.program.input_names
+        if len(args) > len(names):
+            raise KernelError(f"{self.program.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        inputs = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names or k in inputs:
+                raise KernelError(f"{self.program.name}: unexpected or repeated input '{k}'; "
+                                  f"inputs are {', '.join(names)}")
+            inputs[k] = v
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise KernelError(f"{self.program.name}: missing input(s) {', '.join(missing)}")
+        outs = RowFunction.apply(self, *(inputs[n] for n in names))
+        return dict(zip(self.program.output_names, outs))
+
+
+class RowFunction(torch.autograd.Function):
+    """A RowOp as an autograd node: keeps only what its backward program reads."""
+
+    @staticmethod
+    def forward(ctx, op: RowOp, *tensors: torch.Tensor):
+        inputs = dict(zip(op.program.input_names, tensors))
+        outs = op.forward_kernel(inputs)
+        ctx.op, ctx.rows = op, row_shapes(op.program, inputs)
+        ctx.dtypes, ctx.device = {n: t.dtype for n, t in inputs.items()}, tensors[0].device
+        ctx.save_for_backward(*(inputs[n] for n in op.keep_inputs), *(outs[n] for n in op.keep_outputs))
+        return tuple(outs[n] for n in op.program.output_names)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *cotangents: torch.Tensor):
+        op, needs = ctx.op, ctx.needs_input_grad[1:]
+        names = op.program.input_names
+        if not any(needs):
+            return (None,) * (1 + len(names))
+        kept = dict(zip(op.keep_inputs + op.keep_outputs, ctx.saved_tensors))
+        lead, width = ctx.rows
+        for o, g in zip(op.program.outputs, cotangents):
+            if g is None:  # an output that did not reach the loss
+                g = torch.zeros((*lead, width) if o.kind == "row" else lead, device=ctx.device)
+            kept[f"d_{o.name}"] = g
+        kernel = op.backward_kernel
+        dtypes = {f"d_{n}": ctx.dtypes[n] for n in op.wrt}
+        partial = {f"d_{n}": torch.float32 for n in op.wrt if op.program.input(n).kind == "vector"}
+        d = reduce_vector_grads(kernel.program, kernel(kept, out_dtypes={**dtypes, **partial}), dtypes)
+        return (None, *(d.get(f"d_{n}") if need else None for n, need in zip(names, needs)))
+
+
 @functools.cache
 def rms_norm_program(eps: float, affine: bool) -> RowProgram:
     return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)
 
 
 _SIGMOID_GATE, _SWIGLU, _GELU = library.sigmoid_gate(), library.swiglu(), library.gelu()
+
+ROW_OPS = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # what a RowOpTable runs as kernels
+REFERENCE_OPS = ("upcast", "rotate_half", "rope_tables", "rope", "attention", "cross_entropy")
 
 
 class RowOpTable:
@@ -97,3 +195,10 @@ class RowOpTable:
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         return self.elementwise("gelu", _GELU, reference.gelu, x=x)
+
+    def module_functions(self, reference_ops: tuple[str, ...] = REFERENCE_OPS) -> dict[str, Callable]:
+        """The functions of an op-table module built on this table, by name: the ROW_OPS as this
+        table's kernels, and `reference_ops` as the reference's functions. A backend's ops module
+        defines them all with `globals().update(table.module_functions())`."""
+        functions = {name: getattr(self, name) for name in ROW_OPS}
+        return functions | {name: getattr(reference, name) for name in reference_ops}

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from hrmspec.backends import BACKENDS
 from hrmspec.errors import HrmspecError
 
 EXIT_USER_ERROR = 2
@@ -61,10 +62,18 @@ def cmd_compile(args) -> int:
     import yaml
 
     import hrmspec
+    from hrmspec.errors import HrmspecError
 
     spec = _load(args)
-    model = hrmspec.compile(spec, backend=args.backend)
-    print(f"{spec.name}: compiled for backend '{args.backend}', {model.num_parameters():,} parameters")
+    try:
+        model = hrmspec.compile(spec, backend=args.backend)
+        print(f"{spec.name}: compiled for backend '{args.backend}', {model.num_parameters():,} parameters")
+    except HrmspecError as e:
+        if not args.emit:
+            raise
+        # writing the source needs no device: emit for a backend this machine cannot run
+        print(f"note: backend '{args.backend}' cannot run here ({e}); writing its source only")
+        model = hrmspec.compile(spec, backend="reference")
     if args.emit:
         out = Path(args.emit)
         out.mkdir(parents=True, exist_ok=True)
@@ -73,30 +82,21 @@ def cmd_compile(args) -> int:
         data["graph"] = {k: v for k, v in data["graph"].items() if isinstance(v, (str, int, float, type(None)))}
         (out / "graph.json").write_text(json.dumps(data, indent=1, default=str))
         print(f"wrote {out}/spec.yaml, {out}/graph.json")
-        if args.backend == "triton":
-            _emit_kernels(model.graph, out)
+        _emit_kernels(spec, args.backend, out)
     return 0
 
 
-def _emit_kernels(G, out) -> None:
-    """The Triton source of every kernel the spec needs (fusion regions and op-by-op kernels,
-    forward and backward) as DIR/kernels/<name>.py, and DIR/kernels.json indexing them."""
-    import json
+def _emit_kernels(spec, backend: str, out) -> None:
+    """The source of every kernel the spec needs on `backend` (its fusion regions, forward and
+    backward) as DIR/kernels/<name>.<suffix>, and DIR/kernels.json indexing them: the
+    files the golden snapshots pin (hrmspec/emit.py). The reference backend generates no kernels."""
+    from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 
-    from hrmspec.backends.triton.printer import render_module
-    from hrmspec.graph.fusion import fuse_model
-
-    plan = fuse_model(G)
-    (out / "kernels").mkdir(exist_ok=True)
-    index = []
-    for k in plan.kernels:
-        source = f"kernels/{k.name}.py"
-        (out / source).write_text(render_module(k.program, k.name))
-        index.append({"kernel": k.name, "direction": k.direction, "region": k.forward.name, "width": k.width,
-                      "inputs": list(k.program.input_names), "outputs": list(k.program.output_names),
-                      "runs_in": k.regions, "source": source})
-    (out / "kernels.json").write_text(json.dumps(index, indent=1))
-    print(f"wrote {len(index)} kernels to {out}/kernels/ (index: {out}/kernels.json)")
+    if backend not in TARGETS:
+        return
+    kernels = spec_kernels(spec)
+    write_files(out, kernel_files(kernels, backend))
+    print(f"wrote {len(kernels)} kernels to {out}/kernels/ (index: {out}/{MANIFEST})")
 
 
 def cmd_check(args) -> int:
@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a spec for a backend")
     _spec_args(p)
-    p.add_argument("--backend", default="reference", choices=["reference", "triton", "opencl"], help="target backend")
+    p.add_argument("--backend", default="reference", choices=BACKENDS, help="target backend")
     p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR, and with "
-                   "--backend triton the source of every generated kernel (DIR/kernels/, DIR/kernels.json)")
+                   "--backend triton or opencl the source of every generated kernel (DIR/kernels/, "
+                   "DIR/kernels.json)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("check", help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")

@@ -1,5 +1,6 @@
 """The layers a module stacks: attention + MLP, each in a residual with RMSNorm, and the stack
-itself capped by MagicNorm's exit norm. The math lives in the backend's ops table.
+itself capped by MagicNorm's exit norm. The math lives in the backend's ops table; on a kernel
+backend the norms and residual adds run as the fusion pass's regions (runtime/fused.py).
 
 Shapes: B batch, S sequence, d d_model, h heads, hd head_dim, T cached + new keys.
 """
@@ -13,7 +14,8 @@ from torch import nn
 
 from hrmspec.graph.fusion import norm_program
 from hrmspec.ir import evaluate
-from hrmspec.spec.schema import BlockSpec, ModuleSpec, NormSpec
+from hrmspec.runtime.fused import CallPlan, plan_call
+from hrmspec.spec.schema import BlockSpec, ModelSpec, ModuleSpec, NormSpec
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Norm(nn.Module):
         if spec is not None and spec.type == "expr":
             self.program = norm_program(spec)
             self.params = nn.ParameterDict({name: nn.Parameter(_init_vector(d, init)) for name, init in spec.params})
+
+    def vector(self, name: str) -> torch.Tensor:
+        """The weight bound to the vector input `name` of this norm's program (w: RMSNorm's scale)."""
+        return self.weight if self.program is None else self.params[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.program is None:
@@ -137,14 +143,56 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """A module of the spec: its layers, then (MagicNorm) an exit RMSNorm on every call."""
+    """A module of the spec: its layers, then (MagicNorm) an exit RMSNorm on every call.
 
-    def __init__(self, m: ModuleSpec, d: int, heads: int, head_dim: int, ops):
+    Called on the states summed into the call (`terms`; one tensor or a list). With an op table
+    that fuses (`ops.FUSED`), the call runs the fusion pass's plan for its number of terms."""
+
+    def __init__(self, m: ModuleSpec, model: ModelSpec, ops):
         super().__init__()
+        d, heads, head_dim = model.d_model, model.heads, model.head_dim
+        self.spec, self.model_spec, self.ops = m, model, ops
         self.layers = nn.ModuleList(Block(d, heads, head_dim, m.block, ops) for _ in range(m.layers))
         self.exit_norm = Norm(d, m.block.norm.eps, False, ops) if m.exit_norm == "rms" else None
+        self.fused = bool(getattr(ops, "FUSED", False))
+        self._plans: dict[int, CallPlan] = {}
 
-    def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
+    def forward(self, terms: torch.Tensor | list[torch.Tensor], ctx: Context, cache: list | None = None
+                ) -> torch.Tensor:
+        terms = [terms] if isinstance(terms, torch.Tensor) else list(terms)
+        if self.fused:
+            return self.run_plan(terms, ctx, cache)
+        x = terms[0]
+        for t in terms[1:]:
+            x = x + t
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, None if cache is None else cache[i])
         return self.exit_norm(x) if self.exit_norm is not None else x
+
+    def plan(self, arity: int) -> CallPlan:
+        if arity not in self._plans:
+            self._plans[arity] = plan_call(self.spec, self.model_spec, arity)
+        return self._plans[arity]
+
+    def weight(self, ref: str) -> torch.Tensor:
+        """A norm weight by its dataflow name: "<layer>.<norm>.<input>" or "<norm>.<input>"."""
+        *where, name = ref.split(".")
+        owner = self.layers[int(where[0])] if len(where) == 2 else self
+        return getattr(owner, where[-1]).vector(name)
+
+    def run_plan(self, terms: list[torch.Tensor], ctx: Context, cache: list | None = None) -> torch.Tensor:
+        plan = self.plan(len(terms))
+        env = dict(zip(plan.inputs, terms))
+        for step in plan.steps:
+            if step.kind == "rows":
+                args = {a: env[t] for a, t in step.reads} | {a: self.weight(w) for a, w in step.weights}
+                outs = (getattr(self.ops, "row_program", None) or evaluate)(step.program, args)
+                env.update((t, outs[a]) for a, t in step.writes)
+            else:
+                layer = self.layers[step.layer]
+                x = env[step.reads[0][1]]
+                slot = None if cache is None else cache[step.layer]
+                env[step.writes[0][1]] = layer.attn(x, ctx, slot) if step.kind == "attn" else layer.mlp(x)
+            for t in step.drop:
+                del env[t]
+        return env[plan.output]

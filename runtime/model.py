@@ -6,7 +6,7 @@ The forward pass is the unrolled schedule, read off the ModelGraph:
     z   = {state: its initial value}                           # e.g. z_H = x, z_L = buffer
     for call in calls:                                         # e.g. L, L, L, H, L, L, L, H
         with grad enabled only if the credit plan says so:
-            z[call.target] = module[call.module](sum(z[i] for i in call.inputs))
+            z[call.target] = module[call.module](z[i] for i in call.inputs)   # summed inside
     logits = head(z[output])
 
 Calls outside the credit plan run under no-grad: they keep no activations and gradient stops at
@@ -60,7 +60,7 @@ class CompiledModel(nn.Module):
         self.calls = self.graph.graph["calls"]
         self.embed = nn.Embedding(m.vocab, m.d_model)
         self.embed_scale = m.embed_scale
-        self.stacks = nn.ModuleDict({mod.name: Stack(mod, m.d_model, m.heads, m.head_dim, ops) for mod in m.modules})
+        self.stacks = nn.ModuleDict({mod.name: Stack(mod, m, ops) for mod in m.modules})
         self.state_params = nn.ParameterDict()
         for s in m.states:
             if s.init in ("buffer", "zeros"):
@@ -158,10 +158,9 @@ class CompiledModel(nn.Module):
         track = torch.is_grad_enabled()
         for call, grad in zip(self.calls, self.grad_flags):
             with torch.set_grad_enabled(track and grad):
-                h = z[call.inputs[0]]
-                for name in call.inputs[1:]:
-                    h = h + z[name]
-                z[call.target] = self.stacks[call.module](h, ctx, None if cache is None else cache.slots[call.index])
+                terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
+                slots = None if cache is None else cache.slots[call.index]
+                z[call.target] = self.stacks[call.module](terms, ctx, slots)
         h = z[m.output]
         if self.final_norm is not None:
             h = self.final_norm(h)

@@ -205,6 +205,24 @@ def test_random_programs_forward_and_backward_on_pocl(program, width, rows, dtyp
 
 
 @needs_opencl
+def test_autograd_keeps_only_what_the_backward_reads():
+    """add + norm keeps the stored sum h (and the weight), not the two terms it was summed from."""
+    program = builtin_programs()["add_rms_norm"]
+    x, r = (torch.randn(3, 8, requires_grad=True) for _ in range(2))
+    w = torch.randn(8, requires_grad=True)
+    out = _op(program)(x=x, r=r, w=w)
+    saved = out["y"].grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved] == [w.data_ptr(), out["h"].data_ptr()]
+    ref = evaluate(program, {"x": x, "r": r, "w": w})
+    (out["y"].sum() + 2 * out["h"].sum()).backward()
+    g_kernel = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    (ref["y"].sum() + 2 * ref["h"].sum()).backward()
+    for a, b in zip(g_kernel, (x.grad, r.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_wider_rows_use_more_threads():
     # D > 1024 gives 128 and 256 threads per row: longer trees, partials from every thread
     p = rms_norm()

@@ -5,7 +5,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.ir import IRError, ProgramBuilder, builtin_programs, evaluate, grad, mean, reduce_vector_grads, rms_norm
+from hrmspec.ir import (
+    IRError,
+    ProgramBuilder,
+    add_rms_norm,
+    builtin_programs,
+    evaluate,
+    grad,
+    kept_tensors,
+    mean,
+    reduce_vector_grads,
+    rms_norm,
+    save_plan,
+)
 from hrmspec.ir.strategies import random_cotangents, random_inputs, row_programs
 
 WIDTHS = (1, 3, 127, 1000)
@@ -23,16 +35,18 @@ def _autograd(program, inputs, cotangents, wrt):
     return {f"d_{w}": torch.zeros_like(leaves[w]) if g is None else g for w, g in zip(wrt, gs)}, outs
 
 
-def _derived(program, inputs, cotangents, wrt):
-    back = grad(program, wrt)
-    assert back.input_names == program.input_names + tuple(cotangents)
-    return reduce_vector_grads(back, evaluate(back, {**inputs, **cotangents}))
+def _derived(program, inputs, cotangents, wrt, saved=()):
+    back = grad(program, wrt, saved=saved)
+    declared = program.input_names + tuple(saved) + tuple(cotangents)
+    assert set(back.input_names) <= set(declared)  # the ones it reads (or one row, for the shape)
+    stored = {k: v for k, v in evaluate(program, inputs).items() if k in saved}
+    return reduce_vector_grads(back, evaluate(back, {**inputs, **stored, **cotangents}))
 
 
-def _check(program, inputs, cotangents, wrt=None):
+def _check(program, inputs, cotangents, wrt=None, saved=()):
     wrt = list(program.input_names if wrt is None else wrt)
     ref, outs = _autograd(program, inputs, cotangents, wrt)
-    got = _derived(program, inputs, cotangents, wrt)
+    got = _derived(program, inputs, cotangents, wrt, saved)
     scale = max([1.0] + [float(t.abs().max()) for t in ref.values() if t.numel()])
     for k in ref:
         assert got[k].shape == ref[k].shape, k
@@ -128,3 +142,35 @@ def test_random_programs_grad_wrt_each_input(program, seed):
     cot = random_cotangents(program, 2, 3, seed)
     for name in program.input_names:
         _check(program, inputs, cot, [name])
+
+
+@settings(max_examples=100, deadline=None)
+@given(program=row_programs(), width=st.sampled_from(WIDTHS), rows=st.integers(1, 3),
+       scale=st.sampled_from(SCALES), seed=st.integers(0, 2**16), data=st.data())
+def test_backward_reading_saved_outputs_matches_autograd(program, width, rows, scale, seed, data):
+    """Any set of saved forward outputs gives the same gradients (fp64: stored = exact values)."""
+    saved = data.draw(st.lists(st.sampled_from(program.output_names), unique=True))
+    _check(program, random_inputs(program, rows, width, scale, seed), random_cotangents(program, rows, width, seed),
+           saved=tuple(saved))
+
+
+def test_save_plan_keeps_the_sum_not_the_terms():
+    p = add_rms_norm(1e-6)  # h = x + r, y = rms_norm(h) * w
+    assert save_plan(p) == ("h",)
+    assert kept_tensors(p, ("h",)) == (("w",), ("h",))
+    # nothing to gain for a plain norm: its output is not what the backward reads
+    assert save_plan(rms_norm()) == ()
+    assert kept_tensors(rms_norm(), ()) == (("x", "w"), ())
+
+
+def test_save_plan_recomputes_on_a_tie():
+    b = ProgramBuilder("softplus_like")
+    x = b.row("x")
+    e = x.exp()
+    b.output("e", e)
+    b.output("y", (e + 1.0).log())
+    p = b.build()
+    # exp's derivative is its value: reading e instead of x is a tie, so x is kept (recompute)
+    assert save_plan(p) == ()
+    with pytest.raises(IRError, match="cannot save 'z'"):
+        grad(p, saved=("z",))

@@ -1,13 +1,9 @@
-"""What the OpenCL and CUDA launchers share: checking and flattening tensors, allocating outputs,
-and the autograd Function pairing a forward kernel with the kernel of its backward program.
+"""What the OpenCL and CUDA launchers share: checking and flattening tensors, allocating outputs.
 
 A `CRowKernel` is one RowProgram; its source is specialised at launch for the storage types of
 the tensors it is given (pointer types differ) and the threads per row (`block_size(D)`). A
 launcher subclass supplies the `dialect`, a `tag` for the cache key and `launch`. `CRowOp`
-wraps a forward program as a differentiable op:
-
-    d_x[r, :] = bwd(x[r], w, d_y[r])              one block per row, like the forward
-    d_w[:]    = sum_r  p[r, :],  p = bwd(...)[d_w] fp32 partials, reduced by torch (second stage)
+is a `RowOp` (backends/rowops.py) on a launcher's kernels: the differentiable op.
 """
 
 from __future__ import annotations
@@ -20,8 +16,8 @@ import torch
 
 from hrmspec.backends.cstyle import cache
 from hrmspec.backends.cstyle.printer import Dialect, block_size, kernel_name, parameters, render_source
-from hrmspec.backends.triton.launch import KernelError, RowFunction
-from hrmspec.ir import RowProgram, grad
+from hrmspec.backends.rowops import KernelError, RowOp
+from hrmspec.ir import RowProgram
 from hrmspec.ir.evaluate import row_shapes
 
 STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -157,39 +153,6 @@ class CRowKernel:
         return args
 
 
-class CRowOp:
+class CRowOp(RowOp):
     """A forward RowProgram as a differentiable op backed by generated C-style kernels of the
-    subclass's `kernel_class`:
-
-        op = OpenCLRowOp(rms_norm())
-        y = op(x=x, w=w)["y"]          # or op(x, w), inputs in program order
-    """
-
-    kernel_class: type[CRowKernel]
-
-    def __init__(self, program: RowProgram):
-        self.program = program
-        self.forward_kernel = self.kernel_class(program, "fwd")
-        self._backward: dict[tuple[str, ...], CRowKernel] = {}
-
-    def backward_kernel(self, wrt: tuple[str, ...]) -> CRowKernel:
-        """The kernel of grad(program, wrt), built once per set of inputs that need a gradient."""
-        if wrt not in self._backward:
-            self._backward[wrt] = self.kernel_class(grad(self.program, list(wrt)), "bwd", base=self.program.name)
-        return self._backward[wrt]
-
-    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = self.program.input_names
-        if len(args) > len(names):
-            raise KernelError(f"{self.program.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
-        inputs = dict(zip(names, args))
-        for k, v in kwargs.items():
-            if k not in names or k in inputs:
-                raise KernelError(f"{self.program.name}: unexpected or repeated input '{k}'; "
-                                  f"inputs are {', '.join(names)}")
-            inputs[k] = v
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise KernelError(f"{self.program.name}: missing input(s) {', '.join(missing)}")
-        outs = RowFunction.apply(self, *(inputs[n] for n in names))
-        return dict(zip(self.program.output_names, outs))
+    subclass's `kernel_class` (see RowOp)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from hrmspec.backends.cstyle import cache
 from hrmspec.backends.cstyle.printer import CUDA, block_size, kernel_name, render_source
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.backends.rowops import KernelError
 from hrmspec.ir import RowProgram
 
 ARCHS = (80, 90)

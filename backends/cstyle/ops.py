@@ -14,18 +14,13 @@ from __future__ import annotations
 import torch
 
 from hrmspec.backends.cstyle.opencl import OpenCLRowOp
-from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.rowops import RowOpTable, beyond_limits
+from hrmspec.backends.rowops import ROW_OPS, RowOpTable, beyond_limits
 from hrmspec.backends.triton.launch import MAX_WIDTH
 
-upcast = reference.upcast
-rotate_half = reference.rotate_half
-rope_tables = reference.rope_tables
-rope = reference.rope
-attention = reference.attention
-cross_entropy = reference.cross_entropy
+FUSED = True  # a Stack runs the fusion pass's regions (runtime/fused.py)
+GENERATED = ROW_OPS
 
-GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")
+
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     reason = beyond_limits(tensors, width, MAX_WIDTH)
     off_cpu = next((t for t in tensors if t.device.type != "cpu"), None)
@@ -35,8 +30,6 @@ def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
 
 
 _table = RowOpTable("opencl", OpenCLRowOp, _unsupported)
-row_program = _table.row_program
-rms_norm = _table.rms_norm
-sigmoid_gate = _table.sigmoid_gate
-swiglu = _table.swiglu
-gelu = _table.gelu
+# defines rms_norm, sigmoid_gate, swiglu, gelu, row_program (the table's kernels) and upcast,
+# rotate_half, rope_tables, rope, attention, cross_entropy (the reference's): see backends/rowops.py
+globals().update(_table.module_functions())

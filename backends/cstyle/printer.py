@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.backends.rowops import KernelError
 from hrmspec.backends.triton.printer import kernel_name
 from hrmspec.ir.program import RowProgram
 

@@ -1,12 +1,8 @@
-"""Launching generated kernels, and the autograd Function that pairs a forward with its backward.
+"""Launching generated Triton kernels over rows.
 
-`RowKernel` is one program printed, cached, imported and launched over rows. `TritonRowOp`
-wraps a forward program: calling it runs the forward kernel; its backward runs the kernel of
-`grad(program, wrt)` for the inputs that need a gradient, then sums the per-row partials of
-vector (weight) gradients over rows:
-
-    d_x[r, :] = bwd(x[r], w, d_y[r])              one program instance per row, like the forward
-    d_w[:]    = sum_r  p[r, :],  p = bwd(...)[d_w] fp32 partials, reduced by torch (second stage)
+`RowKernel` is one program printed, cached, imported and launched over rows. `TritonRowOp` is a
+`RowOp` (backends/rowops.py) on RowKernels: a forward kernel, and the kernel of the program's
+backward (`hrmspec.ir.grad`), whose per-row partials of weight gradients are summed over rows.
 """
 
 from __future__ import annotations
@@ -15,17 +11,13 @@ import math
 
 import torch
 
+from hrmspec.backends.rowops import KernelError, RowOp
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.printer import kernel_name, parameters, render_module
-from hrmspec.errors import HrmspecError
-from hrmspec.ir import RowProgram, grad, reduce_vector_grads
+from hrmspec.ir import RowProgram
 from hrmspec.ir.evaluate import row_shapes
 
 MAX_WIDTH = 65536  # one row lives in one block of registers; wider rows need a split-row kernel
-
-
-class KernelError(HrmspecError):
-    """A kernel that cannot run on the given tensors (too wide, wrong device, bad output buffer)."""
 
 
 def num_warps(block: int) -> int:
@@ -110,68 +102,7 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-class RowFunction(torch.autograd.Function):
-    """A RowProgram op as an autograd node, for any launcher whose op has `program`,
-    `forward_kernel` and `backward_kernel(wrt)` (the Triton and the C-style backends)."""
+class TritonRowOp(RowOp):
+    """A forward RowProgram as a differentiable op backed by generated Triton kernels (see RowOp)."""
 
-    @staticmethod
-    def forward(ctx, op, *tensors: torch.Tensor):
-        ctx.op = op
-        ctx.save_for_backward(*tensors)
-        outs = op.forward_kernel(dict(zip(op.program.input_names, tensors)))
-        return tuple(outs[n] for n in op.program.output_names)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *cotangents: torch.Tensor):
-        op = ctx.op
-        names = op.program.input_names
-        wrt = tuple(n for n, need in zip(names, ctx.needs_input_grad[1:]) if need)
-        if not wrt:
-            return (None,) * (1 + len(names))
-        inputs = dict(zip(names, ctx.saved_tensors))
-        outs = op.program.outputs
-        lead, width = row_shapes(op.program, inputs)
-        cot = {}
-        for o, g in zip(outs, cotangents):
-            if g is None:  # an output that did not reach the loss
-                g = torch.zeros((*lead, width) if o.kind == "row" else lead, device=inputs[names[0]].device)
-            cot[f"d_{o.name}"] = g
-        kernel = op.backward_kernel(wrt)
-        dtypes = {f"d_{n}": inputs[n].dtype for n in wrt}
-        partial = {f"d_{n}": torch.float32 for n in wrt if op.program.input(n).kind == "vector"}
-        d = kernel({**inputs, **cot}, out_dtypes={**dtypes, **partial})
-        d = reduce_vector_grads(kernel.program, d, dtypes)
-        return (None, *(d.get(f"d_{n}") for n in names))
-
-
-class TritonRowOp:
-    """A forward RowProgram as a differentiable op backed by generated Triton kernels.
-
-        op = TritonRowOp(rms_norm())
-        y = op(x=x, w=w)["y"]          # or op(x, w), inputs in program order
-    """
-
-    def __init__(self, program: RowProgram):
-        self.program = program
-        self.forward_kernel = RowKernel(program, "fwd")
-        self._backward: dict[tuple[str, ...], RowKernel] = {}
-
-    def backward_kernel(self, wrt: tuple[str, ...]) -> RowKernel:
-        """The kernel of grad(program, wrt), built once per set of inputs that need a gradient."""
-        if wrt not in self._backward:
-            self._backward[wrt] = RowKernel(grad(self.program, list(wrt)), "bwd", base=self.program.name)
-        return self._backward[wrt]
-
-    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = self.program.input_names
-        if len(args) > len(names):
-            raise KernelError(f"{self.program.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
-        inputs = dict(zip(names, args))
-        for k, v in kwargs.items():
-            if k not in names or k in inputs:
-                raise KernelError(f"{self.program.name}: unexpected or repeated input '{k}'; "
-                                  f"inputs are {', '.join(names)}")
-            inputs[k] = v
-        outs = RowFunction.apply(self, *(inputs[n] for n in names))
-        return dict(zip(self.program.output_names, outs))
+    kernel_class = RowKernel

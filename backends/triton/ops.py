@@ -33,6 +33,7 @@ rope_tables = reference.rope_tables
 rope = reference.rope
 cross_entropy = reference.cross_entropy
 
+FUSED = True  # a Stack runs the fusion pass's regions (runtime/fused.py)
 GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # and attention, see `attention`
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     """Why generated kernels cannot run on these tensors, or None."""

@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from hrmspec.graph.build import BodyOp
-from hrmspec.ir import ProgramBuilder, RowProgram, grad, library, parse_norm_expr
+from hrmspec.ir import ProgramBuilder, RowProgram, grad, library, parse_norm_expr, save_plan
 from hrmspec.ir.autodiff import replay
 from hrmspec.spec.schema import ModelSpec, ModuleSpec, NormSpec
 
-# ops the triton backend runs as generated kernels one by one, before any fusion (runtime/blocks.py)
-RUNTIME_KINDS = ("rms_norm", "expr_norm", "sigmoid_gate", "swiglu", "gelu")
 ROPE_TABLES = ("cos", "sin")  # rope inputs that are tables, not activations: no gradient
 
 
@@ -85,7 +83,10 @@ def trainable(program: RowProgram) -> tuple[str, ...]:
 
 
 def backward_program(program: RowProgram) -> RowProgram:
-    return grad(program, list(trainable(program)))
+    """The backward kernel's program, exactly as the runtime builds it (backends/rowops.RowOp):
+    every trainable input, reading the forward outputs `save_plan` picks."""
+    wrt = list(trainable(program))
+    return grad(program, wrt, saved=save_plan(program, wrt))
 
 
 # --------------------------------------------------------------------------- dataflow
@@ -420,10 +421,6 @@ def fuse_model(G: nx.DiGraph, dtype_bytes: int = 2) -> FusionPlan:
             row.runs += runs[key]
             row.op_bytes += runs[key] * sum(node_bytes(df, x, dtype_bytes) for x in a["members"])
             row.fused_bytes += runs[key] * node_bytes(fused, n, dtype_bytes)
-        for n in df.graph["order"]:  # what the op-by-op backend launches today
-            a = df.nodes[n]
-            if a["program"] is not None and a["kind"] in RUNTIME_KINDS:
-                need(a["program"], a["domain"][1], f"{tag}: {n} (op by op)")
     if model.final_norm:
         prog = norm_program(NormSpec(eps=model.block.norm.eps, affine=model.block.norm.affine))
         need(prog, model.d_model, "final_norm")

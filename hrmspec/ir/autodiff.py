@@ -9,12 +9,17 @@ each name in `wrt`:
     vector input  [R, D]  the per-row partial  p[r, j]; the gradient is sum_r p[r, j], taken in a
                           second stage (`reduce_vector_grads`) because one program sees one row
 
-The forward is recomputed inside the backward program from the inputs (nothing but the inputs is
-saved); the builder's hash-consing shares every recomputed value, and its algebraic rules keep
-the program small. Broadcasts are undone where a value meets a wider one: a per-row scalar used
-in a row op receives the sum over the row of the adjoint of that op. The adjoint of a row value
-may be held as a scalar-kind value when it is uniform along the row (the adjoint of sum(x) is
-g broadcast), so the sum is taken by the kind of the op, not of the adjoint (it folds to g * D).
+The forward is recomputed inside the backward program, from the inputs and from the forward
+outputs named in `saved` (those become inputs of the backward program, so the value stored by the
+forward is read instead of recomputed); the builder's hash-consing shares every recomputed value,
+and its algebraic rules keep the program small. Inputs the backward never reads are dropped from
+it. `save_plan` chooses `saved`: for `h = x + r, y = norm(h)` reading the stored h instead of
+recomputing it from x and r halves the row tensors a backward needs kept alive.
+
+Broadcasts are undone where a value meets a wider one: a per-row scalar used in a row op receives
+the sum over the row of the adjoint of that op. The adjoint of a row value may be held as a
+scalar-kind value when it is uniform along the row (the adjoint of sum(x) is g broadcast), so the
+sum is taken by the kind of the op, not of the adjoint (it folds to g * D).
 
 Local derivatives (g is the adjoint of the result y):
     mul  (g b, g a)         div   (g / b, -g y / b)      exp  g y        log    g / a
@@ -73,13 +78,20 @@ def _dmax(b: ProgramBuilder, a: Value, y: Value, g: Value) -> Value:
     return g * m / b.reduce("sum", m)
 
 
-def grad(program: RowProgram, wrt: Sequence[str] | None = None, name: str | None = None) -> RowProgram:
-    """The backward program of `program` for the inputs `wrt` (all inputs by default)."""
+def grad(program: RowProgram, wrt: Sequence[str] | None = None, name: str | None = None,
+         saved: Sequence[str] = ()) -> RowProgram:
+    """The backward program of `program` for the inputs `wrt` (all inputs by default). The forward
+    outputs named in `saved` are inputs of the backward program (what the forward stored), not
+    recomputed; forward inputs the backward does not read are left out of it."""
     wrt = list(program.input_names if wrt is None else wrt)
     for w in wrt:
         program.input(w)  # raises with the list of inputs
+    kept = {o.node: o for o in program.outputs if o.name in saved and program.nodes[o.node].kind != "const"}
+    unknown = sorted(set(saved) - set(program.output_names))
+    if unknown:
+        raise IRError(f"{program.name}: cannot save '{unknown[0]}': outputs are {', '.join(program.output_names)}")
     b = ProgramBuilder(name or f"{program.name}_bwd")
-    names = set(program.input_names) | {f"d_{o.name}" for o in program.outputs}
+    names = set(program.input_names) | set(program.output_names) | {f"d_{o.name}" for o in program.outputs}
     clash = [f"d_{w}" for w in wrt if f"d_{w}" in names]
     if clash:
         raise IRError(f"{program.name}: gradient name {clash[0]} clashes with an input or cotangent name")
@@ -87,8 +99,12 @@ def grad(program: RowProgram, wrt: Sequence[str] | None = None, name: str | None
     # forward, recomputed: the builder maps each forward node to a value of the backward program
     env = {i.name: b.input(i.name, i.kind, i.init) for i in program.inputs}
     vals: list[Value] = []
-    for n in program.nodes:
-        vals.append(replay(b, n, [vals[s] for s in n.srcs], env))
+    for i, n in enumerate(program.nodes):
+        if i in kept:  # read what the forward stored
+            o = kept[i]
+            vals.append(b.input(o.name, o.kind))
+        else:
+            vals.append(replay(b, n, [vals[s] for s in n.srcs], env))
 
     adj: dict[int, Value] = {}
     for o in program.outputs:
@@ -117,7 +133,48 @@ def grad(program: RowProgram, wrt: Sequence[str] | None = None, name: str | None
         g = adj.get(inputs[w]) if w in inputs else None
         g = b.const(0.0) if g is None else g
         b.output(f"d_{w}", g, kind="scalar" if kind == "scalar" else "row", row_partial=kind == "vector")
-    return b.build()
+    return prune_inputs(b.build())
+
+
+def prune_inputs(program: RowProgram) -> RowProgram:
+    """The program without the inputs no node reads (one row input stays, to give the rows)."""
+    read = {n.arg for n in program.nodes if n.op == "input"}
+    keep = [i for i in program.inputs if i.name in read]
+    if not any(i.kind == "row" for i in keep):
+        first_row = next((i for i in program.inputs if i.kind == "row"), None)
+        keep = [i for i in program.inputs if i in keep or i is first_row]
+    if len(keep) == len(program.inputs):
+        return program
+    return RowProgram(program.name, tuple(keep), program.nodes, program.outputs)
+
+
+def save_plan(program: RowProgram, wrt: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The forward outputs a backward should read instead of recomputing them: an output is saved
+    when that lowers what the backward needs kept from the forward (row tensors count 1, per-row
+    scalars 1/64, weights nothing: they are kept anyway), taking the outputs in order (greedy)."""
+    cost_of = {"row": 1.0, "scalar": 1 / 64, "vector": 0.0}
+    cotangents = {f"d_{o.name}" for o in program.outputs}
+
+    def cost(saved: tuple[str, ...]) -> float:
+        bwd = grad(program, wrt, saved=saved)
+        return sum(cost_of[i.kind] for i in bwd.inputs if i.name not in cotangents)
+
+    saved: tuple[str, ...] = ()
+    best = cost(saved)
+    for o in program.outputs:
+        trial = (*saved, o.name)
+        c = cost(trial)
+        if c < best - 1e-9:
+            saved, best = trial, c
+    return saved
+
+
+def kept_tensors(program: RowProgram, saved: Sequence[str], wrt: Sequence[str] | None = None
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(forward inputs, forward outputs) the backward of `program` reads, given `saved`."""
+    read = set(grad(program, wrt, saved=saved).input_names)
+    return (tuple(n for n in program.input_names if n in read),
+            tuple(n for n in program.output_names if n in read and n in saved))
 
 
 def replay(b: ProgramBuilder, n: Node, srcs: list[Value], env: dict[str, Value]) -> Value:

@@ -1,0 +1,133 @@
+"""The generated source of every kernel a spec needs, as files.
+
+The kernels are those of the fusion plan, `fuse_model(build_graph(spec)).kernels`: every fused
+region forward and backward, plus the op-by-op kernels the backends launch today. For one target
+`kernel_files` returns, as {relative file name: text}:
+
+    kernels/<kernel name>.<suffix>   the source of one kernel
+    kernels.json                     the manifest: per kernel its name, direction, region kind, row
+                                     width, inputs, outputs, the regions it runs in ("L: 0.rope",
+                                     "H: 0.attn_norm (op by op)") and its source file
+
+The targets (`TARGETS`):
+
+    triton   .py  an importable module per kernel (backends/triton/printer.py); storage types
+                  are not part of the source, they come with the pointers at launch
+    cuda     .cu  CUDA C (backends/cstyle/printer.py), bf16 storage: what NVRTC compiles for
+                  sm_80 / sm_90 (`backends/cstyle/nvrtc.py`)
+    opencl   .cl  OpenCL C (the same printer), f32 storage: what the opencl backend runs on PoCL
+
+A C-style source is specialised for its storage types and its threads per row, so it is printed
+for the target's storage type (row partials of vector gradients in f32, as the launchers store
+them) and `block_size(width)` threads at the spec's row width; the manifest records both.
+
+`hrmspec compile SPEC --backend B --emit DIR` writes `kernel_files(spec_kernels(spec), B)` under
+DIR. The golden snapshots (tests/test_golden.py, tests/golden/specs/<spec>/) pin
+`snapshot_files(spec)`: the files of every target, each in a folder named after the target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hrmspec.backends.cstyle.printer import CUDA, OPENCL, Dialect, block_size, render_source
+from hrmspec.backends.triton.printer import render_module
+from hrmspec.graph.build import build_graph
+from hrmspec.graph.fusion import KernelInfo, fuse_model
+from hrmspec.ir.program import RowProgram
+from hrmspec.spec.load import load_spec
+
+MANIFEST = "kernels.json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where generated kernels go: Triton (no dialect), or a C dialect at one storage type."""
+
+    name: str
+    suffix: str
+    dialect: Dialect | None = None
+    storage: str | None = None  # f32 | f16 | bf16, for a C dialect
+
+    def source_file(self, kernel: KernelInfo) -> str:
+        return f"kernels/{kernel.name}{self.suffix}"
+
+    def render(self, kernel: KernelInfo) -> str:
+        if self.dialect is None:
+            return render_module(kernel.program, kernel.name)
+        dtypes = storage_types(kernel.program, self.storage)
+        return render_source(kernel.program, kernel.name, self.dialect, dtypes, block_size(kernel.width))
+
+
+TARGETS = {
+    "triton": Target("triton", ".py"),
+    "cuda": Target("cuda", CUDA.suffix, CUDA, "bf16"),
+    "opencl": Target("opencl", OPENCL.suffix, OPENCL, "f32"),
+}
+
+
+def storage_types(program: RowProgram, storage: str) -> dict[str, str]:
+    """Every input and output of `program` stored as `storage`, except row partials (the per-row
+    terms of a vector's gradient, summed over rows afterwards), which are always f32."""
+    dtypes = {name: storage for name in program.input_names}
+    dtypes.update({o.name: "f32" if o.row_partial else storage for o in program.outputs})
+    return dtypes
+
+
+def spec_kernels(spec) -> list[KernelInfo]:
+    """The kernels spec needs, in the fusion plan's order; `spec` is a Spec, a path or a shipped spec's name."""
+    return fuse_model(build_graph(load_spec(spec))).kernels
+
+
+def manifest_entry(kernel: KernelInfo, target: Target) -> dict[str, Any]:
+    entry = {
+        "kernel": kernel.name,
+        "direction": kernel.direction,
+        "region": kernel.forward.name,
+        "width": kernel.width,
+        "inputs": list(kernel.program.input_names),
+        "outputs": list(kernel.program.output_names),
+        "runs_in": list(kernel.regions),
+        "source": target.source_file(kernel),
+    }
+    if target.dialect is not None:
+        entry["storage"] = target.storage
+        entry["block"] = block_size(kernel.width)
+    return entry
+
+
+def kernel_files(kernels: list[KernelInfo], target: str) -> dict[str, str]:
+    """The source of each kernel for `target` (a key of TARGETS) and the manifest; see the module docstring."""
+    if target not in TARGETS:
+        raise ValueError(f"no generated kernels for target '{target}'; targets: {', '.join(TARGETS)}")
+    t = TARGETS[target]
+    files = {t.source_file(k): t.render(k) for k in kernels}
+    manifest = [manifest_entry(k, t) for k in kernels]
+    files[MANIFEST] = json.dumps(manifest, indent=1) + "\n"
+    return files
+
+
+def snapshot_files(spec) -> dict[str, str]:
+    """The files of every target for `spec`, as "<target>/<file>": what tests/golden/specs/<spec>/ holds."""
+    kernels = spec_kernels(spec)
+    files = {}
+    for target in TARGETS:
+        for name, text in kernel_files(kernels, target).items():
+            files[f"{target}/{name}"] = text
+    return files
+
+
+def write_files(out: Path, files: Mapping[str, str]) -> None:
+    """Write each file under `out`, creating folders; UTF-8 with "\\n" line ends on every platform."""
+    for name, text in files.items():
+        path = Path(out) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+
+
+__all__ = ["MANIFEST", "TARGETS", "Target", "kernel_files", "manifest_entry", "snapshot_files", "spec_kernels",
+           "storage_types", "write_files"]

@@ -1,0 +1,171 @@
+"""A Stack on a kernel backend runs the fusion pass's plan (runtime/fused.py): the values and
+gradients of the layers run op by op, only kernels the plan lists (those `hrmspec check` and the
+golden snapshots cover), and no more saved activations than op by op."""
+
+import types
+import warnings
+
+import pytest
+import torch
+
+import hrmspec
+from hrmspec.backends import get_backend
+from hrmspec.backends.reference import ops as reference
+from hrmspec.graph import build_graph
+from hrmspec.graph.fusion import fuse_model
+from hrmspec.runtime.blocks import Context, Stack
+from hrmspec.runtime.fused import plan_call, sublayer_of
+from hrmspec.spec import load_spec_text
+
+EXPR = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
+CONFIGS = {
+    "pre": {},
+    "pre-affine": {"model.block.norm.affine": True},
+    "post-gelu": {"model.block.norm.place": "post", "model.block.mlp": "gelu"},
+    "sandwich-affine-plain": {"model.block.norm.place": "sandwich", "model.block.norm.affine": True,
+                              "model.block.attention.type": "plain"},
+    "sandwich-expr-norope": {"model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"},
+                                                  "place": "sandwich"}, "model.block.attention.rope_theta": None},
+    "expr-no-exit": {"model.modules.L.exit_norm": "none",
+                     "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
+}
+
+# the reference ops, with Stacks running the plan (each region through the IR's torch evaluator)
+FUSED_REFERENCE = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")},
+                                        FUSED=True)
+
+
+def _spec(tiny_text, **over):
+    return load_spec_text(tiny_text, overrides={"model.modules.L.layers": 2, "model.modules.H.layers": 2, **over})
+
+
+def _context(spec, B, T, dtype):
+    m = spec.model.module("L")
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    theta = m.block.attention.rope_theta
+    rope = {} if theta is None else {theta: reference.rope_tables(torch.arange(T).expand(B, T), spec.model.head_dim,
+                                                                  theta, dtype)}
+    return Context(mask={m.block.attention.mask: mask}, rope=rope)
+
+
+@pytest.mark.parametrize("arity", [1, 2])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_plan_computes_what_the_layers_compute(tiny_text, name, arity):
+    spec = _spec(tiny_text, **CONFIGS[name])
+    m = spec.model.module("L")
+    torch.manual_seed(0)
+    plain = Stack(m, spec.model, reference).double()
+    for p in plain.parameters():  # norm weights away from their init, so a misbound weight shows
+        p.data.add_(0.1 * torch.randn_like(p))
+    fused = Stack(m, spec.model, FUSED_REFERENCE).double()
+    fused.load_state_dict(plain.state_dict())
+    B, T, d = 2, 5, spec.model.d_model
+    ctx = _context(spec, B, T, torch.float64)
+    terms = [torch.randn(B, T, d, dtype=torch.float64) for _ in range(arity)]
+    leaves_p = [t.clone().requires_grad_() for t in terms]
+    leaves_f = [t.clone().requires_grad_() for t in terms]
+    out_p, out_f = plain(leaves_p, ctx), fused(leaves_f, ctx)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-10, atol=1e-10)
+    cot = torch.randn_like(out_p)
+    (out_p * cot).sum().backward()
+    (out_f * cot).sum().backward()
+    for a, b in zip(leaves_f, leaves_p):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+    for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=lambda msg, n=n: f"{n}: {msg}")
+
+
+def test_plan_steps_alternate_regions_and_sublayers_and_free_tensors(tiny_text):
+    spec = _spec(tiny_text)
+    plan = plan_call(spec.model.module("L"), spec.model, 2)
+    assert plan.inputs == ("in0", "in1") and plan.output == "exit_norm:y"
+    assert [s.kind for s in plan.steps] == ["rows", "attn", "rows", "mlp"] * 2 + ["rows"]
+    live = set(plan.inputs)
+    for s in plan.steps:
+        assert {t for _, t in s.reads} <= live, s  # every read was written before
+        live |= {t for _, t in s.writes}
+        live -= set(s.drop)
+    assert live == {plan.output}  # nothing else outlives the call
+    assert sublayer_of("3.attn.q") == (3, "attn") and sublayer_of("3.rope") == (3, "attn")
+    assert sublayer_of("0.mlp.down") == (0, "mlp") and sublayer_of("0.attn_norm") is None
+
+
+@pytest.fixture(scope="module")
+def cl_ops():
+    pytest.importorskip("pyopencl")
+    from hrmspec.backends.cstyle.opencl import find_device
+
+    try:
+        find_device()
+    except Exception as e:  # no OpenCL platform on this machine
+        pytest.skip(f"no OpenCL device: {e}")
+    return get_backend("opencl")
+
+
+def _batch(B=2, T=7, vocab=61):
+    gen = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, vocab, (B, T), generator=gen), torch.randint(0, vocab, (B, T), generator=gen)
+    prefix = torch.zeros(B, T, dtype=torch.bool)
+    prefix[:, :3] = True
+    return ids, labels, prefix
+
+
+@pytest.mark.parametrize("name", ["pre", "sandwich-affine-plain"])
+def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, cl_ops, monkeypatch, name):
+    spec = load_spec_text(tiny_text, overrides={"model.modules.L.layers": 2, "model.modules.H.layers": 1,
+                                                **CONFIGS[name]})
+    torch.manual_seed(0)
+    model = hrmspec.compile(spec, backend="opencl")
+    ref = hrmspec.compile(spec, backend="reference")
+    ref.load_state_dict(model.state_dict())
+    monkeypatch.setattr(cl_ops._table, "_ops", {})  # record the ops this model creates
+    ids, labels, prefix = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back to the reference
+        out = model(ids, prefix_mask=prefix, labels=labels)
+        out.loss.backward()
+    plan = fuse_model(build_graph(spec))
+    planned = {(k.direction, k.program.hash) for k in plan.kernels}
+    ran = set()
+    for op in cl_ops._table._ops.values():
+        ran.add(("fwd", op.program.hash))
+        if op._backward is not None:
+            ran.add(("bwd", op._backward.program.hash))
+    assert ran and ran <= planned, sorted(ran - planned)
+    regions = {k.forward.name for k in plan.kernels}
+    assert {op.program.name for op in cl_ops._table._ops.values()} >= regions - {"rope"}  # rope: reference op
+    out_r = ref(ids, prefix_mask=prefix, labels=labels)
+    out_r.loss.backward()
+    torch.testing.assert_close(out.logits, out_r.logits, rtol=1e-4, atol=1e-5)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()),
+                                   msg=lambda msg, n=n: f"{n}: {msg}")
+
+
+def _saved_bytes(stack, terms, ctx) -> int:
+    """Bytes of distinct storage autograd keeps for backward over one call."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stack([t.clone().requires_grad_() for t in terms], ctx)
+    return sum(storages.values())
+
+
+def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, cl_ops):
+    spec = _spec(tiny_text, **{"model.d_model": 256, "model.heads": 2})
+    m = spec.model.module("L")
+    unfused_ops = types.SimpleNamespace(**{k: getattr(cl_ops, k) for k in dir(cl_ops) if not k.startswith("_")})
+    unfused_ops.FUSED = False
+    fused, plain = Stack(m, spec.model, cl_ops), Stack(m, spec.model, unfused_ops)
+    plain.load_state_dict(fused.state_dict())
+    B, T = 2, 16
+    ctx = _context(spec, B, T, torch.float32)
+    terms = [torch.randn(B, T, spec.model.d_model) for _ in range(2)]
+    a, b = _saved_bytes(fused, terms, ctx), _saved_bytes(plain, terms, ctx)
+    assert 0 < a <= b, (a, b)
