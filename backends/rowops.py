@@ -25,15 +25,10 @@ from collections.abc import Callable
 import torch
 
 from hrmspec.backends.reference import ops as reference
-from hrmspec.errors import HrmspecError
+from hrmspec.errors import KernelError
 from hrmspec.graph.fusion import trainable
 from hrmspec.ir import RowProgram, evaluate, grad, kept_tensors, library, reduce_vector_grads, save_plan
 from hrmspec.ir.evaluate import row_shapes
-
-
-class KernelError(HrmspecError):
-    """A kernel that cannot run on the given tensors (too wide, wrong device, bad output buffer)."""
-
 
 WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
 
@@ -137,7 +132,7 @@ def rms_norm_program(eps: float, affine: bool) -> RowProgram:
 _SIGMOID_GATE, _SWIGLU, _GELU = library.sigmoid_gate(), library.swiglu(), library.gelu()
 
 ROW_OPS = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # what a RowOpTable runs as kernels
-REFERENCE_OPS = ("upcast", "rotate_half", "rope_tables", "rope", "attention", "cross_entropy")
+REFERENCE_OPS = ("upcast", "rotate_half", "rope_tables", "rope", "attention", "cross_entropy", "linear_cross_entropy")
 
 
 class RowOpTable:

@@ -50,6 +50,10 @@ class CheckpointError(HrmspecError):
     """A checkpoint that is missing, corrupt or does not match its spec."""
 
 
+class KernelError(HrmspecError):
+    """A kernel that cannot run on the given tensors (too wide, wrong device, bad output buffer)."""
+
+
 def close_match(name: str, choices: Iterable[str]) -> str:
     """A 'did you mean' hint for a misspelt name, or '' when nothing is close."""
     found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -7,7 +7,8 @@ The forward pass is the unrolled schedule, read off the ModelGraph:
     for call in calls:                                         # e.g. L, L, L, H, L, L, L, H
         with grad enabled only if the credit plan says so:
             z[call.target] = module[call.module](z[i] for i in call.inputs)   # summed inside
-    logits = head(z[output])
+    logits = head(z[output])                                   # or, training, only the loss:
+    loss   = linear_cross_entropy(z[output], head weight, labels)  # in row chunks, no full logits
 
 Calls outside the credit plan run under no-grad: they keep no activations and gradient stops at
 their outputs, so training memory grows with the credit depth, not with the number of cycles.
@@ -31,7 +32,7 @@ from hrmspec.spec.schema import Spec, lecun_std
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, S, vocab)
+    logits: torch.Tensor | None  # (B, S, vocab); None when called with return_logits=False
     loss: torch.Tensor | None = None  # mean over counted label tokens
     loss_sum: torch.Tensor | None = None  # sum over counted tokens (for distributed averaging)
     n_tokens: torch.Tensor | None = None  # number of counted label tokens
@@ -140,8 +141,11 @@ class CompiledModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
-        """`labels[b, t]` is the token position t should predict (-100: not counted)."""
+        """`labels[b, t]` is the token position t should predict (-100: not counted). With labels
+        and `return_logits=False` (training) the loss is taken by the backend's chunked
+        linear + cross-entropy: the (B, S, vocab) logits never exist at once."""
         B, S = input_ids.shape
         m = self.spec.model
         past = cache.length if cache is not None else 0
@@ -164,10 +168,16 @@ class CompiledModel(nn.Module):
         h = z[m.output]
         if self.final_norm is not None:
             h = self.final_norm(h)
-        logits = self.head(h) if self.head is not None else h @ self.embed.weight.T  # (B, S, vocab)
-        out = ModelOutput(logits=logits)
+        W = self.head.weight if self.head is not None else self.embed.weight  # (vocab, d)
+        if labels is not None and not return_logits:
+            out = ModelOutput(logits=None)
+            flat = h.reshape(-1, h.shape[-1])
+            out.loss_sum, out.n_tokens = self.ops.linear_cross_entropy(flat, W.to(flat.dtype), labels.reshape(-1))
+        else:
+            out = ModelOutput(logits=h @ W.T)  # (B, S, vocab)
+            if labels is not None:
+                out.loss_sum, out.n_tokens = self.ops.cross_entropy(out.logits, labels)
         if labels is not None:
-            out.loss_sum, out.n_tokens = self.ops.cross_entropy(logits, labels)
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
         return out
 

@@ -234,7 +234,7 @@ def train(
             if world > 1:
                 batch = {k: v[rank::world] for k, v in batch.items()}
             with autocast:
-                outp = net(**batch)
+                outp = net(**batch, return_logits=False)  # the loss in row chunks: no full logits
             n_local = outp.n_tokens.float()
             n_global = n_local.clone()
             if world > 1:

@@ -155,11 +155,15 @@ def test_triton_backend_runs_a_whole_model_like_the_reference(tiny_text, norm):
     docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0] * 7])  # two samples packed into the first row
     out_r = ref(ids, prefix_mask=prefix, doc_ids=docs, labels=labels)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every generated op runs (attention too): nothing falls back
-        out_t = tri(ids, prefix_mask=prefix, doc_ids=docs, labels=labels)
+        warnings.simplefilter("error")  # every generated op runs (attention, the loss too): nothing falls back
+        out_t = tri(ids, prefix_mask=prefix, doc_ids=docs, labels=labels, return_logits=False)  # as in training
         out_t.loss.backward()
+        with torch.no_grad():
+            logits = tri(ids, prefix_mask=prefix, doc_ids=docs).logits
     out_r.loss.backward()
-    torch.testing.assert_close(out_t.logits, out_r.logits, rtol=1e-4, atol=1e-5)
+    assert out_t.logits is None
+    torch.testing.assert_close(out_t.loss, out_r.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, out_r.logits, rtol=1e-4, atol=1e-5)
     grads = 0
     for (name, p_r), (_, p_t) in zip(ref.named_parameters(), tri.named_parameters()):
         assert (p_r.grad is None) == (p_t.grad is None), name

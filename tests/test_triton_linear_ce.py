@@ -122,8 +122,10 @@ def test_bad_inputs_are_errors():
         linear_cross_entropy(h, W, torch.tensor([0, 1, 10, IGNORE_INDEX]))
     with pytest.raises(KernelError, match="expected h"):
         linear_cross_entropy(h, W[:, :3], labels)
-    with pytest.raises(KernelError, match="share one of"):
+    with pytest.raises(KernelError, match="must share one float dtype"):
         linear_cross_entropy(h, W.double(), labels)
+    with pytest.raises(KernelError, match="the kernels store fp32, fp16 or bf16"):
+        linear_cross_entropy(h.double(), W.double(), labels)
 
 
 def test_default_chunk_keeps_chunk_logits_near_the_size_of_h():

@@ -57,6 +57,14 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
+    """cross_entropy(h @ W.T, labels) for h (N, d), W (V, d), labels (N,), in row chunks: the (N, V)
+    logits never exist at once (backends/reference/linear_ce.py)."""
+    from hrmspec.backends.reference.linear_ce import chunked_linear_cross_entropy
+
+    return chunked_linear_cross_entropy(h, W, labels, ignore_index=ignore_index)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
     """(sum of token losses in fp32, number of counted tokens)."""
     total = F.cross_entropy(

@@ -4,9 +4,10 @@
     dz_iv    = g (softmax(z_i)_v - [v == y_i])           g = d loss / d loss_sum; dz_i = 0 for ignored rows
     dh       = dz W                                      dW = dz^T h   (summed over row chunks, in fp32)
 
-Rows are processed in chunks of C rows. Per chunk, z_c = h_c W^T is a torch matmul (cuBLAS on a GPU,
-the CPU GEMM here) into one (C, V) buffer reused by every chunk; the softmax parts are Triton
-kernels with one program per row, looping over the vocabulary in blocks of BLOCK_V:
+Rows are processed in chunks of C rows by the driver every backend shares
+(backends/reference/linear_ce.py): per chunk, z_c = h_c W^T is a torch matmul (cuBLAS on a GPU,
+the CPU GEMM here) into one (C, V) buffer reused by every chunk; here the softmax parts are Triton
+kernels (`TritonSteps`) with one program per row, looping over the vocabulary in blocks of BLOCK_V:
 
 - `_linear_ce_forward_kernel`: an online max / sum of exp over the vocab blocks
   (m' = max(m, max_b z), s' = s e^(m - m') + sum_b e^(z - m')), then lse = m + log s, the target
@@ -31,11 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hrmspec.backends.reference.linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy, default_chunk_rows
 from hrmspec.backends.triton.aot import CompiledInfo, compile_in_fresh_process, interpreting, ptxas_usage
-from hrmspec.backends.triton.launch import KernelError, triton_next_power_of_2
+from hrmspec.backends.triton.launch import triton_next_power_of_2
+from hrmspec.errors import KernelError
 
-IGNORE_INDEX = -100
 MAX_BLOCK_V = 4096
+__all__ = ["IGNORE_INDEX", "TritonSteps", "compile_for", "compile_many", "default_chunk_rows", "linear_cross_entropy"]
 
 
 @triton.jit
@@ -75,78 +78,24 @@ def _linear_ce_backward_kernel(Z, stride_z, LABELS, LSE, GRAD, V, ignore_index, 
         tl.store(z_row + cols, dz.to(Z.dtype.element_ty), mask=inside)
 
 
-def default_chunk_rows(n_rows: int, vocab: int, d_model: int) -> int:
-    """Rows per chunk such that the chunk's logits (C, V) are about as large as h (N, d)."""
-    per_row = -(-vocab // max(1, d_model))
-    return max(1, min(n_rows, triton_next_power_of_2(-(-n_rows // per_row))))
-
-
 def _launch_config(vocab: int, block_v: int | None) -> tuple[int, int]:
     block = block_v or min(MAX_BLOCK_V, triton_next_power_of_2(vocab))
     return block, 8 if block >= 2048 else 4
 
 
-def _check(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
-    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or tuple(labels.shape) != (h.shape[0],):
-        raise KernelError(f"linear_cross_entropy: expected h (N, d), W (V, d), labels (N,), got h {tuple(h.shape)}, "
-                          f"W {tuple(W.shape)}, labels {tuple(labels.shape)}")
-    if h.dtype != W.dtype or h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise KernelError(f"linear_cross_entropy: h and W must share one of fp32/fp16/bf16, got {h.dtype}, {W.dtype}")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= W.shape[0]))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise KernelError(f"linear_cross_entropy: labels[{i}] = {int(labels[i])} is outside the vocabulary "
-                          f"0..{W.shape[0] - 1} and is not ignore_index ({ignore_index})")
+class TritonSteps:
+    """The row steps of the chunked driver as the two kernels above (one program per row)."""
 
+    def __init__(self, vocab: int, block_v: int | None = None):
+        self.block, self.warps = _launch_config(vocab, block_v)
 
-def _chunks(n_rows: int, chunk: int):
-    for start in range(0, n_rows, chunk):
-        yield start, min(start + chunk, n_rows)
+    def forward(self, z, labels, lse, loss, ignore_index):
+        _linear_ce_forward_kernel[(z.shape[0],)](z, z.stride(0), labels, lse, loss, z.shape[1], ignore_index,
+                                                 BLOCK_V=self.block, num_warps=self.warps)
 
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, W, labels, ignore_index: int, chunk_rows: int | None, block_v: int | None):
-        _check(h, W, labels, ignore_index)
-        N, V = h.shape[0], W.shape[0]
-        h, labels = h.contiguous(), labels.contiguous()
-        chunk = chunk_rows or default_chunk_rows(N, V, h.shape[1])
-        block, warps = _launch_config(V, block_v)
-        lse = torch.empty(N, dtype=torch.float32, device=h.device)
-        loss = torch.empty(N, dtype=torch.float32, device=h.device)
-        z = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
-        for a, b in _chunks(N, chunk):
-            zc = torch.matmul(h[a:b], W.t(), out=z[: b - a])
-            _linear_ce_forward_kernel[(b - a,)](zc, zc.stride(0), labels[a:b], lse[a:b], loss[a:b], V, ignore_index,
-                                               BLOCK_V=block, num_warps=warps)
-        ctx.save_for_backward(h, W, labels, lse)
-        ctx.config = (ignore_index, chunk, block, warps)
-        n_tokens = (labels != ignore_index).sum()
-        ctx.mark_non_differentiable(n_tokens)
-        return loss.sum(), n_tokens
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_loss, _d_count):
-        h, W, labels, lse = ctx.saved_tensors
-        ignore_index, chunk, block, warps = ctx.config
-        need_h, need_w = ctx.needs_input_grad[:2]
-        N, V = h.shape[0], W.shape[0]
-        g = d_loss.detach().float().reshape(1).contiguous()
-        dh = torch.empty_like(h) if need_h else None
-        dW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_w else None
-        z = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
-        for a, b in _chunks(N, chunk):
-            zc = torch.matmul(h[a:b], W.t(), out=z[: b - a])
-            _linear_ce_backward_kernel[(b - a,)](zc, zc.stride(0), labels[a:b], lse[a:b], g, V, ignore_index,
-                                                BLOCK_V=block, num_warps=warps)
-            if need_h:
-                torch.matmul(zc, W, out=dh[a:b])
-            if need_w and h.dtype == torch.float32:
-                dW.addmm_(zc.t(), h[a:b])
-            elif need_w:  # a half-precision GEMM (fp32 accumulate inside) per chunk, summed in fp32
-                dW.add_(zc.t() @ h[a:b])
-        return dh, None if dW is None else dW.to(W.dtype), None, None, None, None
+    def backward(self, z, labels, lse, g, ignore_index):
+        _linear_ce_backward_kernel[(z.shape[0],)](z, z.stride(0), labels, lse, g, z.shape[1], ignore_index,
+                                                  BLOCK_V=self.block, num_warps=self.warps)
 
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
@@ -154,10 +103,13 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
     """(sum of the token losses of h W^T in fp32, number of counted tokens) — the same pair as
     `backends.reference.ops.cross_entropy(h @ W.T, labels)`; differentiable in h and W.
 
-    h (N, d), W (V, d), labels (N,) int with `ignore_index` for rows without loss. `chunk_rows`
-    bounds the rows whose logits exist at once (default: the chunk's logits are about the size of
-    h); `block_v` is the vocabulary tile of the kernels (default: min(4096, next_pow2(V)))."""
-    return _LinearCrossEntropy.apply(h, W, labels, ignore_index, chunk_rows, block_v)
+    h (N, d), W (V, d), labels (N,) int with `ignore_index` for rows without loss; fp32, fp16 or
+    bf16. `chunk_rows` bounds the rows whose logits exist at once (default: the chunk's logits are
+    about the size of h); `block_v` is the vocabulary tile of the kernels (default: min(4096,
+    next_pow2(V)))."""
+    if h.dtype == torch.float64:
+        raise KernelError("linear_cross_entropy: the kernels store fp32, fp16 or bf16, got torch.float64")
+    return chunked_linear_cross_entropy(h, W, labels, TritonSteps(W.shape[0], block_v), ignore_index, chunk_rows)
 
 
 # -- compile-only ----------------------------------------------------------------------------------------

@@ -118,3 +118,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return reference.attention(q, k, v, mask)
     kind, prefix, doc = found
     return flash(q, k, v, kind, prefix, doc)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
+    """cross_entropy(h @ W.T, labels) in row chunks, the softmax steps as Triton kernels
+    (backends/triton/linear_ce.py); the torch steps where the kernels cannot take the tensors."""
+    reason = _unsupported([h, W], 0)
+    if reason is not None:
+        _fallback("linear_cross_entropy", reason)
+        return reference.linear_cross_entropy(h, W, labels, ignore_index)
+    from hrmspec.backends.triton.linear_ce import linear_cross_entropy as fused
+
+    return fused(h, W, labels, ignore_index)
