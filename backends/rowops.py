@@ -26,7 +26,7 @@ import torch
 
 from hrmspec.backends.reference import ops as reference
 from hrmspec.errors import KernelError
-from hrmspec.graph.fusion import trainable
+from hrmspec.graph.fusion import rope_program, trainable
 from hrmspec.ir import RowProgram, evaluate, grad, kept_tensors, library, reduce_vector_grads, save_plan
 from hrmspec.ir.evaluate import row_shapes
 
@@ -124,14 +124,55 @@ class RowFunction(torch.autograd.Function):
         return (None, *(d.get(f"d_{n}") if need else None for n, need in zip(names, needs)))
 
 
+def _halves(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two halves of the last dimension of t, as the rope program names them (views)."""
+    half = t.shape[-1] // 2
+    return {f"{name}_lo": t[..., :half], f"{name}_hi": t[..., half:]}
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, shape: torch.Size) -> dict[str, torch.Tensor]:
+    """The first halves of the tables (B, 1, S, hd) as rows (B, S, h, hd/2): views, one per head."""
+    B, S, h, hd = shape
+    return {n: t.transpose(1, 2)[..., : hd // 2].expand(B, S, h, hd // 2) for n, t in (("cos", cos), ("sin", sin))}
+
+
+class RopeFunction(torch.autograd.Function):
+    """The rope region (`hrmspec.graph.fusion.rope_program`) on whole q and k (B, S, h, hd): the
+    program's half-row inputs are views of q and k, its outputs are written into the halves of the
+    rotated tensors, and the tables (B, 1, S, hd) are read once per head. The backward is linear in
+    the cotangents: it keeps only the tables."""
+
+    @staticmethod
+    def forward(ctx, op: RowOp, q, k, cos, sin):
+        qr, kr = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
+        inputs = {**_tables(cos, sin, q.shape), **_halves("q", q), **_halves("k", k)}
+        op.forward_kernel(inputs, out={**_halves("qr", qr), **_halves("kr", kr)})
+        ctx.op = op
+        ctx.save_for_backward(cos, sin)
+        return qr, kr
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_qr, d_kr):
+        cos, sin = ctx.saved_tensors
+        like = d_qr if d_qr is not None else d_kr
+        d_qr, d_kr = (torch.zeros_like(like) if g is None else g for g in (d_qr, d_kr))
+        dq, dk = (torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (d_qr, d_kr))
+        kernel = ctx.op.backward_kernel
+        args = {**_tables(cos, sin, d_qr.shape), **_halves("d_qr", d_qr), **_halves("d_kr", d_kr)}
+        kernel({n: args[n] for n in kernel.program.input_names}, out={**_halves("d_q", dq), **_halves("d_k", dk)})
+        return None, dq, dk, None, None
+
+
 @functools.cache
 def rms_norm_program(eps: float, affine: bool) -> RowProgram:
     return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)
 
 
-_SIGMOID_GATE, _SWIGLU, _GELU = library.sigmoid_gate(), library.swiglu(), library.gelu()
+_SIGMOID_GATE, _SWIGLU, _GELU, _ROPE = library.sigmoid_gate(), library.swiglu(), library.gelu(), rope_program()
 
-ROW_OPS = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # what a RowOpTable runs as kernels
+# what a RowOpTable runs as kernels
+ROW_OPS = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "rope_qk", "row_program")
 REFERENCE_OPS = ("upcast", "rotate_half", "rope_tables", "rope", "attention", "cross_entropy", "linear_cross_entropy")
 
 
@@ -190,6 +231,19 @@ class RowOpTable:
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         return self.elementwise("gelu", _GELU, reference.gelu, x=x)
+
+    def rope_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """Rotary embedding of q and k (B, S, h, hd) by tables (B, 1, S, hd): the fusion plan's rope
+        region, one kernel over rows of half a head (RopeFunction)."""
+        reason = self.unsupported([q, k, cos, sin], q.shape[-1] // 2)
+        if reason is None and (q.shape != k.shape or q.shape[-1] % 2):
+            reason = f"q {tuple(q.shape)} and k {tuple(k.shape)} are not one shape with an even head dim"
+        if reason is not None:
+            self.fallback("rope", reason)
+            return reference.rope_qk(q, k, cos, sin)
+        if _ROPE.hash not in self._ops:
+            self._ops[_ROPE.hash] = self.op_class(_ROPE)
+        return RopeFunction.apply(self._ops[_ROPE.hash], q, k, cos, sin)
 
     def module_functions(self, reference_ops: tuple[str, ...] = REFERENCE_OPS) -> dict[str, Callable]:
         """The functions of an op-table module built on this table, by name: the ROW_OPS as this

@@ -85,12 +85,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context, cache: list | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         parts = self.qkvg(x).view(B, S, -1, self.h, self.hd).unbind(2)  # each (B, S, h, hd)
-        q, k = (t.transpose(1, 2) for t in parts[:2])  # (B, h, S, hd)
+        q, k = parts[:2]
+        if self.theta is not None:  # in projection layout: one rope kernel reads q, k and the tables
+            q, k = self.ops.rope_qk(q, k, *ctx.rope[self.theta])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, S, hd)
         # a copy, so what attention keeps for backward does not pin the whole fused projection
         v = parts[2].transpose(1, 2).contiguous()
-        if self.theta is not None:
-            cos, sin = ctx.rope[self.theta]
-            q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
         if cache is not None:  # cache = [k, v] of earlier positions, (B, h, T - S, hd) or None
             if cache[0] is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)

@@ -45,6 +45,19 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
 
 
+def _disjoint_bands(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two [rows, D] views with one row stride s cover disjoint column bands of the same
+    rows of s elements (e.g. the two halves of each row): then no element is shared, however
+    their byte spans interleave."""
+    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size() or a.stride(1) != 1 or b.stride(1) != 1:
+        return False
+    s = a.stride(0)
+    if s != b.stride(0) or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    d = (b.storage_offset() - a.storage_offset()) % s  # where b's band starts, within a's row
+    return a.shape[1] <= d and d + b.shape[1] <= s
+
+
 class CRowKernel:
     """A RowProgram printed as a C-style kernel; subclasses run it on a device."""
 
@@ -129,7 +142,7 @@ class CRowKernel:
         names = self.program.output_names
         for o in names:
             for other, (a, b) in spans.items():
-                if other != o and a < spans[o][1] and spans[o][0] < b:
+                if other != o and a < spans[o][1] and spans[o][0] < b and not _disjoint_bands(flat[o], flat[other]):
                     raise KernelError(f"{self.program.name}: output '{o}' overlaps "
                                       f"{'output' if other in names else 'input'} '{other}' in memory")
 

@@ -39,6 +39,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """Rotary embedding of q and k in projection layout (B, S, h, hd), tables (B, 1, S, hd)."""
+    cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, S, 1, hd): broadcast over heads
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v; mask is (B, 1, Sq, Sk), boolean (True = may attend) or
     additive (0 / -inf)."""

@@ -1,13 +1,15 @@
 """The Triton backend's op table: the functions of `backends/reference/ops.py`, some of them generated.
 
-    generated RowProgram kernels      rms_norm, sigmoid_gate, swiglu, gelu, and row_program (the
-    (TritonRowOp: forward kernel,     expression norms a spec declares); the backward kernel of each
-    backward by IR autodiff)          is printed from `hrmspec.ir.grad` of its forward program
+    generated RowProgram kernels      rms_norm, sigmoid_gate, swiglu, gelu, rope_qk, and row_program
+    (TritonRowOp: forward kernel,     (the fusion plan's regions, expression norms); the backward
+    backward by IR autodiff)          kernel of each is printed from `hrmspec.ir.grad` of its program
     the flash-attention template      attention, when backends/triton/attention.py imports and the
     (backends/triton/attention.py)    mask is one it prints (causal, prefix-LM, bidirectional, each
                                       within packed documents) over equal query and key lengths
-    the reference torch ops           rope, rope_tables, cross_entropy; attention otherwise
-                                      (decoding with a cache, head dims over 128)
+    the chunked linear-CE driver      linear_cross_entropy (the training loss), its softmax steps as
+    with Triton kernels               Triton kernels (backends/triton/linear_ce.py)
+    the reference torch ops           rope_tables, cross_entropy; attention otherwise (decoding with
+                                      a cache, head dims over 128)
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `get_backend`
 before triton is imported). Whatever a kernel cannot run — a row wider than MAX_WIDTH, fp64, a
@@ -34,7 +36,7 @@ rope = reference.rope
 cross_entropy = reference.cross_entropy
 
 FUSED = True  # a Stack runs the fusion pass's regions (runtime/fused.py)
-GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program")  # and attention, see `attention`
+GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "rope_qk", "row_program")  # and attention, the loss
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     """Why generated kernels cannot run on these tensors, or None."""
     reason = beyond_limits(tensors, width, MAX_WIDTH)
@@ -52,6 +54,7 @@ rms_norm = _table.rms_norm
 sigmoid_gate = _table.sigmoid_gate
 swiglu = _table.swiglu
 gelu = _table.gelu
+rope_qk = _table.rope_qk
 
 
 # --------------------------------------------------------------------------- attention
