@@ -1,13 +1,13 @@
 """The generated source of every kernel a spec needs, as files.
 
 The kernels are those of the fusion plan, `fuse_model(build_graph(spec)).kernels`: every fused
-region forward and backward, plus the op-by-op kernels the backends launch today. For one target
-`kernel_files` returns, as {relative file name: text}:
+region, forward and backward. The runtime runs exactly the plan's regions, so these are the
+kernels that run. For one target `kernel_files` returns, as {relative file name: text}:
 
     kernels/<kernel name>.<suffix>   the source of one kernel
     kernels.json                     the manifest: per kernel its name, direction, region kind, row
                                      width, inputs, outputs, the regions it runs in ("L: 0.rope",
-                                     "H: 0.attn_norm (op by op)") and its source file
+                                     "H: inject+0.attn_norm") and its source file
 
 The targets (`TARGETS`):
 
@@ -22,8 +22,21 @@ for the target's storage type (row partials of vector gradients in f32, as the l
 them) and `block_size(width)` threads at the spec's row width; the manifest records both.
 
 `hrmspec compile SPEC --backend B --emit DIR` writes `kernel_files(spec_kernels(spec), B)` under
-DIR. The golden snapshots (tests/test_golden.py, tests/golden/specs/<spec>/) pin
-`snapshot_files(spec)`: the files of every target, each in a folder named after the target.
+DIR. The golden snapshots (tests/test_golden.py) pin `snapshot_files(spec)` of every shipped spec,
+as paths relative to tests/golden/, each distinct source stored once for all specs:
+
+    kernels/triton/<kernel>.py.golden            Triton: the source depends on the program only
+    kernels/<cuda|opencl>/<kernel>.b<block>.<cu|cl>.golden
+                                                 C: on the program and the threads per row (the
+                                                 storage type is the target's)
+    specs/<spec>/<target>.json                   the spec's manifest for the target: the entries
+                                                 of kernels.json, with "golden" (the shared file)
+                                                 in place of "source"
+
+A kernel's name carries a hash of its program, so specs that need the same program at the same
+threads per row share its file (`Target.snapshot_file`); the test fails if two specs print different
+text under one name. The `.golden` suffix keeps the snapshots out of imports, linters and builds:
+they are expected output, not source.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from hrmspec.ir.program import RowProgram
 from hrmspec.spec.load import load_spec
 
 MANIFEST = "kernels.json"
+GOLDEN_SUFFIX = ".golden"
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,17 @@ class Target:
     storage: str | None = None  # f32 | f16 | bf16, for a C dialect
 
     def source_file(self, kernel: KernelInfo) -> str:
+        """Where `hrmspec compile --emit` writes the kernel's source."""
         return f"kernels/{kernel.name}{self.suffix}"
+
+    def variant(self, kernel: KernelInfo) -> str:
+        """What the source depends on besides the program (whose hash the name carries) and the target:
+        nothing for Triton, the threads per row for a C dialect (".b64")."""
+        return "" if self.dialect is None else f".b{block_size(kernel.width)}"
+
+    def snapshot_file(self, kernel: KernelInfo) -> str:
+        """The golden file of the kernel's source, relative to tests/golden/, shared by every spec that needs it."""
+        return f"kernels/{self.name}/{kernel.name}{self.variant(kernel)}{self.suffix}{GOLDEN_SUFFIX}"
 
     def render(self, kernel: KernelInfo) -> str:
         if self.dialect is None:
@@ -83,7 +107,9 @@ def spec_kernels(spec) -> list[KernelInfo]:
     return fuse_model(build_graph(load_spec(spec))).kernels
 
 
-def manifest_entry(kernel: KernelInfo, target: Target) -> dict[str, Any]:
+def manifest_entry(kernel: KernelInfo, target: Target, golden: bool = False) -> dict[str, Any]:
+    """The kernel's entry of kernels.json; with `golden`, that of a spec's golden manifest, which names
+    the shared golden file ("golden") rather than the emitted one ("source")."""
     entry = {
         "kernel": kernel.name,
         "direction": kernel.direction,
@@ -97,6 +123,9 @@ def manifest_entry(kernel: KernelInfo, target: Target) -> dict[str, Any]:
     if target.dialect is not None:
         entry["storage"] = target.storage
         entry["block"] = block_size(kernel.width)
+    if golden:
+        del entry["source"]
+        entry["golden"] = target.snapshot_file(kernel)
     return entry
 
 
@@ -112,12 +141,16 @@ def kernel_files(kernels: list[KernelInfo], target: str) -> dict[str, str]:
 
 
 def snapshot_files(spec) -> dict[str, str]:
-    """The files of every target for `spec`, as "<target>/<file>": what tests/golden/specs/<spec>/ holds."""
+    """The golden files of `spec`, by their path relative to tests/golden/: the source of each of its
+    kernels for every target (shared with the other specs) and its manifest per target; see the module
+    docstring."""
+    spec = load_spec(spec)
     kernels = spec_kernels(spec)
     files = {}
-    for target in TARGETS:
-        for name, text in kernel_files(kernels, target).items():
-            files[f"{target}/{name}"] = text
+    for name, t in TARGETS.items():
+        files.update({t.snapshot_file(k): t.render(k) for k in kernels})
+        manifest = [manifest_entry(k, t, golden=True) for k in kernels]
+        files[f"specs/{spec.name}/{name}.json"] = json.dumps(manifest, indent=1) + "\n"
     return files
 
 
@@ -129,5 +162,5 @@ def write_files(out: Path, files: Mapping[str, str]) -> None:
         path.write_bytes(text.encode("utf-8"))
 
 
-__all__ = ["MANIFEST", "TARGETS", "Target", "kernel_files", "manifest_entry", "snapshot_files", "spec_kernels",
-           "storage_types", "write_files"]
+__all__ = ["GOLDEN_SUFFIX", "MANIFEST", "TARGETS", "Target", "kernel_files", "manifest_entry", "snapshot_files",
+           "spec_kernels", "storage_types", "write_files"]

@@ -55,3 +55,17 @@ model:
 @pytest.fixture
 def tiny_text():
     return TINY
+
+
+@pytest.fixture(scope="session")
+def cl_ops():
+    """The opencl backend's op table, or a skip when this machine has no OpenCL device."""
+    pytest.importorskip("pyopencl")
+    from hrmspec.backends import get_backend
+    from hrmspec.backends.cstyle.opencl import find_device
+
+    try:
+        find_device()
+    except Exception as e:  # no OpenCL platform on this machine
+        pytest.skip(f"no OpenCL device: {e}")
+    return get_backend("opencl")

@@ -292,10 +292,10 @@ def test_launch_arguments_follow_the_kernel_signature(case, dtype, fake_cupy):
         else:  # an integer of the declared C type
             base = ctype.removeprefix("const ")
             assert type(arg) is C_INTS[base], (param, ctype, type(arg))
-            if param == "n_rows":
-                want = job.n_rows
-            elif param == "n_cols":
-                want = job.width
+            if param in ("n_rows", "n_inner", "n_cols"):
+                want = {"n_rows": job.n_rows, "n_inner": job.n_inner, "n_cols": job.width}[param]
+            elif param.endswith("_istride"):  # rows as [n_outer, n_inner, D]: the inner row stride
+                want = tensors[param.removesuffix("_istride")].stride(1)
             else:
                 assert param.endswith("_stride"), param
                 want = tensors[param.removesuffix("_stride")].stride(0)
@@ -307,11 +307,22 @@ def test_rms_norm_launch_arguments_written_out(fake_cupy):
     x, w = _strided(torch.randn(3, 5), 4), torch.randn(5)
     job, call = _launch_on_fake_gpu(CudaRowKernel(PROGRAMS["rms_norm"]), {"x": x, "w": w}, fake_cupy)
     _, _, params = signature(job.path.read_text())
-    assert [q for q, _ in params] == ["x_ptr", "x_stride", "w_ptr", "y_ptr", "y_stride", "n_rows", "n_cols"]
-    x_ptr, x_stride, w_ptr, y_ptr, y_stride, n_rows, n_cols = call.args
+    assert [q for q, _ in params] == ["x_ptr", "x_stride", "x_istride", "w_ptr", "y_ptr", "y_stride", "y_istride",
+                                      "n_rows", "n_inner", "n_cols"]
+    x_ptr, x_stride, x_istride, w_ptr, y_ptr, y_stride, y_istride, n_rows, n_inner, n_cols = call.args
     assert (x_ptr.tensor.data_ptr(), w_ptr.tensor.data_ptr()) == (x.data_ptr(), w.data_ptr())
     assert y_ptr.tensor.data_ptr() == job.tensors["y"].data_ptr()
-    assert (x_stride, y_stride, n_rows, n_cols) == (9, 5, 3, 5)
+    assert (x_stride, x_istride, y_stride, y_istride, n_rows, n_inner, n_cols) == (9, 0, 5, 0, 3, 1, 5)
+
+
+def test_two_level_rows_are_passed_without_a_copy(fake_cupy):
+    # x (2, 3, 5) is every other (3, 5) block of a (2, 4, 3, 5) buffer: no one row stride walks it, two do
+    x = torch.randn(2, 4, 3, 5)[:, 1]
+    job, call = _launch_on_fake_gpu(CudaRowKernel(PROGRAMS["gelu"]), {"x": x}, fake_cupy)
+    x_ptr, x_stride, x_istride, y_ptr, y_stride, y_istride, n_rows, n_inner, n_cols = call.args
+    assert x_ptr.tensor.data_ptr() == x.data_ptr()  # the caller's memory, not a copy
+    assert (x_stride, x_istride, n_rows, n_inner, n_cols) == (60, 5, 6, 3, 5)
+    assert (y_stride, y_istride) == (15, 5)
 
 
 def test_launch_refuses_cpu_tensors(fake_cupy):

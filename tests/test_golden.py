@@ -1,13 +1,16 @@
 """Golden snapshots: the generated source of every kernel the shipped specs need.
 
-tests/golden/specs/<spec>/ holds `snapshot_files(spec)` (hrmspec/emit.py): for each target
-(triton/, cuda/, opencl/) the source of every kernel of the spec's fusion plan and a manifest
-(kernels.json). Any change of the IR, the fusion plan, a printer or a dialect table shows here as a
-diff. After an intended change, regenerate the snapshots (stale files are deleted) and review the
-diff with git:
+tests/golden/ holds `snapshot_files(spec)` (hrmspec/emit.py) of every shipped spec, each distinct
+kernel source once:
+
+    kernels/<target>/<kernel>[.b<block>].<py|cu|cl>.golden   one source, shared by the specs that need it
+    specs/<spec>/<target>.json                               the spec's manifest: its kernels, their golden files
+
+Any change of the IR, the fusion plan, a printer or a dialect table shows here as a diff. After an
+intended change, regenerate the snapshots (stale files are deleted) and review the diff with git:
 
     HRMSPEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
-    git status tests/golden/specs && git diff tests/golden/specs
+    git status tests/golden && git diff tests/golden
 """
 
 import difflib
@@ -16,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +26,14 @@ from pathlib import Path
 import pytest
 
 from hrmspec.cli import main
-from hrmspec.emit import TARGETS, snapshot_files, spec_kernels, write_files
+from hrmspec.emit import GOLDEN_SUFFIX, MANIFEST, TARGETS, kernel_files, snapshot_files, spec_kernels, write_files
 from hrmspec.spec import shipped_specs_dir
 
-GOLDEN = Path(__file__).parent / "golden" / "specs"
+GOLDEN = Path(__file__).parent / "golden"
+FOLDERS = ("kernels", "specs")  # what the snapshots own under GOLDEN (README.md and the single kernels are not theirs)
 UPDATE = os.environ.get("HRMSPEC_UPDATE_GOLDEN", "0") not in ("", "0")
 REGENERATE = "HRMSPEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py"
+REVIEW = "review the result with `git status tests/golden` and `git diff tests/golden`."
 SPECS = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
 DIFF_LINES = 40  # of unified diff in a failure message
 LISTED = 10  # file names listed per kind of problem
@@ -40,23 +44,33 @@ def generated(spec: str) -> dict[str, str]:
     return snapshot_files(spec)
 
 
-def on_disk(folder: Path) -> dict[str, str]:
-    """Every file under `folder`, by its path relative to it."""
-    if not folder.is_dir():
-        return {}
-    return {p.relative_to(folder).as_posix(): p.read_bytes().decode("utf-8")
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def merge(snapshots: dict[str, dict[str, str]]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """The union of the specs' files, and the files two specs generate with different text, as
+    {file: {spec: text}} for every spec that generates it (a bug: the file name misses something its
+    source depends on)."""
+    texts: dict[str, dict[str, str]] = {}
+    for spec, files in snapshots.items():
+        for name, text in files.items():
+            texts.setdefault(name, {})[spec] = text
+    tree = {name: next(iter(by_spec.values())) for name, by_spec in texts.items()}
+    conflicts = {name: by_spec for name, by_spec in texts.items() if len(set(by_spec.values())) > 1}
+    return tree, conflicts
 
 
-def update(folder: Path, want: dict[str, str]) -> None:
-    """Make `folder` hold exactly `want`: write what differs, delete the rest, then empty folders."""
-    have = on_disk(folder)
-    write_files(folder, {name: text for name, text in want.items() if have.get(name) != text})
-    for name in set(have) - set(want):
-        (folder / name).unlink()
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(d.iterdir()):
-            d.rmdir()
+@functools.cache
+def generated_tree() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    return merge({spec: generated(spec) for spec in SPECS})
+
+
+def read(name: str) -> str | None:
+    path = GOLDEN / name
+    return path.read_bytes().decode("utf-8") if path.is_file() else None
+
+
+def on_disk() -> dict[str, str]:
+    """Every file of the snapshots (under GOLDEN/kernels and GOLDEN/specs), by its path relative to GOLDEN."""
+    return {p.relative_to(GOLDEN).as_posix(): p.read_bytes().decode("utf-8")
+            for folder in FOLDERS for p in sorted((GOLDEN / folder).rglob("*")) if p.is_file()}
 
 
 def _listing(title: str, names: list[str]) -> list[str]:
@@ -67,65 +81,129 @@ def _listing(title: str, names: list[str]) -> list[str]:
     return [f"{title} ({len(names)}):"] + [f"  {n}" for n in names[:LISTED]] + more
 
 
-def _diff_excerpt(folder: Path, changed: list[str], have: dict[str, str], want: dict[str, str]) -> list[str]:
-    """The unified diff golden -> generated of the changed files, cut after DIFF_LINES lines."""
-    lines: list[str] = []
-    for name in changed:
-        rel = (folder / name).relative_to(Path(__file__).parent.parent).as_posix()
-        lines += difflib.unified_diff(have[name].splitlines(), want[name].splitlines(), f"{rel} (golden)",
-                                      f"{rel} (generated)", lineterm="")
-        if len(lines) >= DIFF_LINES:
-            return lines[:DIFF_LINES] + ["..."]
-    return lines
+def _diff(a: str, b: str, a_name: str, b_name: str) -> list[str]:
+    return list(difflib.unified_diff(a.splitlines(), b.splitlines(), a_name, b_name, lineterm=""))
+
+
+def _cut(lines: list[str]) -> list[str]:
+    return lines[:DIFF_LINES] + ["..."] if len(lines) > DIFF_LINES else lines
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_kernel_sources_match_the_golden_files(spec):
-    folder, want = GOLDEN / spec, generated(spec)
+    # the spec's manifests and the (shared) source of each of its kernels
+    want = generated(spec)
     if UPDATE:
-        update(folder, want)
-    have = on_disk(folder)
+        write_files(GOLDEN, {name: text for name, text in want.items() if read(name) != text})
+    have = {name: text for name in want if (text := read(name)) is not None}
     missing = sorted(set(want) - set(have))
-    stale = sorted(set(have) - set(want))
-    changed = sorted(n for n in set(want) & set(have) if want[n] != have[n])
-    if not (missing or stale or changed):
+    changed = sorted(n for n in have if want[n] != have[n])
+    if not (missing or changed):
         return
-    message = [f"the generated kernels of spec '{spec}' differ from tests/golden/specs/{spec}/:"]
+    message = [f"the generated kernels of spec '{spec}' differ from tests/golden/:"]
     message += _listing("changed", changed)
-    message += _listing("missing from the golden folder", missing)
-    message += _listing("stale (no longer generated)", stale)
-    message += _diff_excerpt(folder, changed, have, want)
-    message += ["", f"If the change is intended, regenerate the golden files with\n    {REGENERATE}\n"
-                "and review the result with `git status tests/golden/specs` and `git diff tests/golden/specs`."]
+    message += _listing("missing from tests/golden/", missing)
+    diff: list[str] = []
+    for name in changed:
+        diff += _diff(have[name], want[name], f"tests/golden/{name} (golden)", f"tests/golden/{name} (generated)")
+    message += _cut(diff)
+    message += ["", f"If the change is intended, regenerate the golden files with\n    {REGENERATE}\nand {REVIEW}"]
     pytest.fail("\n".join(message), pytrace=False)
 
 
-def test_every_golden_folder_belongs_to_a_shipped_spec():
-    extra = sorted(p.name for p in GOLDEN.iterdir() if p.name not in SPECS) if GOLDEN.is_dir() else []
-    if UPDATE:
-        for name in extra:
-            path = GOLDEN / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+def _groups(texts: dict[str, str]) -> list[tuple[list[str], str]]:
+    """The specs that generate each distinct text, in the order of the specs: [(specs, text)]."""
+    groups: dict[str, list[str]] = {}
+    for spec, text in texts.items():
+        groups.setdefault(text, []).append(spec)
+    return [(specs, text) for text, specs in groups.items()]
+
+
+def test_specs_agree_on_every_shared_file():
+    # a shared file name stands for one source: if two specs print different text under it, its name
+    # misses something the source depends on (Target.variant in hrmspec/emit.py)
+    _, conflicts = generated_tree()
+    if not conflicts:
         return
-    if extra:
-        pytest.fail(f"tests/golden/specs/ holds {extra}, which no shipped spec generates; delete them with\n"
-                    f"    {REGENERATE}", pytrace=False)
+    message = ["specs generate different text under the same golden file name; the name must carry everything "
+               "the source depends on (see Target.variant and Target.snapshot_file in hrmspec/emit.py):"]
+    message += _listing("conflicting (specs grouped by the text they generate)",
+                        [f"{name}: {' | '.join(', '.join(specs) for specs, _ in _groups(texts))}"
+                         for name, texts in sorted(conflicts.items())])
+    name, texts = min(conflicts.items())
+    (a, a_text), (b, b_text) = [(specs[0], text) for specs, text in _groups(texts)[:2]]
+    message += _cut(_diff(a_text, b_text, f"{name} (spec {a})", f"{name} (spec {b})"))
+    pytest.fail("\n".join(message), pytrace=False)
 
 
-def test_the_snapshot_holds_every_kernel_once_per_target():
-    spec = SPECS[0]
+def test_a_conflict_between_specs_is_found():
+    tree, conflicts = merge({"a": {"f": "x", "g": "1"}, "b": {"f": "y", "g": "1"}, "c": {"f": "x"}})
+    assert tree == {"f": "x", "g": "1"}
+    assert conflicts == {"f": {"a": "x", "b": "y", "c": "x"}}
+
+
+def test_no_stale_golden_files():
+    # stale: a shared kernel no spec uses any more, a manifest of a target or a spec that is gone
+    tree, _ = generated_tree()
+    stale = sorted(set(on_disk()) - set(tree))
+    if UPDATE:
+        for name in stale:
+            (GOLDEN / name).unlink()
+        for folder in FOLDERS:
+            dirs = [p for p in (GOLDEN / folder).rglob("*") if p.is_dir()]
+            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                if not any(d.iterdir()):
+                    d.rmdir()
+        return
+    if stale:
+        message = ["tests/golden/ holds files that no shipped spec generates any more:"]
+        message += _listing("stale", stale)
+        message += ["", f"If that is intended, delete them with\n    {REGENERATE}\nand {REVIEW}"]
+        pytest.fail("\n".join(message), pytrace=False)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_snapshot_holds_every_kernel_once_per_target(spec):
     kernels, files = spec_kernels(spec), generated(spec)
     names = [k.name for k in kernels]
     assert len(set(names)) == len(names)
-    for target in TARGETS:
-        sources = sorted(n for n in files if n.startswith(f"{target}/kernels/"))
-        assert sources == sorted(f"{target}/kernels/{n}{TARGETS[target].suffix}" for n in names)
-        manifest = json.loads(files[f"{target}/kernels.json"])
+    manifests = {f"specs/{spec}/{target}.json" for target in TARGETS}
+    assert manifests <= set(files)
+    for target, t in TARGETS.items():
+        manifest = json.loads(files[f"specs/{spec}/{target}.json"])
         assert [e["kernel"] for e in manifest] == names
-        assert all(e["runs_in"] and f"{target}/{e['source']}" in files for e in manifest)
+        assert all(e["runs_in"] and "source" not in e for e in manifest)
+        golden = [e["golden"] for e in manifest]
+        assert sorted(golden) == sorted(n for n in files if n.startswith(f"kernels/{target}/"))
+        variants = [f".b{e['block']}" if t.dialect else "" for e in manifest]
+        assert golden == [f"kernels/{target}/{n}{v}{t.suffix}{GOLDEN_SUFFIX}" for n, v in zip(names, variants)]
+    assert len(files) == len(manifests) + len(TARGETS) * len(names)
+
+
+def as_golden(spec: str, target: str, emitted: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """What `hrmspec compile --backend target --emit DIR` wrote (`emitted`, by path under DIR) next to the
+    golden files it should equal, both keyed by golden file: each source under the name the spec's
+    golden manifest gives its kernel, and the manifest with "source" for "golden"."""
+    golden_manifest = json.loads(read(f"specs/{spec}/{target}.json") or "[]")
+    manifest = json.loads(emitted[MANIFEST])
+    assert [e["kernel"] for e in manifest] == [g["kernel"] for g in golden_manifest]
+    assert set(emitted) == {MANIFEST} | {e["source"] for e in manifest}
+    got = {g["golden"]: emitted[e["source"]] for e, g in zip(manifest, golden_manifest, strict=True)}
+    want = {g["golden"]: read(g["golden"]) for g in golden_manifest}
+    manifest = [{k: v for k, v in e.items() if k != "source"} | {"golden": g["golden"]}
+                for e, g in zip(manifest, golden_manifest, strict=True)]
+    got[f"specs/{spec}/{target}.json"] = json.dumps(manifest, indent=1) + "\n"
+    want[f"specs/{spec}/{target}.json"] = json.dumps(golden_manifest, indent=1) + "\n"
+    return got, want
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_emitted_files_are_the_golden_ones(target):
+    # kernel_files (what --emit writes: kernels/<name>.<suffix> + kernels.json) maps onto the golden files
+    spec = "hrm-text-tiny"
+    got, want = as_golden(spec, target, kernel_files(spec_kernels(spec), target))
+    differ = [n for n in got if got[n] != want[n]]
+    assert not differ, f"what --emit writes for {target} differs from these golden files: {differ}"
 
 
 def _digests(files: dict[str, str]) -> dict[str, str]:
@@ -165,8 +243,13 @@ def test_generation_does_not_depend_on_the_hash_seed():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton")
 def test_compile_emit_writes_the_golden_files_of_its_backend(tmp_path):
-    # what `hrmspec compile --backend triton --emit DIR` writes is what the snapshot holds in triton/
+    # what `hrmspec compile --backend triton --emit DIR` writes (DIR/kernels/<name>.py, DIR/kernels.json)
+    # is, file for file through the golden manifest, what tests/golden/ holds
     spec = "hrm-text-tiny"
     assert main(["compile", spec, "--backend", "triton", "--emit", str(tmp_path)]) == 0
-    written = {n: t for n, t in on_disk(tmp_path).items() if n not in ("spec.yaml", "graph.json")}
-    assert written == {n.removeprefix("triton/"): t for n, t in generated(spec).items() if n.startswith("triton/")}
+    written = {p.relative_to(tmp_path).as_posix(): p.read_bytes().decode("utf-8")
+               for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    emitted = {n: t for n, t in written.items() if n not in ("spec.yaml", "graph.json")}
+    got, want = as_golden(spec, "triton", emitted)
+    differ = [n for n in got if got[n] != want[n]]
+    assert not differ, f"what --emit wrote differs from these golden files: {differ}"

@@ -12,17 +12,6 @@ from hrmspec.spec import load_spec_text
 pytest.importorskip("pyopencl")
 
 
-@pytest.fixture(scope="module")
-def cl_ops():
-    from hrmspec.backends.cstyle.opencl import find_device
-
-    try:
-        find_device()
-    except Exception as e:  # no OpenCL platform on this machine
-        pytest.skip(f"no OpenCL device: {e}")
-    return get_backend("opencl")
-
-
 def test_opencl_backend_runs_a_whole_model_like_the_reference(tiny_text, cl_ops):
     spec = load_spec_text(tiny_text, overrides={"model.modules.L.layers": 1, "model.modules.H.layers": 1})
     torch.manual_seed(0)

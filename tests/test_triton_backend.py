@@ -100,19 +100,20 @@ def test_source_is_deterministic_masked_and_tl_only():
 
 
 GOLDEN_RMS_NORM_FWD = """\
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    outer, inner = (row // n_inner).to(tl.int64), (row % n_inner).to(tl.int64)
     width = tl.cast(n_cols, tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + outer * x_stride + inner * x_istride + cols, mask=mask, other=0.0).to(tl.float32)
     t2 = x * x
     t3 = tl.sum(tl.where(mask, t2, 0.0), axis=0) / width
     t5 = t3 + 1e-06
     t6 = tl.rsqrt(t5)
     t7 = x * t6
     t8 = w * t7
-    tl.store(y_ptr + row * y_stride + cols, t8.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + outer * y_stride + inner * y_istride + cols, t8.to(y_ptr.dtype.element_ty), mask=mask)
 """
 
 
@@ -122,7 +123,8 @@ def test_golden_rms_norm_forward_source():
     name = kernel_name(p, "fwd")
     assert name == "hrm_rms_norm_fwd_8bd3f7fb"
     src = render_module(p, name)
-    head = "def hrm_rms_norm_fwd_8bd3f7fb(\n    x_ptr, x_stride, w_ptr,  # inputs\n    y_ptr, y_stride,  # outputs\n"
+    head = ("def hrm_rms_norm_fwd_8bd3f7fb(\n    x_ptr, x_stride, x_istride, w_ptr,  # inputs\n"
+            "    y_ptr, y_stride, y_istride,  # outputs\n    n_rows, n_inner, n_cols, BLOCK: tl.constexpr,\n")
     assert head in src
     assert src.endswith(GOLDEN_RMS_NORM_FWD), src
 

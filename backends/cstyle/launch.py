@@ -8,7 +8,6 @@ is a `RowOp` (backends/rowops.py) on a launcher's kernels: the differentiable op
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from hrmspec.backends.cstyle import cache
 from hrmspec.backends.cstyle.printer import Dialect, block_size, kernel_name, parameters, render_source
+from hrmspec.backends.rowlayout import row_views
 from hrmspec.backends.rowops import KernelError, RowOp
 from hrmspec.ir import RowProgram
 from hrmspec.ir.evaluate import row_shapes
@@ -26,10 +26,12 @@ MAX_WIDTH = 2**31 - 1  # columns are int indices; rows any width (the threads lo
 
 @dataclass
 class Launch:
-    """One launch, ready for a device: flattened tensors (rows [n_rows, D] with unit stride along
-    D, vectors [D] and per-row scalars [n_rows] contiguous), their storage types and the source."""
+    """One launch, ready for a device: its tensors as the kernel sees them (rows as [n_outer,
+    n_inner, D] views with unit stride along D, vectors [D] and per-row scalars [n_rows]
+    contiguous: backends/rowlayout.py), their storage types and the source."""
 
     n_rows: int
+    n_inner: int  # rows per outer index (backends/rowlayout.py)
     width: int
     block: int
     tensors: dict[str, torch.Tensor]
@@ -45,17 +47,26 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
 
 
+def _row_period(t: torch.Tensor) -> int | None:
+    """The element distance that repeats every row of a [n_outer, n_inner, D] row view, or None."""
+    if t.dim() != 3 or t.stride(2) != 1:
+        return None
+    (n_outer, n_inner, _), (so, si, _) = t.shape, t.stride()
+    if n_inner == 1 or n_outer == 1:
+        return so if n_inner == 1 else si
+    return si if si and so % si == 0 else None
+
+
 def _disjoint_bands(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two [rows, D] views with one row stride s cover disjoint column bands of the same
-    rows of s elements (e.g. the two halves of each row): then no element is shared, however
-    their byte spans interleave."""
-    if a.dim() != 2 or b.dim() != 2 or a.element_size() != b.element_size() or a.stride(1) != 1 or b.stride(1) != 1:
+    """Whether two row views that repeat with one period s cover disjoint column bands of it (e.g.
+    the two halves of each row): then no element is shared, however their byte spans interleave."""
+    s = _row_period(a)
+    if s is None or s != _row_period(b) or a.element_size() != b.element_size():
         return False
-    s = a.stride(0)
-    if s != b.stride(0) or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     d = (b.storage_offset() - a.storage_offset()) % s  # where b's band starts, within a's row
-    return a.shape[1] <= d and d + b.shape[1] <= s
+    return a.shape[-1] <= d and d + b.shape[-1] <= s
 
 
 class CRowKernel:
@@ -97,44 +108,26 @@ class CRowKernel:
         if len(devices) > 1:
             raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
         device = devices.pop()
-        n_rows = math.prod(lead)
         rows = p.kinds_of("row")
         store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-        out = dict(out or {})
-        flat: dict[str, torch.Tensor] = {}
-        for i in p.inputs:
-            t = inputs[i.name]
-            t = t.reshape(n_rows, width) if i.kind == "row" else t.reshape(-1)
-            if t.numel() and (t.stride(-1) != 1 or (i.kind != "row" and not t.is_contiguous())):
-                t = t.contiguous()
-            flat[i.name] = t
-        for o in p.outputs:
-            shape = (*lead, width) if o.kind == "row" else lead
-            if o.name not in out:
-                dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-                out[o.name] = torch.empty(shape, dtype=dtype, device=device)
-            t = out[o.name]
-            if tuple(t.shape) != tuple(shape):
-                raise KernelError(f"{p.name}: output '{o.name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+        def allocate(o, shape):
+            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        for name, t in (out or {}).items():
             if t.dtype not in STORAGE or t.device != device:
-                raise KernelError(f"{p.name}: output '{o.name}' is {t.dtype} on {t.device}; expected fp32, fp16 or "
+                raise KernelError(f"{p.name}: output '{name}' is {t.dtype} on {t.device}; expected fp32, fp16 or "
                                   f"bf16 on {device}")
-            try:  # outputs are written in place: views of [rows, D] with unit stride along D, rows apart
-                f = t.view(n_rows, width) if o.kind == "row" else t.view(n_rows)
-            except RuntimeError:
-                f = None
-            if f is None or (f.numel() and (f.stride(-1) != 1 or (o.kind == "row" and n_rows > 1
-                                                                    and f.stride(0) < width))):
-                raise KernelError(f"{p.name}: output '{o.name}' must be writable in place as rows with unit stride "
-                                  f"along D, got strides {t.stride()}")
-            flat[o.name] = f
+        views = row_views(p, inputs, lead, width, dict(out or {}), allocate)
+        flat = views.tensors
         self._check_overlap(flat)
-        if n_rows == 0:
-            return out
+        if views.n_rows == 0:
+            return views.results
         dtypes = {name: STORAGE[t.dtype] for name, t in flat.items()}
         block = block_size(width)
-        self.launch(Launch(n_rows, width, block, flat, dtypes, self.path(dtypes, block)))
-        return out
+        self.launch(Launch(views.n_rows, views.n_inner, width, block, flat, dtypes, self.path(dtypes, block)))
+        return views.results
 
     def _check_overlap(self, flat: dict[str, torch.Tensor]) -> None:
         # inputs are declared restrict, and a later pass over the row rereads them after stores
@@ -161,8 +154,10 @@ class CRowKernel:
                 args.append(np.int64(offset(t)))
             elif kind == "stride":
                 args.append(np.int64(t.stride(0)))
+            elif kind == "istride":
+                args.append(np.int64(t.stride(1)))
             else:
-                args.append(np.int32(job.n_rows if q.what == "n_rows" else job.width))
+                args.append(np.int32({"n_rows": job.n_rows, "n_inner": job.n_inner, "n_cols": job.width}[q.what]))
         return args
 
 

@@ -211,7 +211,8 @@ CAST = {
 REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "{fmax}({0}, {1})")}
 
 # names the kernel uses itself; an input value of such a name gets a suffix
-RESERVED = {"row", "tid", "col", "cols", "in_row", "red", "width", "step", "n_rows", "n_cols", "half", "bool",
+RESERVED = {"row", "outer", "inner", "tid", "col", "cols", "in_row", "red", "width", "step", "n_rows", "n_inner",
+            "n_cols", "half", "bool",
             "float", "int", "long", "char", "short", "double", "uint", "ushort", "uchar", "ulong", "void", "const",
             "restrict", "inline", "static", "extern", "if", "else", "for", "while", "do", "return", "break",
             "continue", "switch", "case", "default", "goto", "sizeof", "struct", "union", "enum", "typedef",
@@ -223,9 +224,9 @@ RESERVED = {"row", "tid", "col", "cols", "in_row", "red", "width", "step", "n_ro
 
 def identifier(name: str) -> str:
     """A C name for an input's loaded value that clashes with no keyword, builtin, parameter
-    (*_ptr, *_offset, *_stride) or temporary (t<i>, a<i>) of the kernel."""
+    (*_ptr, *_offset, *_stride, *_istride) or temporary (t<i>, a<i>) of the kernel."""
     if (name in RESERVED or name.startswith("_") or re.fullmatch(r"[ta]\d+", name)
-            or name.endswith(("_ptr", "_offset", "_stride"))):
+            or name.endswith(("_ptr", "_offset", "_stride", "_istride"))):
         return f"{name}_v"
     return name
 
@@ -274,20 +275,22 @@ def block_size(width: int) -> int:
 @dataclass(frozen=True)
 class Param:
     name: str
-    what: str  # ptr_in, offset_in, stride_in, ptr_out, offset_out, stride_out, n_rows, n_cols
+    what: str  # ptr_/offset_/stride_/istride_ + in/out, n_rows, n_inner, n_cols
     ref: str = ""  # the input or output it belongs to
 
 
 def parameters(program: RowProgram, d: Dialect) -> list[Param]:
     """The kernel parameters in order: per input, then per output, the dialect's pointer
-    parameters (and a row stride for rows); then n_rows and n_cols."""
+    parameters (and, for rows, the outer and inner row strides: a row is at (row / n_inner) * stride
+    + (row % n_inner) * istride, see backends/rowlayout.py); then n_rows, n_inner and n_cols."""
     params = []
     for group, items in (("in", program.inputs), ("out", program.outputs)):
         for item in items:
             params += [Param(f"{item.name}_{part}", f"{part}_{group}", item.name) for part in d.pointer_params]
             if item.kind == "row":
                 params.append(Param(f"{item.name}_stride", f"stride_{group}", item.name))
-    params += [Param("n_rows", "n_rows"), Param("n_cols", "n_cols")]
+                params.append(Param(f"{item.name}_istride", f"istride_{group}", item.name))
+    params += [Param("n_rows", "n_rows"), Param("n_inner", "n_inner"), Param("n_cols", "n_cols")]
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise KernelError(f"{program.name}: kernel parameters clash ({', '.join(names)}); rename an input or output")
@@ -299,7 +302,7 @@ def _declare(p: Param, d: Dialect, dtypes: Mapping[str, str]) -> str:
         return f"{d.global_prefix}const {d.type_map[dtypes[p.ref]]}*{d.restrict} {p.name}"
     if p.what == "ptr_out":
         return f"{d.global_prefix}{d.type_map[dtypes[p.ref]]}* {p.name}"
-    return f"const {d.type_map['i32' if p.what in ('n_rows', 'n_cols') else 'i64']} {p.name}"
+    return f"const {d.type_map['i32' if p.what in ('n_rows', 'n_inner', 'n_cols') else 'i64']} {p.name}"
 
 
 @dataclass
@@ -359,7 +362,7 @@ class _Printer:
         self.lines.append("  " * depth + line)
 
     def index(self, name: str, kind: str) -> str:
-        i = {"row": f"row * {name}_stride + col", "vector": "col", "scalar": "row"}[kind]
+        i = {"row": f"outer * {name}_stride + inner * {name}_istride + col", "vector": "col", "scalar": "row"}[kind]
         return self.d.index.format(name=name, i=i)
 
     def define(self, depth: int, i: int) -> None:
@@ -428,6 +431,9 @@ class _Printer:
         # a block past the last row touches no memory but still meets every barrier: no early return, which
         # a barrier-unaware compiler (PoCL's work-group loops) must not see either
         self.emit(1, "const bool in_row = row < n_rows;")
+        if p.kinds_of("row") or any(o.kind == "row" for o in p.outputs):
+            # 32-bit division (rows are ints; a 64-bit one is a slow library call), 64-bit products below
+            self.emit(1, f"const {d.type_map['i64']} outer = (int)row / n_inner, inner = (int)row % n_inner;")
         self.emit(1, "const int cols = in_row ? n_cols : 0;")
         if p.uses_width or any(n.op == "mean" for n in p.nodes):
             self.emit(1, "const float width = (float)n_cols;")
@@ -469,10 +475,10 @@ def render_kernel(program: RowProgram, name: str, dialect: Dialect, dtypes: Mapp
     params = parameters(program, d)
     head = [f"{d.kernel_prefix.format(block=block)} {name}("]
     for group, items in (("in", program.inputs), ("out", program.outputs)):
-        for item in items:  # one line per buffer: its pointer, offset and stride
+        for item in items:  # one line per buffer: its pointer, offset and strides
             decl = ", ".join(_declare(q, d, dtypes) for q in params if q.ref == item.name and q.what.endswith(group))
             head.append(f"    {decl},  // {'input' if group == 'in' else 'output'} {item.name}: {item.kind}")
-    head.append("    const int n_rows, const int n_cols) {")
+    head.append("    const int n_rows, const int n_inner, const int n_cols) {")
     doc = ["  // " + line for line in str(program).splitlines()]
     return "\n".join(head + doc + _Printer(program, d, dtypes, block).body() + ["}"]) + "\n"
 

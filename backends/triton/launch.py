@@ -7,10 +7,9 @@ backward (`hrmspec.ir.grad`), whose per-row partials of weight gradients are sum
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from hrmspec.backends.rowlayout import row_views
 from hrmspec.backends.rowops import KernelError, RowOp
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.printer import kernel_name, parameters, render_module
@@ -38,8 +37,8 @@ class RowKernel:
     def __call__(self, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None,
                  out_dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
         """Run over all rows. `out` may hold preallocated outputs (rows [..., D] with unit stride
-        along D, scalars [...] contiguous); the others are allocated, in `out_dtypes[name]` or the
-        dtype of the first row input."""
+        along D, scalars [...] contiguous; see backends/rowlayout.py); the others are allocated,
+        in `out_dtypes[name]` or the dtype of the first row input."""
         p = self.program
         lead, width = row_shapes(p, inputs)
         if width > MAX_WIDTH:
@@ -49,53 +48,30 @@ class RowKernel:
         if len(devices) > 1:
             raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
         device = devices.pop()
-        n_rows = math.prod(lead)
         rows = p.kinds_of("row")
         store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-        out = dict(out or {})
-        flat_out = {}
-        for o in p.outputs:
-            shape = (*lead, width) if o.kind == "row" else lead
-            if o.name not in out:
-                dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-                out[o.name] = torch.empty(shape, dtype=dtype, device=device)
-            t = out[o.name]
-            if tuple(t.shape) != tuple(shape):
-                raise KernelError(f"{p.name}: output '{o.name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            try:  # outputs are written in place: they must be views of [rows, D] with unit stride along D
-                flat = t.view(n_rows, width) if o.kind == "row" else t.view(n_rows)
-            except RuntimeError:
-                flat = None
-            if flat is None or (flat.numel() and flat.stride(-1) != 1):
-                raise KernelError(f"{p.name}: output '{o.name}' must be writable in place as rows with unit stride "
-                                  f"along D, got strides {t.stride()}")
-            flat_out[o.name] = flat
-        if n_rows == 0:
-            return out
-        flat_in = {}
-        for i in p.inputs:
-            t = inputs[i.name]
-            t = t.reshape(n_rows, width) if i.kind == "row" else t.reshape(-1)
-            if t.numel() and t.stride(-1) != 1:
-                t = t.contiguous()
-            flat_in[i.name] = t
+
+        def allocate(o, shape):
+            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        job = row_views(p, inputs, lead, width, dict(out or {}), allocate)
+        if job.n_rows == 0:
+            return job.results
         args = []
         for _, what, ref in parameters(p):
-            if what == "ptr_in":
-                args.append(flat_in[ref])
-            elif what == "stride_in":
-                args.append(flat_in[ref].stride(0))
-            elif what == "ptr_out":
-                args.append(flat_out[ref])
-            elif what == "stride_out":
-                args.append(flat_out[ref].stride(0))
-            elif what == "n_rows":
-                args.append(n_rows)
+            t = job.tensors.get(ref)
+            if what.startswith("ptr"):
+                args.append(t)
+            elif what.startswith("stride"):
+                args.append(t.stride(0))
+            elif what.startswith("istride"):
+                args.append(t.stride(1))
             else:
-                args.append(width)
+                args.append({"n_rows": job.n_rows, "n_inner": job.n_inner, "n_cols": width}[what])
         block = triton_next_power_of_2(width)
-        self.fn[(n_rows,)](*args, BLOCK=block, num_warps=num_warps(block))
-        return out
+        self.fn[(job.n_rows,)](*args, BLOCK=block, num_warps=num_warps(block))
+        return job.results
 
 
 def triton_next_power_of_2(n: int) -> int:

@@ -77,7 +77,8 @@ def _round_bf16(a):
 REDUCE_FOR_OP = {"sum": ("tl.sum", "0.0"), "mean": ("tl.sum", "0.0"), "max": ("tl.max", 'float("-inf")')}
 TORCH_TO_TL = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
 
-RESERVED = {"row", "cols", "mask", "in_row", "width", "n_rows", "n_cols", "BLOCK", "tl", "triton", "float"}
+RESERVED = {"row", "outer", "inner", "cols", "mask", "in_row", "width", "n_rows", "n_inner", "n_cols", "BLOCK", "tl",
+            "triton", "float"}
 
 
 def literal(v: float) -> str:
@@ -111,8 +112,9 @@ def POW(a: str, c: float) -> str:
 
 def identifier(name: str) -> str:
     """A Python name for an input or output value that cannot clash with the kernel's own names
-    (t<i> temporaries, pointers *_ptr, strides *_stride, the fixed names above)."""
-    if name in RESERVED or keyword.iskeyword(name) or re.fullmatch(r"t\d+", name) or name.endswith(("_ptr", "_stride")):
+    (t<i> temporaries, pointers *_ptr, strides *_stride and *_istride, the fixed names above)."""
+    own = name.endswith(("_ptr", "_stride", "_istride"))
+    if name in RESERVED or keyword.iskeyword(name) or re.fullmatch(r"t\d+", name) or own:
         return f"{name}_v"
     return name
 
@@ -125,17 +127,16 @@ def kernel_name(program: RowProgram, direction: str, base: str | None = None) ->
 
 def parameters(program: RowProgram) -> list[tuple[str, str, str]]:
     """The kernel parameters in order: (parameter name, what it is, the input/output name).
-    What it is: ptr_in, stride_in, ptr_out, stride_out, n_rows, n_cols."""
+    What it is: ptr_in, stride_in, istride_in, ptr_out, stride_out, istride_out, n_rows, n_inner,
+    n_cols. A row's address is (row // n_inner) * stride + (row % n_inner) * istride (backends/rowlayout.py)."""
     params = []
-    for i in program.inputs:
-        params.append((f"{i.name}_ptr", "ptr_in", i.name))
-        if i.kind == "row":
-            params.append((f"{i.name}_stride", "stride_in", i.name))
-    for o in program.outputs:
-        params.append((f"{o.name}_ptr", "ptr_out", o.name))
-        if o.kind == "row":
-            params.append((f"{o.name}_stride", "stride_out", o.name))
-    return params + [("n_rows", "n_rows", ""), ("n_cols", "n_cols", "")]
+    for group, items in (("in", program.inputs), ("out", program.outputs)):
+        for item in items:
+            params.append((f"{item.name}_ptr", f"ptr_{group}", item.name))
+            if item.kind == "row":
+                params.append((f"{item.name}_stride", f"stride_{group}", item.name))
+                params.append((f"{item.name}_istride", f"istride_{group}", item.name))
+    return params + [("n_rows", "n_rows", ""), ("n_inner", "n_inner", ""), ("n_cols", "n_cols", "")]
 
 
 def render_kernel(program: RowProgram, name: str) -> str:
@@ -145,10 +146,13 @@ def render_kernel(program: RowProgram, name: str) -> str:
     ins = ", ".join(n for n, what, _ in params if what.endswith("_in"))
     outs = ", ".join(n for n, what, _ in params if what.endswith("_out"))
     body = [
-        "row = tl.program_id(0).to(tl.int64)",
+        "row = tl.program_id(0)",
         "cols = tl.arange(0, BLOCK)",
         "mask = cols < n_cols",
     ]
+    if p.kinds_of("row") or any(o.kind == "row" for o in p.outputs):
+        # a row at outer * stride + inner * istride: a 32-bit division, 64-bit offsets
+        body.append("outer, inner = (row // n_inner).to(tl.int64), (row % n_inner).to(tl.int64)")
     if any(i.kind == "scalar" for i in p.inputs) or any(o.kind == "scalar" for o in p.outputs):
         body.append("in_row = row < n_rows  # true for grid = (n_rows,); it bounds the per-row scalar accesses")
     if p.uses_width or any(n.op == "mean" for n in p.nodes):
@@ -157,8 +161,8 @@ def render_kernel(program: RowProgram, name: str) -> str:
     for i, n in enumerate(p.nodes):
         if n.op == "input":
             v, kind = identifier(n.arg), n.kind
-            addr = {"row": f"{n.arg}_ptr + row * {n.arg}_stride + cols", "vector": f"{n.arg}_ptr + cols",
-                    "scalar": f"{n.arg}_ptr + row"}[kind]
+            addr = {"row": f"{n.arg}_ptr + outer * {n.arg}_stride + inner * {n.arg}_istride + cols",
+                    "vector": f"{n.arg}_ptr + cols", "scalar": f"{n.arg}_ptr + row"}[kind]
             m = "in_row" if kind == "scalar" else "mask"
             body.append(f"{v} = tl.load({addr}, mask={m}, other=0.0).to(tl.float32)")
             refs.append(v)
@@ -190,7 +194,7 @@ def render_kernel(program: RowProgram, name: str) -> str:
         if o.kind == "row":
             if n.kind not in ("row", "vector"):  # a per-row scalar or a constant stored over the whole row
                 v = f"({v} + tl.zeros([BLOCK], dtype=tl.float32))"
-            body.append(f"tl.store({o.name}_ptr + row * {o.name}_stride + cols, "
+            body.append(f"tl.store({o.name}_ptr + outer * {o.name}_stride + inner * {o.name}_istride + cols, "
                         f"{v}.to({o.name}_ptr.dtype.element_ty), mask=mask)")
         else:
             if n.kind == "const":
@@ -198,7 +202,7 @@ def render_kernel(program: RowProgram, name: str) -> str:
             body.append(f"tl.store({o.name}_ptr + row, {v}.to({o.name}_ptr.dtype.element_ty), mask=in_row)")
     doc = "\n".join("    # " + line for line in str(p).splitlines())
     lines = ["@triton.jit", f"def {name}(", f"    {ins},  # inputs", f"    {outs},  # outputs",
-             "    n_rows, n_cols, BLOCK: tl.constexpr,", "):", doc]
+             "    n_rows, n_inner, n_cols, BLOCK: tl.constexpr,", "):", doc]
     return "\n".join(lines + ["    " + line for line in body]) + "\n"
 
 
@@ -216,6 +220,6 @@ def signature(program: RowProgram, dtypes: dict[str, str]) -> dict[str, str]:
     bf16 or fp16 (the storage type of the pointer)."""
     sig = {}
     for pname, what, ref in parameters(program):
-        sig[pname] = f"*{dtypes[ref]}" if what.startswith("ptr") else "i64" if what.startswith("stride") else "i32"
+        sig[pname] = f"*{dtypes[ref]}" if what.startswith("ptr") else "i64" if "stride" in what else "i32"
     sig["BLOCK"] = "constexpr"
     return sig

@@ -5,12 +5,12 @@
 #pragma OPENCL FP_CONTRACT OFF
 
 __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_7e8e4f89(
-    __global const half* restrict x_ptr, const long x_offset, const long x_stride,  // input x: row
+    __global const half* restrict x_ptr, const long x_offset, const long x_stride, const long x_istride,  // input x: row
     __global const half* restrict w_ptr, const long w_offset,  // input w: vector
-    __global const half* restrict d_y_ptr, const long d_y_offset, const long d_y_stride,  // input d_y: row
-    __global half* d_x_ptr, const long d_x_offset, const long d_x_stride,  // output d_x: row
-    __global float* d_w_ptr, const long d_w_offset, const long d_w_stride,  // output d_w: row
-    const int n_rows, const int n_cols) {
+    __global const half* restrict d_y_ptr, const long d_y_offset, const long d_y_stride, const long d_y_istride,  // input d_y: row
+    __global half* d_x_ptr, const long d_x_offset, const long d_x_stride, const long d_x_istride,  // output d_x: row
+    __global float* d_w_ptr, const long d_w_offset, const long d_w_stride, const long d_w_istride,  // output d_w: row
+    const int n_rows, const int n_inner, const int n_cols) {
   // rms_norm_bwd(x: row, w: vector, d_y: row) -> (d_x: row, d_w: row (row partial))  [hash 7e8e4f89]
   //   %1   = mul x x                            row
   //   %2   = mean %1                            scalar
@@ -36,16 +36,17 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
   const long row = get_group_id(0);
   const int tid = get_local_id(0);
   const bool in_row = row < n_rows;
+  const long outer = (int)row / n_inner, inner = (int)row % n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
   // pass 1: mean %1, sum %11
   float a2 = 0.0f;
   float a12 = 0.0f;
   for (int col = tid; col < cols; col += 128) {
-    const float x = vload_half(x_offset + row * x_stride + col, x_ptr);
+    const float x = vload_half(x_offset + outer * x_stride + inner * x_istride + col, x_ptr);
     const float t1 = x * x;
     const float w = vload_half(w_offset + col, w_ptr);
-    const float d_y = vload_half(d_y_offset + row * d_y_stride + col, d_y_ptr);
+    const float d_y = vload_half(d_y_offset + outer * d_y_stride + inner * d_y_istride + col, d_y_ptr);
     const float t10 = w * d_y;
     const float t11 = t10 * x;
     a2 = a2 + t1;
@@ -72,9 +73,9 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
   const float t17 = t15 / width;
   // pass 2: the row outputs
   for (int col = tid; col < cols; col += 128) {
-    const float x = vload_half(x_offset + row * x_stride + col, x_ptr);
+    const float x = vload_half(x_offset + outer * x_stride + inner * x_istride + col, x_ptr);
     const float w = vload_half(w_offset + col, w_ptr);
-    const float d_y = vload_half(d_y_offset + row * d_y_stride + col, d_y_ptr);
+    const float d_y = vload_half(d_y_offset + outer * d_y_stride + inner * d_y_istride + col, d_y_ptr);
     const float t10 = w * d_y;
     const float t18 = t17 * x;
     const float t20 = t18 * 2.0f;
@@ -82,7 +83,7 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
     const float t22 = t20 + t21;
     const float t23 = x * t5;
     const float t24 = d_y * t23;
-    vstore_half_rte(t22, d_x_offset + row * d_x_stride + col, d_x_ptr);
-    d_w_ptr[d_w_offset + row * d_w_stride + col] = t24;
+    vstore_half_rte(t22, d_x_offset + outer * d_x_stride + inner * d_x_istride + col, d_x_ptr);
+    d_w_ptr[d_w_offset + outer * d_w_stride + inner * d_w_istride + col] = t24;
   }
 }

@@ -14,10 +14,10 @@ static __device__ __forceinline__ unsigned short hrm_f32_to_bf16(const float f) 
 }
 
 extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
-    const unsigned short* __restrict__ x_ptr, const long long x_stride,  // input x: row
+    const unsigned short* __restrict__ x_ptr, const long long x_stride, const long long x_istride,  // input x: row
     const unsigned short* __restrict__ w_ptr,  // input w: vector
-    unsigned short* y_ptr, const long long y_stride,  // output y: row
-    const int n_rows, const int n_cols) {
+    unsigned short* y_ptr, const long long y_stride, const long long y_istride,  // output y: row
+    const int n_rows, const int n_inner, const int n_cols) {
   // rms_norm(x: row, w: vector) -> (y: row)  [hash 8bd3f7fb]
   //   %2   = mul x x                            row
   //   %3   = mean %2                            scalar
@@ -30,12 +30,13 @@ extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
   const long long row = blockIdx.x;
   const int tid = threadIdx.x;
   const bool in_row = row < n_rows;
+  const long long outer = (int)row / n_inner, inner = (int)row % n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
   // pass 1: mean %2
   float a3 = 0.0f;
   for (int col = tid; col < cols; col += 128) {
-    const float x = hrm_bf16_to_f32(x_ptr[row * x_stride + col]);
+    const float x = hrm_bf16_to_f32(x_ptr[outer * x_stride + inner * x_istride + col]);
     const float t2 = x * x;
     a3 = a3 + t2;
   }
@@ -53,9 +54,9 @@ extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
   // pass 2: the row outputs
   for (int col = tid; col < cols; col += 128) {
     const float w = hrm_bf16_to_f32(w_ptr[col]);
-    const float x = hrm_bf16_to_f32(x_ptr[row * x_stride + col]);
+    const float x = hrm_bf16_to_f32(x_ptr[outer * x_stride + inner * x_istride + col]);
     const float t7 = x * t6;
     const float t8 = w * t7;
-    y_ptr[row * y_stride + col] = hrm_f32_to_bf16(t8);
+    y_ptr[outer * y_stride + inner * y_istride + col] = hrm_f32_to_bf16(t8);
   }
 }
