@@ -93,7 +93,9 @@ CUDA = Dialect(
     name="cuda",
     suffix=".cu",
     prelude="// compile with --fmad=false: a product and a sum are never contracted into an fma, so a value\n"
-            "// recomputed in a later pass over the row is bit-identical (max's backward compares them)\n",
+            "// recomputed in a later pass over the row is bit-identical (max's backward compares them);\n"
+            "// and --prec-div=false: division within 2 ulp, as Triton's (IEEE division's slow path is a\n"
+            "// call that needs a stack frame on sm_90)\n",
     kernel_prefix='extern "C" __global__ void __launch_bounds__({block})',
     helper_prefix="static __device__ __forceinline__",
     global_prefix="",
@@ -136,7 +138,7 @@ static __device__ __forceinline__ float hrm_round_f16(const float f) {
         **_bf16_helpers(fn="static __device__ __forceinline__", u16="unsigned short", u32="unsigned int",
                         as_float="__uint_as_float", as_uint="__float_as_uint"),
     },
-    compile_options=("--fmad=false",),
+    compile_options=("--fmad=false", "--prec-div=false"),
 )
 
 OPENCL = Dialect(

@@ -1,7 +1,7 @@
 """The spec language: YAML in, a typed and validated `Spec` out. Knows nothing of torch."""
 
 from hrmspec.spec.grammar import INPUT, Statement, parse_statement
-from hrmspec.spec.load import load_spec, load_spec_text, shipped_specs_dir
+from hrmspec.spec.load import load_spec, load_spec_text
 from hrmspec.spec.schema import (
     AttentionSpec,
     BlockSpec,
@@ -15,6 +15,7 @@ from hrmspec.spec.schema import (
     Spec,
     StateSpec,
 )
+from hrmspec.spec.shipped import shipped_specs_dir
 from hrmspec.spec.source import parse_override
 
 __all__ = [

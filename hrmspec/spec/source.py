@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from hrmspec.errors import Location, SpecError, close_match
+from hrmspec.spec.shipped import shipped_specs_dir
 
 PathT = tuple  # a path into the document: ("model", "modules", "L", "layers")
 
@@ -190,8 +191,6 @@ def read_source(path: str | Path, _chain: tuple[str, ...] = ()) -> Source:
 
 
 def _missing_file_hint(path: Path) -> str:
-    from hrmspec.spec.load import shipped_specs_dir
-
     shipped = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
     return (
         _near_file(path)

@@ -1,0 +1,254 @@
+"""The `model` section of a spec, validated into a `ModelSpec`.
+
+`read_model` reads the sizes (vocab, d_model, heads, ...), the shared layer (`model.block`, see
+`hrmspec.spec.block`), the modules and the states, the schedule (`hrmspec.spec.schedule`), the
+output state, the head, the init and embedding scale, and the credit plan
+(`hrmspec.spec.credit`). It also makes the checks that span several of these: every declared
+module is called, the input reaches the model, the output is a state the schedule assigns, and
+rotary embeddings get an even head_dim.
+"""
+
+from __future__ import annotations
+
+from hrmspec.spec.block import layer_fields, mlp_width, width_fields
+from hrmspec.spec.credit import read_credit
+from hrmspec.spec.fields import Fields, describe, near
+from hrmspec.spec.grammar import INPUT
+from hrmspec.spec.schedule import check_names, flatten, read_schedule
+from hrmspec.spec.schema import (
+    AttentionSpec,
+    BlockSpec,
+    InitSpec,
+    ModelSpec,
+    ModuleSpec,
+    NormSpec,
+    StateSpec,
+    lecun_std,
+)
+from hrmspec.spec.source import PathT, Source
+
+_STATE_INITS = ("embed", "buffer", "zeros", "learned")
+_WEIGHT_INITS = ("lecun_normal", "normal")
+
+
+def read_model(src: Source, top: Fields) -> ModelSpec:
+    """The `model` mapping of the document; `top` reads the top level and records 'model' as read."""
+    path: PathT = ("model",)
+    top.raw("model")
+    f = Fields(src, path, "a mapping (vocab, d_model, heads, ...)", "model")
+    vocab = f.integer("vocab")
+    d_model = f.integer("d_model")
+    heads = f.integer("heads")
+    head_dim = f.integer("head_dim", 0)
+    if not head_dim:
+        if d_model % heads:
+            f.fail(
+                path + ("heads",),
+                f"expected heads to divide d_model ({d_model}), found {heads}",
+                _divisor_hint(d_model, heads),
+            )
+        head_dim = d_model // heads
+    max_seq_len = f.integer("max_seq_len", 2048)
+    final_norm = f.boolean("final_norm", False)
+
+    # the shared layer (model.block) and the MLP width (model.ffn or model.expansion)
+    bf = Fields(src, path + ("block",), "a mapping {norm, attention, mlp}", "model.block")
+    f.read.add("block")
+    norm, attention, mlp = layer_fields(bf, BlockSpec(NormSpec(), AttentionSpec(), "swiglu", 0))
+    bf.finish()
+    ffn, expansion = width_fields(f)
+    block = BlockSpec(norm, attention, mlp, mlp_width(mlp, d_model, ffn, expansion) or 0)  # 0: set per module
+
+    modules = _modules(src, path + ("modules",), f, block, d_model, ffn, expansion)
+    module_names = [m.name for m in modules]
+    uses_rope = [m for m in modules if m.block.attention.rope_theta is not None]
+    if uses_rope and head_dim % 2:
+        if f.has("head_dim"):
+            f.fail(path + ("head_dim",), f"expected an even head_dim (rotary embeddings), found {head_dim}")
+        f.fail(
+            path + ("heads",),
+            f"expected an even head_dim for rotary embeddings, found d_model / heads = {head_dim}",
+            "choose heads so that d_model / heads is even, or set rope_theta: none",
+        )
+
+    states = _states(src, path + ("states",), f, module_names)
+    state_names = [s.name for s in states]
+
+    schedule = read_schedule(src, path + ("schedule",), f.raw("schedule"))
+    statements = flatten(schedule)
+    for st in statements:
+        check_names(st, module_names, state_names)
+    called = [st.module for st in statements]
+    for m in module_names:
+        if m not in called:
+            f.fail(
+                path + ("modules", m),
+                f"module '{m}' is declared but never called in the schedule",
+                f'call it, e.g. "{state_names[0]} = {m}({state_names[0]})", or remove it',
+                key=True,
+            )
+    if not any(s.init == "embed" for s in states) and not any(INPUT in st.inputs for st in statements):
+        f.fail(
+            path + ("states",),
+            f"the input never reaches the model: no state has 'init: embed' and no statement reads '{INPUT}'",
+            f"e.g. {state_names[0]}: {{init: embed}}, or add '{INPUT}' to a sum",
+            key=True,
+        )
+
+    output = f.raw("output", state_names[0])
+    if output not in state_names:
+        hint = near(output, state_names) or (
+            f"'{INPUT}' is the input embedding, not a state"
+            if output == INPUT
+            else f"states: {', '.join(state_names)}"
+        )
+        f.fail(path + ("output",), f"expected a state, found {describe(output)}", hint)
+    assigned = [st.target for st in statements]
+    if output not in assigned:
+        where = path + ("output",) if f.has("output") else path
+        f.fail(
+            where,
+            f"expected the output to be a state the schedule assigns ({', '.join(dict.fromkeys(assigned))}), "
+            f"found '{output}'",
+            key=not f.has("output"),
+        )
+    head = f.choice("head", ("tied", "untied"), "untied")
+
+    init = _init(src, path, f)
+    scale = f.raw("embed_scale", "auto")
+    if scale == "auto":
+        # the embedding table is initialised with std s and scaled by 1/s, so z_H starts at unit scale
+        scale = 1.0 / (lecun_std(d_model) if init.type == "lecun_normal" else init.std)
+    elif isinstance(scale, str) and not _is_number(scale):
+        hint = near(scale, ["auto"]) or "auto: 1 / (the embedding's init std)"
+        f.fail(path + ("embed_scale",), f"expected a positive number or auto, found {describe(scale)}", hint)
+    else:
+        scale = f.number("embed_scale", positive=True)
+
+    credit = read_credit(src, path + ("credit",), called)
+    f.read.add("credit")
+    f.finish()
+    return ModelSpec(
+        vocab=vocab,
+        d_model=d_model,
+        heads=heads,
+        head_dim=head_dim,
+        block=block,
+        modules=tuple(modules),
+        states=tuple(states),
+        schedule=schedule,
+        output=output,
+        head=head,
+        embed_scale=float(scale),
+        init=init,
+        credit=credit,
+        max_seq_len=max_seq_len,
+        final_norm=final_norm,
+    )
+
+
+def _divisor_hint(d_model: int, heads: int) -> str:
+    below = max(h for h in range(1, heads) if d_model % h == 0) if heads > 1 else None
+    above = min((h for h in range(heads + 1, d_model + 1) if d_model % h == 0), default=None)
+    options = " or ".join(str(h) for h in (below, above) if h is not None)
+    return f"use heads {options} (divisors of {d_model}), or set head_dim"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _modules(
+    src: Source,
+    path: PathT,
+    f: Fields,
+    block: BlockSpec,
+    d_model: int,
+    ffn: int | None,
+    expansion: float | None,
+) -> list[ModuleSpec]:
+    """model.modules: each module's block is `block` with the module's own fields applied."""
+    f.raw("modules")
+    mf = Fields(
+        src, path, "a mapping of module name -> {layers, ...}", hint="e.g. modules: {L: {layers: 2}}"
+    )
+    if not mf.data:
+        mf.fail(path, "expected at least one module", "e.g. modules: {L: {layers: 2}, H: {layers: 2}}")
+    modules = []
+    for name in list(mf.data):
+        mpath = path + (name,)
+        if not isinstance(name, str) or not name.isidentifier() or name == INPUT:
+            mf.fail(
+                mpath,
+                f"expected a module name (an identifier other than '{INPUT}'), found {name!r}",
+                key=True,
+            )
+        shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
+        g = Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
+        layers = g.integer("layers")
+        exit_norm = g.choice("exit_norm", ("rms", "none"), "rms")
+        norm, attention, mlp = layer_fields(g, block)
+        own_ffn, own_expansion = width_fields(g)
+        width = mlp_width(mlp, d_model, own_ffn, own_expansion)
+        if width is None:  # the module's own width first, then the model's
+            width = mlp_width(mlp, d_model, ffn, expansion)
+        if width is None:
+            g.fail(mpath, "expected an MLP width: model.ffn, model.expansion or this module's ffn", key=True)
+        g.finish()
+        modules.append(
+            ModuleSpec(
+                name=name, layers=layers, exit_norm=exit_norm, block=BlockSpec(norm, attention, mlp, width)
+            )
+        )
+        mf.read.add(name)
+    return modules
+
+
+def _states(src: Source, path: PathT, f: Fields, module_names: list[str]) -> list[StateSpec]:
+    """model.states: each state's name and how it starts."""
+    f.raw("states")
+    sf = Fields(src, path, "a mapping of state name -> {init}", hint="e.g. states: {z_H: {init: embed}}")
+    if not sf.data:
+        sf.fail(path, "expected at least one state", "e.g. states: {z_H: {init: embed}}")
+    states = []
+    for name in list(sf.data):
+        spath = path + (name,)
+        if name == INPUT:
+            sf.fail(spath, f"'{INPUT}' is the input embedding and cannot be declared as a state", key=True)
+        if not isinstance(name, str) or not name.isidentifier():
+            sf.fail(spath, f"expected a state name (an identifier), found {name!r}", key=True)
+        if name in module_names:
+            sf.fail(
+                spath,
+                f"expected distinct module and state names, found '{name}' as both",
+                "rename one",
+                key=True,
+            )
+        shorthand = f"write {name}: {{init: {sf.data[name]}}}" if sf.data[name] in _STATE_INITS else ""
+        g = Fields(
+            src, spath, "a mapping {init: embed | buffer | zeros | learned}", "model.states.<name>", shorthand
+        )
+        states.append(StateSpec(name=name, init=g.choice("init", _STATE_INITS)))
+        g.finish()
+        sf.read.add(name)
+    return states
+
+
+def _init(src: Source, path: PathT, f: Fields) -> InitSpec:
+    """model.init: the weight init, a name or a mapping {type, std}."""
+    node = f.raw("init", None)
+    if node is None:
+        return InitSpec()
+    if isinstance(node, str):
+        return InitSpec(type=f.choice("init", _WEIGHT_INITS))
+    g = Fields(src, path + ("init",), "lecun_normal, normal or a mapping {type, std}", "model.init")
+    init = InitSpec(
+        type=g.choice("type", _WEIGHT_INITS, "lecun_normal"),
+        std=g.number("std", 0.02, positive=True),
+    )
+    g.finish()
+    return init

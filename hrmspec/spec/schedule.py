@@ -1,0 +1,89 @@
+"""The `model.schedule` section: a list of statements and nested `{repeat, do}` blocks.
+
+`read_schedule` validates the list shape and the repeat blocks, handing each statement string to
+`hrmspec.spec.grammar.parse_statement`; the result is a tuple of `Statement`s and `Repeat`s.
+`flatten` lists the statements in call order (ignoring repeat counts), and `check_names` checks
+that every name a statement uses is a declared module or state, pointing at the name's column.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hrmspec.errors import SpecError, close_match
+from hrmspec.spec.fields import Fields, describe, near
+from hrmspec.spec.grammar import INPUT, Statement, parse_statement
+from hrmspec.spec.schema import Repeat
+from hrmspec.spec.source import PathT, Source, dotted
+
+
+def read_schedule(src: Source, path: PathT, items: Any) -> tuple:
+    """The schedule list at `path` (its value `items`) as a tuple of `Statement`s and `Repeat`s."""
+    if not isinstance(items, list) or not items:
+        raise SpecError(
+            f"expected a non-empty list of statements and repeat blocks, found {describe(items)}",
+            src.loc(path),
+            dotted(path),
+            'e.g. [{repeat: 2, do: ["z_L = L(z_L + z_H)", "z_H = H(z_H + z_L)"]}]',
+        )
+    out: list = []
+    for i, item in enumerate(items):
+        p = path + (i,)
+        if isinstance(item, dict):
+            f = Fields(src, p, level="model.schedule (a repeat block)")
+            if not (f.has("repeat") or f.has("do")) and not any(
+                close_match(str(k), ["repeat"]) for k in item
+            ):
+                f.fail(
+                    p,
+                    f"expected a statement string or a repeat block {{repeat, do}}, found {describe(item)}",
+                    'quote statements: - "z_H = H(z_H + z_L)"',
+                )
+            if isinstance(item.get("repeat"), dict):
+                f.fail(
+                    p + ("repeat",),
+                    f"expected a positive integer, found {describe(item['repeat'])}",
+                    "a sampled number of cycles is reserved for a later version; use a fixed count",
+                )
+            count = f.integer("repeat")
+            body = read_schedule(src, p + ("do",), f.raw("do"))
+            f.finish()
+            out.append(Repeat(count=count, body=body))
+        else:
+            out.append(parse_statement(item, src.loc(p), dotted(p)))
+    return tuple(out)
+
+
+def flatten(schedule: tuple) -> list[Statement]:
+    """The statements of a schedule in the order they are written, each repeat body listed once."""
+    out: list[Statement] = []
+    for item in schedule:
+        out.extend(flatten(item.body) if isinstance(item, Repeat) else [item])
+    return out
+
+
+def check_names(st: Statement, modules: list[str], states: list[str]) -> None:
+    """Every name in a statement is a declared module or state; errors point at the name's column."""
+    target_loc, module_loc, *input_locs = st.name_locs or (st.loc,) * (2 + len(st.inputs))
+    if st.module not in modules:
+        hint = near(st.module, modules)
+        if not hint:
+            what = "a state" if st.module in states else "the input" if st.module == INPUT else ""
+            declared = f"declared modules: {', '.join(modules)}"
+            hint = f"'{st.module}' is {what}; {declared}" if what else declared
+        raise SpecError(f"unknown module '{st.module}'", module_loc, st.path, hint)
+    if st.target not in states:
+        hint = near(st.target, states) or (
+            f"'{st.target}' is a module; assign to a state"
+            if st.target in modules
+            else f"declare it under model.states (states: {', '.join(states)})"
+        )
+        raise SpecError(f"unknown state '{st.target}' on the left of '='", target_loc, st.path, hint)
+    for name, loc in zip(st.inputs, input_locs):
+        if name != INPUT and name not in states:
+            hint = near(name, states + [INPUT]) or (
+                f"'{name}' is a module, not a state"
+                if name in modules
+                else f"states: {', '.join(states)}; '{INPUT}' is the input embedding"
+            )
+            raise SpecError(f"unknown state '{name}'", loc, st.path, hint)
