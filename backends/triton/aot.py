@@ -75,39 +75,59 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return (int(regs.group(1)) if regs else -1, stores, loads)
 
 
-def compile_for(program: RowProgram, arch: int, width: int = 4096, dtype: str = "bf16", direction: str = "fwd",
-                base: str | None = None) -> CompiledInfo:
-    """Compile `program` for sm_<arch> (80, 90, ...) at row width `width`, storage type `dtype`
-    for every input and output (row partials of vector gradients are fp32)."""
+def compile_kernel(fn, signature: dict[str, str], constexprs: dict, arch: int, warps: int, name: str, block: int,
+                   aligned: bool = False, t0: float | None = None) -> CompiledInfo:
+    """`triton.compile` one @triton.jit function for sm_<arch> (no GPU needed) and read its
+    resource use. `aligned`: pointers are 16-byte aligned, as the jit assumes for freshly
+    allocated tensors (vectorized loads). `t0`: when the work being timed began."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     if interpreting():
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1, so it cannot compile; use compile_many, "
                            "which compiles in a fresh process")
-    name = kernel_name(program, direction, base)
-    target = GPUTarget("cuda", arch, 32)
-    source = render_module(program, name)
-    dtypes = {i.name: dtype for i in program.inputs}
-    dtypes.update({o.name: "fp32" if o.row_partial else dtype for o in program.outputs})
-    block = triton_next_power_of_2(width)
-    warps = num_warps(block)
-    t0 = time.perf_counter()
-    fn = getattr(cache.load_module(cache.write_source(name, source, f"cuda-{arch}-32")), name)
-    src = triton.compiler.ASTSource(fn=fn, signature=signature(program, dtypes), constexprs={"BLOCK": block})
-    compiled = triton.compile(src, target=target, options={"num_warps": warps})
+    t0 = time.perf_counter() if t0 is None else t0
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs if aligned else None)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     seconds = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
     regs, stores, loads = ptxas_usage(ptx, arch)
     return CompiledInfo(name, arch, block, warps, regs, stores, loads, compiled.metadata.shared, seconds, ptx)
 
 
+def compile_jobs(module: str, compile_for, jobs: list[dict], encode=None) -> list[CompiledInfo]:
+    """`compile_for(**job)` for each job; in a process that interprets, in a fresh Python running
+    `module` (whose `__main__` is `serve_jobs`), the jobs passed through `encode` to plain data."""
+    if not interpreting():
+        return [compile_for(**job) for job in jobs]
+    return compile_in_fresh_process(module, [encode(job) if encode else job for job in jobs])
+
+
+def serve_jobs(compile_for, decode=None) -> None:
+    """The `__main__` of a module `compile_in_fresh_process` runs: JSON jobs on stdin, one JSON
+    line of CompiledInfo out."""
+    jobs = json.loads(sys.stdin.read())
+    print(json.dumps([asdict(compile_for(**(decode(job) if decode else job))) for job in jobs]))
+
+
+def compile_for(program: RowProgram, arch: int, width: int = 4096, dtype: str = "bf16", direction: str = "fwd",
+                base: str | None = None) -> CompiledInfo:
+    """Compile `program` for sm_<arch> (80, 90, ...) at row width `width`, storage type `dtype`
+    for every input and output (row partials of vector gradients are fp32)."""
+    name = kernel_name(program, direction, base)
+    dtypes = {i.name: dtype for i in program.inputs}
+    dtypes.update({o.name: "fp32" if o.row_partial else dtype for o in program.outputs})
+    block = triton_next_power_of_2(width)
+    t0 = time.perf_counter()
+    fn = getattr(cache.load_module(cache.write_source(name, render_module(program, name), f"cuda-{arch}-32")), name)
+    return compile_kernel(fn, signature(program, dtypes), {"BLOCK": block}, arch, num_warps(block), name, block, t0=t0)
+
+
 def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     """Compile several kernels; each job is the keyword arguments of `compile_for` with `program`.
     In a process that interprets, the work runs in a fresh Python with TRITON_INTERPRET unset."""
-    if not interpreting():
-        return [compile_for(**job) for job in jobs]
-    return compile_in_fresh_process(__name__, [{**job, "program": job["program"].to_dict()} for job in jobs])
+    return compile_jobs(__name__, compile_for, jobs, lambda job: {**job, "program": job["program"].to_dict()})
 
 
 def compile_in_fresh_process(module: str, jobs: list[dict]) -> list[CompiledInfo]:
@@ -121,12 +141,5 @@ def compile_in_fresh_process(module: str, jobs: list[dict]) -> list[CompiledInfo
     return [CompiledInfo(**d) for d in json.loads(res.stdout.splitlines()[-1])]
 
 
-def main() -> None:
-    """Read jobs as JSON from stdin, print the CompiledInfo of each as one JSON line."""
-    jobs = json.loads(sys.stdin.read())
-    infos = [compile_for(**{**job, "program": RowProgram.from_dict(job["program"])}) for job in jobs]
-    print(json.dumps([asdict(i) for i in infos]))
-
-
 if __name__ == "__main__":
-    main()
+    serve_jobs(compile_for, lambda job: {**job, "program": RowProgram.from_dict(job["program"])})

@@ -1,319 +1,41 @@
-"""Flash attention as a template into which the mask predicate is printed, with masked blocks skipped.
+"""Flash attention: the mask's block map built on the host, the kernels launched, an autograd Function.
 
-For one (batch, head), with scores s = q k^T / sqrt(hd) restricted to the allowed pairs:
+The kernels are printed from the template in `attention_template.py` (the math, the mask
+predicate, the cache naming are described there); this module runs them:
 
-    forward     out = softmax(s) v, computed per query block with an online softmax over key blocks
-                (running max m, running sum l, rescaled accumulator); saves lse = m + log(l) per query
-    backward    p = exp(s - lse)                       recomputed from the saved lse, never stored
-                dv = p^T do       dp = do v^T       ds = p * (dp - delta),  delta = rowsum(do * out)
-                dq = ds k / sqrt(hd)                    dk = ds^T q / sqrt(hd)
-
-(delta is computed by torch before the backward kernel.) Logits are kept in base 2: the kernels fold
-log2(e) into the scale and use exp2/log2, and the saved lse is log2 of the row's softmax denominator.
-
-The mask is a `MaskSpec` (a kind, document packing, a sliding window), printed as one boolean
-expression over query/key positions and per-token inputs:
-
-    causal          k <= q
-    prefix_lm       k <= q | (prefix[q] & prefix[k])
-    bidirectional   (always)
-    documents       & doc[q] == doc[k]                 padding has doc id -1, like runtime.masks
-    window w        & |q - k| < w
+    block skipping      per-block summaries -> a state per (query block, key block) -> visit lists
+    launching           attention_forward / attention_backward, tile configs per head dim and dtype
+    autograd            flash_attention, differentiable in q, k, v
+    compile-only        compile_for / compile_many: the real compiler for sm_<arch>, no GPU needed
 
 Which (query block, key block) pairs must be computed is decided on the host from per-block
 summaries (position range, min/max doc id over all tokens and over prefix tokens, whether the
 block is all prefix), not from the dense mask: a pair is *skipped* when no element can be
 allowed, *full* when every element is allowed (the predicate is not evaluated), and *partial*
 otherwise. The kernels iterate over index lists of partial then full blocks, as FlexAttention does.
-
-Generated source goes through the content-addressed cache (Triton compiles from a file), named
-`hrm_attn_<mask tag>_<fwd|bwd>_<hash8>` with the hash of the source itself.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass
-from string import Template
+from dataclasses import dataclass
 
 import torch
 
 from hrmspec.backends.triton import cache
-from hrmspec.backends.triton.aot import CompiledInfo, compile_in_fresh_process, interpreting, ptxas_usage
+from hrmspec.backends.triton.aot import CompiledInfo, compile_jobs, compile_kernel, interpreting, serve_jobs
+from hrmspec.backends.triton.attention_template import CONSTEXPRS, KINDS, PARAMS, MaskSpec, kernel_name, load, render
 from hrmspec.backends.triton.launch import KernelError
 
-KINDS = ("causal", "prefix_lm", "bidirectional")
+__all__ = [  # with the names re-exported from the template
+    "FULL", "KINDS", "LOG2E", "MAX_HEAD_DIM", "PARTIAL", "SKIP", "BlockMap", "Config", "MaskSpec",
+    "attention_backward", "attention_forward", "block_states", "compile_for", "compile_many", "default_config",
+    "dot_precision", "flash_attention", "kernel_name", "load", "render", "visit_lists",
+]
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """What the printed predicate tests: a kind, same-document (doc ids), a sliding window."""
-
-    kind: str
-    documents: bool = False
-    window: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise KernelError(f"unknown mask kind {self.kind!r}; expected one of {KINDS}")
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise KernelError(f"sliding window must be a positive integer, got {self.window!r}")
-
-    @property
-    def tag(self) -> str:
-        return self.kind + ("_doc" if self.documents else "") + (f"_w{self.window}" if self.window else "")
-
-    def predicate(self) -> str:
-        """The boolean expression printed into the kernel (names: q_pos, k_pos, *_pre, *_doc)."""
-        terms = {"causal": ["(k_pos <= q_pos)"], "bidirectional": [],
-                 "prefix_lm": ["((k_pos <= q_pos) | ((q_pre != 0) & (k_pre != 0)))"]}[self.kind]
-        if self.documents:
-            terms.append("(q_doc == k_doc)")
-        if self.window:
-            terms.append(f"((q_pos - k_pos) < {self.window}) & ((k_pos - q_pos) < {self.window})")
-        return " & ".join(terms) or "(q_pos >= 0) & (k_pos >= 0)"
-
-
-# -- the template ------------------------------------------------------------------------------------
-COMMON = '''"""Generated by hrmspec: flash attention ${direction}, mask ${tag}; do not edit.
-
-    allowed(q, k) = ${predicate}
-"""
-
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def _tokens(PREFIX, DOC, tok, pos, S):
-    # the per-token inputs the predicate reads (the others are constants and never loaded)
-    pre = ${prefix_load}
-    doc = ${doc_load}
-    return pre, doc
-
-
-@triton.jit
-def _allowed(PREFIX, DOC, tok, q_pos, k_pos, S):
-    q_pre, q_doc = _tokens(PREFIX, DOC, tok, q_pos, S)
-    k_pre, k_doc = _tokens(PREFIX, DOC, tok, k_pos, S)
-    q_pre, q_doc, q_pos = q_pre[:, None], q_doc[:, None], q_pos[:, None]
-    k_pre, k_doc, k_pos = k_pre[None, :], k_doc[None, :], k_pos[None, :]
-    return ${predicate}
-
-
-@triton.jit
-def _visible(PREFIX, DOC, tok, q_pos, k_pos, S, MASKED: tl.constexpr):
-    # (len(q_pos), len(k_pos)): inside the sequence, and allowed unless the block is known to be full
-    ok = (q_pos < S)[:, None] & (k_pos < S)[None, :]
-    if MASKED:
-        ok = ok & _allowed(PREFIX, DOC, tok, q_pos, k_pos, S)
-    return ok
-
-
-@triton.jit
-def _tile(PTR, base, pos, S, HEAD_DIM: tl.constexpr, HD: tl.constexpr, DOT_F32: tl.constexpr):
-    # rows `pos` of one (batch, head): (len(pos), HD), zero past S and past HEAD_DIM
-    dims = tl.arange(0, HD)
-    x = tl.load(PTR + base + pos[:, None] * HEAD_DIM + dims[None, :],
-                mask=(pos < S)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    if DOT_F32:  # fp32 storage, or the interpreter (it has no half-precision arithmetic)
-        x = x.to(tl.float32)
-    return x
-'''
-
-FORWARD = '''
-
-@triton.jit
-def _fwd_block(q, q_pos, m, l, acc, K, V, PREFIX, DOC, base, tok, kb, S, qk_scale,
-               HEAD_DIM: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-               PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _tile(K, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-    v = _tile(V, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # base-2 logits
-    s = tl.where(_visible(PREFIX, DOC, tok, q_pos, k_pos, S, MASKED), s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet: keep exp2 finite
-    alpha = tl.exp2(m - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l, acc
-
-
-@triton.jit
-def ${name}(
-    Q, K, V, O, LSE, PREFIX, DOC, KV_NUM, KV_IDX, VISIT,
-    H, S, N_QB, N_KB, qk_scale,
-    HEAD_DIM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECORD: tl.constexpr,
-):
-    # grid (N_QB, B * H): one query block of one (batch, head)
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * S * HEAD_DIM
-    tok = b.to(tl.int64) * S
-    q_pos = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _tile(Q, base, q_pos, S, HEAD_DIM, HD, DOT_F32)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HD], tl.float32)
-    for full in tl.static_range(2):  # the partial blocks (predicate evaluated), then the full ones
-        lst = (b * 2 + full).to(tl.int64) * N_QB + qb
-        for i in range(0, tl.load(KV_NUM + lst)):  # list indices are < N_KB by construction
-            kb = tl.load(KV_IDX + lst * N_KB + i)
-            m, l, acc = _fwd_block(q, q_pos, m, l, acc, K, V, PREFIX, DOC, base, tok, kb, S, qk_scale, HEAD_DIM, HD,
-                                   BLOCK_N, DOT_F32, PRECISION, full == 0)
-            if RECORD:
-                tl.store(VISIT + (bh.to(tl.int64) * N_QB + qb) * N_KB + kb, full + 1)
-    seen = l > 0.0
-    l_safe = tl.where(seen, l, 1.0)
-    dims = tl.arange(0, HD)
-    q_ok = q_pos < S
-    tl.store(O + base + q_pos[:, None] * HEAD_DIM + dims[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=q_ok[:, None] & (dims < HEAD_DIM)[None, :])
-    tl.store(LSE + bh.to(tl.int64) * S + q_pos, tl.where(seen, m + tl.log2(l_safe), float("inf")), mask=q_ok)
-'''
-
-BACKWARD = '''
-
-@triton.jit
-def _dkdv_block(k, v, k_pos, dk, dv, Q, DO, LSE, DELTA, PREFIX, DOC, base, row, tok, qb, S,
-                qk_scale, HEAD_DIM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr,
-                PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    q_pos = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = q_pos < S
-    q = _tile(Q, base, q_pos, S, HEAD_DIM, HD, DOT_F32)
-    do = _tile(DO, base, q_pos, S, HEAD_DIM, HD, DOT_F32)
-    lse = tl.load(LSE + row + q_pos, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + row + q_pos, mask=q_ok, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(_visible(PREFIX, DOC, tok, q_pos, k_pos, S, MASKED), tl.exp2(s - lse[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dq_block(q, do, q_pos, lse, delta, dq, K, V, PREFIX, DOC, base, tok, kb, S, qk_scale,
-              HEAD_DIM: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-              PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _tile(K, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-    v = _tile(V, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.where(_visible(PREFIX, DOC, tok, q_pos, k_pos, S, MASKED), tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit
-def ${name}(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PREFIX, DOC, KV_NUM, KV_IDX, Q_NUM, Q_IDX, VISIT,
-    H, S, N_QB, N_KB, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECORD: tl.constexpr,
-):
-    # grid (N_KB + N_QB, B * H): the first N_KB programs own a key block (dk, dv summed over the query
-    # blocks that see it), the others a query block (dq summed over its key blocks); no atomics
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * S * HEAD_DIM
-    row = bh.to(tl.int64) * S
-    tok = b.to(tl.int64) * S
-    dims = tl.arange(0, HD)
-    if pid < N_KB:
-        kb = pid
-        k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-        v = _tile(V, base, k_pos, S, HEAD_DIM, HD, DOT_F32)
-        dk = tl.zeros([BLOCK_N, HD], tl.float32)
-        dv = tl.zeros([BLOCK_N, HD], tl.float32)
-        for full in tl.static_range(2):
-            lst = (b * 2 + full).to(tl.int64) * N_KB + kb
-            for i in range(0, tl.load(Q_NUM + lst)):
-                qb = tl.load(Q_IDX + lst * N_QB + i)
-                dk, dv = _dkdv_block(k, v, k_pos, dk, dv, Q, DO, LSE, DELTA, PREFIX, DOC, base, row, tok, qb, S,
-                                     qk_scale, HEAD_DIM, HD, BLOCK_M, DOT_F32, PRECISION, full == 0)
-                if RECORD:
-                    tl.store(VISIT + ((bh.to(tl.int64) * 2 + 1) * N_QB + qb) * N_KB + kb, full + 1)
-        out = k_pos[:, None] * HEAD_DIM + dims[None, :]
-        ok = (k_pos < S)[:, None] & (dims < HEAD_DIM)[None, :]
-        tl.store(DK + base + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
-        tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=ok)
-    else:
-        qb = pid - N_KB
-        q_pos = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_ok = q_pos < S
-        q = _tile(Q, base, q_pos, S, HEAD_DIM, HD, DOT_F32)
-        do = _tile(DO, base, q_pos, S, HEAD_DIM, HD, DOT_F32)
-        lse = tl.load(LSE + row + q_pos, mask=q_ok, other=float("inf"))
-        delta = tl.load(DELTA + row + q_pos, mask=q_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, HD], tl.float32)
-        for full in tl.static_range(2):
-            lst = (b * 2 + full).to(tl.int64) * N_QB + qb
-            for i in range(0, tl.load(KV_NUM + lst)):
-                kb = tl.load(KV_IDX + lst * N_KB + i)
-                dq = _dq_block(q, do, q_pos, lse, delta, dq, K, V, PREFIX, DOC, base, tok, kb, S, qk_scale, HEAD_DIM,
-                               HD, BLOCK_N, DOT_F32, PRECISION, full == 0)
-                if RECORD:
-                    tl.store(VISIT + ((bh.to(tl.int64) * 2) * N_QB + qb) * N_KB + kb, full + 1)
-        tl.store(DQ + base + q_pos[:, None] * HEAD_DIM + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                 mask=q_ok[:, None] & (dims < HEAD_DIM)[None, :])
-'''
-
-# parameter types for ahead-of-time compilation: x = the storage type of q, k, v and their gradients
-PARAMS = {
-    "fwd": {"Q": "x", "K": "x", "V": "x", "O": "x", "LSE": "*fp32", "PREFIX": "*i8", "DOC": "*i32",
-            "KV_NUM": "*i32", "KV_IDX": "*i32", "VISIT": "*i8", "H": "i32", "S": "i32", "N_QB": "i32",
-            "N_KB": "i32", "qk_scale": "fp32"},
-    "bwd": {"Q": "x", "K": "x", "V": "x", "DO": "x", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "x", "DK": "x",
-            "DV": "x", "PREFIX": "*i8", "DOC": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32", "Q_NUM": "*i32",
-            "Q_IDX": "*i32", "VISIT": "*i8", "H": "i32", "S": "i32", "N_QB": "i32", "N_KB": "i32",
-            "qk_scale": "fp32", "sm_scale": "fp32"},
-}
-CONSTEXPRS = ("HEAD_DIM", "HD", "BLOCK_M", "BLOCK_N", "DOT_F32", "PRECISION", "RECORD")
-
-
-def render(spec: MaskSpec, direction: str, name: str) -> str:
-    """The importable module holding the kernel `name` for `spec` ('fwd' or 'bwd')."""
-    uses_prefix = spec.kind == "prefix_lm"
-    fields = {
-        "direction": {"fwd": "forward", "bwd": "backward"}[direction], "tag": spec.tag, "name": name,
-        "predicate": spec.predicate(),
-        "prefix_load": "tl.load(PREFIX + tok + pos, mask=pos < S, other=0)" if uses_prefix else "tl.zeros_like(pos)",
-        "doc_load": "tl.load(DOC + tok + pos, mask=pos < S, other=-1)" if spec.documents else "tl.zeros_like(pos)",
-    }
-    return Template(COMMON + (FORWARD if direction == "fwd" else BACKWARD)).substitute(fields)
-
-
-def kernel_name(spec: MaskSpec, direction: str) -> str:
-    """hrm_attn_<tag>_<fwd|bwd>_<hash8>, the hash of the printed source: same mask, same file."""
-    digest = hashlib.sha256(render(spec, direction, "KERNEL").encode()).hexdigest()[:8]
-    return f"hrm_attn_{spec.tag}_{direction}_{digest}"
-
-
-_kernels: dict[tuple[MaskSpec, str], object] = {}
-
-
-def load(spec: MaskSpec, direction: str):
-    """The imported jit function (written to and loaded from the kernel cache once per process)."""
-    if (spec, direction) not in _kernels:
-        name = kernel_name(spec, direction)
-        _kernels[spec, direction] = cache.load_kernel(name, render(spec, direction, name))
-    return _kernels[spec, direction]
 
 
 # -- block skipping: host-side summaries -> per-block state and visit lists ---------------------------
@@ -523,11 +245,6 @@ def compile_for(kind: str, documents: bool = False, window: int | None = None, d
                 head_dim: int = 64, dtype: str = "bf16", arch: int = 80, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None) -> CompiledInfo:
     """Compile one attention kernel for sm_<arch> with the real compiler (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    if interpreting():
-        raise RuntimeError("triton was imported with TRITON_INTERPRET=1; use compile_many (a fresh process)")
     spec = MaskSpec(kind, documents, window)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     default = default_config(head_dim, direction, torch_dtype, interpret=False)
@@ -540,23 +257,14 @@ def compile_for(kind: str, documents: bool = False, window: int | None = None, d
                   "BLOCK_N": cfg.block_n, "DOT_F32": dtype == "fp32", "PRECISION": dot_precision(torch_dtype, False),
                   "RECORD": False}
     signature.update(dict.fromkeys(CONSTEXPRS, "constexpr"))
-    # as the jit specializes freshly allocated tensors: 16-byte aligned pointers (vectorized loads)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
-    seconds = time.perf_counter() - t0
-    ptx = compiled.asm["ptx"]
-    regs, stores, loads = ptxas_usage(ptx, arch)
-    return CompiledInfo(f"{name}[hd={head_dim},{cfg.block_m}x{cfg.block_n}]", arch, cfg.block_m, cfg.num_warps, regs,
-                        stores, loads, compiled.metadata.shared, seconds, ptx)
+    return compile_kernel(fn, signature, constexprs, arch, cfg.num_warps,
+                          f"{name}[hd={head_dim},{cfg.block_m}x{cfg.block_n}]", cfg.block_m, aligned=True, t0=t0)
 
 
 def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     """`compile_for(**job)` for each job; in a process that interprets, in a fresh Python."""
-    if not interpreting():
-        return [compile_for(**job) for job in jobs]
-    return compile_in_fresh_process(__name__, jobs)
+    return compile_jobs(__name__, compile_for, jobs)
 
 
 if __name__ == "__main__":
-    print(json.dumps([asdict(compile_for(**job)) for job in json.loads(sys.stdin.read())]))
+    serve_jobs(compile_for)

@@ -23,17 +23,12 @@ Storage may be fp32, fp16 or bf16; the kernels compute in fp32 (upcast after loa
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from dataclasses import asdict
-
 import torch
 import triton
 import triton.language as tl
 
 from hrmspec.backends.reference.linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy, default_chunk_rows
-from hrmspec.backends.triton.aot import CompiledInfo, compile_in_fresh_process, interpreting, ptxas_usage
+from hrmspec.backends.triton.aot import CompiledInfo, compile_jobs, compile_kernel, serve_jobs
 from hrmspec.backends.triton.launch import triton_next_power_of_2
 from hrmspec.errors import KernelError
 
@@ -116,31 +111,18 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
 def compile_for(direction: str = "fwd", dtype: str = "bf16", arch: int = 80, vocab: int = 65536,
                 block_v: int | None = None) -> CompiledInfo:
     """Compile one of the two kernels for sm_<arch> with the real compiler (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-
-    if interpreting():
-        raise RuntimeError("triton was imported with TRITON_INTERPRET=1; use compile_many (a fresh process)")
     block, warps = _launch_config(vocab, block_v)
     fn = {"fwd": _linear_ce_forward_kernel, "bwd": _linear_ce_backward_kernel}[direction]
     last = {"fwd": {"LSE": "*fp32", "LOSS": "*fp32"}, "bwd": {"LSE": "*fp32", "GRAD": "*fp32"}}[direction]
     signature = {"Z": f"*{dtype}", "stride_z": "i32", "LABELS": "*i64", **last, "V": "i32", "ignore_index": "i32",
                  "BLOCK_V": "constexpr"}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-    t0 = time.perf_counter()
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs={"BLOCK_V": block}, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    seconds = time.perf_counter() - t0
-    ptx = compiled.asm["ptx"]
-    regs, stores, loads = ptxas_usage(ptx, arch)
-    return CompiledInfo(fn.__name__, arch, block, warps, regs, stores, loads, compiled.metadata.shared, seconds, ptx)
+    return compile_kernel(fn, signature, {"BLOCK_V": block}, arch, warps, fn.__name__, block, aligned=True)
 
 
 def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     """`compile_for(**job)` for each job; in a process that interprets, in a fresh Python."""
-    if not interpreting():
-        return [compile_for(**job) for job in jobs]
-    return compile_in_fresh_process(__name__, jobs)
+    return compile_jobs(__name__, compile_for, jobs)
 
 
 if __name__ == "__main__":
-    print(json.dumps([asdict(compile_for(**job)) for job in json.loads(sys.stdin.read())]))
+    serve_jobs(compile_for)
