@@ -17,6 +17,7 @@ own, in `G.graph["bodies"][name]`, shared by every call of that module.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import networkx as nx
@@ -79,14 +80,18 @@ def body_graph(m: ModuleSpec, model: ModelSpec) -> nx.DiGraph:
         if place in ("pre", "sandwich"):
             add(BodyOp(p + "attn_norm", "rms_norm", norm_params, 0, d))
         for proj in ("q", "k", "v") + (("g",) if b.attention.type == "gated" else ()):
-            add(linear(p + f"attn.{proj}", d, inner, bias))
+            op = linear(p + f"attn.{proj}", d, inner, bias)
+            # one fused matmul (qkvg) keeps its input once
+            add(op if proj == "q" else dataclasses.replace(op, saved=0))
         if b.attention.rope_theta is not None:
             add(BodyOp(p + "rope", "rope", 0, 0, 0))
         # saved: q, k, v, the output and the softmax statistics (flash-style)
         add(BodyOp(p + "attention", "attention", 0, 0, 4 * inner + h))
         if b.attention.type == "gated":
             add(BodyOp(p + "attn.gate", "sigmoid_mul", 0, 0, inner))
-        add(linear(p + "attn.o", inner, d, bias))
+        o = linear(p + "attn.o", inner, d, bias)
+        # without a gate, o reads the attention output, which attention keeps already
+        add(o if b.attention.type == "gated" else dataclasses.replace(o, saved=0))
         if place == "sandwich":
             add(BodyOp(p + "attn_out_norm", "rms_norm", norm_params, 0, d))
         add(BodyOp(p + "attn_residual", "add", 0, 0, 0))
@@ -96,8 +101,9 @@ def body_graph(m: ModuleSpec, model: ModelSpec) -> nx.DiGraph:
             add(BodyOp(p + "mlp_norm", "rms_norm", norm_params, 0, d))
         if b.mlp == "swiglu":
             add(linear(p + "mlp.gate", d, b.ffn))
-            add(linear(p + "mlp.up", d, b.ffn))
-            add(BodyOp(p + "mlp.act", "silu_mul", 0, 0, 2 * b.ffn))
+            add(dataclasses.replace(linear(p + "mlp.up", d, b.ffn), saved=0))  # gate_up: its input once
+            # silu(gate) * up keeps gate and up (one fused projection) and silu(gate)
+            add(BodyOp(p + "mlp.act", "silu_mul", 0, 0, 3 * b.ffn))
         else:
             add(linear(p + "mlp.up", d, b.ffn))
             add(BodyOp(p + "mlp.act", "gelu", 0, 0, b.ffn))
