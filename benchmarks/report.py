@@ -1,7 +1,8 @@
 """Run the benchmarks outside pytest and write tables (results/*.md) and plots (results/*.png).
 
-    python benchmarks/report.py                  # everything, a few minutes on 2 cores
+    python benchmarks/report.py                  # both parts, a few minutes on 2 cores
     python benchmarks/report.py --threads 1 2    # time at several thread counts
+    python benchmarks/report.py --only memory    # one part: train-step or memory
     python benchmarks/report.py --no-rss         # skip the peak-RSS probes (one process each)
 
 1. Training step (forward + backward, no optimizer) of hrmspec's reference runtime and of
@@ -11,6 +12,9 @@
    a fixed schedule: the bytes autograd saves for backward (deterministic), the graph
    analysis' estimate of them, and the peak-RSS increase of a step over a no-grad forward,
    each RSS point in a fresh process.
+
+Both take the loss from full logits (`return_logits=True`), as transformers does; the training
+path's chunked loss at a large vocabulary is loss_memory.py's subject.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from workloads import (  # noqa: E402
     DTYPES,
+    SPEC,
     STEPS,
     Workload,
     hf_model,
@@ -44,6 +49,8 @@ from workloads import (  # noqa: E402
     saved_activation_bytes,
     train_step_hrmspec,
 )
+
+import hrmspec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CYCLES = [(1, 2), (2, 3), (3, 4), (4, 6)]  # (H_cycles, L_cycles): 3, 8, 15, 28 module calls
@@ -55,6 +62,16 @@ MiB = 2**20
 
 
 # --------------------------------------------------------------------------- environment
+
+
+def tiny_model() -> str:
+    """The tiny spec's shape, read from the spec (it has changed under the benchmarks before)."""
+    m = hrmspec.load_spec(SPEC).model
+    layers = sorted({mod.layers for mod in m.modules})
+    return (
+        f"d_model {m.d_model}, {m.heads} heads x {m.head_dim}, SwiGLU {m.block.ffn}, "
+        f"{'/'.join(map(str, layers))} layers per stack, vocab {m.vocab}"
+    )
 
 
 def cpu_name() -> str:
@@ -135,11 +152,12 @@ def train_step_table(w: Workload, timings: list[dict[str, Timing]], env: str) ->
         [
             "# Training step: hrmspec reference runtime vs transformers HrmTextForCausalLM",
             "",
-            f"hrm-text-tiny (d_model 128, 4 heads x 32, SwiGLU 384, 2 layers per stack, vocab 512), "
+            f"hrm-text-tiny ({tiny_model()}), "
             f"{w.h_cycles} H cycles x {w.l_cycles} L cycles, credit per_cycle L {w.credit['per_cycle']['L']} "
             f"(= L_bp_cycles), batch {w.batch} x {w.seq_len} tokens with a {w.prefix_frac:.0%} PrefixLM prefix; "
-            "forward + backward, no optimizer; same weights in both (the losses match). transformers uses "
-            'attn_implementation="sdpa", token_type_ids = 1 on the prefix. '
+            "forward + backward, no optimizer; same weights in both (the losses match); the loss from full "
+            'logits in both (hrmspec: return_logits=True). transformers uses attn_implementation="sdpa", '
+            "token_type_ids = 1 on the prefix. "
             f"{reps} timed steps per cell after a warm-up, the two implementations alternating.",
             "",
             "Ratio > 1: hrmspec is faster. The CPU-time ratio (process CPU seconds per step) is less "
@@ -256,7 +274,8 @@ def memory_tables(
     lines = [
         "# Training memory: grows with credit depth, not with cycles",
         "",
-        f"hrm-text-tiny, batch {w.batch} x {w.seq_len} tokens, fp32. **saved**: MiB of the tensors autograd keeps "
+        f"hrm-text-tiny ({tiny_model()}), batch {w.batch} x {w.seq_len} tokens, fp32, the loss from full logits "
+        "(`return_logits=True`; at this vocabulary they are a few MiB). **saved**: MiB of the tensors autograd keeps "
         "for backward (unique storages, parameters excluded; deterministic). **estimate**: "
         "`hrmspec.graph.analyse` (activation_bytes_per_token x tokens). **RSS**: MiB by which a training "
         "step raises the peak resident set over a no-grad forward, measured in a fresh process "
@@ -298,6 +317,11 @@ def memory_tables(
     ]
     for dt in DTYPES:
         lines.append(f"| {dt} | {both['hrmspec', dt] / MiB:.1f} | {both['transformers', dt] / MiB:.1f} |")
+    lines += [
+        "",
+        "The training loss without full logits (the chunked path) against full logits at a 32k-65k "
+        "vocabulary: [loss_memory.md](loss_memory.md) (`python benchmarks/loss_memory.py`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -355,25 +379,10 @@ def plot_memory_vs_depth(by_depth: list[MemoryPoint], path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[2], help="torch thread counts to time at")
-    p.add_argument("--reps", type=int, default=7, help="timed steps per implementation and cell")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--rss-probe", metavar="JSON", help=argparse.SUPPRESS)  # internal: one RSS measurement
-    args = p.parse_args(argv)
+PARTS = ("train-step", "memory")
 
-    if args.rss_probe:
-        spec = json.loads(args.rss_probe)
-        torch.set_num_threads(spec.pop("threads"))
-        print(rss_probe(Workload(**spec)))
-        return 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    w = Workload()
+def run_train_step(args, w: Workload) -> list[dict]:
     timings = []
     for threads in args.threads:
         for dtype in DTYPES:
@@ -381,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             timings.append(t)
             ratio = t["transformers"].median / t["hrmspec"].median
             print(f"train step {dtype}, {threads} threads: HF/ours = {ratio:.2f}", flush=True)
+    env = environment(args.threads)
+    (args.out / "train_step.md").write_text(train_step_table(w, timings, env))
+    plot_train_step(w, timings, args.out / "train_step.png")
+    return [{k: asdict(v) for k, v in t.items()} for t in timings]
 
+
+def run_memory(args, w: Workload) -> dict:
     threads = args.threads[0]
     torch.set_num_threads(threads)
     by_cycles, full = [], []
@@ -401,23 +416,47 @@ def main(argv: list[str] | None = None) -> int:
         by_depth.append(point)
     print(f"memory vs depth: {[round(p.saved_bytes / MiB, 1) for p in by_depth]} MiB", flush=True)
     both = memory_both(w)
-
-    env = environment(args.threads)
-    (args.out / "train_step.md").write_text(train_step_table(w, timings, env))
-    plot_train_step(w, timings, args.out / "train_step.png")
+    env = environment([threads])
     (args.out / "memory.md").write_text(memory_tables(by_cycles, full, by_depth, both, w) + f"\nEnvironment: {env}.\n")
     plot_memory_vs_calls(by_cycles, full, args.out / "memory_vs_calls.png")
     plot_memory_vs_depth(by_depth, args.out / "memory_vs_depth.png")
-    raw = {
-        "timings": [{k: asdict(v) for k, v in t.items()} for t in timings],
-        "memory": {
-            "by_cycles": [asdict(m) for m in by_cycles],
-            "full_backprop": [asdict(m) for m in full],
-            "by_depth": [asdict(m) for m in by_depth],
-        },
+    return {
+        "by_cycles": [asdict(m) for m in by_cycles],
+        "full_backprop": [asdict(m) for m in full],
+        "by_depth": [asdict(m) for m in by_depth],
+        "both_saved_bytes": {f"{impl}/{dt}": v for (impl, dt), v in both.items()},
         "environment": env,
     }
-    (args.out / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: both)")
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="torch thread counts to time at")
+    p.add_argument("--reps", type=int, default=7, help="timed steps per implementation and cell")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--rss-probe", metavar="JSON", help=argparse.SUPPRESS)  # internal: one RSS measurement
+    args = p.parse_args(argv)
+
+    if args.rss_probe:
+        spec = json.loads(args.rss_probe)
+        torch.set_num_threads(spec.pop("threads"))
+        print(rss_probe(Workload(**spec)))
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    w = Workload()
+    raw_path = args.out / "results.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}  # a part run alone keeps the others'
+    if "train-step" in args.only:
+        raw["timings"] = run_train_step(args, w)
+        raw["environment"] = environment(args.threads)
+    if "memory" in args.only:
+        raw["memory"] = run_memory(args, w)
+    raw_path.write_text(json.dumps(raw, indent=1) + "\n")
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 

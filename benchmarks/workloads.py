@@ -1,7 +1,7 @@
 """The workloads the benchmarks measure, shared by the pytest suites and report.py.
 
 One HRM-Text configuration (the tiny spec: d_model 128, 4 heads x 32, SwiGLU 384, 2 layers per
-stack, vocab 512) run two ways on the same weights and the same batch:
+stack, vocab 320) run two ways on the same weights and the same batch:
 
 * hrmspec's reference runtime, `hrmspec.compile(spec, overrides=...)`;
 * transformers' `HrmTextForCausalLM` (attn_implementation="sdpa"), built from the spec with
@@ -44,6 +44,7 @@ class Workload:
     batch: int = 8
     seq_len: int = 256
     prefix_frac: float = 1 / 3  # instruction tokens (bidirectional, no loss) at the start of each row
+    extra: dict[str, Any] = field(default_factory=dict)  # further spec overrides, e.g. {"model.vocab": 32768}
 
     @property
     def calls(self) -> int:
@@ -54,7 +55,23 @@ class Workload:
             "model.schedule": hrm_schedule(self.h_cycles, self.l_cycles),
             "model.credit": self.credit,
             "model.max_seq_len": max(256, self.seq_len),
+            **self.extra,
         }
+
+
+# loss_memory.py: a small body under a large vocabulary, so the head and the loss dominate
+LOSS_BODY = {
+    "model.d_model": 256,
+    "model.heads": 4,  # x 64
+    "model.ffn": 768,
+    "model.modules": {"L": {"layers": 1}, "H": {"layers": 1}},
+}
+
+
+def loss_workload(vocab: int, batch: int = 8, seq_len: int = 512) -> Workload:
+    """The loss-path workload: d_model 256, one layer per module, one L and one H call (both carry
+    gradient), `vocab` tokens, untied head."""
+    return Workload(1, 1, "none", batch=batch, seq_len=seq_len, extra={"model.vocab": vocab, **LOSS_BODY})
 
 
 @dataclass(frozen=True)
@@ -103,11 +120,15 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype)
 
 
-def train_step_hrmspec(model: CompiledModel, b: Batch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Forward + backward (no optimizer); returns the loss."""
+def train_step_hrmspec(
+    model: CompiledModel, b: Batch, dtype: torch.dtype = torch.float32, return_logits: bool = True
+) -> torch.Tensor:
+    """Forward + backward (no optimizer); returns the loss. `return_logits=True` (the default, as
+    transformers does) builds the full (B, S, vocab) logits and takes the loss from them;
+    `return_logits=False` is the training path (runtime/train.py): the loss in row chunks."""
     model.zero_grad(set_to_none=True)
     with _autocast(dtype):
-        out = model(b.input_ids, prefix_mask=b.prefix_mask, labels=b.labels)
+        out = model(b.input_ids, prefix_mask=b.prefix_mask, labels=b.labels, return_logits=return_logits)
     out.loss.backward()
     return out.loss.detach()
 
@@ -129,11 +150,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def saved_activation_bytes(
-    model: torch.nn.Module, b: Batch, impl: str = "hrmspec", dtype: torch.dtype = torch.float32
+    model: torch.nn.Module, b: Batch, impl: str = "hrmspec", dtype: torch.dtype = torch.float32, **step_kwargs
 ) -> int:
     """Bytes of the tensors a training step keeps for backward: the unique storages autograd saves
     during the forward pass, parameters and buffers excluded (autocast's low-precision weight
-    copies are counted). Deterministic: no allocator involved."""
+    copies are counted). Deterministic: no allocator involved. `step_kwargs` go to the step
+    (hrmspec: `return_logits`)."""
     params = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
     storages: dict[int, int] = {}
 
@@ -145,11 +167,12 @@ def saved_activation_bytes(
 
     # every saved storage stays alive until backward, so no two of them share an address
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        STEPS[impl](model, b, dtype)
+        STEPS[impl](model, b, dtype, **step_kwargs)
     return sum(storages.values())
 
 
-def predicted_activation_bytes(model: CompiledModel, b: Batch) -> float:
-    """The graph analysis' estimate of the same quantity, in fp32."""
-    stats = analyse(build_graph(model.spec, model.progress), seq_len=b.input_ids.shape[1], dtype_bytes=4)
+def predicted_activation_bytes(model: CompiledModel, b: Batch, return_logits: bool = True) -> float:
+    """The graph analysis' estimate of the same quantity, in fp32 (with full logits, as the step's default)."""
+    stats = analyse(build_graph(model.spec, model.progress), seq_len=b.input_ids.shape[1], dtype_bytes=4,
+                    logits=return_logits)
     return stats.activation_bytes_per_token * b.tokens

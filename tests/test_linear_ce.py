@@ -50,6 +50,14 @@ def test_chunked_loss_and_gradients_match_full_logits(N, V, d, chunk, dtype, see
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale, msg=lambda m, w=what: f"{w}: {m}")
 
 
+def test_default_chunks_are_about_the_size_of_h_and_not_too_thin():
+    from hrmspec.backends.reference.linear_ce import MIN_CHUNK_ROWS, default_chunk_rows
+
+    assert default_chunk_rows(8192, 65536, 1536) == 256  # 256 x 65536 logits ~ 8192 x 1536 hidden
+    assert default_chunk_rows(4096, 65536, 256) == MIN_CHUNK_ROWS == 64  # 16 rows would be too thin a GEMM
+    assert default_chunk_rows(5, 10, 64) == 5 and default_chunk_rows(1, 100000, 8) == 1  # never more than N
+
+
 def test_every_row_ignored_gives_zero_loss_and_gradients():
     h, W, labels = _inputs(5, 7, 3, torch.float32, 0, ignored=1.0)
     h.requires_grad_()

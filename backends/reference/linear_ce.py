@@ -65,10 +65,14 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+MIN_CHUNK_ROWS = 64  # fewer rows make each chunk's GEMMs too thin to run at speed (benchmarks/loss_memory.py)
+
+
 def default_chunk_rows(n_rows: int, vocab: int, d_model: int) -> int:
-    """Rows per chunk such that the chunk's logits (C, V) are about as large as h (N, d)."""
+    """Rows per chunk such that the chunk's logits (C, V) are about as large as h (N, d), but at
+    least MIN_CHUNK_ROWS: a (64, V) buffer is small next to anything that trains at such a V."""
     per_row = -(-vocab // max(1, d_model))
-    return max(1, min(n_rows, next_power_of_2(-(-n_rows // per_row))))
+    return max(1, min(n_rows, max(MIN_CHUNK_ROWS, next_power_of_2(-(-n_rows // per_row)))))
 
 
 def check_inputs(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
