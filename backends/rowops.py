@@ -26,9 +26,9 @@ import torch
 
 from hrmspec.backends.reference import ops as reference
 from hrmspec.errors import KernelError
-from hrmspec.graph.fusion import rope_program, trainable
 from hrmspec.ir import RowProgram, evaluate, grad, kept_tensors, library, reduce_vector_grads, save_plan
-from hrmspec.ir.evaluate import row_shapes
+from hrmspec.ir.interpret import row_shapes
+from hrmspec.ir.kernel import trainable
 
 WIDE_ROW = 8192  # the widest row the built-in kernels hold without register spills (sm_80 / sm_90)
 
@@ -137,7 +137,7 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, shape: torch.Size) -> dict[str
 
 
 class RopeFunction(torch.autograd.Function):
-    """The rope region (`hrmspec.graph.fusion.rope_program`) on whole q and k (B, S, h, hd): the
+    """The rope region (`hrmspec.ir.library.rope`) on whole q and k (B, S, h, hd): the
     program's half-row inputs are views of q and k, its outputs are written into the halves of the
     rotated tensors, and the tables (B, 1, S, hd) are read once per head. The backward is linear in
     the cotangents: it keeps only the tables."""
@@ -169,7 +169,7 @@ def rms_norm_program(eps: float, affine: bool) -> RowProgram:
     return library.rms_norm(eps, affine=affine, name="rms_norm")  # the fusion pass's op program (same kernel)
 
 
-_SIGMOID_GATE, _SWIGLU, _GELU, _ROPE = library.sigmoid_gate(), library.swiglu(), library.gelu(), rope_program()
+_SIGMOID_GATE, _SWIGLU, _GELU, _ROPE = library.sigmoid_gate(), library.swiglu(), library.gelu(), library.rope()
 
 # what a RowOpTable runs as kernels
 ROW_OPS = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "rope_qk", "row_program")

@@ -5,9 +5,10 @@ forward program and its backward (`hrmspec.ir.grad`), plus the op-by-op kernels 
 launches today. For each one:
 
   numerics   a few random draws (rows, scale, seed) at the spec's row width: the forward kernel
-             against `hrmspec.ir.evaluate` in float64, the backward kernel against torch autograd of
-             that evaluation; the error is max |kernel - reference| / max(1, max |reference|), and
-             the kernel passes below 1e-4 (the kernels store fp32 here)
+             against the IR interpreter (`hrmspec.ir.evaluate`) in float64, the backward kernel
+             against torch autograd of that evaluation; the error is
+             max |kernel - reference| / max(1, max |reference|), and the kernel passes below 1e-4
+             (the kernels store fp32 here)
   compile    `triton.compile` for sm_80 and sm_90 at the spec's width, bf16 storage, in a fresh
              process (one that interprets cannot compile), with registers and spills from ptxas
 
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hrmspec.graph.fusion import KernelInfo, trainable
+from hrmspec.graph.fusion import KernelInfo
 from hrmspec.ir import evaluate, reduce_vector_grads
+from hrmspec.ir.kernel import trainable
 
 TOLERANCE = 1e-4
 ARCHS = (80, 90)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.triton.printer import kernel_name as printer_kernel_name
 from hrmspec.graph import build_graph
 from hrmspec.graph.build import body_graph
 from hrmspec.graph.fusion import body_dataflow, fuse_body, fuse_model, saving
 from hrmspec.ir import evaluate
+from hrmspec.ir.kernel import kernel_name
 from hrmspec.runtime.blocks import Context, Stack
 from hrmspec.spec import load_spec, load_spec_text
 
@@ -228,7 +228,7 @@ def test_kernel_names_are_deterministic_and_shared_by_identical_regions(tiny_tex
     assert [k.name for k in a.kernels] == [k.name for k in b.kernels]
     for k in a.kernels:
         assert re.fullmatch(rf"hrm_{k.forward.name}_{k.direction}_[0-9a-f]{{8}}", k.name)
-        assert k.name == printer_kernel_name(k.program, k.direction, k.forward.name)
+        assert k.name == kernel_name(k.program, k.direction, k.forward.name)
     body = a.bodies[("L", 2)]
     kernels = {body.nodes[n]["kernel"] for n in body.graph["order"] if body.nodes[n]["op"] == "fused"}
     # inject + attn_norm, attn_residual + mlp_norm and mlp_residual + attn_norm are one program

@@ -20,7 +20,8 @@ triton = pytest.importorskip("triton")
 
 from hrmspec.backends.triton import MAX_WIDTH, KernelError, RowKernel, TritonRowOp, cache  # noqa: E402, I001
 from hrmspec.backends.triton.aot import compile_many, interpreting  # noqa: E402
-from hrmspec.backends.triton.printer import kernel_name, render_module  # noqa: E402
+from hrmspec.backends.triton.printer import render_module  # noqa: E402
+from hrmspec.ir.kernel import kernel_name  # noqa: E402
 from hrmspec.ir import ProgramBuilder, builtin_programs, evaluate, grad, mean, rms_norm  # noqa: E402
 from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs  # noqa: E402
 

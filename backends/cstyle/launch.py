@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from hrmspec.backends.cstyle import cache
-from hrmspec.backends.cstyle.printer import Dialect, block_size, kernel_name, parameters, render_source
+from hrmspec.backends.cstyle.printer import Dialect, block_size, parameters, render_source
 from hrmspec.backends.rowlayout import row_views
 from hrmspec.backends.rowops import KernelError, RowOp
 from hrmspec.ir import RowProgram
-from hrmspec.ir.evaluate import row_shapes
+from hrmspec.ir.interpret import row_shapes
+from hrmspec.ir.kernel import kernel_name
 
 STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 MAX_WIDTH = 2**31 - 1  # columns are int indices; rows any width (the threads loop over the row)

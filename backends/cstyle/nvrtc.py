@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 from hrmspec.backends.cstyle import cache
-from hrmspec.backends.cstyle.printer import CUDA, block_size, kernel_name, render_source
+from hrmspec.backends.cstyle.printer import CUDA, block_size, render_source
 from hrmspec.backends.rowops import KernelError
 from hrmspec.ir import RowProgram
+from hrmspec.ir.kernel import kernel_name
 
 ARCHS = (80, 90)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hrmspec.backends.rowops import KernelError
-from hrmspec.backends.triton.printer import kernel_name
+from hrmspec.ir.kernel import kernel_name
 from hrmspec.ir.program import RowProgram
 
 __all__ = ["BLOCK", "CUDA", "DIALECTS", "OPENCL", "Dialect", "block_size", "kernel_name", "parameters",

@@ -2,6 +2,7 @@
 differentiable op. Importing this package does not import triton; building a kernel does."""
 
 from hrmspec.backends.triton.launch import MAX_WIDTH, KernelError, RowKernel, TritonRowOp
-from hrmspec.backends.triton.printer import kernel_name, render_kernel, render_module
+from hrmspec.backends.triton.printer import render_kernel, render_module
+from hrmspec.ir.kernel import kernel_name
 
 __all__ = ["MAX_WIDTH", "KernelError", "RowKernel", "TritonRowOp", "kernel_name", "render_kernel", "render_module"]

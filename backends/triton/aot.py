@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.launch import num_warps, triton_next_power_of_2
-from hrmspec.backends.triton.printer import kernel_name, render_module, signature
+from hrmspec.backends.triton.printer import render_module, signature
 from hrmspec.ir import RowProgram
+from hrmspec.ir.kernel import kernel_name
 
 
 def interpreting() -> bool:

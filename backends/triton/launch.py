@@ -12,9 +12,10 @@ import torch
 from hrmspec.backends.rowlayout import row_views
 from hrmspec.backends.rowops import KernelError, RowOp
 from hrmspec.backends.triton import cache
-from hrmspec.backends.triton.printer import kernel_name, parameters, render_module
+from hrmspec.backends.triton.printer import parameters, render_module
 from hrmspec.ir import RowProgram
-from hrmspec.ir.evaluate import row_shapes
+from hrmspec.ir.interpret import row_shapes
+from hrmspec.ir.kernel import kernel_name
 
 MAX_WIDTH = 65536  # one row lives in one block of registers; wider rows need a split-row kernel
 

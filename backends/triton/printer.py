@@ -119,12 +119,6 @@ def identifier(name: str) -> str:
     return name
 
 
-def kernel_name(program: RowProgram, direction: str, base: str | None = None) -> str:
-    """hrm_<name>_<fwd|bwd>_<hash8>: the same program always gets the same name."""
-    base = re.sub(r"\W", "_", base or program.name)
-    return f"hrm_{base}_{direction}_{program.hash[:8]}"
-
-
 def parameters(program: RowProgram) -> list[tuple[str, str, str]]:
     """The kernel parameters in order: (parameter name, what it is, the input/output name).
     What it is: ptr_in, stride_in, istride_in, ptr_out, stride_out, istride_out, n_rows, n_inner,

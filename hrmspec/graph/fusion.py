@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from hrmspec.graph.build import BodyOp
-from hrmspec.ir import ProgramBuilder, RowProgram, grad, library, parse_norm_expr, save_plan
+from hrmspec.ir import ProgramBuilder, RowProgram, library, parse_norm_expr
 from hrmspec.ir.autodiff import replay
+from hrmspec.ir.kernel import backward_program, kernel_name
 from hrmspec.spec.schema import ModelSpec, ModuleSpec, NormSpec
-
-ROPE_TABLES = ("cos", "sin")  # rope inputs that are tables, not activations: no gradient
-
 
 # --------------------------------------------------------------------------- op programs
 
@@ -44,49 +42,6 @@ def norm_program(n: NormSpec) -> RowProgram:
     if n.type == "expr":
         return parse_norm_expr(n.expr, dict(n.params or ()), n.eps, name="expr_norm")
     return library.rms_norm(n.eps, affine=n.affine, name="rms_norm")
-
-
-def add_program(arity: int = 2) -> RowProgram:
-    """h = x + r (a residual add), or the sum of `arity` states injected into a module call."""
-    b = ProgramBuilder("add" if arity == 2 else f"add{arity}")
-    terms = [b.row("x"), b.row("r")] if arity == 2 else [b.row(f"x{i}") for i in range(arity)]
-    h = terms[0]
-    for t in terms[1:]:
-        h = h + t
-    b.output("h", h)
-    return b.build()
-
-
-def rope_program() -> RowProgram:
-    """Rotary embedding of q and k on half rows (one row = one token of one head, width hd/2):
-    rope(x) = x cos + rotate_half(x) sin with rotate_half(x) = (-x_hi, x_lo) and both halves of the
-    tables equal, so  lo' = lo c - hi s,  hi' = hi c + lo s."""
-    b = ProgramBuilder("rope")
-    c, s = b.row("cos"), b.row("sin")
-    for t in ("q", "k"):
-        lo, hi = b.row(f"{t}_lo"), b.row(f"{t}_hi")
-        b.output(f"{t}r_lo", lo * c - hi * s)
-        b.output(f"{t}r_hi", hi * c + lo * s)
-    return b.build()
-
-
-def kernel_name(program: RowProgram, direction: str, base: str | None = None) -> str:
-    """hrm_<region kind>_<fwd|bwd>_<hash8>: the Triton printer's naming (a test holds them equal);
-    a backward kernel is named after its forward program (`base`)."""
-    kind = re.sub(r"\W", "_", base or program.name)
-    return f"hrm_{kind}_{direction}_{program.hash[:8]}"
-
-
-def trainable(program: RowProgram) -> tuple[str, ...]:
-    """The inputs a backward kernel differentiates: all but the rotary tables."""
-    return tuple(n for n in program.input_names if n not in ROPE_TABLES)
-
-
-def backward_program(program: RowProgram) -> RowProgram:
-    """The backward kernel's program, exactly as the runtime builds it (backends/rowops.RowOp):
-    every trainable input, reading the forward outputs `save_plan` picks."""
-    wrt = list(trainable(program))
-    return grad(program, wrt, saved=save_plan(program, wrt))
 
 
 # --------------------------------------------------------------------------- dataflow
@@ -151,7 +106,7 @@ def body_dataflow(m: ModuleSpec, model: ModelSpec, arity: int = 1, body: nx.DiGr
 
     if arity > 1:  # the states summed into the call: in0 + in1 + ...
         g.graph["inputs"] = tuple(tensor(f"in{i}", d) for i in range(arity))
-        prog = add_program(arity)
+        prog = library.add(arity)
         x = row_op("inject", "add", prog, dict(zip(prog.input_names, g.graph["inputs"])), d)
     else:
         x = tensor("input", d)
@@ -164,7 +119,7 @@ def body_dataflow(m: ModuleSpec, model: ModelSpec, arity: int = 1, body: nx.DiGr
         proj = {t: linear(p + f"attn.{t}", a_in, inner) for t in projs}
         q, k = proj["q"], proj["k"]
         if b.attention.rope_theta is not None:
-            prog = rope_program()
+            prog = library.rope()
             rows = {"cos": tables[0] + "[lo]", "sin": tables[1] + "[lo]"}
             for t, ref in (("q", q), ("k", k)):
                 rows.update({f"{t}_lo": ref + "[lo]", f"{t}_hi": ref + "[hi]"})
@@ -178,7 +133,7 @@ def body_dataflow(m: ModuleSpec, model: ModelSpec, arity: int = 1, body: nx.DiGr
         o = linear(p + "attn.o", att, d)
         if place == "sandwich":
             o = norm(p + "attn_out_norm", o, b.norm)
-        x = row_op(p + "attn_residual", "add", add_program(), {"x": x, "r": o}, d)
+        x = row_op(p + "attn_residual", "add", library.add(), {"x": x, "r": o}, d)
         if place == "post":
             x = norm(p + "attn_norm", x, b.norm)
         m_in = norm(p + "mlp_norm", x, b.norm) if place in ("pre", "sandwich") else x
@@ -190,7 +145,7 @@ def body_dataflow(m: ModuleSpec, model: ModelSpec, arity: int = 1, body: nx.DiGr
         down = linear(p + "mlp.down", act, d)
         if place == "sandwich":
             down = norm(p + "mlp_out_norm", down, b.norm)
-        x = row_op(p + "mlp_residual", "add", add_program(), {"x": x, "r": down}, d)
+        x = row_op(p + "mlp_residual", "add", library.add(), {"x": x, "r": down}, d)
         if place == "post":
             x = norm(p + "mlp_norm", x, b.norm)
     if m.exit_norm == "rms":
@@ -437,7 +392,6 @@ def saving(plan: FusionPlan) -> float:
 
 
 __all__ = [
-    "FusionPlan", "KernelInfo", "Tensor", "TrafficRow", "add_program", "backward_program", "body_dataflow",
-    "fuse_body", "fuse_model", "kernel_name", "node_bytes", "norm_program", "regions", "rope_program",
-    "saving", "trainable",
+    "FusionPlan", "KernelInfo", "Tensor", "TrafficRow", "body_dataflow", "fuse_body", "fuse_model", "node_bytes",
+    "norm_program", "regions", "saving",
 ]

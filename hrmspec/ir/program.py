@@ -84,6 +84,10 @@ class RowProgram:
     inputs: tuple[Input, ...]
     nodes: tuple[Node, ...]
     outputs: tuple[Output, ...]
+    # which built-in function this program is, with its static arguments, e.g. ("rms_norm", (("eps", 1e-6),)):
+    # a backend may run a faster form of the same math (the reference backend's torch functions); not part
+    # of the identity, so a fused region or a parsed expression with the same math has the same hash
+    builtin: tuple[str, tuple[tuple[str, float], ...]] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         for i, n in enumerate(self.nodes):
@@ -106,6 +110,11 @@ class RowProgram:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RowProgram) and self.key() == other.key()
+
+    def known_as(self, function: str, **args: float) -> RowProgram:
+        """This program tagged as the built-in `function` with static `args` (see `builtin`)."""
+        return RowProgram(self.name, self.inputs, self.nodes, self.outputs,
+                          builtin=(function, tuple(sorted((k, float(v)) for k, v in args.items()))))
 
     def __hash__(self) -> int:
         return hash(self.hash)
