@@ -54,9 +54,9 @@ from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
 
 import hrmspec  # noqa: E402
 from hrmspec.graph import analyse, build_graph  # noqa: E402
+from hrmspec.runtime.execution import CompiledModel  # noqa: E402
 from hrmspec.runtime.hf import hf_config_from_spec, state_dict_to_hf  # noqa: E402
 from hrmspec.runtime.masks import dense_mask  # noqa: E402
-from hrmspec.runtime.model import CompiledModel  # noqa: E402
 from hrmspec.runtime.optim import EMA, make_optimizer  # noqa: E402
 from hrmspec.runtime.packing import IGNORE, pack  # noqa: E402
 from hrmspec.runtime.train import TrainConfig  # noqa: E402

@@ -23,8 +23,8 @@ from transformers import HrmTextConfig, HrmTextForCausalLM
 
 import hrmspec
 from hrmspec.graph import analyse, build_graph
+from hrmspec.runtime.execution import CompiledModel
 from hrmspec.runtime.hf import hf_config_from_spec, state_dict_to_hf
-from hrmspec.runtime.model import CompiledModel
 
 SPEC = "hrm-text-tiny"
 

@@ -20,10 +20,13 @@ def compile(  # noqa: A001 - the verb is the API
     `--set` (e.g. {"model.d_model": 256}). `progress` sets the credit plan's training progress."""
     from hrmspec.backends import get_backend
     from hrmspec.graph.build import build_graph
-    from hrmspec.runtime.model import CompiledModel
+    from hrmspec.graph.plan import execution_plan
+    from hrmspec.runtime.execution import CompiledModel
 
     loaded = load_spec(spec, overrides)
     ops = get_backend(backend)
-    model = CompiledModel(loaded, ops, build_graph(loaded, progress), backend=backend)
+    graph = build_graph(loaded, progress)
+    plan = execution_plan(graph, fused=bool(getattr(ops, "FUSED", False)))
+    model = CompiledModel(plan, ops, graph, backend=backend)
     model.set_progress(progress)
     return model

@@ -217,8 +217,9 @@ def _not_representable(spec: Spec) -> list[str]:
         why.append(f"the attention mask must be causal or prefix_lm, found {b.attention.mask}")
     if b.mlp != "swiglu":
         why.append(f"the MLP must be swiglu, found {b.mlp}")
-    if L.exit_norm != "rms" or H.exit_norm != "rms":
-        why.append("both modules need exit_norm: rms")
+    exits = [x.exit_norm for x in (L, H)]
+    if any(n is None or (n.type, n.eps, n.affine) != ("rms", b.norm.eps, False) for n in exits):
+        why.append("both modules need exit_norm: rms (an RMSNorm without weights, the block norm's eps)")
     states = {s.name: s.init for s in m.states}
     if set(states) != {"z_H", "z_L"} or states["z_H"] != "embed" or states["z_L"] not in ("buffer", "zeros"):
         why.append(f"states must be z_H (init embed) and z_L (init buffer or zeros), found {states}")
@@ -229,7 +230,7 @@ def _not_representable(spec: Spec) -> list[str]:
         )
     if m.output != "z_H":
         why.append(f"the output must be z_H, found {m.output}")
-    if m.final_norm:
+    if m.final_norm is not None:
         why.append("final_norm must be false (the H exit norm precedes the head)")
     if m.d_model % m.heads:
         why.append(f"transformers needs d_model ({m.d_model}) divisible by heads ({m.heads})")

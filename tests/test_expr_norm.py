@@ -10,7 +10,7 @@ import hrmspec
 from hrmspec.backends import get_backend
 from hrmspec.cli import main
 from hrmspec.errors import SpecError
-from hrmspec.runtime.blocks import Norm
+from hrmspec.kinds import norm_program
 from hrmspec.spec import NormSpec, load_spec, load_spec_text
 
 HEAD = """\
@@ -165,21 +165,20 @@ def test_expression_norm_on_the_triton_backend_equals_the_reference(tmp_path, mo
     monkeypatch.setenv("HRMSPEC_CACHE", str(tmp_path))
     spec = NormSpec(type="expr", eps=1e-6, expr=GEMMA, params=(("w", "normal"),))
     torch.manual_seed(0)
-    ref = Norm(24, 1e-6, False, get_backend("reference"), spec)
-    tri = Norm(24, 1e-6, False, get_backend("triton"), spec)
-    tri.load_state_dict(ref.state_dict())
+    program = norm_program(spec)
+    w = torch.randn(24) * 0.1
     x = torch.randn(2, 5, 24)
-    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (xr, wr), (xt, wt) = [(x.clone().requires_grad_(), w.clone().requires_grad_()) for _ in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a generated kernel, not a reported fallback
-        yt = tri(xt)
-    yr = ref(xr)
+        yt = get_backend("triton").row_program(program, {"x": xt, "w": wt})["y"]
+    yr = get_backend("reference").row_program(program, {"x": xr, "w": wr})["y"]
     torch.testing.assert_close(yt, yr, rtol=1e-5, atol=1e-5)
     cot = torch.randn_like(yr)
     yr.backward(cot)
     yt.backward(cot)
     torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tri.params["w"].grad, ref.params["w"].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wt.grad, wr.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_show_counts_expression_norm_parameters():

@@ -1,8 +1,8 @@
-"""A Stack on a kernel backend runs the fusion pass's plan (runtime/fused.py): the values and
-gradients of the layers run op by op, only kernels the plan lists (those `hrmspec check` and the
-golden snapshots cover), and no more saved activations than op by op."""
+"""A module on a kernel backend runs the fusion pass's body (runtime/execution/stack.py): only the
+kernels the plan lists (those `hrmspec check` and the golden snapshots cover), no more saved
+activations than op by op, and a call frees what it no longer needs. (That the fused body computes
+what the op-by-op one does, and both what the layers written by hand do: tests/test_fusion.py.)"""
 
-import types
 import warnings
 
 import pytest
@@ -12,8 +12,8 @@ import hrmspec
 from hrmspec.backends.reference import ops as reference
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
-from hrmspec.runtime.blocks import Context, Stack
-from hrmspec.runtime.fused import plan_call, sublayer_of
+from hrmspec.graph.plan import module_plan
+from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.spec import load_spec_text
 
 EXPR = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
@@ -29,11 +29,6 @@ CONFIGS = {
                      "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
 }
 
-# the reference ops, with Stacks running the plan (each region through the IR's torch evaluator)
-FUSED_REFERENCE = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")},
-                                        FUSED=True)
-
-
 def _spec(tiny_text, **over):
     return load_spec_text(tiny_text, overrides={"model.modules.L.layers": 2, "model.modules.H.layers": 2, **over})
 
@@ -47,48 +42,23 @@ def _context(spec, B, T, dtype):
     return Context(mask={m.block.attention.mask: mask}, rope=rope)
 
 
-@pytest.mark.parametrize("arity", [1, 2])
+def _stack(spec, ops, fused, arities=(1, 2)):
+    return ModuleStack("L", *module_plan(spec.model.module("L"), spec.model, arities, fused), ops)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_plan_computes_what_the_layers_compute(tiny_text, name, arity):
+def test_a_call_frees_what_no_later_op_reads(tiny_text, name):
+    """The call's environment: every read was written before, and only the output outlives the call."""
     spec = _spec(tiny_text, **CONFIGS[name])
-    m = spec.model.module("L")
-    torch.manual_seed(0)
-    plain = Stack(m, spec.model, reference).double()
-    for p in plain.parameters():  # norm weights away from their init, so a misbound weight shows
-        p.data.add_(0.1 * torch.randn_like(p))
-    fused = Stack(m, spec.model, FUSED_REFERENCE).double()
-    fused.load_state_dict(plain.state_dict())
-    B, T, d = 2, 5, spec.model.d_model
-    ctx = _context(spec, B, T, torch.float64)
-    terms = [torch.randn(B, T, d, dtype=torch.float64) for _ in range(arity)]
-    leaves_p = [t.clone().requires_grad_() for t in terms]
-    leaves_f = [t.clone().requires_grad_() for t in terms]
-    out_p, out_f = plain(leaves_p, ctx), fused(leaves_f, ctx)
-    torch.testing.assert_close(out_f, out_p, rtol=1e-10, atol=1e-10)
-    cot = torch.randn_like(out_p)
-    (out_p * cot).sum().backward()
-    (out_f * cot).sum().backward()
-    for a, b in zip(leaves_f, leaves_p):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
-    for (n, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
-        assert (a.grad is None) == (b.grad is None), n
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=lambda msg, n=n: f"{n}: {msg}")
-
-
-def test_plan_steps_alternate_regions_and_sublayers_and_free_tensors(tiny_text):
-    spec = _spec(tiny_text)
-    plan = plan_call(spec.model.module("L"), spec.model, 2)
-    assert plan.inputs == ("in0", "in1") and plan.output == "exit_norm:y"
-    assert [s.kind for s in plan.steps] == ["rows", "attn", "rows", "mlp"] * 2 + ["rows"]
-    live = set(plan.inputs)
-    for s in plan.steps:
-        assert {t for _, t in s.reads} <= live, s  # every read was written before
-        live |= {t for _, t in s.writes}
-        live -= set(s.drop)
-    assert live == {plan.output}  # nothing else outlives the call
-    assert sublayer_of("3.attn.q") == (3, "attn") and sublayer_of("3.rope") == (3, "attn")
-    assert sublayer_of("0.mlp.down") == (0, "mlp") and sublayer_of("0.attn_norm") is None
+    for fused in (False, True):
+        s = _stack(spec, reference, fused, (2,))
+        body = s.bodies[2]
+        live = set(body.inputs)
+        for op, drop in zip(body.ops, s._drops[2]):
+            assert {t for t in op.reads if not t.startswith("rope.")} <= live, op.name
+            live |= set(op.writes)
+            live -= set(drop)
+        assert live == {body.output}
 
 
 def _batch(B=2, T=7, vocab=61):
@@ -146,10 +116,9 @@ def _saved_bytes(stack, terms, ctx) -> int:
 
 def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, cl_ops):
     spec = _spec(tiny_text, **{"model.d_model": 256, "model.heads": 2})
-    m = spec.model.module("L")
-    unfused_ops = types.SimpleNamespace(**{k: getattr(cl_ops, k) for k in dir(cl_ops) if not k.startswith("_")})
-    unfused_ops.FUSED = False
-    fused, plain = Stack(m, spec.model, cl_ops), Stack(m, spec.model, unfused_ops)
+    fused, plain = _stack(spec, cl_ops, True), _stack(spec, cl_ops, False)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.1)
     plain.load_state_dict(fused.state_dict())
     B, T = 2, 16
     ctx = _context(spec, B, T, torch.float32)

@@ -6,14 +6,15 @@ import re
 import networkx as nx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hrmspec.backends.reference import ops as reference
 from hrmspec.graph import build_graph
-from hrmspec.graph.build import body_graph
-from hrmspec.graph.fusion import body_dataflow, fuse_body, fuse_model, saving
-from hrmspec.ir import evaluate
+from hrmspec.graph.body import module_body
+from hrmspec.graph.fusion import fuse, fuse_model, region_kernel, saving
+from hrmspec.graph.plan import module_plan
 from hrmspec.ir.kernel import kernel_name
-from hrmspec.runtime.blocks import Context, Stack
+from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.spec import load_spec, load_spec_text
 
 EXPR = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
@@ -24,13 +25,12 @@ def _spec(tiny_text, **over):
 
 
 def _fused(spec, module="L", arity=2):
-    m = spec.model.module(module)
-    df = body_dataflow(m, spec.model, arity, body_graph(m, spec.model))
-    return df, fuse_body(df)
+    body = module_body(spec.model.module(module), spec.model, arity)
+    return body, fuse(body)
 
 
 def _regions(fused):
-    return [list(fused.nodes[n]["members"]) for n in fused.graph["order"] if fused.nodes[n]["op"] == "fused"]
+    return [list(o.members) for o in fused.ops if o.members]
 
 
 # -- regions ---------------------------------------------------------------------------------------------
@@ -41,12 +41,11 @@ def test_pre_norm_regions(tiny_text):
         ["0.mlp_residual", "1.attn_norm"], ["1.rope"], ["1.attn.gate"], ["1.attn_residual", "1.mlp_norm"],
         ["1.mlp.act"], ["1.mlp_residual", "exit_norm"],
     ]
-    nodes = {fused.nodes[n]["members"][-1]: fused.nodes[n] for n in fused.graph["order"]
-             if fused.nodes[n]["op"] == "fused"}
+    ops = {o.members[-1]: o for o in fused.ops if o.members}
     # the residual stream leaves an add + norm region beside the normed value; the exit region writes y only
-    assert len(nodes["0.mlp_norm"]["program"].outputs) == 2
-    assert len(nodes["exit_norm"]["program"].outputs) == 1
-    assert fused.graph["output"] == "exit_norm:y"
+    assert len(ops["0.mlp_norm"].program.outputs) == 2
+    assert len(ops["exit_norm"].program.outputs) == 1
+    assert fused.output == "exit_norm:y"
 
 
 def test_post_and_sandwich_regions(tiny_text):
@@ -73,118 +72,132 @@ def test_single_input_call_has_no_injection_and_no_exit_norm(tiny_text):
 
 def test_every_op_in_one_node_and_the_fused_graph_is_a_dag(tiny_text):
     for place in ("pre", "post", "sandwich"):
-        df, fused = _fused(_spec(tiny_text, **{"model.block.norm.place": place}))
-        assert nx.is_directed_acyclic_graph(fused)
-        seen = [x for n in fused.nodes for x in fused.nodes[n].get("members", (n,))]
-        assert sorted(seen) == sorted(df.nodes)
-        assert list(nx.topological_sort(fused))  # a valid execution order exists
-        order = {n: i for i, n in enumerate(fused.graph["order"])}
-        assert all(order[a] < order[b] for a, b in fused.edges)
+        body, fused = _fused(_spec(tiny_text, **{"model.block.norm.place": place}))
+        g = fused.graph()
+        assert nx.is_directed_acyclic_graph(g)
+        seen = [x for o in fused.ops for x in (o.members or (o.name,))]
+        assert sorted(seen) == sorted(o.name for o in body.ops)
+        order = {n: i for i, n in enumerate(g.graph["order"])}
+        assert all(order[a] < order[b] for a, b in g.edges)  # the op order is an execution order
+        written = set(fused.inputs) | {"rope.cos", "rope.sin"}
+        for o in fused.ops:  # every tensor is written before it is read
+            assert set(o.reads) <= written, (o.name, set(o.reads) - written)
+            written |= set(o.writes)
 
 
 def test_modules_called_on_sums_of_different_sizes_get_one_body_each(tiny_text):
     text = tiny_text.replace('"z_H = H(z_H + z_L)"', '"z_H = H(z_H + z_L + x)"')
     plan = fuse_model(build_graph(load_spec_text(text)))
     assert sorted(plan.bodies) == [("H", 3), ("L", 2)]
-    first = plan.bodies[("H", 3)].graph["order"][0]
-    assert first == "inject+0.attn_norm" and plan.bodies[("H", 3)].nodes[first]["program"].name == "add3_rms_norm"
+    first = plan.bodies[("H", 3)].ops[0]
+    assert first.name == "inject+0.attn_norm" and first.program.name == "add3_rms_norm"
 
 
 # -- fused evaluation equals the layers ------------------------------------------------------------------
-def _weights(stack):
-    """Weight name in the dataflow ('0.attn_norm.w', 'exit_norm.w') -> the Stack's tensor."""
-    out = {}
-    for name, mod in stack.named_modules():
-        if name.startswith("layers."):
-            name = name[len("layers."):]
-        if getattr(mod, "program", None) is not None:
-            out.update({f"{name}.{k}": v for k, v in mod.params.items()})
-        elif getattr(mod, "weight", None) is not None and "norm" in name:
-            out[f"{name}.w"] = mod.weight
-    return out
+def _rotate_half(x):
+    lo, hi = x.chunk(2, dim=-1)
+    return torch.cat([-hi, lo], dim=-1)
 
 
-def _run(g, inputs, stack, spec, mask, tables):
-    """Execute a dataflow or fused body on T tokens: row ops by the IR evaluator, matmuls and
-    attention by the Stack's own weights."""
-    model = spec.model
-    h, hd, T = model.heads, model.head_dim, next(iter(inputs.values())).shape[0]
-    env = dict(inputs, **{"rope.cos": tables[0], "rope.sin": tables[1]})
-    weights = _weights(stack)
+def naive_module(x, stack, spec, mask, cos, sin):
+    """Module L of `spec` written out by hand in torch (B, T, d): the definition the bodies are held to."""
+    m, model = spec.model.module("L"), spec.model
+    b, h, hd = m.block, model.heads, model.head_dim
+    B, T, _ = x.shape
+    W = stack.weight
 
-    def read(ref):
-        name, _, half = ref.partition("[")
-        t = env[name]
-        if not half:
-            return t
-        sl = slice(0, hd // 2) if half == "lo]" else slice(hd // 2, hd)
-        if t.shape[-1] == hd:  # a rotary table, the same for every head
-            return t[:, sl].unsqueeze(1).expand(T, h, hd // 2).reshape(T * h, hd // 2)
-        return t.view(T, h, hd)[..., sl].reshape(T * h, hd // 2)
+    def norm(name, v, n):
+        y = v * torch.rsqrt((v * v).mean(-1, keepdim=True) + n.eps)
+        if n.type == "expr":  # EXPR: x * rsqrt(mean(x*x) + eps) * (1 + w)
+            return y * (1 + W(f"{name}.params.w"))
+        return y * W(f"{name}.weight") if n.affine else y
 
-    for n in g.graph["order"]:
-        a = g.nodes[n]
-        if a["program"] is not None:
-            out = evaluate(a["program"], {**{k: read(r) for k, r in a["rows"].items()},
-                                          **{k: weights[w] for k, w in a["weights"].items()}})
-            halves = {}
-            for k, ref in a["results"].items():
-                name, _, half = ref.partition("[")
-                if half:
-                    halves.setdefault(name, {})[half] = out[k].view(T, h, hd // 2)
-                else:
-                    env[name] = out[k]
-            for name, parts in halves.items():
-                env[name] = torch.cat([parts["lo]"], parts["hi]"]], -1).reshape(T, h * hd)
-            continue
-        layer = stack.layers[int(n.split(".")[0])]
-        inner, ffn = h * hd, spec.model.module("L").block.ffn
-        if a["op"] == "linear":
-            kind = n.split(".", 1)[1]
-            qkvg = layer.attn.qkvg.weight.view(-1, inner, model.d_model)  # q, k, v (, gate) stacked
-            w = {"attn.q": qkvg[0], "attn.k": qkvg[1], "attn.v": qkvg[2], "attn.g": qkvg[-1],
-                 "attn.o": layer.attn.o.weight, "mlp.gate": layer.mlp.gate_up.weight[:ffn],
-                 "mlp.up": layer.mlp.gate_up.weight[-ffn:], "mlp.down": layer.mlp.down.weight}[kind]
-            env[a["writes"][0]] = env[a["reads"][0]] @ w.T
-        else:  # attention over the T tokens of one batch row
-            q, k, v = (env[t].view(1, T, h, hd).transpose(1, 2) for t in a["reads"])
-            env[a["writes"][0]] = reference.attention(q, k, v, mask).transpose(1, 2).reshape(T, inner)
-    return env[g.graph["output"]]
+    def attention(i, v):
+        bias = lambda p: W(f"layers.{i}.attn.{p}.bias") if b.attention.bias else None  # noqa: E731
+        proj = F.linear(v, W(f"layers.{i}.attn.qkvg.weight"), bias("qkvg")).view(B, T, -1, h, hd)
+        q, k, val = proj[:, :, 0], proj[:, :, 1], proj[:, :, 2]
+        if b.attention.rope_theta is not None:
+            c, s = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+            q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), val.transpose(1, 2),
+                                           attn_mask=mask).transpose(1, 2)
+        if b.attention.type == "gated":
+            y = torch.sigmoid(proj[:, :, 3]) * y
+        return F.linear(y.reshape(B, T, -1), W(f"layers.{i}.attn.o.weight"), bias("o"))
+
+    def mlp(i, v):
+        up = F.linear(v, W(f"layers.{i}.mlp.gate_up.weight"))
+        if b.mlp == "swiglu":
+            gate, up = up.chunk(2, dim=-1)
+            up = F.silu(gate) * up
+        else:
+            up = F.gelu(up, approximate="tanh")
+        return F.linear(up, W(f"layers.{i}.mlp.down.weight"))
+
+    for i in range(m.layers):
+        p = f"layers.{i}."
+        for part, f in (("attn", attention), ("mlp", mlp)):
+            if b.norm.place == "pre":
+                x = x + f(i, norm(p + f"{part}_norm", x, b.norm))
+            elif b.norm.place == "post":
+                x = norm(p + f"{part}_norm", x + f(i, x), b.norm)
+            else:
+                x = x + norm(p + f"{part}_out_norm", f(i, norm(p + f"{part}_norm", x, b.norm)), b.norm)
+    return x if m.exit_norm is None else norm("exit_norm", x, m.exit_norm)
 
 
 CONFIGS = [
     {},
     {"model.block.norm.place": "post", "model.block.mlp": "gelu"},
-    {"model.block.norm.place": "sandwich", "model.block.norm.affine": True, "model.block.attention.type": "plain"},
+    {"model.block.norm.place": "sandwich", "model.block.norm.affine": True, "model.block.attention.type": "plain",
+     "model.block.attention.bias": True},
     {"model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}, "place": "sandwich"},
      "model.block.attention.rope_theta": None},
     {"model.modules.L.exit_norm": "none",
      "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
 ]
-IDS = ["pre", "post-gelu", "sandwich-affine-plain", "sandwich-expr", "expr-no-exit"]
+IDS = ["pre", "post-gelu", "sandwich-affine-plain-bias", "sandwich-expr", "expr-no-exit"]
+
+
+def stack(spec, arity, fused, ops=reference):
+    """Module L of `spec` as a ModuleStack, its parameters drawn away from any init (so a misbound
+    weight shows)."""
+    params, bodies = module_plan(spec.model.module("L"), spec.model, (arity,), fused)
+    s = ModuleStack("L", params, bodies, ops).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return s
 
 
 @pytest.mark.parametrize("over", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("arity", [1, 2])
 def test_fused_body_equals_op_by_op_and_the_layers(tiny_text, over, arity):
-    torch.manual_seed(0)
+    """The op-by-op body equals the module written by hand, and the fused body (its regions run by the
+    IR's evaluator) the op-by-op one, in values and every gradient."""
     spec = _spec(tiny_text, **over)
-    m = spec.model.module("L")
-    df, fused = _fused(spec, "L", arity)
-    stack = Stack(m, spec.model, reference).double()
-    T, d = 7, spec.model.d_model
-    ins = [torch.randn(T, d, dtype=torch.float64) for _ in range(arity)]
-    inputs = dict(zip(df.graph["inputs"], ins))
-    cos, sin = reference.rope_tables(torch.arange(T)[None], spec.model.head_dim, 10000.0, torch.float64)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    B, T, d = 2, 7, spec.model.d_model
+    gen = torch.Generator().manual_seed(1)
+    terms = [torch.randn(B, T, d, generator=gen, dtype=torch.float64) for _ in range(arity)]
+    cos, sin = reference.rope_tables(torch.arange(T).expand(B, T), spec.model.head_dim, 10000.0, torch.float64)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    ctx = Context(mask={spec.model.module("L").block.attention.mask: mask}, rope={10000.0: (cos, sin)})
+    plain, fused = stack(spec, arity, False), stack(spec, arity, True)
+    fused.load_state_dict(plain.state_dict())
+    outs, grads = [], []
+    for s in (plain, fused):
+        leaves = [t.clone().requires_grad_() for t in terms]
+        out = s(leaves, ctx)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append([t.grad for t in leaves] + [p.grad for p in s.parameters()])
     with torch.no_grad():
-        ctx = Context(mask={m.block.attention.mask: mask}, rope={10000.0: (cos, sin)})
-        expect = stack(sum(ins)[None], ctx)[0]
-        tables = (cos[0, 0], sin[0, 0])
-        op_by_op = _run(df, inputs, stack, spec, mask, tables)
-        fused_out = _run(fused, inputs, stack, spec, mask, tables)
-    torch.testing.assert_close(op_by_op, expect, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(fused_out, op_by_op, rtol=1e-12, atol=1e-12)
+        expect = naive_module(sum(terms), plain, spec, mask, cos, sin)
+    torch.testing.assert_close(outs[0], expect, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 # -- traffic ---------------------------------------------------------------------------------------------
@@ -229,7 +242,6 @@ def test_kernel_names_are_deterministic_and_shared_by_identical_regions(tiny_tex
     for k in a.kernels:
         assert re.fullmatch(rf"hrm_{k.forward.name}_{k.direction}_[0-9a-f]{{8}}", k.name)
         assert k.name == kernel_name(k.program, k.direction, k.forward.name)
-    body = a.bodies[("L", 2)]
-    kernels = {body.nodes[n]["kernel"] for n in body.graph["order"] if body.nodes[n]["op"] == "fused"}
+    kernels = {region_kernel(o) for o in a.bodies[("L", 2)].ops if o.members}
     # inject + attn_norm, attn_residual + mlp_norm and mlp_residual + attn_norm are one program
     assert len(kernels) == 5

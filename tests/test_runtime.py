@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 import hrmspec
 from hrmspec.backends.reference import ops
-from hrmspec.runtime.blocks import Block, Context
+from hrmspec.graph.plan import module_plan
+from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec import load_spec_text
-from hrmspec.spec.schema import AttentionSpec, BlockSpec, NormSpec
 
 
 def compile_text(text, **overrides):
@@ -19,10 +19,15 @@ def compile_text(text, **overrides):
 
 @pytest.mark.parametrize("place", ["pre", "post", "sandwich"])
 @pytest.mark.parametrize("attn,mlp,affine", [("gated", "swiglu", False), ("plain", "gelu", True)])
-def test_block_gradcheck_float64(place, attn, mlp, affine):
+def test_block_gradcheck_float64(tiny_text, place, attn, mlp, affine):
     torch.manual_seed(0)
-    spec = BlockSpec(NormSpec(eps=1e-6, affine=affine, place=place), AttentionSpec(type=attn), mlp, ffn=12)
-    block = Block(8, 2, 4, spec, ops).double()
+    spec = load_spec_text(tiny_text, overrides={
+        "model.d_model": 8, "model.heads": 2, "model.ffn": 12, "model.modules.L.layers": 1,
+        "model.modules.L.exit_norm": "none", "model.block.mlp": mlp, "model.block.attention.type": attn,
+        "model.block.norm": {"eps": 1e-6, "affine": affine, "place": place}})
+    block = ModuleStack("L", *module_plan(spec.model.module("L"), spec.model), ops).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.3)
     B, S = 2, 5
     prefix = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     cos, sin = ops.rope_tables(torch.arange(S).expand(B, S), 4, 10000.0, torch.float64)
@@ -33,7 +38,7 @@ def test_block_gradcheck_float64(place, attn, mlp, affine):
     names = [n for n, _ in block.named_parameters()]
 
     def f(x, *ps):
-        return torch.func.functional_call(block, dict(zip(names, ps)), (x, ctx))
+        return torch.func.functional_call(block, dict(zip(names, ps)), ([x], ctx))
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 

@@ -38,6 +38,11 @@ model:
 """
 
 
+def exit_kind(module) -> str:
+    """A module's exit norm as written: its kind, or none."""
+    return "none" if module.exit_norm is None else module.exit_norm.type
+
+
 def write(tmp_path, name: str, text: str):
     p = tmp_path / name
     p.write_text(text)
@@ -75,7 +80,7 @@ def test_hrm_text_1b():
     assert m.block.ffn == 4096 and m.block.mlp == "swiglu"
     assert m.block.norm == NormSpec(type="rms", eps=1e-6, affine=False, place="pre")
     assert m.block.attention == AttentionSpec(type="gated", rope_theta=10000.0, mask="prefix_lm", bias=False)
-    assert [(x.name, x.layers, x.exit_norm) for x in m.modules] == [("L", 16, "rms"), ("H", 16, "rms")]
+    assert [(x.name, x.layers, exit_kind(x)) for x in m.modules] == [("L", 16, "rms"), ("H", 16, "rms")]
     assert all(x.block == m.block for x in m.modules)
     assert [(s.name, s.init) for s in m.states] == [("z_H", "embed"), ("z_L", "buffer")]
     (outer,) = m.schedule
@@ -92,7 +97,7 @@ def test_hrm_text_1b():
 def test_hrm_text_tiny_extends_the_1b_recipe():
     big, tiny = load_spec("hrm-text-1b").model, load_spec("hrm-text-tiny").model
     assert (tiny.vocab, tiny.d_model, tiny.heads, tiny.head_dim, tiny.block.ffn) == (320, 128, 4, 32, 384)
-    assert [(x.name, x.layers, x.exit_norm) for x in tiny.modules] == [("L", 2, "rms"), ("H", 2, "rms")]
+    assert [(x.name, x.layers, exit_kind(x)) for x in tiny.modules] == [("L", 2, "rms"), ("H", 2, "rms")]
     assert tiny.block.norm == big.block.norm and tiny.block.attention == big.block.attention
     assert (tiny.schedule, tiny.states, tiny.credit) == (big.schedule, big.states, big.credit)
     assert tiny.output == big.output == "z_H"
@@ -114,11 +119,11 @@ def test_defaults():
     assert spec.name == "minimal"  # the file's stem
     assert spec.objective.type == "task_completion"
     assert (spec.train, spec.data, spec.eval) == ({}, {}, {})
-    assert m.head_dim == 16 and m.max_seq_len == 2048 and m.final_norm is False
+    assert m.head_dim == 16 and m.max_seq_len == 2048 and m.final_norm is None
     assert m.block.norm == NormSpec() == NormSpec("rms", 1e-6, False, "pre")
     assert m.block.attention == AttentionSpec() == AttentionSpec("gated", 10000.0, "prefix_lm", False)
     assert m.block.mlp == "swiglu" and m.block.ffn == 128
-    assert m.module("T").exit_norm == "rms" and m.module("T").block == m.block
+    assert exit_kind(m.module("T")) == "rms" and m.module("T").block == m.block
     assert m.output == "h" and m.head == "untied"
     assert m.init == InitSpec("lecun_normal", 0.02)
     assert m.embed_scale == pytest.approx(8.0)  # 1 / lecun_std(64) = sqrt(64)
@@ -340,8 +345,8 @@ model:
 def test_a_module_overrides_block_fields():
     m = load_spec_text(TWO).model
     L, H = m.module("L"), m.module("H")
-    assert L.block == m.block and L.exit_norm == "rms"
-    assert (H.layers, H.exit_norm, H.block.mlp) == (3, "none", "gelu")
+    assert L.block == m.block and exit_kind(L) == "rms"
+    assert (H.layers, exit_kind(H), H.block.mlp) == (3, "none", "gelu")
     assert H.block.norm == NormSpec(eps=1e-5, affine=True, place="post")  # merged over the shared norm
     assert H.block.attention == AttentionSpec(mask="causal", rope_theta=500.0)
     # model.expansion is a ratio: each module gets the width of its own MLP kind
@@ -468,7 +473,7 @@ def test_random_valid_specs_round_trip(case):
     assert [x.name for x in m.modules] == list(d["modules"])
     for x in m.modules:
         mine = d["modules"][x.name]
-        assert x.layers == mine["layers"] and x.exit_norm == mine.get("exit_norm", "rms")
+        assert x.layers == mine["layers"] and exit_kind(x) == mine.get("exit_norm", "rms")
         assert x.block.mlp == mine.get("mlp", d["block"]["mlp"]) and x.block.ffn == d["ffn"]
         assert x.block.norm == m.block.norm and x.block.attention == m.block.attention
     assert [(s.name, s.init) for s in m.states] == [(k, v["init"]) for k, v in d["states"].items()]

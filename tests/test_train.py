@@ -83,7 +83,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_nan_losses_are_skipped_then_stop(tmp_path, monkeypatch):
-    from hrmspec.runtime import model as model_mod
+    from hrmspec.runtime.execution import compiled as model_mod
 
     real = model_mod.CompiledModel.forward
 

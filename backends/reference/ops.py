@@ -6,6 +6,9 @@ where torch has a fused op with the same math (rms_norm, scaled_dot_product_atte
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +80,23 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         upcast(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
     return total, (labels != ignore_index).sum()
+
+
+# built-in programs (RowProgram.builtin) by their torch form: the same math, fewer ops and saved tensors
+_BUILTIN = {
+    "rms_norm": lambda i, eps: rms_norm(i["x"], eps, i.get("w")),
+    "add": lambda i: functools.reduce(operator.add, i.values()),  # x + r, or x0 + x1 + ...
+    "sigmoid_gate": lambda i: sigmoid_gate(i["g"], i["a"]),
+    "swiglu": lambda i: swiglu(i["a"], i["b"]),
+    "gelu": lambda i: gelu(i["x"]),
+}
+
+
+def row_program(program, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run a forward RowProgram: a built-in one by its torch form, any other by the IR's evaluator."""
+    if program.builtin is not None and program.builtin[0] in _BUILTIN:
+        name, args = program.builtin
+        return {program.outputs[0].name: _BUILTIN[name](inputs, **dict(args))}
+    from hrmspec.ir import evaluate
+
+    return evaluate(program, inputs)

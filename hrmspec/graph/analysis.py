@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from hrmspec.graph.body import Body
 from hrmspec.graph.build import call_nodes
+from hrmspec.graph.fusion import final_norm_op
 from hrmspec.spec.schema import ModelSpec
 
 
@@ -53,13 +55,13 @@ def _attended(mask: str, seq_len: int) -> float:
     return float(seq_len) if mask == "bidirectional" else (seq_len + 1) / 2
 
 
-def module_flops(body: nx.DiGraph, model: ModelSpec, mask: str, seq_len: int) -> float:
+def module_flops(body: Body, model: ModelSpec, seq_len: int) -> float:
     """Forward FLOPs per token of one call of a module."""
     total = 0.0
-    for _, op in body.nodes(data=True):
-        total += op["flops"]
-        if op["op"] == "attention":
-            total += 4 * model.heads * model.head_dim * _attended(mask, seq_len)
+    for op in body.ops:
+        total += op.flops
+        if op.kind == "attention":
+            total += 4 * op.attrs["heads"] * op.attrs["head_dim"] * _attended(op.attrs["mask"], seq_len)
     return total
 
 
@@ -74,12 +76,12 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
     per_call_flops: dict[str, float] = {}
     saved_per_call: dict[str, int] = {}
     for m in model.modules:
-        body = G.graph["bodies"][m.name]
-        params = sum(op["params"] for _, op in body.nodes(data=True))
+        body: Body = G.graph["bodies"][m.name]
+        params = sum(p.size for p in body.params)
         parts[f"module {m.name}"] = params
-        flops = module_flops(body, model, m.block.attention.mask, seq_len)
+        flops = module_flops(body, model, seq_len)
         per_call_flops[m.name] = flops
-        saved_per_call[m.name] = sum(op["saved"] for _, op in body.nodes(data=True))
+        saved_per_call[m.name] = sum(op.saved for op in body.ops)
         mine = [c for c in calls if c["module"] == m.name]
         modules.append(ModuleStats(m.name, m.layers, params, len(mine), sum(c["grad"] for c in mine), flops))
     for s in model.states:
@@ -89,8 +91,9 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
             buffers += d
     if model.head == "untied":
         parts["head"] = V * d
-    if model.final_norm and model.block.norm.affine:
-        parts["final_norm"] = d
+    final = final_norm_op(model)
+    if final is not None and final.params:
+        parts["final_norm"] = final.param_count
     head_flops = 2 * d * V
     fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops
     train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * head_flops

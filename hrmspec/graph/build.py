@@ -11,20 +11,18 @@ Top-level nodes (one per value-producing op, in execution order):
 Edges carry the tensor that flows (`state`, `shape`). A call's inputs are summed (injection by
 addition) before the module runs; the edge from the producing node to the call says which state.
 
-Each module's body (its layers' ops: norms, linears, attention, gates, MLP) is a graph of its
-own, in `G.graph["bodies"][name]`, shared by every call of that module.
+Each module's body (its layers' ops: norms, linears, attention, gates, MLP, with their parameters)
+is `G.graph["bodies"][name]`, a `hrmspec.graph.body.Body` shared by every call of that module.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import networkx as nx
 
+from hrmspec.graph.body import module_body
 from hrmspec.graph.credit import Call, credit_depth, grad_flags
 from hrmspec.spec.grammar import INPUT
-from hrmspec.spec.schema import ModelSpec, ModuleSpec, Repeat, Spec
+from hrmspec.spec.schema import Repeat, Spec
 
 
 def unroll(schedule: tuple, _cycle: tuple[int, ...] = ()) -> list[Call]:
@@ -43,81 +41,6 @@ def unroll(schedule: tuple, _cycle: tuple[int, ...] = ()) -> list[Call]:
     return out
 
 
-@dataclass(frozen=True)
-class BodyOp:
-    """An op of a module body. `params` and `flops` (per token, forward) feed the analysis."""
-
-    name: str
-    op: str
-    params: int = 0
-    flops: int = 0  # matmul FLOPs per token; attention's depend on sequence length (see analysis)
-    saved: int = 0  # activation elements kept per token for backward
-
-
-def body_graph(m: ModuleSpec, model: ModelSpec) -> nx.DiGraph:
-    """The ops of one module's layers, chained in order, plus its exit norm."""
-    d, h, hd, b = model.d_model, model.heads, model.head_dim, m.block
-    inner = h * hd
-    bias = int(b.attention.bias)
-    # an expression norm has one learnable per-channel vector per declared param
-    norm_params = d * len(b.norm.params or {}) if b.norm.type == "expr" else (d if b.norm.affine else 0)
-    g = nx.DiGraph(module=m.name, layers=m.layers)
-    prev = None
-
-    def add(op: BodyOp) -> None:
-        nonlocal prev
-        g.add_node(op.name, **op.__dict__)
-        if prev is not None:
-            g.add_edge(prev, op.name)
-        prev = op.name
-
-    def linear(name: str, fan_in: int, fan_out: int, has_bias: int = 0) -> BodyOp:
-        return BodyOp(name, "linear", fan_in * fan_out + has_bias * fan_out, 2 * fan_in * fan_out, fan_in)
-
-    for layer in range(m.layers):
-        p = f"{layer}."
-        place = b.norm.place
-        if place in ("pre", "sandwich"):
-            add(BodyOp(p + "attn_norm", "rms_norm", norm_params, 0, d))
-        for proj in ("q", "k", "v") + (("g",) if b.attention.type == "gated" else ()):
-            op = linear(p + f"attn.{proj}", d, inner, bias)
-            # one fused matmul (qkvg) keeps its input once
-            add(op if proj == "q" else dataclasses.replace(op, saved=0))
-        if b.attention.rope_theta is not None:
-            add(BodyOp(p + "rope", "rope", 0, 0, 0))
-        # saved: q, k, v, the output and the softmax statistics (flash-style)
-        add(BodyOp(p + "attention", "attention", 0, 0, 4 * inner + h))
-        if b.attention.type == "gated":
-            add(BodyOp(p + "attn.gate", "sigmoid_mul", 0, 0, inner))
-        o = linear(p + "attn.o", inner, d, bias)
-        # without a gate, o reads the attention output, which attention keeps already
-        add(o if b.attention.type == "gated" else dataclasses.replace(o, saved=0))
-        if place == "sandwich":
-            add(BodyOp(p + "attn_out_norm", "rms_norm", norm_params, 0, d))
-        add(BodyOp(p + "attn_residual", "add", 0, 0, 0))
-        if place == "post":
-            add(BodyOp(p + "attn_norm", "rms_norm", norm_params, 0, d))
-        if place in ("pre", "sandwich"):
-            add(BodyOp(p + "mlp_norm", "rms_norm", norm_params, 0, d))
-        if b.mlp == "swiglu":
-            add(linear(p + "mlp.gate", d, b.ffn))
-            add(dataclasses.replace(linear(p + "mlp.up", d, b.ffn), saved=0))  # gate_up: its input once
-            # silu(gate) * up keeps gate and up (one fused projection) and silu(gate)
-            add(BodyOp(p + "mlp.act", "silu_mul", 0, 0, 3 * b.ffn))
-        else:
-            add(linear(p + "mlp.up", d, b.ffn))
-            add(BodyOp(p + "mlp.act", "gelu", 0, 0, b.ffn))
-        add(linear(p + "mlp.down", b.ffn, d))
-        if place == "sandwich":
-            add(BodyOp(p + "mlp_out_norm", "rms_norm", norm_params, 0, d))
-        add(BodyOp(p + "mlp_residual", "add", 0, 0, 0))
-        if place == "post":
-            add(BodyOp(p + "mlp_norm", "rms_norm", norm_params, 0, d))
-    if m.exit_norm == "rms":
-        add(BodyOp("exit_norm", "rms_norm", 0, 0, d))
-    return g
-
-
 def build_graph(spec: Spec, progress: float = 1.0) -> nx.DiGraph:
     """Build the ModelGraph of `spec` with the credit plan evaluated at training `progress`."""
     model = spec.model
@@ -129,7 +52,7 @@ def build_graph(spec: Spec, progress: float = 1.0) -> nx.DiGraph:
         progress=progress,
         credit_depth=credit_depth(model.credit, progress),
         calls=calls,
-        bodies={m.name: body_graph(m, model) for m in model.modules},
+        bodies={m.name: module_body(m, model) for m in model.modules},
     )
     act = ("B", "S", model.d_model)
     G.add_node("x", op="embed", vocab=model.vocab, d=model.d_model, scale=model.embed_scale)

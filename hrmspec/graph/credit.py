@@ -99,6 +99,21 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
     raise ValueError(f"unknown credit mode {credit.mode!r}")
 
 
+@dataclass(frozen=True)
+class CreditPlan:
+    """The credit plan of one unrolled schedule as a function of training progress: what the runtime
+    asks at every step (it runs the calls whose flag is false under no-grad)."""
+
+    calls: tuple[Call, ...]
+    credit: CreditSpec
+
+    def flags(self, progress: float) -> list[bool]:
+        return grad_flags(self.calls, self.credit, progress)
+
+    def depth(self, progress: float) -> int | None:
+        return credit_depth(self.credit, progress)
+
+
 def _group(calls: Sequence[Call]) -> dict[str, list[Call]]:
     out: dict[str, list[Call]] = {}
     for c in calls:

@@ -1,19 +1,19 @@
 """The fusion pass: each module body cut into maximal RowProgram regions between matmuls and attention.
 
-A module body (`build.body_graph`) is a chain of ops. Here it is first read as *dataflow*: every op
-with the tensors it reads and writes, and for each elementwise or row-reduction op its RowProgram
-(norms, residual adds, the injection sum, the sigmoid gate, SwiGLU / GELU, RoPE on half rows).
-Matmuls and attention are barriers. The pass then grows regions in execution order:
+A module body (`hrmspec.graph.body`) is a sequence of ops; its row ops (norms, residual adds, the
+injection sum, the sigmoid gate, the MLP activation, RoPE on half rows) each carry a RowProgram.
+Matmuls and attention are barriers. The pass grows regions in execution order:
 
     an op joins the region of an op whose output it reads (same rows and width) unless that
     would put a barrier on a path from the region back into it (the fused node would wait on itself)
 
 so in a pre-norm layer the residual add and the next norm become one region, `h = x + r,
-y = norm(h)`, and the last residual add fuses with the module's exit norm, `y = rms(x + r)`, which
+y = norm(h)`, and the last residual add fuses with the module's exit norm, `y = norm(x + r)`, which
 writes only y. The model-level injection (`z_L + z_H` before a call) is the first op of the body of
-that call's arity and fuses with the first norm. Each region becomes one `fused` node holding the
+that call's arity and fuses with the first norm. Each region becomes one row op holding the
 composed RowProgram (its backward is `hrmspec.ir.grad` of it) and a deterministic kernel name
 `hrm_<region kind>_<fwd|bwd>_<hash8>`; identical regions (every layer's add + norm) share a kernel.
+The fused body is again a `Body`, which is what a kernel backend's runtime runs.
 
 Memory traffic per token (forward, activations only: weights are read once per launch, not per
 token): an op reads every tensor it consumes and writes every tensor it produces; a fused region
@@ -22,138 +22,26 @@ reads its inputs from outside the region once and writes only the tensors used o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
 
-from hrmspec.graph.build import BodyOp
-from hrmspec.ir import ProgramBuilder, RowProgram, library, parse_norm_expr
+from hrmspec.graph.body import Body, Op, base, module_body, norm_op
+from hrmspec.ir import ProgramBuilder, RowProgram
 from hrmspec.ir.autodiff import replay
 from hrmspec.ir.kernel import backward_program, kernel_name
-from hrmspec.spec.schema import ModelSpec, ModuleSpec, NormSpec
-
-# --------------------------------------------------------------------------- op programs
+from hrmspec.spec.schema import ModelSpec
 
 
-def norm_program(n: NormSpec) -> RowProgram:
-    """The RowProgram of a norm: RMSNorm (input x, weight w when affine) or the spec's expression."""
-    if n.type == "expr":
-        return parse_norm_expr(n.expr, dict(n.params or ()), n.eps, name="expr_norm")
-    return library.rms_norm(n.eps, affine=n.affine, name="rms_norm")
-
-
-# --------------------------------------------------------------------------- dataflow
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    size: int  # elements per token
-
-
-def base(ref: str) -> str:
-    """The tensor a binding refers to: 'q[lo]' (the first half of each head of q) -> 'q'."""
-    return ref.split("[", 1)[0]
-
-
-def body_dataflow(m: ModuleSpec, model: ModelSpec, arity: int = 1, body: nx.DiGraph | None = None) -> nx.DiGraph:
-    """The ops of one module call as dataflow, op by op. Node attributes: those of the BodyOp, plus
-    `reads`/`writes` (tensor names), and for row ops `program`, `kind`, `domain` (rows per token,
-    width) and the bindings `rows` (program input -> tensor ref), `weights` (program input -> weight
-    name), `results` (program output -> tensor ref). `arity` > 1 prepends the injection sum."""
-    d, h, hd, b = model.d_model, model.heads, model.head_dim, m.block
-    inner = h * hd
-    g = nx.DiGraph(module=m.name, arity=arity, heads=h, head_dim=hd, tensors={}, order=[])
-    producer: dict[str, str] = {}
-    body_ops = dict(body.nodes(data=True)) if body is not None else {}
-
-    def tensor(name: str, size: int) -> str:
-        g.graph["tensors"][name] = Tensor(name, size)
-        return name
-
-    def node(name: str, op: str, reads: tuple[str, ...], writes: tuple[str, ...], program: RowProgram | None = None,
-             domain: tuple[int, int] | None = None, **bind) -> None:
-        attrs = dict(body_ops.get(name) or BodyOp(name, op).__dict__)
-        reads = tuple(dict.fromkeys(base(r) for r in reads))
-        attrs.update(reads=reads, writes=writes, program=program, domain=domain,
-                     kind=program.name if program is not None else attrs["op"],
-                     rows=bind.get("rows", {}), weights=bind.get("weights", {}), results=bind.get("results", {}))
-        g.add_node(name, **attrs)
-        g.graph["order"].append(name)
-        for t in reads:
-            if t in producer:
-                g.add_edge(producer[t], name)
-        for t in writes:
-            producer[t] = name
-
-    def row_op(name: str, op: str, program: RowProgram, rows: dict[str, str], width: int, weights=None) -> str:
-        out = tensor(f"{name}:{program.outputs[0].name}", width)
-        node(name, op, tuple(rows.values()), (out,), program, (1, width), rows=rows, weights=weights or {},
-             results={program.outputs[0].name: out})
-        return out
-
-    def norm(name: str, x: str, n: NormSpec) -> str:
-        prog = norm_program(n)
-        weights = {i.name: f"{name}.{i.name}" for i in prog.inputs if i.kind == "vector"}
-        return row_op(name, "rms_norm", prog, {"x": x}, d, weights)
-
-    def linear(name: str, x: str, size: int) -> str:
-        out = tensor(f"{name}:y", size)
-        node(name, "linear", (x,), (out,))
-        return out
-
-    if arity > 1:  # the states summed into the call: in0 + in1 + ...
-        g.graph["inputs"] = tuple(tensor(f"in{i}", d) for i in range(arity))
-        prog = library.add(arity)
-        x = row_op("inject", "add", prog, dict(zip(prog.input_names, g.graph["inputs"])), d)
-    else:
-        x = tensor("input", d)
-        g.graph["inputs"] = (x,)
-    tables = (tensor("rope.cos", hd), tensor("rope.sin", hd))
-    for layer in range(m.layers):
-        p, place = f"{layer}.", b.norm.place
-        a_in = norm(p + "attn_norm", x, b.norm) if place in ("pre", "sandwich") else x
-        projs = ("q", "k", "v") + (("g",) if b.attention.type == "gated" else ())
-        proj = {t: linear(p + f"attn.{t}", a_in, inner) for t in projs}
-        q, k = proj["q"], proj["k"]
-        if b.attention.rope_theta is not None:
-            prog = library.rope()
-            rows = {"cos": tables[0] + "[lo]", "sin": tables[1] + "[lo]"}
-            for t, ref in (("q", q), ("k", k)):
-                rows.update({f"{t}_lo": ref + "[lo]", f"{t}_hi": ref + "[hi]"})
-            q, k = tensor(p + "rope:q", inner), tensor(p + "rope:k", inner)
-            results = {"qr_lo": q + "[lo]", "qr_hi": q + "[hi]", "kr_lo": k + "[lo]", "kr_hi": k + "[hi]"}
-            node(p + "rope", "rope", tuple(rows.values()), (q, k), prog, (h, hd // 2), rows=rows, results=results)
-        att = tensor(p + "attention:y", inner)
-        node(p + "attention", "attention", (q, k, proj["v"]), (att,))
-        if b.attention.type == "gated":
-            att = row_op(p + "attn.gate", "sigmoid_mul", library.sigmoid_gate(), {"g": proj["g"], "a": att}, inner)
-        o = linear(p + "attn.o", att, d)
-        if place == "sandwich":
-            o = norm(p + "attn_out_norm", o, b.norm)
-        x = row_op(p + "attn_residual", "add", library.add(), {"x": x, "r": o}, d)
-        if place == "post":
-            x = norm(p + "attn_norm", x, b.norm)
-        m_in = norm(p + "mlp_norm", x, b.norm) if place in ("pre", "sandwich") else x
-        if b.mlp == "swiglu":
-            gate, up = linear(p + "mlp.gate", m_in, b.ffn), linear(p + "mlp.up", m_in, b.ffn)
-            act = row_op(p + "mlp.act", "silu_mul", library.swiglu(), {"a": gate, "b": up}, b.ffn)
-        else:
-            act = row_op(p + "mlp.act", "gelu", library.gelu(), {"x": linear(p + "mlp.up", m_in, b.ffn)}, b.ffn)
-        down = linear(p + "mlp.down", act, d)
-        if place == "sandwich":
-            down = norm(p + "mlp_out_norm", down, b.norm)
-        x = row_op(p + "mlp_residual", "add", library.add(), {"x": x, "r": down}, d)
-        if place == "post":
-            x = norm(p + "mlp_norm", x, b.norm)
-    if m.exit_norm == "rms":
-        x = norm("exit_norm", x, NormSpec(eps=b.norm.eps))
-    g.graph["output"] = x
-    if body is not None and set(g.nodes) - {"inject"} != set(body.nodes):
-        extra = sorted((set(g.nodes) ^ set(body.nodes)) - {"inject"})
-        raise RuntimeError(f"module {m.name}: the fusion pass and the graph builder disagree on ops {extra[:5]}")
+def dataflow(body: Body) -> nx.DiGraph:
+    """The body as the graph the pass works on: `Body.graph()`, each node's `kind` its program's name."""
+    g = body.graph()
+    for n in g.nodes:
+        prog = g.nodes[n]["program"]
+        g.nodes[n]["kind"] = prog.name if prog is not None else g.nodes[n]["role"]
     return g
 
 
@@ -201,89 +89,75 @@ def regions(df: nx.DiGraph) -> list[list[str]]:
     return sorted(out.values(), key=lambda r: pos[r[0]])
 
 
-def _compose(df: nx.DiGraph, members: list[str]) -> dict:
-    """One region's fused program and its bindings: inputs x0.. (rows), w0.. (weights), outputs y0..
-    numbered in order of first use, so identical regions give identical programs."""
+def _compose(body: Body, members: list[str]) -> Op:
+    """One region as a row op: its fused program and bindings, inputs x0.. (rows), w0.. (weights),
+    outputs y0.. numbered in order of first use, so identical regions give identical programs."""
     inside = set(members)
-    used_outside = {df.graph["output"]}
-    for u in df.nodes:
-        if u not in inside:
-            used_outside.update(base(r) for r in df.nodes[u]["reads"])
-    kind = "_".join(df.nodes[u]["kind"] for u in members)
+    used_outside = {body.output}
+    for o in body.ops:
+        if o.name not in inside:
+            used_outside.update(base(r) for r in o.reads)
+    ops = [body.op(u) for u in members]
+    kind = "_".join(o.program.name for o in ops)
     b = ProgramBuilder(kind)
     val, rows, weights, kinds = {}, {}, {}, {}
-    for u in members:
-        a = df.nodes[u]
+    for o in ops:
         env = {}
-        for i in a["program"].inputs:
+        for i in o.program.inputs:
             if i.kind == "vector":
                 arg = f"w{len(weights)}"
-                weights[arg] = a["weights"][i.name]
+                weights[arg] = o.weights[i.name]
                 env[i.name] = b.vector(arg, i.init)
                 continue
-            ref = a["rows"][i.name]
+            ref = o.rows[i.name]
             if ref not in val:
                 arg = f"x{len(rows)}"
                 rows[arg] = ref
                 val[ref] = b.input(arg, i.kind)
             env[i.name] = val[ref]
         vals = []
-        for n in a["program"].nodes:
+        for n in o.program.nodes:
             vals.append(replay(b, n, [vals[s] for s in n.srcs], env))
-        for o in a["program"].outputs:
-            ref = a["results"][o.name]
-            val[ref], kinds[ref] = vals[o.node], o.kind
+        for out in o.program.outputs:
+            ref = o.results[out.name]
+            val[ref], kinds[ref] = vals[out.node], out.kind
     results = {}
-    for u in members:
-        for ref in df.nodes[u]["results"].values():
+    for o in ops:
+        for ref in o.results.values():
             if base(ref) in used_outside:
                 arg = f"y{len(results)}"
                 results[arg] = ref
                 b.output(arg, val[ref], kind=kinds[ref])
-    return dict(program=b.build(), rows=rows, weights=weights, results=results, kind=kind)
+    program = b.build()
+    return Op("+".join(members), "row", "region", tuple(dict.fromkeys(base(r) for r in rows.values())),
+              tuple(dict.fromkeys(base(r) for r in results.values())), tuple(p for o in ops for p in o.params),
+              program, rows, weights, results, ops[0].domain, flops=sum(o.flops for o in ops),
+              saved=sum(o.saved for o in ops), members=tuple(members))
 
 
-def fuse_body(df: nx.DiGraph) -> nx.DiGraph:
-    """The fused body: barriers as they were, each region one node with op `fused`. A one-op region
-    keeps its op's own program (the kernel the op-by-op backend runs)."""
-    fused = nx.DiGraph(**{k: v for k, v in df.graph.items() if k != "order"}, order=[])
-    owner: dict[str, str] = {}
-    found = {r[0]: r for r in regions(df)}
-    for u in df.graph["order"]:
-        a = df.nodes[u]
-        if a["program"] is None:
-            fused.add_node(u, **a)
-        elif u in found:
-            members = found[u]
-            if len(members) == 1:
-                parts = {k: a[k] for k in ("program", "rows", "weights", "results", "kind")}
-            else:
-                parts = _compose(df, members)
-            name = "+".join(members)
-            ops = [df.nodes[x] for x in members]
-            reads = tuple(dict.fromkeys(base(r) for r in parts["rows"].values()))
-            writes = tuple(dict.fromkeys(base(r) for r in parts["results"].values()))
-            fused.add_node(name, name=name, op="fused", members=tuple(members), reads=reads, writes=writes,
-                           domain=a["domain"], kernel=kernel_name(parts["program"], "fwd"),
-                           params=sum(o["params"] for o in ops), flops=sum(o["flops"] for o in ops),
-                           saved=sum(o["saved"] for o in ops), **parts)
-            for x in members:
-                owner[x] = name
-        else:
-            continue
-        fused.graph["order"].append(owner.get(u, u))
-    producer = {t: n for n in fused.graph["order"] for t in fused.nodes[n]["writes"]}
-    for n in fused.graph["order"]:
-        for t in fused.nodes[n]["reads"]:
-            if t in producer and producer[t] != n:
-                fused.add_edge(producer[t], n)
-    return fused
+def fuse(body: Body) -> Body:
+    """The fused body: barriers as they were, each region one row op (`members` lists what it
+    computes). A one-op region is its op (the kernel the op-by-op backend runs)."""
+    found = {r[0]: r for r in regions(dataflow(body))}
+    inside = {u for r in found.values() for u in r}
+    ops = []
+    for o in body.ops:
+        if o.name in found:
+            members = found[o.name]
+            ops.append(dataclasses.replace(o, members=(o.name,)) if len(members) == 1 else _compose(body, members))
+        elif o.name not in inside:
+            ops.append(o)
+    return dataclasses.replace(body, ops=tuple(ops))
 
 
-def node_bytes(g: nx.DiGraph, n: str, dtype_bytes: int = 2) -> int:
-    """Activation bytes per token node `n` reads and writes."""
-    a, sizes = g.nodes[n], g.graph["tensors"]
-    return dtype_bytes * sum(sizes[t].size for t in dict.fromkeys(a["reads"] + a["writes"]))
+def region_kernel(op: Op) -> str:
+    """The forward kernel a row op or region runs."""
+    return kernel_name(op.program, "fwd")
+
+
+def op_bytes(body: Body, op: Op, dtype_bytes: int = 2) -> int:
+    """Activation bytes per token `op` reads and writes."""
+    return dtype_bytes * sum(body.tensors[t].size for t in dict.fromkeys(op.reads + op.writes))
 
 
 # --------------------------------------------------------------------------- the model
@@ -312,8 +186,8 @@ class TrafficRow:
 
 @dataclass
 class FusionPlan:
-    dataflow: dict[tuple[str, int], nx.DiGraph]  # (module, injection arity) -> op-by-op body
-    bodies: dict[tuple[str, int], nx.DiGraph]  # (module, injection arity) -> fused body
+    dataflow: dict[tuple[str, int], Body]  # (module, injection arity) -> op-by-op body
+    bodies: dict[tuple[str, int], Body]  # (module, injection arity) -> fused body
     kernels: list[KernelInfo]
     traffic: list[TrafficRow]
     other_bytes: int  # per token: matmul and attention activations, the same fused or not
@@ -328,18 +202,29 @@ class FusionPlan:
         return sum(r.fused_bytes for r in self.traffic)
 
 
+def call_arities(G: nx.DiGraph) -> dict[tuple[str, int], int]:
+    """(module, number of states summed into the call) -> calls per forward pass."""
+    runs: dict[tuple[str, int], int] = defaultdict(int)
+    for c in G.graph["calls"]:
+        runs[(c.module, len(c.inputs))] += 1
+    return dict(sorted(runs.items()))
+
+
+def final_norm_op(model: ModelSpec) -> Op | None:
+    """The norm before the head (`model.final_norm`), as a row op with its parameters at the top level."""
+    n = model.final_norm
+    return None if n is None else norm_op("final_norm", "h", n, model.d_model, "final_norm:y")
+
+
 def fuse_model(G: nx.DiGraph, dtype_bytes: int = 2) -> FusionPlan:
     """Fuse every module body (once per injection arity it is called with) and count the traffic of
     one forward pass over the unrolled schedule."""
     model: ModelSpec = G.graph["spec"].model
-    calls = G.graph["calls"]
-    runs = defaultdict(int)
-    for c in calls:
-        runs[(c.module, len(c.inputs))] += 1
-    dataflow, bodies = {}, {}
-    for key in sorted(runs):
-        dataflow[key] = body_dataflow(model.module(key[0]), model, key[1], G.graph["bodies"][key[0]])
-        bodies[key] = fuse_body(dataflow[key])
+    runs = call_arities(G)
+    dataflow_, bodies = {}, {}
+    for key in runs:
+        dataflow_[key] = module_body(model.module(key[0]), model, key[1])
+        bodies[key] = fuse(dataflow_[key])
 
     kernels: dict[str, KernelInfo] = {}
     backward: dict[str, RowProgram] = {}  # by forward hash: the same region recurs in every layer
@@ -360,30 +245,30 @@ def fuse_model(G: nx.DiGraph, dtype_bytes: int = 2) -> FusionPlan:
     for mod, k in bodies:
         arities[mod].add(k)
     for key, fused in bodies.items():
-        df = dataflow[key]
+        df = dataflow_[key]
         tag = key[0] if len(arities[key[0]]) == 1 else f"{key[0]} (called on a sum of {key[1]})"
-        for n in fused.graph["order"]:
-            a = fused.nodes[n]
-            if a["op"] != "fused":
-                other += runs[key] * node_bytes(fused, n, dtype_bytes)
+        for o in fused.ops:
+            if o.program is None:
+                other += runs[key] * op_bytes(fused, o, dtype_bytes)
                 continue
-            width = a["domain"][1]
-            need(a["program"], width, f"{tag}: {n}")
-            row = traffic.setdefault(a["kernel"], TrafficRow(a["kernel"], "", 0, 0, 0))
-            what = " + ".join(re.sub(r"^\d+\.", "", x) for x in a["members"])  # the same in every layer
+            need(o.program, o.domain[1], f"{tag}: {o.name}")
+            kernel = region_kernel(o)
+            row = traffic.setdefault(kernel, TrafficRow(kernel, "", 0, 0, 0))
+            what = " + ".join(re.sub(r"^\d+\.", "", x) for x in o.members)  # the same in every layer
             if what not in row.fuses.split("; "):
                 row.fuses = f"{row.fuses}; {what}" if row.fuses else what
             row.runs += runs[key]
-            row.op_bytes += runs[key] * sum(node_bytes(df, x, dtype_bytes) for x in a["members"])
-            row.fused_bytes += runs[key] * node_bytes(fused, n, dtype_bytes)
-    if model.final_norm:
-        prog = norm_program(NormSpec(eps=model.block.norm.eps, affine=model.block.norm.affine))
-        need(prog, model.d_model, "final_norm")
-        row = traffic.setdefault(kernel_name(prog, "fwd"), TrafficRow(kernel_name(prog, "fwd"), prog.name, 0, 0, 0))
+            row.op_bytes += runs[key] * sum(op_bytes(df, df.op(x), dtype_bytes) for x in o.members)
+            row.fused_bytes += runs[key] * op_bytes(fused, o, dtype_bytes)
+    final = final_norm_op(model)
+    if final is not None:
+        need(final.program, model.d_model, "final_norm")
+        kernel = region_kernel(final)
+        row = traffic.setdefault(kernel, TrafficRow(kernel, final.program.name, 0, 0, 0))
         row.runs += 1
         row.op_bytes += 2 * model.d_model * dtype_bytes
         row.fused_bytes += 2 * model.d_model * dtype_bytes
-    return FusionPlan(dataflow, bodies, list(kernels.values()), list(traffic.values()), other, dtype_bytes)
+    return FusionPlan(dataflow_, bodies, list(kernels.values()), list(traffic.values()), other, dtype_bytes)
 
 
 def saving(plan: FusionPlan) -> float:
@@ -392,6 +277,6 @@ def saving(plan: FusionPlan) -> float:
 
 
 __all__ = [
-    "FusionPlan", "KernelInfo", "Tensor", "TrafficRow", "body_dataflow", "fuse_body", "fuse_model", "node_bytes",
-    "norm_program", "regions", "saving",
+    "FusionPlan", "KernelInfo", "TrafficRow", "call_arities", "dataflow", "final_norm_op", "fuse", "fuse_model",
+    "op_bytes", "region_kernel", "regions", "saving",
 ]

@@ -12,9 +12,11 @@ reported at load time, at its column inside the text.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from hrmspec.errors import SpecError
-from hrmspec.spec.fields import REQUIRED, Fields
+from hrmspec.kinds import MLPS, NORMS
+from hrmspec.spec.fields import REQUIRED, Fields, describe, near
 from hrmspec.spec.schema import AttentionSpec, BlockSpec, NormSpec, swiglu_width
 from hrmspec.spec.source import PathT, Source, dotted
 
@@ -30,7 +32,7 @@ def layer_fields(f: Fields, base: BlockSpec) -> tuple[NormSpec, AttentionSpec, s
         _attention(f.src, f.path + ("attention",), base.attention) if f.has("attention") else base.attention
     )
     f.read.update({"norm", "attention"})
-    mlp = f.choice("mlp", ("swiglu", "gelu"), base.mlp)
+    mlp = f.choice("mlp", tuple(MLPS), base.mlp)
     return norm, attention, mlp
 
 
@@ -51,28 +53,53 @@ def width_fields(f: Fields) -> tuple[int | None, float | None]:
 
 
 def mlp_width(mlp: str, d_model: int, ffn: int | None, expansion: float | None) -> int | None:
-    """The MLP width: `ffn` if given, else `expansion` x d_model (2/3 of it for SwiGLU); None if neither."""
+    """The MLP width: `ffn` if given, else `expansion` x d_model (2/3 of it, rounded up to a multiple of 256,
+    for a gated MLP: the same parameters as a plain one); None if neither."""
     if ffn is not None:
         return ffn
     if expansion is not None:
-        return swiglu_width(d_model, expansion) if mlp == "swiglu" else max(1, round(expansion * d_model))
+        return swiglu_width(d_model, expansion) if MLPS[mlp].gated else max(1, round(expansion * d_model))
     return None
 
 
-def _norm(src: Source, path: PathT, base: NormSpec) -> NormSpec:
-    f = Fields(src, path, "a mapping {type, eps, affine, place, expr, params}", "model.block.norm")
-    kind = f.choice("type", ("rms", "expr"), base.type)
+def _norm(src: Source, path: PathT, base: NormSpec, place: bool = True) -> NormSpec:
+    """A norm mapping over `base`: its type (a kind of `hrmspec.kinds.NORMS`) and the fields that kind
+    takes; `place` only for a block's norm (an exit or final norm has no residual to sit in)."""
+    keys = "type, eps, affine, place, expr, params" if place else "type, eps, affine, expr, params"
+    f = Fields(src, path, f"a mapping {{{keys}}}", "model.block.norm")
+    kind = f.choice("type", tuple(NORMS), base.type)
     eps = f.number("eps", base.eps, lo=0.0, hi=1.0, positive=True)
     affine = f.boolean("affine", base.affine)
-    place = f.choice("place", ("pre", "post", "sandwich"), base.place)
-    if kind == "rms":
-        for key in ("expr", "params"):
-            if f.has(key):
-                f.fail(path + (key,), f"'{key}' belongs to an expression norm, but this norm has type rms",
-                       "add type: expr", key=True)
-        f.finish()
-        return NormSpec(type="rms", eps=eps, affine=affine, place=place)
-    return _expr_norm(f, path, base, eps, place)
+    at = f.choice("place", ("pre", "post", "sandwich"), base.place) if place else base.place
+    if kind == "expr":
+        return _expr_norm(f, path, base, eps, at)
+    for key in ("expr", "params"):
+        if f.has(key):
+            f.fail(path + (key,), f"'{key}' belongs to an expression norm, but this norm has type {kind}",
+                   "add type: expr", key=True)
+    f.finish()
+    return NormSpec(type=kind, eps=eps, affine=affine, place=at)
+
+
+def standalone_norm(f: Fields, key: str, base: NormSpec, default: Any, flag: bool = False) -> NormSpec | None:
+    """A norm outside the layers (a module's `exit_norm`, the model's `final_norm`): none, a kind's name
+    (with `base`'s eps), or a mapping {type, eps, affine, expr, params}. With `flag` (final_norm),
+    true and false are accepted too: true is an RMSNorm with `base`'s eps and affine."""
+    v = f.raw(key, default)
+    if v is None or v == "none" or v is False:
+        return None
+    if v is True and flag:
+        return NormSpec(type="rms", eps=base.eps, affine=base.affine)
+    if isinstance(v, dict):
+        return _norm(f.src, f.path + (key,), NormSpec(eps=base.eps), place=False)
+    names = tuple(k for k, kind in NORMS.items() if kind.by_name) + ("none",)
+    if v not in names:
+        shown = " | ".join((("true", "false") if flag else ()) + names)
+        hint = near(v, list(names)) if isinstance(v, str) else ""
+        if v in NORMS:
+            hint = f"a {v} norm is written as a mapping, e.g. {key}: {{type: {v}, ...}}"
+        f.fail(f.path + (key,), f"expected one of {shown} or a mapping {{type, eps, ...}}, found {describe(v)}", hint)
+    return NormSpec(type=v, eps=base.eps, affine=base.affine if flag else False)
 
 
 def _expr_norm(f: Fields, path: PathT, base: NormSpec, eps: float, place: str) -> NormSpec:

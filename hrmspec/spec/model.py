@@ -10,7 +10,7 @@ rotary embeddings get an even head_dim.
 
 from __future__ import annotations
 
-from hrmspec.spec.block import layer_fields, mlp_width, width_fields
+from hrmspec.spec.block import layer_fields, mlp_width, standalone_norm, width_fields
 from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT
@@ -49,7 +49,6 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
             )
         head_dim = d_model // heads
     max_seq_len = f.integer("max_seq_len", 2048)
-    final_norm = f.boolean("final_norm", False)
 
     # the shared layer (model.block) and the MLP width (model.ffn or model.expansion)
     bf = Fields(src, path + ("block",), "a mapping {norm, attention, mlp}", "model.block")
@@ -58,6 +57,7 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     bf.finish()
     ffn, expansion = width_fields(f)
     block = BlockSpec(norm, attention, mlp, mlp_width(mlp, d_model, ffn, expansion) or 0)  # 0: set per module
+    final_norm = standalone_norm(f, "final_norm", norm, False, flag=True)
 
     modules = _modules(src, path + ("modules",), f, block, d_model, ffn, expansion)
     module_names = [m.name for m in modules]
@@ -190,8 +190,8 @@ def _modules(
         shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
         g = Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
         layers = g.integer("layers")
-        exit_norm = g.choice("exit_norm", ("rms", "none"), "rms")
         norm, attention, mlp = layer_fields(g, block)
+        exit_norm = standalone_norm(g, "exit_norm", norm, "rms")
         own_ffn, own_expansion = width_fields(g)
         width = mlp_width(mlp, d_model, own_ffn, own_expansion)
         if width is None:  # the module's own width first, then the model's

@@ -19,9 +19,9 @@ MaskKind = Literal["causal", "prefix_lm", "bidirectional"]
 
 @dataclass(frozen=True)
 class NormSpec:
-    type: Literal["rms", "expr"] = "rms"  # expr: the norm written as a row expression (`expr`)
+    type: str = "rms"  # a kind of hrmspec.kinds.NORMS: rms, or expr (the norm written as a row expression)
     eps: float = 1e-6
-    affine: bool = False  # a learnable per-channel scale (rms only; an expr norm declares its own `params`)
+    affine: bool = False  # learnable per-channel weights of the kind (an expr norm declares its own `params`)
     place: NormPlace = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
     # type expr: the text, e.g. "x * rsqrt(mean(x*x) + eps) * (1 + w)", checked against the Kernel IR at load
     expr: str | None = None
@@ -43,7 +43,7 @@ class BlockSpec:
 
     norm: NormSpec
     attention: AttentionSpec
-    mlp: Literal["swiglu", "gelu"]
+    mlp: str  # a kind of hrmspec.kinds.MLPS: swiglu, gelu
     ffn: int  # hidden width of the MLP
 
 
@@ -51,7 +51,7 @@ class BlockSpec:
 class ModuleSpec:
     name: str
     layers: int
-    exit_norm: Literal["rms", "none"]  # MagicNorm caps every module call with an RMSNorm
+    exit_norm: NormSpec | None  # MagicNorm caps every module call with a norm (an RMSNorm); None: no exit norm
     block: BlockSpec
 
 
@@ -104,8 +104,8 @@ class ModelSpec:
     init: InitSpec
     credit: CreditSpec
     max_seq_len: int = 2048
-    # an extra RMSNorm before the head (off for MagicNorm models, where the exit norm serves)
-    final_norm: bool = False
+    # an extra norm before the head (off for MagicNorm models, where the exit norm serves)
+    final_norm: NormSpec | None = None
 
     def module(self, name: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == name)

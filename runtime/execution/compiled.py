@@ -1,17 +1,18 @@
 """CompiledModel: the torch.nn.Module a spec compiles to.
 
-The forward pass is the unrolled schedule, read off the ModelGraph:
+The forward pass is the unrolled schedule of the plan `hrmspec.compile` built:
 
     x   = embed(input_ids) * embed_scale                       # (B, S, d)
     z   = {state: its initial value}                           # e.g. z_H = x, z_L = buffer
     for call in calls:                                         # e.g. L, L, L, H, L, L, L, H
         with grad enabled only if the credit plan says so:
-            z[call.target] = module[call.module](z[i] for i in call.inputs)   # summed inside
-    logits = head(z[output])                                   # or, training, only the loss:
+            z[call.target] = stacks[call.module](z[i] for i in call.inputs)   # summed inside
+    logits = head(final_norm(z[output]))                       # or, training, only the loss:
     loss   = linear_cross_entropy(z[output], head weight, labels)  # in row chunks, no full logits
 
 Calls outside the credit plan run under no-grad: they keep no activations and gradient stops at
 their outputs, so training memory grows with the credit depth, not with the number of cycles.
+Each module is a `ModuleStack` holding the parameters its body declares (runtime/execution/stack.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import networkx as nx
 import torch
 from torch import nn
 
-from hrmspec.graph.build import build_graph
-from hrmspec.graph.credit import credit_depth, grad_flags
-from hrmspec.runtime.blocks import Context, Norm, Stack
+from hrmspec.runtime.execution.context import Context
+from hrmspec.runtime.execution.stack import ModuleStack
 from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec.grammar import INPUT
-from hrmspec.spec.schema import Spec, lecun_std
+from hrmspec.spec.schema import lecun_std
 
 
 @dataclass
@@ -39,10 +39,10 @@ class ModelOutput:
 
 
 class KVCache:
-    """One [k, v] slot per (module call, layer): each call of a module attends to its own past."""
+    """One [k, v] slot per (module call, attention op): each call of a module attends to its own past."""
 
-    def __init__(self, layers_per_call: list[int]):
-        self.slots = [[[None, None] for _ in range(n)] for n in layers_per_call]
+    def __init__(self, slots_per_call: list[int]):
+        self.slots = [[[None, None] for _ in range(n)] for n in slots_per_call]
 
     @property
     def length(self) -> int:
@@ -51,24 +51,35 @@ class KVCache:
 
 
 class CompiledModel(nn.Module):
-    """A spec compiled for one backend. `model(input_ids, ...)` returns a ModelOutput."""
+    """A spec compiled for one backend. `model(input_ids, ...)` returns a ModelOutput.
 
-    def __init__(self, spec: Spec, ops, graph: nx.DiGraph | None = None, backend: str = "reference"):
+    `plan` is the `hrmspec.graph.plan.ExecutionPlan` `hrmspec.compile` builds, `ops` the backend's
+    op table, `graph` the ModelGraph the plan was built from (what `hrmspec show` prints)."""
+
+    def __init__(self, plan, ops, graph: nx.DiGraph | None = None, backend: str = "reference"):
         super().__init__()
+        spec = plan.spec
         m = spec.model
-        self.spec, self.ops, self.backend = spec, ops, backend
-        self.graph = graph if graph is not None else build_graph(spec)
-        self.calls = self.graph.graph["calls"]
+        self.spec, self.plan, self.ops, self.backend, self.graph = spec, plan, ops, backend, graph
+        self.calls = plan.calls
         self.embed = nn.Embedding(m.vocab, m.d_model)
         self.embed_scale = m.embed_scale
-        self.stacks = nn.ModuleDict({mod.name: Stack(mod, m, ops) for mod in m.modules})
+        self.stacks = nn.ModuleDict({
+            mod.name: ModuleStack(mod.name, plan.params[mod.name],
+                                  {arity: b for (name, arity), b in plan.bodies.items() if name == mod.name}, ops)
+            for mod in m.modules
+        })
         self.state_params = nn.ParameterDict()
         for s in m.states:
             if s.init in ("buffer", "zeros"):
                 self.register_buffer(f"init_{s.name}", torch.zeros(m.d_model))
             elif s.init == "learned":
                 self.state_params[s.name] = nn.Parameter(torch.zeros(m.d_model))
-        self.final_norm = Norm(m.d_model, m.block.norm.eps, m.block.norm.affine, ops) if m.final_norm else None
+        self.final_norm = None
+        if plan.final_norm is not None:  # its weights (if any) at the top level: final_norm.weight
+            self.final_norm = nn.Module()
+            for p in plan.final_norm.params:
+                self.final_norm.register_parameter(p.path.split(".", 1)[1], nn.Parameter(torch.empty(p.shape)))
         self.head = nn.Linear(m.d_model, m.vocab, bias=False) if m.head == "untied" else None
         self.set_progress(1.0)
         self.reset_parameters()
@@ -78,17 +89,18 @@ class CompiledModel(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Move the credit plan to a training progress in [0, 1]."""
         self.progress = float(progress)
-        self.grad_flags = grad_flags(self.calls, self.spec.model.credit, self.progress)
+        self.grad_flags = self.plan.credit.flags(self.progress)
 
     @property
     def credit_depth(self) -> int | None:
-        return credit_depth(self.spec.model.credit, self.progress)
+        return self.plan.credit.depth(self.progress)
 
     # ------------------------------------------------------------------ init
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Truncated normal init (at 2 std): LeCun (std 1/sqrt(fan_in)) or a fixed std."""
+        """Truncated normal init (at 2 std): matmul weights LeCun (std 1/sqrt(fan_in)) or a fixed std,
+        the other parameters as their op declares (norm weights ones, biases zeros, ...)."""
         m = self.spec.model
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -101,15 +113,17 @@ class CompiledModel(nn.Module):
         tn(self.embed.weight, std_of(m.d_model))
         if self.head is not None:
             tn(self.head.weight, std_of(m.d_model))
-        for stack in self.stacks.values():
-            for layer in stack.layers:
-                for lin in (layer.attn.qkvg, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    tn(lin.weight, std_of(lin.in_features))
-                    if lin.bias is not None:
-                        lin.bias.zero_()
-        for mod in self.modules():
-            if isinstance(mod, Norm) and mod.weight is not None:
-                mod.weight.fill_(1.0)
+        declared = [(stack.weight(p.path), p) for stack in self.stacks.values() for p in stack.param_specs]
+        if self.plan.final_norm is not None:
+            declared += [(getattr(self.final_norm, p.path.split(".", 1)[1]), p) for p in self.plan.final_norm.params]
+        for t, p in declared:  # matmul weights first, in the order the ops come
+            if p.init == "fan_in":
+                tn(t, std_of(p.fan_in))
+        for t, p in declared:
+            if p.init == "normal":
+                tn(t, 0.02)
+            elif p.init in ("zeros", "ones"):
+                t.fill_(1.0 if p.init == "ones" else 0.0)
         for s in m.states:
             if s.init == "buffer":
                 tn(getattr(self, f"init_{s.name}"), 1.0)
@@ -166,8 +180,8 @@ class CompiledModel(nn.Module):
                 slots = None if cache is None else cache.slots[call.index]
                 z[call.target] = self.stacks[call.module](terms, ctx, slots)
         h = z[m.output]
-        if self.final_norm is not None:
-            h = self.final_norm(h)
+        if self.plan.final_norm is not None:
+            h = self.norm_before_head(h)
         W = self.head.weight if self.head is not None else self.embed.weight  # (vocab, d)
         if labels is not None and not return_logits:
             out = ModelOutput(logits=None)
@@ -181,8 +195,13 @@ class CompiledModel(nn.Module):
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
         return out
 
+    def norm_before_head(self, h: torch.Tensor) -> torch.Tensor:
+        op = self.plan.final_norm
+        weights = {i: getattr(self.final_norm, path.split(".", 1)[1]) for i, path in op.weights.items()}
+        return self.ops.row_program(op.program, {"x": h, **weights})["y"]
+
     def new_cache(self) -> KVCache:
-        return KVCache([len(self.stacks[c.module].layers) for c in self.calls])
+        return KVCache([self.stacks[c.module].attention_ops for c in self.calls])
 
     # ------------------------------------------------------------------ conveniences
 

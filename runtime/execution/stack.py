@@ -1,0 +1,118 @@
+"""A module of the spec at run time: the parameters its body declares, and its calls run op by op.
+
+A call runs the plan's `Body` for the number of states it sums (`hrmspec.graph.body`): the ops
+in order, each reading and writing named tensors of an environment that starts with the summed
+states. On the reference backend the body is the ops one by one; on a kernel backend it is the
+fusion pass's body, whose row ops are fused regions, so the kernels that run are exactly the
+ones `hrmspec check` verifies and the golden snapshots pin.
+
+    row        outs = ops.row_program(program, {input: tensor or weight})   norms, adds, gate, activation
+    linear     y = ops.linear(x, weight, bias), split into the tensors it writes (q, k, v, g in one matmul)
+    rope       q, k = ops.rope_qk(q, k, cos, sin)                               (B, S, h, hd)
+    attention  y = ops.attention(q, k, v, mask)                                 (B, h, S, hd), with a KV cache
+
+Tensors are (B, S, size), or (B, S, heads, head_dim) for the ones the body lays out by head. A
+tensor is dropped once no later op reads it, so a call holds no more activations than the layers
+written out by hand would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrmspec.runtime.execution.context import Context
+
+
+class ModuleStack(nn.Module):
+    """The parameters of one module (at the paths its body names them: `layers.0.attn.qkvg.weight`)
+    and its calls. `bodies` maps the number of states a call sums to the body it runs."""
+
+    def __init__(self, name: str, params, bodies: dict, ops):
+        super().__init__()
+        self.name, self.ops, self.bodies = name, ops, bodies
+        self.param_specs = tuple(params)
+        self._where: dict[str, tuple[nn.Module, str]] = {}
+        for p in self.param_specs:
+            self._where[p.path] = _register(self, p.path, nn.Parameter(torch.empty(p.shape)))
+        self._drops = {arity: _last_reads(body) for arity, body in bodies.items()}
+        self.attention_ops = max(sum(o.kind == "attention" for o in b.ops) for b in bodies.values())
+
+    def weight(self, path: str) -> torch.Tensor:
+        # looked up at call time: data-parallel wrappers may swap a module's parameters
+        owner, leaf = self._where[path]
+        return getattr(owner, leaf)
+
+    def forward(self, terms: torch.Tensor | list[torch.Tensor], ctx: Context, cache: list | None = None
+                ) -> torch.Tensor:
+        """The call on the states it sums (`terms`: one tensor (B, S, d) or a list of them)."""
+        terms = [terms] if isinstance(terms, torch.Tensor) else list(terms)
+        body = self.bodies[len(terms)]
+        env = dict(zip(body.inputs, terms))
+        layer = 0  # the KV slot of the next attention op
+        for op, drop in zip(body.ops, self._drops[len(terms)]):
+            if op.kind == "row":
+                args = {i: env[t] for i, t in op.rows.items()} | {i: self.weight(w) for i, w in op.weights.items()}
+                outs = self.ops.row_program(op.program, args)
+                env.update((t, outs[o]) for o, t in op.results.items())
+            elif op.kind == "linear":
+                x = env[op.reads[0]]
+                x = x.flatten(-2) if body.tensors[op.reads[0]].heads else x
+                bias = self.weight(op.params[1].path) if op.attrs["bias"] else None
+                y = F.linear(x, self.weight(op.params[0].path), bias)
+                parts = y.split([body.tensors[t].size for t in op.writes], dim=-1) if len(op.writes) > 1 else (y,)
+                for t, part in zip(op.writes, parts):
+                    heads = body.tensors[t].heads
+                    env[t] = part.unflatten(-1, (heads, -1)) if heads else part
+            elif op.kind == "rope":
+                cos, sin = ctx.rope[op.attrs["theta"]]
+                env[op.writes[0]], env[op.writes[1]] = self.ops.rope_qk(env[op.reads[0]], env[op.reads[1]], cos, sin)
+            elif op.kind == "attention":
+                slot = None if cache is None else cache[layer]
+                env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
+                layer += 1
+            else:
+                raise RuntimeError(f"module {self.name}: op {op.name} has an unknown kind '{op.kind}'")
+            for t in drop:
+                del env[t]
+        return env[body.output]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, mask: str,
+               cache: list | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v on (B, S, h, hd) tensors; `cache` = [k, v] of earlier
+        positions (B, h, T - S, hd), extended in place."""
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, S, hd)
+        # a copy, so what attention keeps for backward does not pin the whole fused projection
+        v = v.transpose(1, 2).contiguous()
+        if cache is not None:
+            if cache[0] is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[0], cache[1] = k, v
+        return self.ops.attention(q, k, v, ctx.attn_mask(mask, q.dtype)).transpose(1, 2)  # (B, S, h, hd)
+
+
+def _register(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:
+    """Register `param` at a dotted path under `root`, making plain container modules on the way."""
+    *parts, leaf = path.split(".")
+    owner = root
+    for part in parts:
+        if part not in owner._modules:
+            owner.add_module(part, nn.Module())
+        owner = owner._modules[part]
+    owner.register_parameter(leaf, param)
+    return owner, leaf
+
+
+def _last_reads(body) -> list[tuple[str, ...]]:
+    """For each op of `body`, the tensors no later op reads (the call's output is kept)."""
+    held = set(body.inputs) | {t for op in body.ops for t in op.writes}  # not the rotary tables (context)
+    last: dict[str, int] = {}
+    for i, op in enumerate(body.ops):
+        for t in op.reads:
+            last[t] = i
+    return [tuple(t for t in dict.fromkeys(op.reads) if last[t] == i and t in held and t != body.output)
+            for i, op in enumerate(body.ops)]
+
+
+__all__ = ["ModuleStack"]
