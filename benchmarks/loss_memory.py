@@ -7,7 +7,7 @@
 
 * `return_logits=True` (the default, and what transformers does): the full (tokens, vocab) logits
   h W^T, then `ops.cross_entropy` on them, which keeps their log-softmax for backward;
-* `return_logits=False` (training, runtime/train.py): `chunked_linear_cross_entropy`
+* `return_logits=False` (training, runtime/training/loop.py): `chunked_linear_cross_entropy`
   (backends/reference/linear_ce.py) computes the logits of a few rows at a time, keeps h and one
   log-sum-exp per row for backward, and recomputes each chunk's logits there (one GEMM more).
 

@@ -76,7 +76,7 @@ def test_credit_plans():
 def test_same_loss_and_gradients_on_packed_rows(batches):
     """transformers, given the 4-D packed-PrefixLM mask and per-sample positions, computes our loss
     and gradients at full depth: the comparison is like for like."""
-    from hrmspec.runtime.hf import to_hf_tensors
+    from hrmspec.runtime.interop.convert import to_hf_tensors
 
     ours = _model(1.0)
     hf = hf_model_for(ours, hf_credit(ours)[0])

@@ -10,7 +10,7 @@ from workloads import DTYPES, STEPS, train_step_hf, train_step_hrmspec
 
 def test_same_workload(models, batch):
     """Both sides compute the same loss and the same gradients: the timings compare like with like."""
-    from hrmspec.runtime.hf import to_hf_tensors
+    from hrmspec.runtime.interop.convert import to_hf_tensors
 
     ours, hf = models["hrmspec"], models["transformers"]
     assert ours.grad_flags == [False, False, True, True, False, True, True, True]

@@ -5,9 +5,9 @@
 
 The workload is `specs/hrm-text-tiny.yaml`'s own `train:` configuration: batch_size packed rows
 of seq_len tokens (PrefixLM samples, about a third of each sample the instruction, packed
-best-fit as `hrmspec train` packs them), and a FULL training step as `runtime/train.py` takes it:
+best-fit as `hrmspec train` packs them), and a FULL training step as `runtime/training/loop.py` takes it:
 forward (under bf16 autocast or not), backward, gradient clipping, the optimizer step, the EMA
-update. hrmspec uses the trainer's AdamATan2 (runtime/optim.py) and parameter groups;
+update. hrmspec uses the trainer's AdamATan2 (runtime/training/optim.py) and parameter groups;
 transformers' HrmTextForCausalLM, built from the same spec and weights, uses torch's AdamW with
 the same groups and hyper-parameters (the table times the update phase, clip + optimizer + EMA,
 separately from forward and backward).
@@ -55,11 +55,11 @@ from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
 import hrmspec  # noqa: E402
 from hrmspec.graph import analyse, build_graph  # noqa: E402
 from hrmspec.runtime.execution import CompiledModel  # noqa: E402
-from hrmspec.runtime.hf import hf_config_from_spec, state_dict_to_hf  # noqa: E402
+from hrmspec.runtime.interop.convert import hf_config_from_spec, state_dict_to_hf  # noqa: E402
 from hrmspec.runtime.masks import dense_mask  # noqa: E402
-from hrmspec.runtime.optim import EMA, make_optimizer  # noqa: E402
-from hrmspec.runtime.packing import IGNORE, pack  # noqa: E402
-from hrmspec.runtime.train import TrainConfig  # noqa: E402
+from hrmspec.runtime.training.loop import TrainConfig  # noqa: E402
+from hrmspec.runtime.training.optim import EMA, make_optimizer  # noqa: E402
+from hrmspec.runtime.training.packing import IGNORE, pack  # noqa: E402
 
 SPEC = "hrm-text-tiny"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,7 +189,7 @@ def packed_batches(
     objective: str = "task_completion",
 ) -> tuple[list[dict[str, torch.Tensor]], float]:
     """`n_batches` batches of packed rows from random samples of 8 to seq_len / 2 tokens whose
-    first `prefix_frac` is the instruction; packed best-fit by `hrmspec.runtime.packing.pack`,
+    first `prefix_frac` is the instruction; packed best-fit by `hrmspec.runtime.training.packing.pack`,
     as `hrmspec train` packs its data. Returns the batches and the fraction of real tokens."""
     gen = torch.Generator().manual_seed(seed)
     rows_needed = batch_size * n_batches
@@ -273,7 +273,7 @@ def train_flops_per_token(model: CompiledModel, seq_len: int) -> float:
 
 
 class Trainer:
-    """One implementation's full training step, as runtime/train.py takes it: forward (autocast),
+    """One implementation's full training step, as runtime/training/loop.py takes it: forward (autocast),
     backward, clip_grad_norm_, optimizer step, zero_grad, EMA update."""
 
     def __init__(
@@ -558,10 +558,11 @@ def table(res: dict[str, Any], env: str, command: str) -> str:
             "",
             f"{res['model']} with its `train:` configuration: **{cfg.batch_size} packed rows x {cfg.seq_len} tokens** "
             f"per step ({res['fill']:.0%} real tokens, {res['prefix']:.0%} of positions instruction prefix; random "
-            "samples of 8-32 tokens, the first third the instruction, packed best-fit by `runtime/packing.py`). "
+            "samples of 8-32 tokens, the first third the instruction, packed best-fit by "
+            "`runtime/training/packing.py`). "
             "A **full training step**: forward, backward, grad clip "
             f"({cfg.grad_clip}), optimizer step, EMA update ({cfg.ema}). hrmspec runs the trainer's AdamATan2 "
-            "(`runtime/optim.py`); transformers' `HrmTextForCausalLM` (same config and initial weights, "
+            "(`runtime/training/optim.py`); transformers' `HrmTextForCausalLM` (same config and initial weights, "
             'attn_implementation="sdpa") runs torch\'s **AdamW** with the same parameter groups and '
             "hyper-parameters, and is given the exact packed-PrefixLM mask as a 4-D mask built in its step, "
             "and the per-sample position ids.",

@@ -5,7 +5,7 @@ stack, vocab 320) run two ways on the same weights and the same batch:
 
 * hrmspec's reference runtime, `hrmspec.compile(spec, overrides=...)`;
 * transformers' `HrmTextForCausalLM` (attn_implementation="sdpa"), built from the spec with
-  `hrmspec.runtime.hf.hf_config_from_spec` and loaded with our weights.
+  `hrmspec.runtime.interop.convert.hf_config_from_spec` and loaded with our weights.
 
 The credit plan is the same in both: transformers' `L_bp_cycles` is our
 `credit: {per_cycle: {L: [...]}}` (H calls always carry gradient in both).
@@ -24,7 +24,7 @@ from transformers import HrmTextConfig, HrmTextForCausalLM
 import hrmspec
 from hrmspec.graph import analyse, build_graph
 from hrmspec.runtime.execution import CompiledModel
-from hrmspec.runtime.hf import hf_config_from_spec, state_dict_to_hf
+from hrmspec.runtime.interop.convert import hf_config_from_spec, state_dict_to_hf
 
 SPEC = "hrm-text-tiny"
 
@@ -125,7 +125,7 @@ def train_step_hrmspec(
 ) -> torch.Tensor:
     """Forward + backward (no optimizer); returns the loss. `return_logits=True` (the default, as
     transformers does) builds the full (B, S, vocab) logits and takes the loss from them;
-    `return_logits=False` is the training path (runtime/train.py): the loss in row chunks."""
+    `return_logits=False` is the training path (runtime/training/loop.py): the loss in row chunks."""
     model.zero_grad(set_to_none=True)
     with _autocast(dtype):
         out = model(b.input_ids, prefix_mask=b.prefix_mask, labels=b.labels, return_logits=return_logits)

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 def from_hf(directory, **kwargs):
     """Load a transformers `hrm_text` checkpoint directory as a CompiledModel."""
-    from hrmspec.runtime.hf import from_hf as _from_hf
+    from hrmspec.runtime.interop.convert import from_hf as _from_hf
 
     return _from_hf(directory, **kwargs)
 

@@ -18,9 +18,13 @@ is reported as a reference fallback (what the triton backend does with it), not 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from hrmspec.graph.fusion import KernelInfo
 from hrmspec.ir import evaluate, reduce_vector_grads
@@ -129,8 +133,6 @@ def _compile(checks: list[KernelCheck], archs: tuple[int, ...]) -> None:
 
 def ptxas_available() -> bool:
     try:
-        import os
-
         from triton import knobs
 
         return os.path.exists(knobs.nvidia.ptxas.path)
@@ -163,10 +165,6 @@ def check_kernels(kernels: list[KernelInfo], draws: int = 3, max_rows: int = 3, 
 
 def report(checks: list[KernelCheck], archs: tuple[int, ...], console=None, title: str = "") -> None:
     """The table: kernel, fwd/bwd, width, max error, compile per arch, registers, spills."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     t = Table(title=title or "Kernels", box=box.SIMPLE_HEAD)
     t.add_column("kernel", no_wrap=True)

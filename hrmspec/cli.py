@@ -7,27 +7,26 @@ message and exit 2; `--debug` shows the traceback as well.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from hrmspec.backends import BACKENDS
+import networkx as nx
+import yaml
+from rich.console import Console
+
+import hrmspec
+from hrmspec.backends import BACKENDS, get_backend
 from hrmspec.errors import HrmspecError
+from hrmspec.graph import build_graph
+from hrmspec.graph.fusion import fuse_model
+from hrmspec.runtime.training.commands import COMMANDS
+from hrmspec.show import show
+from hrmspec.spec.arguments import spec_arguments as _spec_args
+from hrmspec.spec.arguments import spec_from_arguments as _load
 
 EXIT_USER_ERROR = 2
-
-
-def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="a spec file (YAML) or a shipped spec's name, e.g. hrm-text-tiny")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a spec value; VALUE is YAML (e.g. --set model.d_model=256 --set 'data.tasks=[gcd]')",
-    )
-
-
-def _load(args):
-    from hrmspec.spec import load_spec, parse_override
-
-    return load_spec(args.spec, dict(parse_override(o) for o in args.overrides))
 
 
 # --------------------------------------------------------------------------- commands
@@ -40,9 +39,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from hrmspec.graph import build_graph
-    from hrmspec.show import show
-
     spec = _load(args)
     G = build_graph(spec, args.progress)
     show(G, seq_len=args.seq_len, dtype_bytes=args.dtype_bytes)
@@ -55,15 +51,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    import json
-    from pathlib import Path
-
-    import networkx as nx
-    import yaml
-
-    import hrmspec
-    from hrmspec.errors import HrmspecError
-
     spec = _load(args)
     try:
         model = hrmspec.compile(spec, backend=args.backend)
@@ -100,12 +87,6 @@ def _emit_kernels(spec, backend: str, out) -> None:
 
 
 def cmd_check(args) -> int:
-    from rich.console import Console
-
-    from hrmspec.backends import get_backend
-    from hrmspec.graph import build_graph
-    from hrmspec.graph.fusion import fuse_model
-
     spec = _load(args)
     get_backend("triton")  # without a GPU: the interpreter, chosen before triton is imported
     from hrmspec.check import ARCHS, check_kernels, ptxas_available, report
@@ -131,7 +112,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from hrmspec.runtime.hf import import_hf
+    from hrmspec.runtime.interop.convert import import_hf
 
     import_hf(args.dir, args.out)
     print(f"wrote {args.out}")
@@ -139,7 +120,7 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from hrmspec.runtime.hf import export_hf
+    from hrmspec.runtime.interop.convert import export_hf
 
     export_hf(args.ckpt, args.out)
     print(f"wrote {args.out}")
@@ -194,16 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the directory to write")
     p.set_defaults(func=cmd_export_hf)
 
-    for name, register in _extra_commands():
+    for name, register in COMMANDS:  # defined next to the code they run (training, evaluation)
         register(sub, name)
     return parser
-
-
-def _extra_commands():
-    """Commands defined next to the code they run (training, evaluation)."""
-    from hrmspec.runtime.commands import COMMANDS
-
-    return COMMANDS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

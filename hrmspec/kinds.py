@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hrmspec.ir import RowProgram, library, parse_norm_expr
-from hrmspec.spec.schema import NormSpec
+
+if TYPE_CHECKING:  # the spec loader reads this table: importing its package here would be a cycle
+    from hrmspec.spec.schema import NormSpec
 
 
 @dataclass(frozen=True)

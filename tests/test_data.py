@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from hrmspec.runtime.data import (
+from hrmspec.runtime.training.data import (
     DataConfig,
     DataError,
     Sample,

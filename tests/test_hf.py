@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import hrmspec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.hf import (
+from hrmspec.runtime.interop.convert import (
     export_hf,
     from_hf,
     hf_config_from_spec,

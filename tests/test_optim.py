@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hrmspec.runtime.optim import EMA, AdamATan2, lr_at
+from hrmspec.runtime.training.optim import EMA, AdamATan2, lr_at
 
 
 @given(st.integers(1, 6), st.floats(1e-4, 1e-1), st.floats(0.0, 0.5), st.floats(1e-6, 1e3))

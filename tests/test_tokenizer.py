@@ -4,8 +4,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from hrmspec.runtime.data import Sample, encode_samples, format_sample
-from hrmspec.runtime.tokenizer import (
+from hrmspec.runtime.training.data import Sample, encode_samples, format_sample
+from hrmspec.runtime.training.tokenizer import (
     MARKERS,
     Tokenizer,
     TokenizerError,

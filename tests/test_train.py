@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime import checkpoint as ckpt
 from hrmspec.runtime.files import read_tensors
-from hrmspec.runtime.train import TrainConfig, TrainError, train
+from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.training.loop import TrainConfig, TrainError, train
 from hrmspec.spec import load_spec_text
 
 SPEC = """
@@ -98,7 +98,7 @@ def test_nan_losses_are_skipped_then_stop(tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    from hrmspec.runtime.evaluate import load_run
+    from hrmspec.runtime.training.heldout import load_run
 
     train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
     last = ckpt.latest_checkpoint(tmp_path)
@@ -108,7 +108,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
-    from hrmspec.runtime.evaluate import load_run
+    from hrmspec.runtime.training.heldout import load_run
 
     train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
     last = ckpt.latest_checkpoint(tmp_path)
@@ -129,7 +129,7 @@ def test_bad_train_config_and_small_vocab(tmp_path):
 
 
 def test_eval_scores_with_task_checker(tmp_path):
-    from hrmspec.runtime.evaluate import evaluate_run
+    from hrmspec.runtime.training.heldout import evaluate_run
 
     train(spec(), tmp_path, progress_bar=False)
     res = evaluate_run(tmp_path, n=8)
@@ -164,7 +164,7 @@ def test_export_trained_run_to_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hrmspec.cli import main
-    from hrmspec.runtime.evaluate import load_run
+    from hrmspec.runtime.training.heldout import load_run
 
     run = tmp_path / "run"
     train(spec(**{"train.steps": 3}), run, progress_bar=False)

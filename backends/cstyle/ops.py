@@ -17,7 +17,7 @@ from hrmspec.backends.cstyle.opencl import OpenCLRowOp
 from hrmspec.backends.rowops import ROW_OPS, RowOpTable, beyond_limits
 from hrmspec.backends.triton.launch import MAX_WIDTH
 
-FUSED = True  # a Stack runs the fusion pass's regions (runtime/fused.py)
+FUSED = True  # module calls run the fusion pass's regions (runtime/execution/stack.py)
 GENERATED = ROW_OPS
 
 

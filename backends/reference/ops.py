@@ -12,6 +12,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from hrmspec.ir import interpret as _interpret
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision tensors are computed in fp32; fp32 and fp64 stay as they are."""
@@ -97,6 +99,4 @@ def row_program(program, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if program.builtin is not None and program.builtin[0] in _BUILTIN:
         name, args = program.builtin
         return {program.outputs[0].name: _BUILTIN[name](inputs, **dict(args))}
-    from hrmspec.ir import evaluate
-
-    return evaluate(program, inputs)
+    return _interpret.evaluate(program, inputs)

@@ -35,7 +35,7 @@ rope_tables = reference.rope_tables
 rope = reference.rope
 cross_entropy = reference.cross_entropy
 
-FUSED = True  # a Stack runs the fusion pass's regions (runtime/fused.py)
+FUSED = True  # module calls run the fusion pass's regions (runtime/execution/stack.py)
 GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "rope_qk", "row_program")  # and attention, the loss
 def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
     """Why generated kernels cannot run on these tensors, or None."""

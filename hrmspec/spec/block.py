@@ -15,6 +15,8 @@ import re
 from typing import Any
 
 from hrmspec.errors import SpecError
+from hrmspec.ir.ops import FUNCTIONS
+from hrmspec.ir.parse import parse_norm_expr
 from hrmspec.kinds import MLPS, NORMS
 from hrmspec.spec.fields import REQUIRED, Fields, describe, near
 from hrmspec.spec.schema import AttentionSpec, BlockSpec, NormSpec, swiglu_width
@@ -105,9 +107,6 @@ def standalone_norm(f: Fields, key: str, base: NormSpec, default: Any, flag: boo
 def _expr_norm(f: Fields, path: PathT, base: NormSpec, eps: float, place: str) -> NormSpec:
     """type: expr — the text is parsed into a RowProgram now, so a typo is reported at load time,
     at its column inside the expression."""
-    from hrmspec.ir.ops import FUNCTIONS  # the IR only when a spec uses it
-    from hrmspec.ir.parse import parse_norm_expr
-
     if f.has("affine") and f.data["affine"] is True:
         f.fail(path + ("affine",), "'affine' applies to rms norms; an expression norm declares its weights",
                'e.g. expr: "x * rsqrt(mean(x*x) + eps) * w", params: {w: ones}', key=True)

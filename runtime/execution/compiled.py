@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from hrmspec.runtime.execution.context import Context
+from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.stack import ModuleStack
+from hrmspec.runtime.interop.export import save_hf
 from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schema import lecun_std
@@ -210,13 +212,10 @@ class CompiledModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Decode a response after each prompt; see hrmspec.runtime.generate.generate."""
-        from hrmspec.runtime.generate import generate
+        """Decode a response after each prompt; see hrmspec.runtime.execution.generate.generate."""
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def save_hf(self, directory) -> None:
         """Write a transformers `hrm_text` checkpoint (config.json + model.safetensors)."""
-        from hrmspec.runtime.hf import save_hf
-
         save_hf(self, directory)

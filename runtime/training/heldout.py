@@ -13,11 +13,19 @@ from pathlib import Path
 
 import torch
 
+import hrmspec
+from hrmspec.errors import CheckpointError
+from hrmspec.runtime.files import read_tensors
+from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.training.config import TrainConfig
+from hrmspec.runtime.training.data import DataConfig, format_sample, load_split
+from hrmspec.runtime.training.tokenizer import Tokenizer
+from hrmspec.spec.load import load_spec
+
 _SPLITS: dict = {}
 
 
 def _eval_split(dcfg, root=None):
-    from hrmspec.runtime.data import load_split
 
     key = repr(dcfg)
     if key not in _SPLITS:
@@ -62,7 +70,6 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None) -> dict:
     """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}."""
-    from hrmspec.runtime.data import format_sample
 
     split = _eval_split(dcfg, root)
     samples = split.samples[:n]
@@ -84,12 +91,6 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
 
 def load_run(run_dir: str | Path, use_ema: bool = True):
     """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default."""
-    import hrmspec
-    from hrmspec.errors import CheckpointError
-    from hrmspec.runtime import checkpoint as ckpt
-    from hrmspec.runtime.files import read_tensors
-    from hrmspec.runtime.tokenizer import Tokenizer
-    from hrmspec.spec.load import load_spec
 
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
@@ -109,8 +110,6 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json."""
-    from hrmspec.runtime.data import DataConfig
-    from hrmspec.runtime.train import TrainConfig
 
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema)

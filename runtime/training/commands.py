@@ -1,15 +1,24 @@
-"""The training-side commands of the CLI: train, eval, generate, plot."""
+"""The training-side commands of the CLI: train, eval, generate, plot.
+
+Their parsers are built with the CLI's; what they run (torch, the training loop, matplotlib) is
+imported when a command runs, so `hrmspec validate` and `show` start without it."""
 
 from __future__ import annotations
 
 import argparse
 
+from rich.console import Console
+from rich.table import Table
+
+from hrmspec.runtime.training.data import Sample, format_sample
+from hrmspec.runtime.training.plot import plot_run
+from hrmspec.spec.arguments import spec_arguments, spec_from_arguments
+
 
 def cmd_train(args) -> int:
-    from hrmspec.cli import _load
-    from hrmspec.runtime.train import train
+    from hrmspec.runtime.training.loop import train
 
-    spec = _load(args)
+    spec = spec_from_arguments(args)
     last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {args.out}/checkpoints")
@@ -17,10 +26,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from hrmspec.runtime.evaluate import evaluate_run
+    from hrmspec.runtime.training.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks)
     t = Table(title="Held-out accuracy", caption=f"checkpoint {res['checkpoint']}")
@@ -38,8 +44,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from hrmspec.runtime.data import Sample, format_sample
-    from hrmspec.runtime.evaluate import load_run
+    from hrmspec.runtime.training.heldout import load_run
 
     model, tok, _, _ = load_run(args.dir)
     prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
@@ -53,18 +58,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from hrmspec.runtime.plot import plot_run
-
     path = plot_run(args.dir, args.out)
     print(f"wrote {path}")
     return 0
 
 
 def _register_train(sub, name):
-    from hrmspec.cli import _spec_args
-
     p = sub.add_parser(name, help="train a spec on its data: section (see README)")
-    _spec_args(p)
+    spec_arguments(p)
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")

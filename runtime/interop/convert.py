@@ -5,8 +5,9 @@ converts to a spec plus a state dict, and back, with no change to the math:
 
     hf_config.py     config.json <-> Spec        spec_from_hf_config, hf_config_from_spec
     hf_weights.py    HF tensors <-> ours         to_hf_tensors, from_hf_tensors
-    this module      models and directories      state_dict_to_hf, load_hf_state_dict, from_hf, save_hf,
-                                                 save_checkpoint, load_checkpoint, import_hf, export_hf
+    export.py        models out                  state_dict_to_hf, save_hf
+    this module      models and directories in   load_hf_state_dict, from_hf, save_checkpoint,
+                     and converted               load_checkpoint, import_hf, export_hf
 
 An HF directory holds config.json and model.safetensors (or the shards model.safetensors.index.json
 names). hrmspec's own checkpoint is a directory with `spec.yaml` (the resolved spec document) and
@@ -16,7 +17,6 @@ in `__all__` is importable from here.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,22 +24,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from hrmspec.compile import compile as compile_spec
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime.files import read_json, read_tensors, write_tensors, write_text_atomic
-from hrmspec.runtime.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
-from hrmspec.runtime.hf_weights import check_names, from_hf_tensors, to_hf_tensors
+from hrmspec.runtime.interop.export import WEIGHTS_FILE, save_hf, state_dict_to_hf
+from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
+from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, to_hf_tensors
+from hrmspec.runtime.training.checkpoint import latest_checkpoint
 from hrmspec.spec.load import load_spec
 
-WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 SPEC_FILE = "spec.yaml"
-
-
-def state_dict_to_hf(model, layout: str = "file") -> dict[str, torch.Tensor]:
-    """The model's tensors under HF names (see to_hf_tensors), detached. Raises CheckpointError
-    when the model's spec is not HRM-Text-shaped."""
-    hf_config_from_spec(model.spec)
-    return {k: v.detach() for k, v in to_hf_tensors(model.spec, model.state_dict(), layout).items()}
 
 
 def load_hf_state_dict(model, tensors: Mapping[str, torch.Tensor], source: str = "<tensors>") -> None:
@@ -72,8 +67,6 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
 def from_hf(directory: str | os.PathLike, backend: str = "reference"):
     """Load a transformers `hrm_text` checkpoint directory (config.json + model.safetensors, or a
     sharded model.safetensors.index.json) as a CompiledModel with fp32 parameters."""
-    from hrmspec.compile import compile as compile_spec
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -85,19 +78,6 @@ def from_hf(directory: str | os.PathLike, backend: str = "reference"):
     model = compile_spec(spec, backend=backend)
     load_hf_state_dict(model, tensors, source)
     return model
-
-
-def save_hf(model, directory: str | os.PathLike) -> Path:
-    """Write `model` as a transformers `hrm_text` checkpoint: config.json + model.safetensors,
-    each written atomically. `AutoModelForCausalLM.from_pretrained(directory)` loads it."""
-    directory = Path(directory)
-    config = hf_config_from_spec(model.spec)
-    config["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
-    tensors = state_dict_to_hf(model, layout="file")
-    directory.mkdir(parents=True, exist_ok=True)
-    write_tensors(directory / WEIGHTS_FILE, tensors)
-    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    return directory
 
 
 # --------------------------------------------------------------------------- our checkpoint format
@@ -120,9 +100,6 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
     """Load a checkpoint written by save_checkpoint (or a training run's newest checkpoint, with its
     EMA weights) as a CompiledModel on `backend`.
     A tensor missing, unexpected or of the wrong shape for the spec is a CheckpointError."""
-    from hrmspec.compile import compile as compile_spec
-    from hrmspec.runtime.checkpoint import latest_checkpoint
-
     directory = Path(directory)
     if (directory / "checkpoints").is_dir():  # a training run: its newest checkpoint
         directory = latest_checkpoint(directory) or directory

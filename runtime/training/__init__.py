@@ -1,0 +1,1 @@
+"""Training a compiled spec on instruction-response pairs, and what the loop reads and writes."""

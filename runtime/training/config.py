@@ -1,0 +1,76 @@
+"""The `train:` section of a spec, read and checked before anything runs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from hrmspec.errors import HrmspecError, close_match
+
+
+class TrainError(HrmspecError):
+    """A training configuration or run that cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # packed rows per step (global, over all processes)
+    seq_len: int = 256
+    optimizer: str = "adam_atan2"  # adam_atan2 | adamw
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup: float = 0.05  # fraction of steps with linear lr warmup
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+    ema: float | None = 0.999  # decay of the parameter EMA; null: off
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_n: int = 64  # held-out samples per periodic evaluation
+    save_every: int = 250
+    keep: int = 2  # checkpoints kept
+    max_nan_steps: int = 5  # non-finite losses in a row before giving up
+    tokenizer: str | None = None  # an existing tokenizer.json (else one is trained on the data)
+    threads: int = 0  # torch threads; 0: leave torch's default
+    max_new_tokens: int = 32  # evaluation decoding budget
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in names:
+                hint = close_match(key, names)
+                hint = f" ({hint})" if hint else ""
+                raise TrainError(f"train.{key}: unknown key{hint}; known: {', '.join(names)}")
+        for name in ("lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema"):
+            v = d.get(name)
+            if isinstance(v, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+                try:
+                    d[name] = float(v)
+                except ValueError:
+                    raise TrainError(f"train.{name}: expected a number, found {v!r}") from None
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TrainError(f"train.{name}: expected a number, found {v!r}")
+        cfg = cls(**d)
+        for name in ("steps", "batch_size", "seq_len"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TrainError(f"train.{name}: expected a positive integer, found {v!r}")
+        if cfg.optimizer not in ("adam_atan2", "adamw"):
+            raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {cfg.optimizer!r}")
+        if cfg.schedule not in ("cosine", "constant"):
+            raise TrainError(f"train.schedule: expected cosine | constant, found {cfg.schedule!r}")
+        if cfg.dtype not in ("fp32", "bf16"):
+            raise TrainError(f"train.dtype: expected fp32 | bf16, found {cfg.dtype!r}")
+        return cfg
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+__all__ = ["TrainConfig", "TrainError", "config_dict"]

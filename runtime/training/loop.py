@@ -1,0 +1,353 @@
+"""`hrmspec train`: train a compiled spec on instruction–response pairs.
+
+One step: advance the credit plan to step / steps, run the packed PrefixLM batch, take the loss
+on response tokens (task completion), clip, step the optimizer, update the EMA. Under torchrun
+every rank takes its slice of the same global batch and the loss is averaged over all response
+tokens of the global batch, so N processes follow the single-process loss curve.
+
+`train()` reads as the run does: a `Trainer` is set up (data, tokenizer, model, parallel wrapper,
+optimizer and EMA, each restored from the newest checkpoint with `--resume`), then `fit` runs
+`step` until the last one, logging, evaluating and checkpointing on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import hrmspec
+from hrmspec.runtime.files import read_tensors
+from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.training.config import TrainConfig, TrainError
+from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
+from hrmspec.runtime.training.heldout import evaluate_model
+from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
+from hrmspec.runtime.training.packing import Batches, pack
+from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from hrmspec.spec.schema import Spec
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(spec: Spec, cfg: TrainConfig, out: Path, tokenizer=None):
+    """Samples -> tokenizer -> packed rows. Returns (tokenizer, rows, pack stats, data config)."""
+    try:
+        dcfg = DataConfig.from_dict(spec.data)
+        train = load_split(dcfg, "train", root=Path(spec.source).parent)
+        if not train.samples:
+            raise TrainError("the training set is empty: check data.path / data.tasks and data.size")
+        if tokenizer is None and cfg.tokenizer:
+            tokenizer = Tokenizer.load(cfg.tokenizer)
+        if tokenizer is None:
+            texts = (t for s in train.samples for t in format_sample(s))
+            conditions = sorted({s.condition for s in train.samples if s.condition} | {"direct", "cot"})
+            tokenizer = train_tokenizer(texts, spec.model.vocab, conditions=conditions)
+    except (DataError, TokenizerError) as e:
+        raise TrainError(str(e)) from None
+    if tokenizer.vocab_size > spec.model.vocab:
+        raise TrainError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab is {spec.model.vocab}: "
+            f"set --set model.vocab={tokenizer.vocab_size} or more"
+        )
+    rows, stats = pack(encode_samples(train.samples, tokenizer), cfg.seq_len, spec.objective.type,
+                       pad_id=tokenizer.pad_id)
+    if len(rows) < cfg.batch_size:
+        raise TrainError(
+            f"only {len(rows)} packed rows for batch_size {cfg.batch_size}: use more data or a smaller batch"
+        )
+    return tokenizer, rows, stats, dcfg
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    spec: Spec,
+    out: str | os.PathLike,
+    resume: bool = False,
+    fsdp: bool = False,
+    progress_bar: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `spec`, writing checkpoints and metrics to `out`. Returns the final metrics.
+
+    `stop_after` ends the run early at that step (after its checkpoint), as an interruption would.
+    """
+    trainer = Trainer(spec, Path(out), resume=resume, fsdp=fsdp)
+    return trainer.fit(progress_bar=progress_bar, stop_after=stop_after)
+
+
+class Trainer:
+    """One training run: everything `fit` needs, set up (or restored) in the order it depends on."""
+
+    def __init__(self, spec: Spec, out: Path, resume: bool = False, fsdp: bool = False):
+        self.spec, self.out = spec, out
+        self.cfg = cfg = TrainConfig.from_dict(dict(spec.train))
+        self.rank, self.world = _dist()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.batch_size % self.world:
+            raise TrainError(f"train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
+                             f"({self.world})")
+        torch.manual_seed(cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+
+        start = ckpt.latest_checkpoint(out) if resume else None
+        if resume and start is None:
+            raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
+        self.tokenizer, rows, _, self.data_cfg = prepare_data(
+            spec, cfg, out, Tokenizer.load(start) if start is not None else None)
+        self.model = hrmspec.compile(spec)
+        self.model.reset_parameters(seed=cfg.seed)
+        self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
+        self.step, self.skipped, self.nan_run = 0, 0, 0
+        state = self._restore_model(start) if start is not None else None
+        if self.rank == 0:
+            self.tokenizer.save(out)
+            (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+
+        self.sharded = self.world > 1 and fsdp
+        self.net = self._parallel()
+        self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        if start is not None:
+            _load_training_state(start, self.model, self.optimizer, self.ema, self.sharded)
+            if self.ema is not None:
+                self.ema.steps = state.get("ema_steps", self.step)
+            ckpt.set_rng_state(state["rng"])
+
+    def _restore_model(self, start: Path) -> dict:
+        """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
+        state = ckpt.read_trainer_state(start)
+        ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
+        self.batches.load_state_dict(state["data"])
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        return state
+
+    def _parallel(self) -> torch.nn.Module:
+        """The model as the step runs it: FSDP2-sharded (per module stack, then whole), DDP, or itself."""
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for stack in self.model.stacks.values():
+                fully_shard(stack)
+            return fully_shard(self.model)
+        if self.world > 1:  # which parameters get gradient changes with the credit plan
+            return torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        return self.model
+
+    def _param_groups(self) -> list[dict]:
+        """Weight decay on matrices; none on vectors (norms, biases, states) and the embedding. The
+        parameters as they are after sharding (DTensors under FSDP)."""
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or n.startswith("embed") else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------ running
+
+    def fit(self, progress_bar: bool = True, stop_after: int | None = None) -> dict:
+        """Steps until `train.steps` (or `stop_after`), logging, evaluating and checkpointing."""
+        cfg, lead = self.cfg, self.rank == 0
+        self.metrics = open(self.out / "metrics.jsonl", "a") if lead else None
+        board = _tensorboard(self.out) if lead else None
+        bar = _progress(progress_bar and lead, cfg.steps, self.step)
+        last: dict = {}
+        t_log, tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                lr = self._schedule()
+                done = self.train_step(next(self.batches))
+                if done is None:  # a non-finite loss: skipped, and counted
+                    continue
+                loss, grad_norm, n = done
+                tokens += n
+                if lead and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    now = time.perf_counter()
+                    last = {"step": self.step, "loss": round(loss, 6), "lr": lr,
+                            "credit_depth": self.model.credit_depth,
+                            "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
+                            "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
+                    t_log, tokens = now, 0
+                    self._write(last, board)
+                if bar is not None:
+                    bar.update(self.step, loss, last.get("tokens_per_s"))
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
+                    _log_eval(self.model, self.ema, self.tokenizer, self.data_cfg, cfg, cfg.eval_n, self.step,
+                              self.metrics)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after:
+                    self.save()
+                if stop_after is not None and self.step >= stop_after:
+                    break
+        finally:
+            for closing in (bar, self.metrics, board):
+                if closing is not None:
+                    closing.close()
+        if self.world > 1:
+            dist.barrier()
+        return last
+
+    def _schedule(self) -> float:
+        """Move the credit plan and the learning rate to this step; the learning rate."""
+        cfg = self.cfg
+        self.model.set_progress(self.step / cfg.steps)
+        lr = lr_at(self.step, cfg.steps, cfg.lr, int(cfg.warmup * cfg.steps), cfg.schedule, cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, int] | None:
+        """Forward, backward, clip, optimizer and EMA on one global batch: (loss, grad norm, tokens seen),
+        or None when the loss was not finite (the step is skipped; too many in a row end the run)."""
+        cfg, world = self.cfg, self.world
+        if world > 1:
+            batch = {k: v[self.rank::world] for k, v in batch.items()}
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+        with autocast:
+            outp = self.net(**batch, return_logits=False)  # the loss in row chunks: no full logits
+        n_local = outp.n_tokens.float()
+        n_global = n_local.clone()
+        loss_sum = torch.tensor([float(outp.loss_sum.detach())])
+        if world > 1:
+            dist.all_reduce(n_global)
+            dist.all_reduce(loss_sum)
+        # DDP averages gradients over ranks: scaled so the result is sum / global tokens
+        loss = outp.loss_sum * world / n_global.clamp(min=1)
+        loss_value = float(loss_sum) / max(float(n_global), 1.0)
+        if not math.isfinite(loss_value):
+            self.nan_run, self.skipped = self.nan_run + 1, self.skipped + 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.nan_run >= cfg.max_nan_steps:
+                raise TrainError(
+                    f"loss was not finite for {self.nan_run} steps in a row (at step {self.step}); the last good "
+                    f"checkpoint is {ckpt.latest_checkpoint(self.out)}. Lower train.lr or use fp32."
+                )
+            self.step += 1
+            return None
+        self.nan_run = 0
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else 1e30)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return loss_value, grad_norm, int((batch["doc_ids"] >= 0).sum()) * world
+
+    def _write(self, record: dict, board) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if board is not None:
+            for key in ("loss", "lr", "credit_depth", "tokens_per_s", "grad_norm"):
+                board.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def save(self) -> None:
+        """A checkpoint of this step (every rank gathers its shards; rank 0 writes)."""
+        model_state, optim_state, ema_state = _full_states(self.model, self.optimizer, self.ema, self.sharded)
+        if self.rank == 0:
+            ckpt.save_checkpoint(
+                self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
+                {"data": self.batches.state_dict(), "skipped": self.skipped,
+                 "ema_steps": self.ema.steps if self.ema else 0},
+                keep=self.cfg.keep,
+            )
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (a run that died past its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _scalar(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def _full_states(model, optimizer, ema, sharded: bool):
+    """Plain state dicts to save. Under FSDP this gathers shards: every rank must call it."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict(), ema.state_dict() if ema is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    ema_state = {k: v.full_tensor() for k, v in ema.state_dict().items()} if ema is not None else None
+    return model_state, optim_state, ema_state
+
+
+def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -> None:
+    optim_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)
+    ema_state = read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
+    if not sharded:
+        optimizer.load_state_dict(optim_state)
+        if ema is not None:
+            ema.load_state_dict(ema_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    if ema is not None:
+        for name, shadow in ema.shadow.items():
+            shadow.copy_(distribute_tensor(ema_state[name], shadow.device_mesh, shadow.placements))
+
+
+def _tensorboard(out: Path):
+    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _log_eval(model, ema, tokenizer, dcfg, cfg, n, step, metrics_file) -> dict:
+    res = evaluate_model(model, tokenizer, dcfg, n=n, ema=ema, max_new_tokens=cfg.max_new_tokens)
+    metrics_file.write(json.dumps({"step": step, "eval": res}) + "\n")
+    metrics_file.flush()
+    return res
+
+
+class _Bar:
+    def __init__(self, total: int, start: int):
+        self.p = Progress(
+            TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        self.p.start()
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, loss: float, tps) -> None:
+        info = f"loss {loss:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
+        self.p.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def _progress(enabled: bool, total: int, start: int):
+    return _Bar(total, start) if enabled else None
+
+
