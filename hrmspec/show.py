@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hrmspec.graph.analysis import analyse, human
-from hrmspec.graph.credit import credit_table
+from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import networkx as nx
 
 from hrmspec.graph.body import module_body
-from hrmspec.graph.credit import Call, credit_depth, grad_flags
+from hrmspec.graph.credit_plan import Call, credit_depth, grad_flags
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schema import Repeat, Spec
 

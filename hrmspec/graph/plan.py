@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from hrmspec.graph.body import Body, Op, Param, module_body
-from hrmspec.graph.credit import Call, CreditPlan
+from hrmspec.graph.credit_plan import Call, CreditPlan
 from hrmspec.graph.fusion import call_arities, final_norm_op, fuse
 from hrmspec.spec.schema import ModelSpec, ModuleSpec, Spec
 

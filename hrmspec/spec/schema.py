@@ -71,7 +71,7 @@ class Repeat:
 
 @dataclass(frozen=True)
 class CreditSpec:
-    """Which module calls carry gradient (the rest run under no-grad). See hrmspec.graph.credit."""
+    """Which module calls carry gradient (the rest run under no-grad). See hrmspec.graph.credit_plan."""
 
     mode: Literal["none", "depth", "last", "per_cycle"] = "none"
     depth_from: int = 2
