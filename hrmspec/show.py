@@ -7,12 +7,16 @@ from rich.console import Console
 from rich.table import Table
 
 from hrmspec.graph.analysis import analyse, human
+from hrmspec.graph.body import Body
 from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
 
 
 def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log or a pipe: whole op and kernel names rather than 80 columns
+            console = Console(width=160)
     spec = G.graph["spec"]
     st = analyse(G, seq_len=seq_len, dtype_bytes=dtype_bytes)
     m = spec.model
@@ -32,6 +36,14 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     if st.buffers:
         t.add_row("(buffers, not trained)", "", f"{st.buffers:,}")
     console.print(t)
+    same: dict[tuple, list[str]] = {}  # modules with the same body are shown once
+    for mod in spec.model.modules:
+        body = G.graph["bodies"][mod.name]
+        key = tuple((o.name, o.kind, o.program.hash if o.program else "", tuple(p.shape for p in o.params))
+                    for o in body.ops)
+        same.setdefault(key, []).append(mod.name)
+    for names in same.values():
+        layer_table(G.graph["bodies"][names[0]], console, names)
 
     depth = f", depth {st.credit_depth}" if st.credit_depth is not None else ""
     t = Table(title=f"Unrolled schedule at progress {G.graph['progress']:g} (credit mode {m.credit.mode}{depth})")
@@ -63,6 +75,26 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     t.add_row(f"activation memory for one {seq_len}-token row", human(st.activation_bytes_per_token * seq_len, "B"))
     console.print(t)
     traffic_table(G, dtype_bytes, console)
+
+
+def layer_table(body: Body, console: Console | None = None, modules: list[str] | None = None) -> None:
+    """The ops of one call of a module as its body describes them: the first layer (the others repeat it)
+    and the ops outside the layers, with what each reads and writes, its parameters and FLOPs."""
+    console = console or Console()
+    layers = 1 + max((int(o.name.split(".")[0]) for o in body.ops if o.name[0].isdigit()), default=-1)
+    more = {0: "", 1: "", 2: "; layer 1 repeats layer 0"}.get(layers, f"; layers 1-{layers - 1} repeat layer 0")
+    names = modules or [body.module]
+    t = Table(title=f"{'Modules' if len(names) > 1 else 'Module'} {', '.join(names)}: the ops of a call{more}")
+    for col in ("op", "kind", "reads", "writes", "parameters", "MFLOPs/token"):
+        t.add_column(col, justify="right" if col in ("parameters", "MFLOPs/token") else "left")
+    for o in body.ops:
+        if o.name[0].isdigit() and not o.name.startswith("0."):
+            continue
+        what = o.program.name if o.kind == "row" else o.kind
+        params = ", ".join(f"{p.path.rsplit('.', 1)[-1]} {'x'.join(map(str, p.shape))}" for p in o.params) or "-"
+        t.add_row(o.name, what, ", ".join(o.reads), ", ".join(o.writes), params,
+                  f"{o.flops / 1e6:.3f}" if o.flops else "-")
+    console.print(t)
 
 
 def traffic_table(G: nx.DiGraph, dtype_bytes: int = 2, console: Console | None = None) -> None:

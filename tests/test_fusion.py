@@ -232,6 +232,9 @@ def test_show_prints_the_traffic_table(capsys):
     assert main(["show", "hrm-text-tiny", "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert "Memory traffic per token" in out and "row ops" in out and "Parameters" in out
+    # the body as it is described: L and H share one, its first layer's ops and their weights
+    assert "Modules L, H: the ops of a call" in out
+    assert "0.attn.qkvg" in out and "weight 512x128" in out and "1.attn.qkvg" not in out
 
 
 # -- names -----------------------------------------------------------------------------------------------
