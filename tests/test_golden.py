@@ -1,7 +1,8 @@
 """Golden snapshots: the generated source of every kernel the shipped specs need.
 
-tests/golden/ holds `snapshot_files(spec)` (hrmspec/emit.py) of every shipped spec, each distinct
-kernel source once:
+tests/golden/ holds `snapshot_files(spec)` (hrmspec/emit.py) of every shipped spec and of the
+variant specs in tests/golden/variants/ (block kinds and norms the shipped specs do not use), each
+distinct kernel source once:
 
     kernels/<target>/<kernel>[.b<block>].<py|cu|cl>.golden   one source, shared by the specs that need it
     specs/<spec>/<target>.json                               the spec's manifest: its kernels, their golden files
@@ -34,14 +35,17 @@ FOLDERS = ("kernels", "specs")  # what the snapshots own under GOLDEN (README.md
 UPDATE = os.environ.get("HRMSPEC_UPDATE_GOLDEN", "0") not in ("", "0")
 REGENERATE = "HRMSPEC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py"
 REVIEW = "review the result with `git status tests/golden` and `git diff tests/golden`."
-SPECS = sorted(p.stem for p in shipped_specs_dir().glob("*.yaml"))
+# spec name -> what load_spec reads: a shipped spec's name, or a variant's file
+SOURCES = {p.stem: p.stem for p in shipped_specs_dir().glob("*.yaml")}
+SOURCES |= {p.stem: str(p) for p in (GOLDEN / "variants").glob("*.yaml")}
+SPECS = sorted(SOURCES)
 DIFF_LINES = 40  # of unified diff in a failure message
 LISTED = 10  # file names listed per kind of problem
 
 
 @functools.cache
 def generated(spec: str) -> dict[str, str]:
-    return snapshot_files(spec)
+    return snapshot_files(SOURCES[spec])
 
 
 def merge(snapshots: dict[str, dict[str, str]]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
@@ -164,7 +168,7 @@ def test_no_stale_golden_files():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_the_snapshot_holds_every_kernel_once_per_target(spec):
-    kernels, files = spec_kernels(spec), generated(spec)
+    kernels, files = spec_kernels(SOURCES[spec]), generated(spec)
     names = [k.name for k in kernels]
     assert len(set(names)) == len(names)
     manifests = {f"specs/{spec}/{target}.json" for target in TARGETS}
@@ -216,7 +220,7 @@ def _differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 def test_generation_is_deterministic():
     for spec in SPECS:
-        differ = _differing(_digests(snapshot_files(spec)), _digests(generated(spec)))
+        differ = _differing(_digests(snapshot_files(SOURCES[spec])), _digests(generated(spec)))
         assert not differ, f"{spec}: two runs generate different files: {differ}"
 
 
@@ -233,7 +237,8 @@ def test_generation_does_not_depend_on_the_hash_seed():
     # one process to the next; the snapshots must not (golden files written on one machine are
     # compared on another)
     env = {**os.environ, "PYTHONHASHSEED": "1234"}
-    run = subprocess.run([sys.executable, "-c", DIGESTS], input=json.dumps(SPECS), capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", DIGESTS], input=json.dumps([SOURCES[s] for s in SPECS]),
+                         capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     for spec, line in zip(SPECS, run.stdout.splitlines(), strict=True):

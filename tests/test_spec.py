@@ -229,6 +229,15 @@ def test_extends_chains_and_subfolders(tmp_path):
     assert (m.vocab, m.d_model, m.head_dim, m.block.norm.eps) == (7, 32, 8, 1e-5)
 
 
+def test_extends_a_shipped_spec_by_name_from_anywhere(tmp_path):
+    leaf = write(tmp_path, "mine.yaml", "name: mine\nextends: hrm-text-1b\nmodel: {d_model: 256, heads: 4}\n")
+    m = load_spec(leaf).model
+    assert (m.d_model, m.head_dim, m.vocab, m.module("L").layers) == (256, 64, 65536, 16)
+    # a file next to the spec wins over a shipped spec of the same name
+    write(tmp_path, "hrm-text-1b.yaml", BASE)
+    assert load_spec(leaf).model.vocab == load_spec(write(tmp_path, "b.yaml", BASE)).model.vocab != 65536
+
+
 def test_overrides(tmp_path):
     p = write(tmp_path, "base.yaml", BASE)
     spec = load_spec(p, {"model.d_model": 128, "model.block.norm.place": "sandwich", "train.lr": 0.1})

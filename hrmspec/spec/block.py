@@ -99,7 +99,7 @@ def standalone_norm(f: Fields, key: str, base: NormSpec, default: Any, flag: boo
         shown = " | ".join((("true", "false") if flag else ()) + names)
         hint = near(v, list(names)) if isinstance(v, str) else ""
         if v in NORMS:
-            hint = f"a {v} norm is written as a mapping, e.g. {key}: {{type: {v}, ...}}"
+            hint = f"a norm of type {v} is written as a mapping, e.g. {key}: {{type: {v}, ...}}"
         f.fail(f.path + (key,), f"expected one of {shown} or a mapping {{type, eps, ...}}, found {describe(v)}", hint)
     return NormSpec(type=v, eps=base.eps, affine=base.affine if flag else False)
 

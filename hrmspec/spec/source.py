@@ -160,7 +160,8 @@ def _merge(base: Source, child: Source) -> Source:
 
 
 def read_source(path: str | Path, _chain: tuple[str, ...] = ()) -> Source:
-    """Read a spec file, following `extends:` (relative to the file) recursively."""
+    """Read a spec file, following `extends:` recursively: a file relative to this one, else a shipped
+    spec by its name."""
     path = Path(path)
     shown = str(path)
     if not path.is_file():
@@ -179,8 +180,13 @@ def read_source(path: str | Path, _chain: tuple[str, ...] = ()) -> Source:
         hint = "e.g. extends: hrm-text-1b.yaml"
         raise SpecError(f"expected a file name, found {_kind(base_name)}", where, "extends", hint)
     base_path = path.parent / base_name
+    if not base_path.is_file() and not base_path.suffix and base_path.with_suffix(".yaml").is_file():
+        base_path = base_path.with_suffix(".yaml")
+    shipped = shipped_specs_dir() / f"{Path(base_name).stem}.yaml"
+    if not base_path.is_file() and "/" not in base_name and shipped.is_file():
+        base_path = shipped  # a shipped spec by its name, from anywhere: extends: hrm-text-1b
     if not base_path.is_file():
-        hint = _near_file(base_path) or "the path is relative to the file that extends it"
+        hint = _near_file(base_path) or "the path is relative to the file that extends it, or a shipped spec's name"
         raise SpecError(f"base spec not found: {base_path}", where, "extends", hint)
     chain = _chain + (str(path.resolve()),)
     if str(base_path.resolve()) in chain:

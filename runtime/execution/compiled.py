@@ -25,7 +25,7 @@ from torch import nn
 
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.generate import generate
-from hrmspec.runtime.execution.stack import ModuleStack
+from hrmspec.runtime.execution.stack import ModuleStack, register_at
 from hrmspec.runtime.interop.export import save_hf
 from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec.grammar import INPUT
@@ -77,11 +77,9 @@ class CompiledModel(nn.Module):
                 self.register_buffer(f"init_{s.name}", torch.zeros(m.d_model))
             elif s.init == "learned":
                 self.state_params[s.name] = nn.Parameter(torch.zeros(m.d_model))
-        self.final_norm = None
-        if plan.final_norm is not None:  # its weights (if any) at the top level: final_norm.weight
-            self.final_norm = nn.Module()
-            for p in plan.final_norm.params:
-                self.final_norm.register_parameter(p.path.split(".", 1)[1], nn.Parameter(torch.empty(p.shape)))
+        # the norm before the head: its weights (if any) at the top level, final_norm.weight
+        self._final = {p.path: register_at(self, p.path, nn.Parameter(torch.empty(p.shape)))
+                       for p in (plan.final_norm.params if plan.final_norm is not None else ())}
         self.head = nn.Linear(m.d_model, m.vocab, bias=False) if m.head == "untied" else None
         self.set_progress(1.0)
         self.reset_parameters()
@@ -117,7 +115,7 @@ class CompiledModel(nn.Module):
             tn(self.head.weight, std_of(m.d_model))
         declared = [(stack.weight(p.path), p) for stack in self.stacks.values() for p in stack.param_specs]
         if self.plan.final_norm is not None:
-            declared += [(getattr(self.final_norm, p.path.split(".", 1)[1]), p) for p in self.plan.final_norm.params]
+            declared += [(self.final_weight(p.path), p) for p in self.plan.final_norm.params]
         for t, p in declared:  # matmul weights first, in the order the ops come
             if p.init == "fan_in":
                 tn(t, std_of(p.fan_in))
@@ -197,9 +195,13 @@ class CompiledModel(nn.Module):
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
         return out
 
+    def final_weight(self, path: str) -> torch.Tensor:
+        owner, leaf = self._final[path]
+        return getattr(owner, leaf)
+
     def norm_before_head(self, h: torch.Tensor) -> torch.Tensor:
         op = self.plan.final_norm
-        weights = {i: getattr(self.final_norm, path.split(".", 1)[1]) for i, path in op.weights.items()}
+        weights = {i: self.final_weight(path) for i, path in op.weights.items()}
         return self.ops.row_program(op.program, {"x": h, **weights})["y"]
 
     def new_cache(self) -> KVCache:

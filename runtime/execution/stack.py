@@ -35,7 +35,7 @@ class ModuleStack(nn.Module):
         self.param_specs = tuple(params)
         self._where: dict[str, tuple[nn.Module, str]] = {}
         for p in self.param_specs:
-            self._where[p.path] = _register(self, p.path, nn.Parameter(torch.empty(p.shape)))
+            self._where[p.path] = register_at(self, p.path, nn.Parameter(torch.empty(p.shape)))
         self._drops = {arity: _last_reads(body) for arity, body in bodies.items()}
         self.attention_ops = max(sum(o.kind == "attention" for o in b.ops) for b in bodies.values())
 
@@ -92,7 +92,7 @@ class ModuleStack(nn.Module):
         return self.ops.attention(q, k, v, ctx.attn_mask(mask, q.dtype)).transpose(1, 2)  # (B, S, h, hd)
 
 
-def _register(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:
+def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:
     """Register `param` at a dotted path under `root`, making plain container modules on the way."""
     *parts, leaf = path.split(".")
     owner = root
@@ -115,4 +115,4 @@ def _last_reads(body) -> list[tuple[str, ...]]:
             for i, op in enumerate(body.ops)]
 
 
-__all__ = ["ModuleStack"]
+__all__ = ["ModuleStack", "register_at"]
