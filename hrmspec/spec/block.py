@@ -78,7 +78,7 @@ def _norm(src: Source, path: PathT, base: NormSpec) -> NormSpec:
 def _expr_norm(f: Fields, path: PathT, base: NormSpec, eps: float, place: str) -> NormSpec:
     """type: expr — the text is parsed into a RowProgram now, so a typo is reported at load time,
     at its column inside the expression."""
-    from hrmspec.ir.ops import FUNCTIONS  # the IR only when a spec uses it
+    from hrmspec.ir.functions import FUNCTIONS  # the IR only when a spec uses it
     from hrmspec.ir.parse import parse_norm_expr
 
     if f.has("affine") and f.data["affine"] is True:
