@@ -146,7 +146,7 @@ class Stack(nn.Module):
     """A module of the spec: its layers, then (MagicNorm) an exit RMSNorm on every call.
 
     Called on the states summed into the call (`terms`; one tensor or a list). With an op table
-    that fuses (`ops.FUSED`), the call runs the fusion pass's plan for its number of terms."""
+    that fuses (`ops.fuses`), the call runs the fusion pass's plan for its number of terms."""
 
     def __init__(self, m: ModuleSpec, model: ModelSpec, ops):
         super().__init__()
@@ -154,7 +154,7 @@ class Stack(nn.Module):
         self.spec, self.model_spec, self.ops = m, model, ops
         self.layers = nn.ModuleList(Block(d, heads, head_dim, m.block, ops) for _ in range(m.layers))
         self.exit_norm = Norm(d, m.block.norm.eps, False, ops) if m.exit_norm == "rms" else None
-        self.fused = bool(getattr(ops, "FUSED", False))
+        self.fused = ops.fuses
         self._plans: dict[int, CallPlan] = {}
 
     def forward(self, terms: torch.Tensor | list[torch.Tensor], ctx: Context, cache: list | None = None

@@ -1,6 +1,6 @@
 """A module call run as the fusion pass cut it: each row region between sublayers is one kernel.
 
-On a kernel backend (triton, opencl, cuda: an op table with `FUSED = True`) a Stack does not run
+On a kernel backend (triton, opencl, cuda: an op table with `fuses` set) a Stack does not run
 its layers op by op. It runs the fused body of `hrmspec.graph.fusion` for the call's injection
 arity, so the kernels that run are exactly the ones `hrmspec check` and the golden snapshots
 cover. In a pre-norm stack of two layers called on z_L + z_H:

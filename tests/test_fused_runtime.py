@@ -2,14 +2,15 @@
 gradients of the layers run op by op, only kernels the plan lists (those `hrmspec check` and the
 golden snapshots cover), and no more saved activations than op by op."""
 
-import types
-import warnings
+import copy
 
 import pytest
 import torch
 
 import hrmspec
-from hrmspec.backends.reference import ops as reference
+from hrmspec.backends import get_backend
+from hrmspec.backends.common.fallback import record_fallbacks
+from hrmspec.backends.reference.table import ReferenceTable
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
 from hrmspec.runtime.blocks import Context, Stack
@@ -29,9 +30,16 @@ CONFIGS = {
                      "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
 }
 
-# the reference ops, with Stacks running the plan (each region through the IR's torch evaluator)
-FUSED_REFERENCE = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")},
-                                        FUSED=True)
+reference = get_backend("reference")
+
+
+class FusedReference(ReferenceTable):
+    """The reference ops, with Stacks running the plan (each region through the reference's row_program)."""
+
+    fuses = True
+
+
+FUSED_REFERENCE = FusedReference()
 
 
 def _spec(tiny_text, **over):
@@ -107,22 +115,22 @@ def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, cl_ops, monkeyp
     model = hrmspec.compile(spec, backend="opencl")
     ref = hrmspec.compile(spec, backend="reference")
     ref.load_state_dict(model.state_dict())
-    monkeypatch.setattr(cl_ops._table, "_ops", {})  # record the ops this model creates
+    monkeypatch.setattr(cl_ops, "_ops", {})  # record the ops this model creates
     ids, labels, prefix = _batch()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing falls back to the reference
+    with record_fallbacks() as fell:
         out = model(ids, prefix_mask=prefix, labels=labels)
         out.loss.backward()
+    assert not fell, fell  # nothing falls back to the reference
     plan = fuse_model(build_graph(spec))
     planned = {(k.direction, k.program.hash) for k in plan.kernels}
     ran = set()
-    for op in cl_ops._table._ops.values():
+    for op in cl_ops._ops.values():
         ran.add(("fwd", op.program.hash))
         if op._backward is not None:
             ran.add(("bwd", op._backward.program.hash))
     assert ran and ran <= planned, sorted(ran - planned)
     regions = {k.forward.name for k in plan.kernels}
-    assert {op.program.name for op in cl_ops._table._ops.values()} == regions  # every region runs as its kernel
+    assert {op.program.name for op in cl_ops._ops.values()} == regions  # every region runs as its kernel
     out_r = ref(ids, prefix_mask=prefix, labels=labels)
     out_r.loss.backward()
     torch.testing.assert_close(out.logits, out_r.logits, rtol=1e-4, atol=1e-5)
@@ -147,8 +155,8 @@ def _saved_bytes(stack, terms, ctx) -> int:
 def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, cl_ops):
     spec = _spec(tiny_text, **{"model.d_model": 256, "model.heads": 2})
     m = spec.model.module("L")
-    unfused_ops = types.SimpleNamespace(**{k: getattr(cl_ops, k) for k in dir(cl_ops) if not k.startswith("_")})
-    unfused_ops.FUSED = False
+    unfused_ops = copy.copy(cl_ops)  # the same kernels, op by op
+    unfused_ops.fuses = False
     fused, plain = Stack(m, spec.model, cl_ops), Stack(m, spec.model, unfused_ops)
     plain.load_state_dict(fused.state_dict())
     B, T = 2, 16

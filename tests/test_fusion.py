@@ -7,7 +7,7 @@ import networkx as nx
 import pytest
 import torch
 
-from hrmspec.backends.reference import ops as reference
+from hrmspec.backends import get_backend
 from hrmspec.graph import build_graph
 from hrmspec.graph.build import body_graph
 from hrmspec.graph.fusion import body_dataflow, fuse_body, fuse_model, saving
@@ -15,6 +15,8 @@ from hrmspec.ir import evaluate
 from hrmspec.ir.kernel import kernel_name
 from hrmspec.runtime.blocks import Context, Stack
 from hrmspec.spec import load_spec, load_spec_text
+
+reference = get_backend("reference")
 
 EXPR = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
 

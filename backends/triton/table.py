@@ -1,0 +1,128 @@
+"""The Triton backend's op table: generated kernels where there are some, the reference elsewhere.
+
+    generated RowProgram kernels      row_program (the fusion plan's regions, norms, gates,
+    (TritonRowOp: forward kernel,     activations, expression norms) and rope_qk; the backward
+    backward by IR autodiff)          kernel of each is printed from `hrmspec.ir.grad` of its program
+    the flash-attention template      attention, when backends/triton/attention.py imports and the
+    (backends/triton/attention.py)    mask is one it prints (causal, prefix-LM, bidirectional, each
+                                      within packed documents) over equal query and key lengths
+    the chunked linear-CE driver      linear_cross_entropy (the training loss), its softmax steps as
+    with Triton kernels               Triton kernels (backends/triton/linear_ce.py)
+    the reference table               rope_tables, cross_entropy, linear; attention otherwise
+                                      (decoding with a cache, head dims over 128)
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by the registry
+before triton is imported). Whatever a kernel cannot run — a row wider than MAX_WIDTH, fp64, a
+tensor on a device the kernels are not built for — runs the reference op instead, reported as a
+fallback (backends/common/fallback.py): never silent, and never a wrong result.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import Tensor
+
+from hrmspec.backends.common.contract import IGNORE_INDEX
+from hrmspec.backends.common.kernel_table import KernelTable
+from hrmspec.backends.common.limits import MAX_WIDTH, beyond_limits
+from hrmspec.backends.triton.aot import interpreting
+from hrmspec.backends.triton.launch import TritonRowOp
+
+
+class TritonTable(KernelTable):
+    """The Triton backend (see the module docstring)."""
+
+    name = "triton"
+    op_class = TritonRowOp
+
+    def unsupported(self, tensors: list[Tensor], width: int) -> str | None:
+        """Why generated kernels cannot run on these tensors, or None."""
+        reason = beyond_limits(tensors, width, MAX_WIDTH)
+        misplaced = next((t for t in tensors if (t.device.type == "cpu") != interpreting()), None)
+        if reason is None and misplaced is not None:
+            where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
+            reason = f"a tensor on {misplaced.device} while the kernels run on {where}"
+        return reason
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
+        flash = _flash_attention()
+        if flash is None:
+            return self.reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
+        reason = self.unsupported([q, k, v], 0)
+        if reason is None and q.shape != k.shape:
+            reason = "query and key lengths differ (decoding with a cache)"
+        elif reason is None and q.shape[-1] > 128:
+            reason = f"head dim {q.shape[-1]} > 128"
+        found = describe_mask(mask, q.shape[0], q.shape[2]) if reason is None else None
+        if reason is None and found is None:
+            reason = "a mask the template does not print"
+        if reason is not None:
+            self.fallback("attention", reason)
+            return self.reference.attention(q, k, v, mask)
+        kind, prefix, doc = found
+        return flash(q, k, v, kind, prefix, doc)
+
+    def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                             ) -> tuple[Tensor, Tensor]:
+        """cross_entropy(h @ W.T, labels) in row chunks, the softmax steps as Triton kernels
+        (backends/triton/linear_ce.py); the reference's torch steps where the kernels cannot take the tensors."""
+        reason = self.unsupported([h, W], 0)
+        if reason is not None:
+            self.fallback("linear_cross_entropy", reason)
+            return self.reference.linear_cross_entropy(h, W, labels, ignore_index)
+        from hrmspec.backends.triton.linear_ce import linear_cross_entropy as fused
+
+        return fused(h, W, labels, ignore_index)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attention():
+    """The flash-attention template's entry point, or None while it is not importable."""
+    try:
+        from hrmspec.backends.triton.attention import flash_attention
+    except ImportError:
+        return None
+    return flash_attention
+
+
+_last_mask: list = [None, None]  # (weakref to the mask, what it was recognised as): one mask serves a whole batch
+
+
+def describe_mask(mask: torch.Tensor | None, batch: int, seq_len: int):
+    """(kind, prefix, doc) when `mask` (B, 1, S, S; boolean, or additive 0 / -inf) is exactly a mask
+    the template prints, else None. Every kind lets a token see the one before it in its own
+    document, so a token that cannot starts a new document (doc ids are the running count of
+    starts); the prefix of a PrefixLM mask is read off the pairs above the diagonal (both ends of
+    such a pair are prefix tokens). The mask rebuilt from what was read must equal the given one, so
+    anything else in it (a window, a document split in two) is never mistaken for a printable mask."""
+    if mask is None:
+        return "bidirectional", None, None
+    ref = _last_mask[0]() if _last_mask[0] is not None else None
+    if ref is mask:
+        return _last_mask[1]
+    allowed = (mask if mask.dtype == torch.bool else mask == 0).expand(batch, 1, seq_len, seq_len)[:, 0]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    starts = ~allowed.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, S-1): token j cannot see token j-1
+    doc = torch.cat([torch.zeros_like(starts[:, :1]), starts], 1).long().cumsum(1)
+    same = doc[:, :, None] == doc[:, None, :]
+    above = allowed & ~causal
+    prefix = above.any(-1) | above.any(-2)
+    candidates = (("bidirectional", None, same), ("causal", None, causal & same),
+                  ("prefix_lm", prefix, (causal | (prefix[:, :, None] & prefix[:, None, :])) & same))
+    found = None
+    for kind, pre, rebuilt in candidates:
+        if torch.equal(allowed, rebuilt.expand_as(allowed)):
+            found = (kind, pre, doc if bool(starts.any()) else None)
+            break
+    _last_mask[:] = [weakref.ref(mask), found]
+    return found
+
+
+__all__ = ["TritonTable", "describe_mask"]
