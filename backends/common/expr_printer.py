@@ -44,6 +44,22 @@ class ExprTable:
     own_names: str  # a regex of names the kernel makes itself: temporaries, parameters, helpers
 
 
+# the operators Python and C spell alike (each node is its own statement, so no parentheses are needed)
+INFIX = {
+    "neg": "-{0}",
+    "square": "{0} * {0}",
+    "add": "{0} + {1}",
+    "sub": "{0} - {1}",
+    "mul": "{0} * {1}",
+    "div": "{0} / {1}",
+    "lt": "{0} < {1}",
+    "gt": "{0} > {1}",
+    "le": "{0} <= {1}",
+    "ge": "{0} >= {1}",
+    "eq": "{0} == {1}",
+}
+
+
 def _product(a: str, n: int) -> str:
     """a**n for a positive integer n by repeated squaring."""
     if n == 1:
@@ -108,4 +124,4 @@ class KernelSource(Protocol):
         nothing, {"storage": ..., "block": threads per row} for a C source."""
 
 
-__all__ = ["ExprPrinter", "ExprTable", "KernelSource"]
+__all__ = ["INFIX", "ExprPrinter", "ExprTable", "KernelSource"]

@@ -15,7 +15,7 @@ import torch
 
 from hrmspec.backends.common import source_cache
 from hrmspec.backends.common.limits import C_MAX_WIDTH as MAX_WIDTH
-from hrmspec.backends.common.rowlayout import row_views
+from hrmspec.backends.common.rowlayout import output_allocator, row_views
 from hrmspec.backends.common.rowops import RowOp
 from hrmspec.backends.cstyle.printer import Dialect, block_size, parameters, render_source
 from hrmspec.errors import KernelError
@@ -106,17 +106,7 @@ class CRowKernel:
         for name, t in inputs.items():
             if name in p.input_names and t.dtype not in STORAGE:
                 raise KernelError(f"{p.name}: input '{name}' is {t.dtype}; C-style kernels store fp32, fp16 or bf16")
-        devices = {inputs[n].device for n in p.input_names}
-        if len(devices) > 1:
-            raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
-        device = devices.pop()
-        rows = p.kinds_of("row")
-        store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-
-        def allocate(o, shape):
-            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-            return torch.empty(shape, dtype=dtype, device=device)
-
+        device, allocate = output_allocator(p, inputs, out_dtypes)
         for name, t in (out or {}).items():
             if t.dtype not in STORAGE or t.device != device:
                 raise KernelError(f"{p.name}: output '{name}' is {t.dtype} on {t.device}; expected fp32, fp16 or "

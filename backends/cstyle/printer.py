@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hrmspec.backends.common.expr_printer import ExprPrinter, ExprTable
+from hrmspec.backends.common.expr_printer import INFIX, ExprPrinter, ExprTable
 from hrmspec.backends.cstyle.dialects import CUDA, DIALECTS, OPENCL, Dialect
 from hrmspec.errors import KernelError
 from hrmspec.ir.kernel import kernel_name
@@ -54,7 +54,7 @@ BLOCK = 256  # threads per row at most: __launch_bounds__(256) leaves ptxas up t
 # -- the expressions, shared by both dialects: formats of the operands ({0}, {1}, {2}) and the math names -----
 C = ExprTable(
     code_for_op={
-        "neg": "-{0}",
+        **INFIX,
         "exp": "{exp}({0})",
         "log": "{log}({0})",
         "sqrt": "{sqrt}({0})",
@@ -63,16 +63,6 @@ C = ExprTable(
         "silu": "{0} / (1.0f + {exp}(-{0}))",  # a sigmoid(a) = a / (1 + e^-a)
         "tanh": "{tanh}({0})",
         "relu": "{fmax}({0}, 0.0f)",
-        "square": "{0} * {0}",
-        "add": "{0} + {1}",
-        "sub": "{0} - {1}",
-        "mul": "{0} * {1}",
-        "div": "{0} / {1}",
-        "lt": "{0} < {1}",
-        "gt": "{0} > {1}",
-        "le": "{0} <= {1}",
-        "ge": "{0} >= {1}",
-        "eq": "{0} == {1}",
         "where": "{0} ? {1} : {2}",
     },
     cast={

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hrmspec.backends.common.limits import TRITON_MAX_WIDTH as MAX_WIDTH
-from hrmspec.backends.common.rowlayout import row_views
+from hrmspec.backends.common.rowlayout import output_allocator, row_views
 from hrmspec.backends.common.rowops import RowOp
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.printer import parameters, render_module
@@ -45,17 +45,7 @@ class RowKernel:
         if width > MAX_WIDTH:
             raise KernelError(f"{p.name}: rows of width {width} exceed the limit of {MAX_WIDTH} for a one-block "
                               "row kernel; split the row or use the reference backend")
-        devices = {t.device for t in inputs.values()}
-        if len(devices) > 1:
-            raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
-        device = devices.pop()
-        rows = p.kinds_of("row")
-        store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-
-        def allocate(o, shape):
-            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-            return torch.empty(shape, dtype=dtype, device=device)
-
+        _, allocate = output_allocator(p, inputs, out_dtypes)
         job = row_views(p, inputs, lead, width, dict(out or {}), allocate)
         if job.n_rows == 0:
             return job.results

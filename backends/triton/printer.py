@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import keyword
 
-from hrmspec.backends.common.expr_printer import ExprPrinter, ExprTable
+from hrmspec.backends.common.expr_printer import INFIX, ExprPrinter, ExprTable
 from hrmspec.ir.program import RowProgram
 
 TRITON = ExprTable(
     code_for_op={
-        "neg": "-{0}",
+        **INFIX,
         "exp": "tl.exp({0})",
         "log": "tl.log({0})",
         "sqrt": "tl.sqrt({0})",
@@ -33,16 +33,6 @@ TRITON = ExprTable(
         "silu": "{0} * tl.sigmoid({0})",
         "tanh": "_tanh({0})",  # there is no tl.tanh: a helper below
         "relu": "tl.maximum({0}, 0.0)",
-        "square": "{0} * {0}",
-        "add": "{0} + {1}",
-        "sub": "{0} - {1}",
-        "mul": "{0} * {1}",
-        "div": "{0} / {1}",
-        "lt": "{0} < {1}",
-        "gt": "{0} > {1}",
-        "le": "{0} <= {1}",
-        "ge": "{0} >= {1}",
-        "eq": "{0} == {1}",
         "where": "tl.where({0}, {1}, {2})",
     },
     cast={
