@@ -35,6 +35,7 @@ from hrmspec.ir.program import RowProgram
 __all__ = ["BLOCK", "C", "CUDA", "DIALECTS", "OPENCL", "CSource", "Dialect", "block_size", "kernel_name", "parameters",
            "render_kernel", "render_source"]
 
+
 def _fp32(v: float) -> float:
     """The fp32 nearest to v (an infinity beyond fp32's range)."""
     with np.errstate(over="ignore"):
