@@ -48,23 +48,7 @@ class TritonTable(KernelTable):
         return reason
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
-        flash = _flash_attention()
-        if flash is None:
-            return self.reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
-        reason = self.unsupported([q, k, v], 0)
-        if reason is None and q.shape != k.shape:
-            reason = "query and key lengths differ (decoding with a cache)"
-        elif reason is None and q.shape[-1] > 128:
-            reason = f"head dim {q.shape[-1]} > 128"
-        found = describe_mask(mask, q.shape[0], q.shape[2]) if reason is None else None
-        if reason is None and found is None:
-            reason = "a mask the template does not print"
-        if reason is not None:
-            self.fallback("attention", reason)
-            return self.reference.attention(q, k, v, mask)
-        kind, prefix, doc = found
-        return flash(q, k, v, kind, prefix, doc)
+        return attention(q, k, v, mask, self)  # the module's function (below)
 
     def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
                              ) -> tuple[Tensor, Tensor]:
@@ -125,4 +109,26 @@ def describe_mask(mask: torch.Tensor | None, batch: int, seq_len: int):
     return found
 
 
-__all__ = ["TritonTable", "describe_mask"]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, table: TritonTable
+              ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
+    reference, _unsupported, _fallback = table.reference, table.unsupported, table.fallback  # what it falls back to
+    flash = _flash_attention()
+    if flash is None:
+        return reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
+    reason = _unsupported([q, k, v], 0)
+    if reason is None and q.shape != k.shape:
+        reason = "query and key lengths differ (decoding with a cache)"
+    elif reason is None and q.shape[-1] > 128:
+        reason = f"head dim {q.shape[-1]} > 128"
+    found = describe_mask(mask, q.shape[0], q.shape[2]) if reason is None else None
+    if reason is None and found is None:
+        reason = "a mask the template does not print"
+    if reason is not None:
+        _fallback("attention", reason)
+        return reference.attention(q, k, v, mask)
+    kind, prefix, doc = found
+    return flash(q, k, v, kind, prefix, doc)
+
+
+__all__ = ["TritonTable", "attention", "describe_mask"]
