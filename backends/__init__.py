@@ -1,57 +1,76 @@
-"""Backends: one folder per target. `get_backend(name)` returns the op table a CompiledModel runs on."""
+"""Backends: one folder per target, one op table each, and the registry every caller reads.
+
+    reference/   torch ops: the definition of every op (naive.py) and its table (table.py)
+    triton/      RowPrograms printed as Triton kernels, the flash-attention template, linear-CE kernels
+    cstyle/      RowPrograms printed as C: CUDA C through CuPy (cuda) and OpenCL C on PoCL (opencl)
+    common/      what backends share: the op-table contract, the kernel table and its fallbacks, the
+                 differentiable row op, row layouts, kernel limits, the source cache, the printer
+                 base, the chunked linear + cross-entropy driver
+
+A backend package imports only common/ and hrmspec's core, never another backend. `REGISTRY`
+holds one `Backend` per target: what it is, what it needs, whether it can run here, how to build
+its op table (backends/common/contract.py: `OpTable`) and how `hrmspec compile --emit` prints its
+kernels. `hrmspec.compile`, `--emit`, `hrmspec check` and the CLI all read it. Importing this
+module imports no torch and no backend.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from hrmspec.errors import HrmspecError, close_match
 
-BACKENDS = ("reference", "triton", "opencl", "cuda")
+if TYPE_CHECKING:
+    from hrmspec.backends.common.contract import OpTable
 
 
-def get_backend(name: str):
-    """The ops of backend `name`: `reference` (torch ops, the definition of every op) or `triton`
-    (generated kernels where there are some, see backends/triton/ops.py; the reference elsewhere) or
-    `opencl` (generated C-style row kernels on an OpenCL device, PoCL on the CPU; backends/cstyle/ops.py) or
-    `cuda` (the same kernels as CUDA C through CuPy on a CUDA device; backends/cstyle/cuda_ops.py)."""
-    if name == "reference":
-        from hrmspec.backends.reference import ops
+@dataclass(frozen=True)
+class EmitTarget:
+    """How `hrmspec compile --emit` prints a backend's kernels (hrmspec/emit.py)."""
 
-        return ops
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise HrmspecError("the triton backend needs the triton package (pip install triton); "
-                               "or use --backend reference")
-        if "triton" not in sys.modules:
-            import torch
+    language: str  # Triton | CUDA C | OpenCL C
+    suffix: str  # of the source files
+    storage: str | None  # the storage type a C source is specialised for; Triton's comes with the pointers
+    printer: Callable[[str | None], Any]  # storage -> the printer (backends/common/expr_printer.py: KernelSource)
 
-            # without a GPU the kernels run in Triton's interpreter, which must be chosen before
-            # triton is first imported (its own jit functions are built then)
-            if not torch.cuda.is_available():
-                os.environ.setdefault("TRITON_INTERPRET", "1")
-        from hrmspec.backends.triton import ops
+    def load(self):
+        return self.printer(self.storage)
 
-        return ops
-    if name == "opencl":
-        if importlib.util.find_spec("pyopencl") is None:
-            raise HrmspecError("the opencl backend needs pyopencl and an OpenCL platform "
-                               "(pip install pyopencl pocl-binary-distribution); or use --backend reference")
-        from hrmspec.backends.cstyle import ops
+    def __str__(self) -> str:
+        return f"{self.language} {self.suffix}" + (f" {self.storage}" if self.storage else "")
 
-        return ops
-    if name == "cuda":
-        missing = _cuda_missing()
-        if missing:
-            raise HrmspecError(f"the cuda backend needs a CUDA device and CuPy (pip install cupy-cuda12x, or "
-                               f"cupy-cuda13x for CUDA 13), but {missing}; --backend opencl runs the same "
-                               "generated C-style kernels on the CPU through PoCL")
-        from hrmspec.backends.cstyle import cuda_ops
 
-        return cuda_ops
-    hint = close_match(name, BACKENDS)
-    raise HrmspecError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}" + (f" ({hint})" if hint else ""))
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str  # one line
+    needs: str  # what it needs beyond hrmspec's own dependencies, with how to install it ('' when nothing)
+    missing: Callable[[], str]  # why it cannot run on this machine, or ''
+    otherwise: str  # what to use when it cannot
+    build: Callable[[], OpTable]  # imports the backend and makes its table
+    emit: EmitTarget | None = None  # None: no generated source
+
+    def load(self) -> OpTable:
+        """The op table (one per process), or an HrmspecError saying what is missing (asked on every
+        call: a device may come and go, as tests make it)."""
+        why = self.missing()
+        if why:
+            raise HrmspecError(f"the {self.name} backend needs {self.needs}, but {why}; {self.otherwise}")
+        if self.name not in _tables:
+            _tables[self.name] = self.build()
+        return _tables[self.name]
+
+
+_tables: dict[str, OpTable] = {}
+
+
+def _not_installed(module: str, what: str) -> Callable[[], str]:
+    return lambda: "" if importlib.util.find_spec(module) is not None else f"{what} is not installed"
 
 
 def _cuda_missing() -> str:
@@ -65,3 +84,80 @@ def _cuda_missing() -> str:
         first_line = (str(e) or type(e).__name__).splitlines()[0]
         missing.append(f"CuPy does not import ({first_line})")
     return " and ".join(missing)
+
+
+def _reference():
+    from hrmspec.backends.reference.table import ReferenceTable
+
+    return ReferenceTable()
+
+
+def _triton():
+    if "triton" not in sys.modules:
+        import torch
+
+        # without a GPU the kernels run in Triton's interpreter, which must be chosen before
+        # triton is first imported (its own jit functions are built then)
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    from hrmspec.backends.triton.table import TritonTable
+
+    return TritonTable(get_backend("reference"))  # the reference is what its kernels fall back to
+
+
+def _opencl():
+    from hrmspec.backends.cstyle.opencl_table import OpenCLTable
+
+    return OpenCLTable(get_backend("reference"))
+
+
+def _cuda():
+    from hrmspec.backends.cstyle.cuda_table import CudaTable
+
+    return CudaTable(get_backend("reference"))
+
+
+def _triton_printer(storage: str | None):
+    from hrmspec.backends.triton.printer import TritonSource
+
+    return TritonSource()
+
+
+def _c_printer(dialect: str) -> Callable[[str | None], Any]:
+    def load(storage: str | None):
+        from hrmspec.backends.cstyle.printer import DIALECTS, CSource
+
+        return CSource(DIALECTS[dialect], storage)
+
+    return load
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("reference", "torch ops, op by op: the definition of every op", "", lambda: "", "", _reference),
+    Backend("triton", "generated Triton kernels (the interpreter on a CPU), flash attention, the loss's softmax",
+            "the triton package (pip install triton)", _not_installed("triton", "it"),
+            "or use --backend reference", _triton,
+            EmitTarget("Triton", ".py", None, _triton_printer)),
+    Backend("opencl", "generated OpenCL C row kernels, on PoCL's CPU device without a GPU",
+            "pyopencl and an OpenCL platform (pip install pyopencl pocl-binary-distribution)",
+            _not_installed("pyopencl", "pyopencl"), "or use --backend reference", _opencl,
+            EmitTarget("OpenCL C", ".cl", "f32", _c_printer("opencl"))),
+    Backend("cuda", "generated CUDA C row kernels through CuPy, on a CUDA device",
+            "a CUDA device and CuPy (pip install cupy-cuda12x, or cupy-cuda13x for CUDA 13)", _cuda_missing,
+            "--backend opencl runs the same generated C-style kernels on the CPU through PoCL", _cuda,
+            EmitTarget("CUDA C", ".cu", "bf16", _c_printer("cuda"))),
+)}
+BACKENDS = tuple(REGISTRY)
+
+
+def get_backend(name: str) -> OpTable:
+    """The op table of backend `name` (see REGISTRY); an HrmspecError for an unknown name or a
+    backend that cannot run here."""
+    if name not in REGISTRY:
+        hint = close_match(name, BACKENDS)
+        raise HrmspecError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}"
+                           + (f" ({hint})" if hint else ""))
+    return REGISTRY[name].load()
+
+
+__all__ = ["BACKENDS", "REGISTRY", "Backend", "EmitTarget", "get_backend"]

@@ -8,7 +8,7 @@
 * `return_logits=True` (the default, and what transformers does): the full (tokens, vocab) logits
   h W^T, then `ops.cross_entropy` on them, which keeps their log-softmax for backward;
 * `return_logits=False` (training, runtime/training/loop.py): `chunked_linear_cross_entropy`
-  (backends/reference/linear_ce.py) computes the logits of a few rows at a time, keeps h and one
+  (backends/common/chunked_linear_ce.py) computes the logits of a few rows at a time, keeps h and one
   log-sum-exp per row for backward, and recomputes each chunk's logits there (one GEMM more).
 
 Per vocabulary and path, on a model whose body is small (`workloads.loss_workload`: d_model 256,
@@ -51,7 +51,8 @@ from workloads import (  # noqa: E402
     train_step_hrmspec,
 )
 
-from hrmspec.backends.reference.linear_ce import chunked_linear_cross_entropy, default_chunk_rows  # noqa: E402
+from hrmspec.backends.common.chunked_linear_ce import chunked_linear_cross_entropy, default_chunk_rows  # noqa: E402
+from hrmspec.backends.reference.linear_ce import TORCH_STEPS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = {"full": True, "chunked": False}  # name -> return_logits
@@ -143,7 +144,7 @@ def time_loss_alone(vocab: int, batch: int, seq_len: int, chunks: list[int], rep
     default = default_chunk_rows(labels.numel(), vocab, d)
     losses = {"full": lambda: model.ops.cross_entropy(h @ W.T, labels)[0]}
     for c in [default, *(c for c in chunks if c != default)]:
-        losses[c] = lambda c=c: chunked_linear_cross_entropy(h, W, labels, chunk_rows=c)[0]
+        losses[c] = lambda c=c: chunked_linear_cross_entropy(h, W, labels, TORCH_STEPS, chunk_rows=c)[0]
 
     def run(loss):
         h.grad = W.grad = None
@@ -169,7 +170,7 @@ def tables(points: list[dict], args, env: str) -> str:
         "training step is forward + backward, no optimizer. **full**: `model(..., labels=...)` "
         "(`return_logits=True`: the (tokens, vocab) logits, then `ops.cross_entropy`). **chunked**: "
         "`return_logits=False`, the training path (`chunked_linear_cross_entropy`, "
-        "backends/reference/linear_ce.py).",
+        "backends/common/chunked_linear_ce.py).",
         "",
         "## Memory of one training step",
         "",

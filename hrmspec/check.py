@@ -143,8 +143,8 @@ def ptxas_available() -> bool:
 def check_kernels(kernels: list[KernelInfo], draws: int = 3, max_rows: int = 3, archs: tuple[int, ...] = ARCHS,
                   compile: bool = True) -> list[KernelCheck]:
     """Test (and compile) each kernel; see the module docstring."""
+    from hrmspec.backends.common.limits import MAX_WIDTH
     from hrmspec.backends.triton.aot import interpreting
-    from hrmspec.backends.triton.launch import MAX_WIDTH
 
     device = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
     checks = []

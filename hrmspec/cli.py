@@ -17,7 +17,8 @@ import yaml
 from rich.console import Console
 
 import hrmspec
-from hrmspec.backends import BACKENDS, get_backend
+from hrmspec.backends import REGISTRY, get_backend
+from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 from hrmspec.errors import HrmspecError
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
@@ -76,9 +77,8 @@ def cmd_compile(args) -> int:
 def _emit_kernels(spec, backend: str, out) -> None:
     """The source of every kernel the spec needs on `backend` (its fusion regions, forward and
     backward) as DIR/kernels/<name>.<suffix>, and DIR/kernels.json indexing them: the
-    files the golden snapshots pin (hrmspec/emit.py). The reference backend generates no kernels."""
-    from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
-
+    files the golden snapshots pin (hrmspec/emit.py). A backend without an emit target (the
+    reference) generates no kernels."""
     if backend not in TARGETS:
         return
     kernels = spec_kernels(spec)
@@ -88,7 +88,7 @@ def _emit_kernels(spec, backend: str, out) -> None:
 
 def cmd_check(args) -> int:
     spec = _load(args)
-    get_backend("triton")  # without a GPU: the interpreter, chosen before triton is imported
+    get_backend("triton")  # the kernels checked; without a GPU: the interpreter, chosen before triton is imported
     from hrmspec.check import ARCHS, check_kernels, ptxas_available, report
 
     console = Console()
@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a spec for a backend")
     _spec_args(p)
-    p.add_argument("--backend", default="reference", choices=BACKENDS, help="target backend")
-    p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR, and with "
-                   "--backend triton or opencl the source of every generated kernel (DIR/kernels/, "
-                   "DIR/kernels.json)")
+    p.add_argument("--backend", default="reference", choices=tuple(REGISTRY), help=_backend_help())
+    emitting = [b for b in REGISTRY.values() if b.emit is not None]
+    p.add_argument("--emit", metavar="DIR", help="write the resolved spec and the graph to DIR, and the source of "
+                   "every generated kernel (DIR/kernels/, DIR/kernels.json) of "
+                   + ", ".join(f"{b.name} ({b.emit})" for b in emitting) + "; writing source needs no device")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("check", help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, register in COMMANDS:  # defined next to the code they run (training, evaluation)
         register(sub, name)
     return parser
+
+
+def _backend_help() -> str:
+    """The backends of the registry, what each is and needs, for `--backend`."""
+    lines = [f"{b.name}: {b.description}" + (f"; needs {b.needs}" if b.needs else "") for b in REGISTRY.values()]
+    return "target backend (default reference). " + ". ".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def compile(  # noqa: A001 - the verb is the API
     loaded = load_spec(spec, overrides)
     ops = get_backend(backend)
     graph = build_graph(loaded, progress)
-    plan = execution_plan(graph, fused=bool(getattr(ops, "FUSED", False)))
+    plan = execution_plan(graph, fused=ops.fuses)
     model = CompiledModel(plan, ops, graph, backend=backend)
     model.set_progress(progress)
     return model

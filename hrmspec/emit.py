@@ -9,7 +9,8 @@ kernels that run. For one target `kernel_files` returns, as {relative file name:
                                      width, inputs, outputs, the regions it runs in ("L: 0.rope",
                                      "H: inject+0.attn_norm") and its source file
 
-The targets (`TARGETS`):
+The targets (`TARGETS`) are the backends of the registry that print kernels (`emit` of a
+`hrmspec.backends.Backend`):
 
     triton   .py  an importable module per kernel (backends/triton/printer.py); storage types
                   are not part of the source, they come with the pointers at launch
@@ -19,7 +20,8 @@ The targets (`TARGETS`):
 
 A C-style source is specialised for its storage types and its threads per row, so it is printed
 for the target's storage type (row partials of vector gradients in f32, as the launchers store
-them) and `block_size(width)` threads at the spec's row width; the manifest records both.
+them) and `block_size(width)` threads at the spec's row width; the manifest records both (the
+printer's `specialisation`).
 
 `hrmspec compile SPEC --backend B --emit DIR` writes `kernel_files(spec_kernels(spec), B)` under
 DIR. The golden snapshots (tests/test_golden.py) pin `snapshot_files(spec)` of every shipped spec,
@@ -44,14 +46,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hrmspec.backends.cstyle.printer import CUDA, OPENCL, Dialect, block_size, render_source
-from hrmspec.backends.triton.printer import render_module
+from hrmspec.backends import REGISTRY, EmitTarget
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.fusion import KernelInfo, fuse_model
-from hrmspec.ir.program import RowProgram
 from hrmspec.spec.load import load_spec
 
 MANIFEST = "kernels.json"
@@ -60,12 +61,23 @@ GOLDEN_SUFFIX = ".golden"
 
 @dataclass(frozen=True)
 class Target:
-    """Where generated kernels go: Triton (no dialect), or a C dialect at one storage type."""
+    """Where the generated kernels of backend `name` go, and how they are printed (`emit`)."""
 
     name: str
-    suffix: str
-    dialect: Dialect | None = None
-    storage: str | None = None  # f32 | f16 | bf16, for a C dialect
+    emit: EmitTarget
+
+    @property
+    def suffix(self) -> str:
+        return self.emit.suffix
+
+    @cached_property
+    def printer(self):
+        return self.emit.load()
+
+    def specialisation(self, kernel: KernelInfo) -> dict[str, Any]:
+        """What the source depends on besides the program and the target: {} for Triton, the storage
+        type and the threads per row for a C dialect."""
+        return self.printer.specialisation(kernel.width)
 
     def source_file(self, kernel: KernelInfo) -> str:
         """Where `hrmspec compile --emit` writes the kernel's source."""
@@ -74,32 +86,18 @@ class Target:
     def variant(self, kernel: KernelInfo) -> str:
         """What the source depends on besides the program (whose hash the name carries) and the target:
         nothing for Triton, the threads per row for a C dialect (".b64")."""
-        return "" if self.dialect is None else f".b{block_size(kernel.width)}"
+        block = self.specialisation(kernel).get("block")
+        return "" if block is None else f".b{block}"
 
     def snapshot_file(self, kernel: KernelInfo) -> str:
         """The golden file of the kernel's source, relative to tests/golden/, shared by every spec that needs it."""
         return f"kernels/{self.name}/{kernel.name}{self.variant(kernel)}{self.suffix}{GOLDEN_SUFFIX}"
 
     def render(self, kernel: KernelInfo) -> str:
-        if self.dialect is None:
-            return render_module(kernel.program, kernel.name)
-        dtypes = storage_types(kernel.program, self.storage)
-        return render_source(kernel.program, kernel.name, self.dialect, dtypes, block_size(kernel.width))
+        return self.printer.source(kernel.program, kernel.name, kernel.width)
 
 
-TARGETS = {
-    "triton": Target("triton", ".py"),
-    "cuda": Target("cuda", CUDA.suffix, CUDA, "bf16"),
-    "opencl": Target("opencl", OPENCL.suffix, OPENCL, "f32"),
-}
-
-
-def storage_types(program: RowProgram, storage: str) -> dict[str, str]:
-    """Every input and output of `program` stored as `storage`, except row partials (the per-row
-    terms of a vector's gradient, summed over rows afterwards), which are always f32."""
-    dtypes = {name: storage for name in program.input_names}
-    dtypes.update({o.name: "f32" if o.row_partial else storage for o in program.outputs})
-    return dtypes
+TARGETS = {b.name: Target(b.name, b.emit) for b in REGISTRY.values() if b.emit is not None}
 
 
 def spec_kernels(spec) -> list[KernelInfo]:
@@ -120,9 +118,7 @@ def manifest_entry(kernel: KernelInfo, target: Target, golden: bool = False) -> 
         "runs_in": list(kernel.regions),
         "source": target.source_file(kernel),
     }
-    if target.dialect is not None:
-        entry["storage"] = target.storage
-        entry["block"] = block_size(kernel.width)
+    entry.update(target.specialisation(kernel))
     if golden:
         del entry["source"]
         entry["golden"] = target.snapshot_file(kernel)
@@ -163,4 +159,4 @@ def write_files(out: Path, files: Mapping[str, str]) -> None:
 
 
 __all__ = ["GOLDEN_SUFFIX", "MANIFEST", "TARGETS", "Target", "kernel_files", "manifest_entry", "snapshot_files",
-           "spec_kernels", "storage_types", "write_files"]
+           "spec_kernels", "write_files"]

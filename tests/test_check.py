@@ -3,7 +3,6 @@ whole model forward and backward against the reference."""
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
@@ -13,8 +12,10 @@ pytest.importorskip("triton")
 import hrmspec  # noqa: E402
 import hrmspec.check  # noqa: E402
 from hrmspec.backends import get_backend  # noqa: E402
-from hrmspec.backends.triton import ops as triton_ops  # noqa: E402
-from hrmspec.backends.triton.launch import MAX_WIDTH  # noqa: E402
+from hrmspec.backends.common.contract import OpTable  # noqa: E402
+from hrmspec.backends.common.fallback import record_fallbacks  # noqa: E402
+from hrmspec.backends.common.limits import MAX_WIDTH  # noqa: E402
+from hrmspec.backends.triton.table import describe_mask  # noqa: E402
 from hrmspec.check import check_kernels  # noqa: E402
 from hrmspec.cli import main  # noqa: E402
 from hrmspec.graph import build_graph  # noqa: E402
@@ -80,8 +81,9 @@ def test_a_row_too_wide_is_a_reported_fallback():
     [c] = check_kernels([wide], compile=False)
     assert c.ok and c.error is None and "reference op" in c.fallback
     x = torch.randn(2, MAX_WIDTH + 1)
-    with pytest.warns(UserWarning, match="exceed"):
-        y = triton_ops.rms_norm(x, 1e-6)
+    with pytest.warns(UserWarning, match="exceed"), record_fallbacks() as fell:
+        y = get_backend("triton").rms_norm(x, 1e-6)
+    assert [(f.backend, f.op) for f in fell] == [("triton", "rms_norm")] and "exceed" in fell[0].reason
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6))
 
 
@@ -100,11 +102,11 @@ def test_compile_emit_writes_every_kernel_and_an_index(expr_spec, tmp_path, caps
 
 
 def test_the_triton_backend_has_the_reference_op_table():
-    reference = get_backend("reference")
+    reference, triton = get_backend("reference"), get_backend("triton")
+    assert isinstance(triton, OpTable) and triton.name == "triton" and triton.fuses and not reference.fuses
     names = {n for n in dir(reference) if not n.startswith("_") and callable(getattr(reference, n))}
-    names -= {"annotations"}
-    assert names <= set(dir(get_backend("triton")))
-    assert set(triton_ops.GENERATED) >= {"rms_norm", "sigmoid_gate", "swiglu", "gelu", "row_program"}
+    assert names <= set(dir(triton))
+    assert triton.reference is reference  # what its kernels fall back to
 
 
 @pytest.mark.parametrize("kind", ["causal", "prefix_lm", "bidirectional"])
@@ -117,7 +119,7 @@ def test_dense_masks_are_recognised_exactly(kind, packed):
     prefix[1, :1] = True
     docs = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [3, 3, 3, 3, 3, 3, 3]]) if packed else None
     mask = dense_mask(kind, 2, 7, prefix, docs)
-    found = triton_ops.describe_mask(mask, 2, 7)
+    found = describe_mask(mask, 2, 7)
     assert found is not None and found[0] == kind
     assert torch.equal(dense_mask(found[0], 2, 7, found[1], found[2]), mask)
     assert (found[2] is not None) == packed
@@ -126,10 +128,11 @@ def test_dense_masks_are_recognised_exactly(kind, packed):
 def test_masks_the_template_does_not_print_run_the_reference():
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
     mask[0, 0, 4, 0] = False  # a sliding window: not printable from a dense mask
-    assert triton_ops.describe_mask(mask, 1, 5) is None
+    assert describe_mask(mask, 1, 5) is None
     q = torch.randn(1, 2, 5, 8)
-    with pytest.warns(UserWarning, match="does not print"):
-        out = triton_ops.attention(q, q, q, mask)
+    with pytest.warns(UserWarning, match="does not print"), record_fallbacks() as fell:
+        out = get_backend("triton").attention(q, q, q, mask)
+    assert [f.op for f in fell] == ["attention"]
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask))
 
 
@@ -154,12 +157,12 @@ def test_triton_backend_runs_a_whole_model_like_the_reference(tiny_text, norm):
     prefix[:, :3] = prefix[0, 4] = True
     docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0] * 7])  # two samples packed into the first row
     out_r = ref(ids, prefix_mask=prefix, doc_ids=docs, labels=labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every generated op runs (attention, the loss too): nothing falls back
+    with record_fallbacks() as fell:
         out_t = tri(ids, prefix_mask=prefix, doc_ids=docs, labels=labels, return_logits=False)  # as in training
         out_t.loss.backward()
         with torch.no_grad():
             logits = tri(ids, prefix_mask=prefix, doc_ids=docs).logits
+    assert not fell, fell  # every generated op runs (attention, the loss too): nothing falls back
     out_r.loss.backward()
     assert out_t.logits is None
     torch.testing.assert_close(out_t.loss, out_r.loss, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ Golden files live in tests/golden/; after an intended change of the printer, reg
 with HRMSPEC_UPDATE_GOLDEN=1 and review the diff.
 """
 
+import hashlib
 import os
 import re
 import time
@@ -18,8 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.backends.cstyle import CUDA, OPENCL, block_size, cache, kernel_name, render_kernel, render_source
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.backends.common import source_cache
+from hrmspec.backends.cstyle import CUDA, OPENCL, block_size, kernel_name, render_kernel, render_source
+from hrmspec.errors import KernelError
 from hrmspec.ir import ProgramBuilder, builtin_programs, evaluate, grad, mean, rms_norm
 from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs
 
@@ -381,19 +383,22 @@ def test_cache_files_are_content_addressed_and_repaired(kernel_cache):
     p = rms_norm(eps=1e-5, name="cache_probe")
     name = kernel_name(p, "fwd")
     src = render_source(p, name, OPENCL, _dtypes(p), 32)
-    path = cache.write_source(name, src, "opencl", ".cl", "tag")
+    path = source_cache.write_source(name, src, ".cl", ("opencl", "tag"))
     assert path.parent == kernel_cache and path.name.startswith(name + "_") and path.suffix == ".cl"
+    # the file name of earlier releases, so existing caches still match: sha256(source, dialect, tag)
+    key = hashlib.sha256("\0".join((src, "opencl", "tag")).encode()).hexdigest()[:16]
+    assert path.name == f"{name}_{key}.cl"
     text = path.read_text()
-    assert text.startswith(src) and text.rstrip().splitlines()[-1].startswith(cache.CHECKSUM_PREFIX)
+    assert text.startswith(src) and text.rstrip().splitlines()[-1].startswith("// hrmspec-checksum: ")
     mtime = path.stat().st_mtime_ns
-    assert cache.write_source(name, src, "opencl", ".cl", "tag") == path and path.stat().st_mtime_ns == mtime
-    assert cache.write_source(name, src, "opencl", ".cl", "other") != path  # the toolchain is in the key
+    assert source_cache.write_source(name, src, ".cl", ("opencl", "tag")) == path and path.stat().st_mtime_ns == mtime
+    assert source_cache.write_source(name, src, ".cl", ("opencl", "other")) != path  # the toolchain is in the key
     path.write_text(text[: len(text) // 2])  # a half-written file
-    assert not cache.is_valid(path)
+    assert not source_cache.is_valid(path)
     time.sleep(0.01)
-    assert cache.write_source(name, src, "opencl", ".cl", "tag") == path and path.read_text() == text
+    assert source_cache.write_source(name, src, ".cl", ("opencl", "tag")) == path and path.read_text() == text
     path.write_text(text.replace("1e-05f", "1e-04f"))  # an edited file fails the checksum too
-    assert not cache.is_valid(path)
+    assert not source_cache.is_valid(path)
 
 
 # -- compile-only: NVRTC for sm_80 and sm_90, no GPU ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The cuda backend: generated CUDA C row kernels launched through CuPy (backends/cstyle/cuda_ops.py).
+"""The cuda backend: generated CUDA C row kernels launched through CuPy (backends/cstyle/cuda_table.py).
 
 Without a GPU three things are checked here: `get_backend("cuda")` and the CLI refuse with one
 actionable line; the op table has every op and falls back, with a warning, on CPU tensors; and
@@ -11,12 +11,10 @@ CUDA device). The kernel source itself is compiled by NVRTC in tests/test_cstyle
 import contextlib
 import dataclasses
 import functools
-import inspect
 import re
 import subprocess
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -24,16 +22,18 @@ import torch
 
 import hrmspec
 from hrmspec.backends import get_backend
+from hrmspec.backends.common import fallback
+from hrmspec.backends.common.contract import OpTable
 from hrmspec.backends.cstyle import CUDA, cuda
 from hrmspec.backends.cstyle.cuda import CudaRowKernel
-from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.rowops import REFERENCE_OPS, ROW_OPS
+from hrmspec.backends.cstyle.cuda_table import CudaTable
 from hrmspec.errors import HrmspecError
 from hrmspec.ir import ProgramBuilder, builtin_programs, grad
 from hrmspec.ir.strategies import random_inputs
 from hrmspec.spec import load_spec_text
 
 PROGRAMS = builtin_programs()
+reference = get_backend("reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,9 +75,7 @@ def test_get_backend_names_what_is_missing(monkeypatch):
     assert "no CUDA device" not in str(info.value)
     # both there: the op table
     monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
-    from hrmspec.backends.cstyle import cuda_ops
-
-    assert get_backend("cuda") is cuda_ops
+    assert isinstance(get_backend("cuda"), CudaTable)
 
 
 @without_cuda
@@ -106,29 +104,28 @@ def test_cli_emits_cuda_source_without_a_device(tmp_path, capsys):
 
 
 # -- the op table -------------------------------------------------------------------------------------
-def test_op_table_has_every_reference_op():
-    from hrmspec.backends.cstyle import cuda_ops
-
-    ops = [n for n, f in vars(reference).items() if inspect.isfunction(f) and f.__module__ == reference.__name__]
-    assert set(ops) | {"row_program"} == set(ROW_OPS) | set(REFERENCE_OPS)  # row_program: the IR's evaluator
-    for name in ROW_OPS:  # generated: the table's kernels
-        fn = getattr(cuda_ops, name)
-        assert fn.__self__ is cuda_ops._table and fn.__name__ == name
-    for name in REFERENCE_OPS:
-        assert getattr(cuda_ops, name) is getattr(reference, name)
-    assert cuda_ops._table.op_class is cuda.CudaRowOp and cuda_ops.GENERATED == ROW_OPS
+def test_op_table_has_every_op_of_the_reference():
+    table = CudaTable(reference)  # as the registry builds it, without the device check
+    assert isinstance(table, OpTable) and table.name == "cuda" and table.fuses
+    names = {n for n in dir(reference) if not n.startswith("_") and callable(getattr(reference, n))}
+    assert names <= set(dir(table))
+    assert table.op_class is cuda.CudaRowOp and table.reference is reference  # kernels, and what they fall back to
+    args = (torch.arange(5)[None], 8, 100.0, torch.float32)
+    for a, b in zip(table.rope_tables(*args), reference.rope_tables(*args)):
+        assert torch.equal(a, b)
 
 
 def test_cpu_tensors_fall_back_with_a_warning(monkeypatch):
-    from hrmspec.backends.cstyle import cuda_ops
-
-    monkeypatch.setattr(cuda_ops._table, "_warned", set())
+    table = CudaTable(reference)
+    monkeypatch.setattr(fallback, "_warned", set())
     x, w = torch.randn(3, 8), torch.randn(8)
-    with pytest.warns(UserWarning, match="cuda backend: rms_norm: a tensor on cpu; the CUDA launcher takes CUDA"):
-        y = cuda_ops.rms_norm(x, 1e-6, w)
-    torch.testing.assert_close(y, reference.rms_norm(x, 1e-6, w))
-    with pytest.warns(UserWarning, match="cuda backend: swiglu: a tensor on cpu"):
-        torch.testing.assert_close(cuda_ops.swiglu(x, x.flip(0)), reference.swiglu(x, x.flip(0)))
+    with fallback.record_fallbacks() as fell:
+        with pytest.warns(UserWarning, match="cuda backend: rms_norm: a tensor on cpu; the CUDA launcher takes CUDA"):
+            y = table.rms_norm(x, 1e-6, w)
+        torch.testing.assert_close(y, reference.rms_norm(x, 1e-6, w))
+        with pytest.warns(UserWarning, match="cuda backend: swiglu: a tensor on cpu"):
+            torch.testing.assert_close(table.swiglu(x, x.flip(0)), reference.swiglu(x, x.flip(0)))
+    assert [(f.backend, f.op) for f in fell] == [("cuda", "rms_norm"), ("cuda", "swiglu")]
 
 
 # -- what the launcher hands CuPy, on a fake CuPy ---------------------------------------------------------
@@ -356,10 +353,10 @@ def test_cuda_backend_runs_a_whole_model_like_the_reference(tiny_text):
     prefix[:, :3] = True
     ids, labels, prefix = ids.cuda(), labels.cuda(), prefix.cuda()
     out_r = ref(ids, prefix_mask=prefix, labels=labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every row op runs as a generated kernel: nothing falls back
+    with fallback.record_fallbacks() as fell:
         out_c = cu(ids, prefix_mask=prefix, labels=labels)
         out_c.loss.backward()
+    assert not fell, fell  # every row op runs as a generated kernel: nothing falls back
     out_r.loss.backward()
     torch.testing.assert_close(out_c.logits, out_r.logits, rtol=1e-4, atol=1e-5)
     for (name, p_r), (_, p_c) in zip(ref.named_parameters(), cu.named_parameters()):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hrmspec.backends.reference import ops as reference
+from hrmspec.backends import get_backend
 from hrmspec.graph import build_graph
 from hrmspec.graph.body import module_body
 from hrmspec.graph.fusion import fuse, fuse_model, region_kernel, saving
@@ -16,6 +16,8 @@ from hrmspec.graph.plan import module_plan
 from hrmspec.ir.kernel import kernel_name
 from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.spec import load_spec, load_spec_text
+
+reference = get_backend("reference")
 
 EXPR = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
 

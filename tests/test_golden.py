@@ -179,7 +179,7 @@ def test_the_snapshot_holds_every_kernel_once_per_target(spec):
         assert all(e["runs_in"] and "source" not in e for e in manifest)
         golden = [e["golden"] for e in manifest]
         assert sorted(golden) == sorted(n for n in files if n.startswith(f"kernels/{target}/"))
-        variants = [f".b{e['block']}" if t.dialect else "" for e in manifest]
+        variants = [f".b{e['block']}" if "block" in e else "" for e in manifest]
         assert golden == [f"kernels/{target}/{n}{v}{t.suffix}{GOLDEN_SUFFIX}" for n, v in zip(names, variants)]
     assert len(files) == len(manifests) + len(TARGETS) * len(names)
 

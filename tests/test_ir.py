@@ -21,9 +21,9 @@ from hrmspec.ir import (
     simplify,
     swiglu,
 )
-from hrmspec.ir.ops import max as rmax
-from hrmspec.ir.ops import sum as rsum
-from hrmspec.ir.ops import where
+from hrmspec.ir.functions import max as rmax
+from hrmspec.ir.functions import sum as rsum
+from hrmspec.ir.functions import where
 
 
 def _rms(eps=1e-6):

@@ -1,4 +1,4 @@
-"""The chunked linear + cross-entropy every backend shares (backends/reference/linear_ce.py), with its
+"""The chunked linear + cross-entropy every backend shares (backends/common/chunked_linear_ce.py), with its
 torch row steps, against cross_entropy of the full logits; and the model's loss path that uses it."""
 
 import pytest
@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hrmspec
-from hrmspec.backends.reference.linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy
+from hrmspec.backends.common.chunked_linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy
+from hrmspec.backends.reference.linear_ce import TORCH_STEPS
 from hrmspec.errors import KernelError
 from hrmspec.spec import load_spec_text
 
@@ -38,7 +39,7 @@ def _full(h, W, labels):
 def test_chunked_loss_and_gradients_match_full_logits(N, V, d, chunk, dtype, seed):
     h, W, labels = _inputs(N, V, d, dtype, seed)
     h.requires_grad_(), W.requires_grad_()
-    loss, n = chunked_linear_cross_entropy(h, W, labels, chunk_rows=chunk)
+    loss, n = chunked_linear_cross_entropy(h, W, labels, TORCH_STEPS, chunk_rows=chunk)
     loss.backward()
     ref, dh, dW = _full(h.detach(), W.detach(), labels)
     tol = TOL[dtype]
@@ -51,7 +52,7 @@ def test_chunked_loss_and_gradients_match_full_logits(N, V, d, chunk, dtype, see
 
 
 def test_default_chunks_are_about_the_size_of_h_and_not_too_thin():
-    from hrmspec.backends.reference.linear_ce import MIN_CHUNK_ROWS, default_chunk_rows
+    from hrmspec.backends.common.chunked_linear_ce import MIN_CHUNK_ROWS, default_chunk_rows
 
     assert default_chunk_rows(8192, 65536, 1536) == 256  # 256 x 65536 logits ~ 8192 x 1536 hidden
     assert default_chunk_rows(4096, 65536, 256) == MIN_CHUNK_ROWS == 64  # 16 rows would be too thin a GEMM
@@ -61,7 +62,7 @@ def test_default_chunks_are_about_the_size_of_h_and_not_too_thin():
 def test_every_row_ignored_gives_zero_loss_and_gradients():
     h, W, labels = _inputs(5, 7, 3, torch.float32, 0, ignored=1.0)
     h.requires_grad_()
-    loss, n = chunked_linear_cross_entropy(h, W, labels)
+    loss, n = chunked_linear_cross_entropy(h, W, labels, TORCH_STEPS)
     loss.backward()
     assert float(loss.detach()) == 0.0 and int(n) == 0 and not h.grad.any()
 
@@ -69,9 +70,9 @@ def test_every_row_ignored_gives_zero_loss_and_gradients():
 def test_bad_labels_and_shapes_are_errors():
     h, W, _ = _inputs(4, 8, 3, torch.float32, 0)
     with pytest.raises(KernelError, match=r"labels\[1\] = -1 is outside the vocabulary 0..7"):
-        chunked_linear_cross_entropy(h, W, torch.tensor([0, -1, 2, 3]))
+        chunked_linear_cross_entropy(h, W, torch.tensor([0, -1, 2, 3]), TORCH_STEPS)
     with pytest.raises(KernelError, match="expected h"):
-        chunked_linear_cross_entropy(h, W.T.contiguous(), torch.zeros(4, dtype=torch.long))
+        chunked_linear_cross_entropy(h, W.T.contiguous(), torch.zeros(4, dtype=torch.long), TORCH_STEPS)
 
 
 @pytest.mark.parametrize("head", ["untied", "tied"])

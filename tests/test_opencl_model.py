@@ -1,12 +1,11 @@
 """A whole model on the OpenCL backend (generated C-style row kernels on PoCL) equals the reference."""
 
-import warnings
-
 import pytest
 import torch
 
 import hrmspec
 from hrmspec.backends import get_backend
+from hrmspec.backends.common.fallback import record_fallbacks
 from hrmspec.spec import load_spec_text
 
 pytest.importorskip("pyopencl")
@@ -23,10 +22,10 @@ def test_opencl_backend_runs_a_whole_model_like_the_reference(tiny_text, cl_ops)
     prefix = torch.zeros(2, 7, dtype=torch.bool)
     prefix[:, :3] = True
     out_r = ref(ids, prefix_mask=prefix, labels=labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every row op runs as a generated kernel: nothing falls back
+    with record_fallbacks() as fell:
         out_o = ocl(ids, prefix_mask=prefix, labels=labels)
         out_o.loss.backward()
+    assert not fell, fell  # every row op runs as a generated kernel: nothing falls back
     out_r.loss.backward()
     torch.testing.assert_close(out_o.logits, out_r.logits, rtol=1e-4, atol=1e-5)
     for (name, p_r), (_, p_o) in zip(ref.named_parameters(), ocl.named_parameters()):
@@ -37,8 +36,9 @@ def test_opencl_backend_runs_a_whole_model_like_the_reference(tiny_text, cl_ops)
 
 def test_opencl_fallback_is_reported(cl_ops):
     x = torch.randn(3, 8, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="opencl backend: rms_norm: torch.float64"):
+    with pytest.warns(UserWarning, match="opencl backend: rms_norm: torch.float64"), record_fallbacks() as fell:
         y = cl_ops.rms_norm(x, 1e-6)
+    assert [(f.backend, f.op) for f in fell] == [("opencl", "rms_norm")]
     torch.testing.assert_close(y, get_backend("reference").rms_norm(x, 1e-6))
 
 

@@ -10,7 +10,8 @@ import hrmspec.runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
-    "import hrmspec, hrmspec.backends.reference.ops, hrmspec.runtime.execution.compiled, hrmspec.spec;"
+    "import hrmspec, hrmspec.backends.reference.table, hrmspec.backends.common.contract;"
+    "import hrmspec.runtime.execution.compiled, hrmspec.spec;"
     "from hrmspec.spec import shipped_specs_dir;"
     "print(hrmspec.__file__); print(hrmspec.runtime.__file__); print(hrmspec.backends.__file__);"
     "print(sorted(p.name for p in shipped_specs_dir().glob('*.yaml')))"
@@ -32,7 +33,7 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     wheel = next(tmp_path.glob("hrmspec-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "hrmspec/runtime/execution/compiled.py" in names
-    assert "hrmspec/backends/reference/ops.py" in names
+    assert "hrmspec/backends/reference/table.py" in names and "hrmspec/backends/common/contract.py" in names
     assert "hrmspec/specs/hrm-text-1b.yaml" in names
     target = tmp_path / "site"
     subprocess.run(

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.backends.rowlayout import collapse, overlaps_itself, row_views, split
+from hrmspec.backends.common.rowlayout import collapse, overlaps_itself, row_views, split
 from hrmspec.errors import KernelError
 from hrmspec.ir import builtin_programs, evaluate
 

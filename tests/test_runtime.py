@@ -6,11 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hrmspec
-from hrmspec.backends.reference import ops
+from hrmspec.backends import get_backend
 from hrmspec.graph.plan import module_plan
 from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec import load_spec_text
+
+ops = get_backend("reference")
 
 
 def compile_text(text, **overrides):

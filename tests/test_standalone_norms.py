@@ -75,8 +75,6 @@ def test_an_expression_exit_norm_at_zero_weights_is_the_rms_exit_norm(tiny_text)
 def test_standalone_norms_run_as_generated_kernels(tiny_text, cl_ops, over):
     """On the opencl backend the exit norm fuses with the last residual into one kernel, and the final
     norm runs as its own; values and every gradient match the reference."""
-    from hrmspec.backends.rowops import RowOpTable  # noqa: F401 - the table the opencl ops run on
-
     spec = _spec(tiny_text, **over)
     torch.manual_seed(0)
     ref = hrmspec.compile(spec)

@@ -8,6 +8,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import hashlib  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -18,11 +19,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from hrmspec.backends.triton import MAX_WIDTH, KernelError, RowKernel, TritonRowOp, cache  # noqa: E402, I001
+from hrmspec.backends.common.source_cache import checksum_prefix  # noqa: E402
+from hrmspec.backends.triton import MAX_WIDTH, RowKernel, TritonRowOp, cache  # noqa: E402
 from hrmspec.backends.triton.aot import compile_many, interpreting  # noqa: E402
 from hrmspec.backends.triton.printer import render_module  # noqa: E402
-from hrmspec.ir.kernel import kernel_name  # noqa: E402
+from hrmspec.errors import KernelError  # noqa: E402
 from hrmspec.ir import ProgramBuilder, builtin_programs, evaluate, grad, mean, rms_norm  # noqa: E402
+from hrmspec.ir.kernel import kernel_name  # noqa: E402
 from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs  # noqa: E402
 
 if not interpreting():
@@ -274,7 +277,11 @@ def test_cache_files_are_content_addressed_and_repaired(kernel_cache):
     k1 = RowKernel(p)
     assert k1.path.parent == kernel_cache and k1.path.name.startswith(k1.name + "_")
     text = k1.path.read_text()
-    assert text.rstrip().splitlines()[-1].startswith(cache.CHECKSUM_PREFIX) and cache.is_valid(k1.path)
+    assert text.rstrip().splitlines()[-1].startswith(checksum_prefix(".py")) and cache.is_valid(k1.path)
+    assert text.rstrip().splitlines()[-1].startswith("# hrmspec-checksum: ")
+    # the file name of earlier releases, so existing caches still match: sha256(source, version, target)
+    key = hashlib.sha256("\0".join((k1.source, triton.__version__, "interpret")).encode()).hexdigest()[:16]
+    assert k1.path.name == f"{k1.name}_{key}.py"
     mtime = k1.path.stat().st_mtime_ns
     assert cache.write_source(k1.name, k1.source) == k1.path and k1.path.stat().st_mtime_ns == mtime  # reused
     assert cache.write_source(k1.name, k1.source, target="cuda-80-32") != k1.path  # the target is in the key

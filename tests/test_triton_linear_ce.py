@@ -15,7 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from hrmspec.backends.reference.ops import cross_entropy  # noqa: E402
+from hrmspec.backends.reference.naive import cross_entropy  # noqa: E402
 from hrmspec.backends.triton.aot import interpreting  # noqa: E402
 from hrmspec.backends.triton.launch import KernelError  # noqa: E402
 from hrmspec.backends.triton.linear_ce import (  # noqa: E402

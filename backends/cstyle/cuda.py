@@ -17,7 +17,7 @@ import torch
 
 from hrmspec.backends.cstyle.launch import CRowKernel, CRowOp, Launch
 from hrmspec.backends.cstyle.printer import CUDA
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.errors import KernelError
 
 _lock = threading.Lock()
 _functions: dict[tuple[Path, str], object] = {}

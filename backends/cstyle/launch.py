@@ -3,7 +3,7 @@
 A `CRowKernel` is one RowProgram; its source is specialised at launch for the storage types of
 the tensors it is given (pointer types differ) and the threads per row (`block_size(D)`). A
 launcher subclass supplies the `dialect`, a `tag` for the cache key and `launch`. `CRowOp`
-is a `RowOp` (backends/rowops.py) on a launcher's kernels: the differentiable op.
+is a `RowOp` (backends/common/rowops.py) on a launcher's kernels: the differentiable op.
 """
 
 from __future__ import annotations
@@ -13,26 +13,27 @@ from pathlib import Path
 
 import torch
 
-from hrmspec.backends.cstyle import cache
+from hrmspec.backends.common import source_cache
+from hrmspec.backends.common.limits import C_MAX_WIDTH as MAX_WIDTH
+from hrmspec.backends.common.rowlayout import output_allocator, row_views
+from hrmspec.backends.common.rowops import RowOp
 from hrmspec.backends.cstyle.printer import Dialect, block_size, parameters, render_source
-from hrmspec.backends.rowlayout import row_views
-from hrmspec.backends.rowops import KernelError, RowOp
+from hrmspec.errors import KernelError
 from hrmspec.ir import RowProgram
 from hrmspec.ir.interpret import row_shapes
 from hrmspec.ir.kernel import kernel_name
 
 STORAGE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-MAX_WIDTH = 2**31 - 1  # columns are int indices; rows any width (the threads loop over the row)
 
 
 @dataclass
 class Launch:
     """One launch, ready for a device: its tensors as the kernel sees them (rows as [n_outer,
     n_inner, D] views with unit stride along D, vectors [D] and per-row scalars [n_rows]
-    contiguous: backends/rowlayout.py), their storage types and the source."""
+    contiguous: backends/common/rowlayout.py), their storage types and the source."""
 
     n_rows: int
-    n_inner: int  # rows per outer index (backends/rowlayout.py)
+    n_inner: int  # rows per outer index (backends/common/rowlayout.py)
     width: int
     block: int
     tensors: dict[str, torch.Tensor]
@@ -88,7 +89,7 @@ class CRowKernel:
 
     def path(self, dtypes: dict[str, str], block: int) -> Path:
         d = self.dialect
-        return cache.write_source(self.name, self.source(dtypes, block), d.name, d.suffix, self.tag())
+        return source_cache.write_source(self.name, self.source(dtypes, block), d.suffix, (d.name, self.tag()))
 
     def launch(self, job: Launch) -> None:
         raise NotImplementedError
@@ -105,17 +106,7 @@ class CRowKernel:
         for name, t in inputs.items():
             if name in p.input_names and t.dtype not in STORAGE:
                 raise KernelError(f"{p.name}: input '{name}' is {t.dtype}; C-style kernels store fp32, fp16 or bf16")
-        devices = {inputs[n].device for n in p.input_names}
-        if len(devices) > 1:
-            raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
-        device = devices.pop()
-        rows = p.kinds_of("row")
-        store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-
-        def allocate(o, shape):
-            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-            return torch.empty(shape, dtype=dtype, device=device)
-
+        device, allocate = output_allocator(p, inputs, out_dtypes)
         for name, t in (out or {}).items():
             if t.dtype not in STORAGE or t.device != device:
                 raise KernelError(f"{p.name}: output '{name}' is {t.dtype} on {t.device}; expected fp32, fp16 or "

@@ -23,9 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from hrmspec.backends.cstyle import cache
+from hrmspec.backends.common import source_cache
 from hrmspec.backends.cstyle.printer import CUDA, block_size, render_source
-from hrmspec.backends.rowops import KernelError
+from hrmspec.errors import KernelError
 from hrmspec.ir import RowProgram
 from hrmspec.ir.kernel import kernel_name
 
@@ -109,7 +109,7 @@ def compile_for(program: RowProgram, arch: int, width: int = 4096, dtype: str = 
     dtypes.update({o.name: "f32" if o.row_partial else dtype for o in program.outputs})
     block = block_size(width)
     source = render_source(program, name, CUDA, dtypes, block)
-    path = cache.write_source(name, source, CUDA.name, CUDA.suffix, f"nvrtc-{nvrtc_version()}-sm_{arch}")
+    path = source_cache.write_source(name, source, CUDA.suffix, (CUDA.name, f"nvrtc-{nvrtc_version()}-sm_{arch}"))
     t0 = time.perf_counter()
     cubin, log = compile_source(path.read_text(), name, arch)
     seconds = time.perf_counter() - t0

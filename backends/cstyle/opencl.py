@@ -23,7 +23,7 @@ import torch
 
 from hrmspec.backends.cstyle.launch import CRowKernel, CRowOp, Launch
 from hrmspec.backends.cstyle.printer import OPENCL
-from hrmspec.backends.rowops import KernelError
+from hrmspec.errors import KernelError
 
 PLATFORM = "Portable Computing Language"  # PoCL's platform name; HRMSPEC_OPENCL_PLATFORM picks another
 

@@ -15,256 +15,88 @@ n_cols, or not at all in a block past the last row, which still meets every barr
 sum / D, and max starts from -inf.
 
 The dialects are tables (`Dialect`: `smem_prefix`, `barrier`, `type_map`, `load`, `store`, `math`,
-`helpers`, ...), the ops are tables shared by both (`CODE_FOR_OP`, `CAST`, `REDUCE_FOR_OP`, `POW`):
-there is no `if` on the dialect in the printer.
+`helpers`, ...), the expressions are one table shared by both (`C`, the table of the printer base in
+backends/common/expr_printer.py) and `REDUCE_FOR_OP`: there is no `if` on the dialect in the printer.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from hrmspec.backends.rowops import KernelError
+from hrmspec.backends.common.expr_printer import INFIX, ExprPrinter, ExprTable
+from hrmspec.backends.cstyle.dialects import CUDA, DIALECTS, OPENCL, Dialect
+from hrmspec.errors import KernelError
 from hrmspec.ir.kernel import kernel_name
 from hrmspec.ir.program import RowProgram
 
-__all__ = ["BLOCK", "CUDA", "DIALECTS", "OPENCL", "Dialect", "block_size", "kernel_name", "parameters",
+__all__ = ["BLOCK", "C", "CUDA", "DIALECTS", "OPENCL", "CSource", "Dialect", "block_size", "kernel_name", "parameters",
            "render_kernel", "render_source"]
 
-BLOCK = 256  # threads per row at most: __launch_bounds__(256) leaves ptxas up to 255 registers a thread
 
-# bf16 = the top 16 bits of an fp32; rounding adds 0x7FFF plus the lowest kept bit (ties to even), and
-# a NaN keeps its top bits with the quiet bit set (the carry could otherwise turn it into an infinity)
-_BF16 = {
-    "hrm_bf16_to_f32": """\
-{fn} float hrm_bf16_to_f32(const {u16} b) {{
-  return {as_float}(({u32})b << 16);
-}}
-""",
-    "hrm_f32_to_bf16": """\
-{fn} {u16} hrm_f32_to_bf16(const float f) {{
-  const {u32} u = {as_uint}(f);
-  return (u & 0x7fffffffu) > 0x7f800000u ? ({u16})((u >> 16) | 0x40u)
-                                         : ({u16})((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}}
-""",
-    "hrm_round_bf16": """\
-{fn} float hrm_round_bf16(const float f) {{
-  return hrm_bf16_to_f32(hrm_f32_to_bf16(f));
-}}
-""",
-}
-
-
-def _bf16_helpers(**names: str) -> dict[str, str]:
-    return {k: v.format(**names) for k, v in _BF16.items()}
-
-
-@dataclass(frozen=True)
-class Dialect:
-    name: str  # cuda | opencl
-    suffix: str  # of the source file
-    prelude: str  # the first lines of every source
-    kernel_prefix: str  # what precedes the kernel's name; {block} is the number of threads per row
-    helper_prefix: str  # what precedes a helper function's return type
-    global_prefix: str  # address space of buffer pointers
-    smem_prefix: str  # address space of the reduction scratch, shared by the threads of one row
-    restrict: str  # inputs never alias outputs (the launchers check)
-    barrier: str
-    group_id: str  # the row: one block (work-group) per row
-    local_id: str  # the thread within the row's block
-    pointer_params: tuple[str, ...]  # parameters per buffer: a pointer, and in OpenCL an element offset
-    index: str  # the element of buffer {name} at {i}
-    type_map: dict[str, str]  # f32 f16 bf16 (storage types as the kernel sees them), bool, i32, i64
-    load: dict[str, str]  # storage type -> expression of ({ptr}, {i}) giving an fp32
-    store: dict[str, str]  # storage type -> statement storing fp32 {v} at ({ptr}, {i})
-    math: dict[str, str]  # the fp32 math functions by role
-    inf: str  # +infinity as an fp32 expression
-    nan: str
-    helpers: dict[str, str]  # name -> definition, printed (in this order) when the kernel calls it
-    compile_options: tuple[str, ...] = field(default=())  # what every compiler of this dialect must be given
-
-
-CUDA = Dialect(
-    name="cuda",
-    suffix=".cu",
-    prelude="// compile with --fmad=false: a product and a sum are never contracted into an fma, so a value\n"
-            "// recomputed in a later pass over the row is bit-identical (max's backward compares them);\n"
-            "// and --prec-div=false: division within 2 ulp, as Triton's (IEEE division's slow path is a\n"
-            "// call that needs a stack frame on sm_90)\n",
-    kernel_prefix='extern "C" __global__ void __launch_bounds__({block})',
-    helper_prefix="static __device__ __forceinline__",
-    global_prefix="",
-    smem_prefix="__shared__ ",
-    restrict=" __restrict__",
-    barrier="__syncthreads();",
-    group_id="blockIdx.x",
-    local_id="threadIdx.x",
-    pointer_params=("ptr",),
-    index="{i}",
-    type_map={"f32": "float", "f16": "unsigned short", "bf16": "unsigned short", "bool": "bool", "i32": "int",
-              "i64": "long long"},
-    load={"f32": "{ptr}[{i}]", "f16": "hrm_f16_to_f32({ptr}[{i}])", "bf16": "hrm_bf16_to_f32({ptr}[{i}])"},
-    store={"f32": "{ptr}[{i}] = {v};", "f16": "{ptr}[{i}] = hrm_f32_to_f16({v});",
-           "bf16": "{ptr}[{i}] = hrm_f32_to_bf16({v});"},
-    math={"exp": "expf", "log": "logf", "sqrt": "sqrtf", "rsqrt": "rsqrtf", "tanh": "tanhf", "fmax": "fmaxf",
-          "pow": "powf"},
-    inf="__int_as_float(0x7f800000)",
-    nan="__int_as_float(0x7fc00000)",
-    helpers={
-        "hrm_f16_to_f32": """\
-static __device__ __forceinline__ float hrm_f16_to_f32(const unsigned short h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-""",
-        "hrm_f32_to_f16": """\
-static __device__ __forceinline__ unsigned short hrm_f32_to_f16(const float f) {
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-""",
-        "hrm_round_f16": """\
-static __device__ __forceinline__ float hrm_round_f16(const float f) {
-  return hrm_f16_to_f32(hrm_f32_to_f16(f));
-}
-""",
-        **_bf16_helpers(fn="static __device__ __forceinline__", u16="unsigned short", u32="unsigned int",
-                        as_float="__uint_as_float", as_uint="__float_as_uint"),
-    },
-    compile_options=("--fmad=false", "--prec-div=false"),
-)
-
-OPENCL = Dialect(
-    name="opencl",
-    suffix=".cl",
-    prelude="// a product and a sum are never contracted into an fma, so a value recomputed in a later pass\n"
-            "// over the row is bit-identical (max's backward compares them)\n"
-            "#pragma OPENCL FP_CONTRACT OFF\n",
-    kernel_prefix="__kernel __attribute__((reqd_work_group_size({block}, 1, 1))) void",
-    helper_prefix="static inline",
-    global_prefix="__global ",
-    smem_prefix="__local ",
-    restrict=" restrict",
-    barrier="barrier(CLK_LOCAL_MEM_FENCE);",
-    group_id="get_group_id(0)",
-    local_id="get_local_id(0)",
-    # a cl_mem cannot be offset on the host, so a view into a larger buffer is (buffer, element offset)
-    pointer_params=("ptr", "offset"),
-    index="{name}_offset + {i}",
-    type_map={"f32": "float", "f16": "half", "bf16": "ushort", "bool": "bool", "i32": "int", "i64": "long"},
-    load={"f32": "{ptr}[{i}]", "f16": "vload_half({i}, {ptr})", "bf16": "hrm_bf16_to_f32({ptr}[{i}])"},
-    store={"f32": "{ptr}[{i}] = {v};", "f16": "vstore_half_rte({v}, {i}, {ptr});",
-           "bf16": "{ptr}[{i}] = hrm_f32_to_bf16({v});"},
-    math={"exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh", "fmax": "fmax", "pow": "pow"},
-    inf="INFINITY",
-    nan="NAN",
-    helpers={
-        # `half` is a storage-only type without cl_khr_fp16: round through a private 16-bit slot
-        "hrm_round_f16": """\
-static inline float hrm_round_f16(const float f) {
-  ushort h;
-  vstore_half_rte(f, 0, (__private half*)&h);
-  return vload_half(0, (__private const half*)&h);
-}
-""",
-        **_bf16_helpers(fn="static inline", u16="ushort", u32="uint", as_float="as_float", as_uint="as_uint"),
-    },
-)
-
-DIALECTS = {d.name: d for d in (CUDA, OPENCL)}
-
-# -- the ops, shared by both dialects: formats of the operands ({0}, {1}, {2}) and the math names -----------
-CODE_FOR_OP = {
-    "neg": "-{0}",
-    "exp": "{exp}({0})",
-    "log": "{log}({0})",
-    "sqrt": "{sqrt}({0})",
-    "rsqrt": "{rsqrt}({0})",
-    "sigmoid": "1.0f / (1.0f + {exp}(-{0}))",
-    "silu": "{0} / (1.0f + {exp}(-{0}))",  # a sigmoid(a) = a / (1 + e^-a)
-    "tanh": "{tanh}({0})",
-    "relu": "{fmax}({0}, 0.0f)",
-    "square": "{0} * {0}",
-    "add": "{0} + {1}",
-    "sub": "{0} - {1}",
-    "mul": "{0} * {1}",
-    "div": "{0} / {1}",
-    "lt": "{0} < {1}",
-    "gt": "{0} > {1}",
-    "le": "{0} <= {1}",
-    "ge": "{0} >= {1}",
-    "eq": "{0} == {1}",
-    "where": "{0} ? {1} : {2}",
-}
-CAST = {
-    "f32": "(float){0}",  # from a boolean: 0.0 or 1.0
-    "bool": "{0} != 0.0f",
-    "f16": "hrm_round_f16({0})",  # round to the half type, keep computing in fp32
-    "bf16": "hrm_round_bf16({0})",
-}
-# reduction -> (identity, how two partials combine)
-REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "{fmax}({0}, {1})")}
-
-# names the kernel uses itself; an input value of such a name gets a suffix
-RESERVED = {"row", "outer", "inner", "tid", "col", "cols", "in_row", "red", "width", "step", "n_rows", "n_inner",
-            "n_cols", "half", "bool",
-            "float", "int", "long", "char", "short", "double", "uint", "ushort", "uchar", "ulong", "void", "const",
-            "restrict", "inline", "static", "extern", "if", "else", "for", "while", "do", "return", "break",
-            "continue", "switch", "case", "default", "goto", "sizeof", "struct", "union", "enum", "typedef",
-            "signed", "unsigned", "volatile", "register", "auto", "true", "false", "kernel", "global", "local",
-            "constant", "private", "asm", "new", "delete", "this", "class", "template", "namespace", "operator",
-            "typename", "using", "virtual", "INFINITY", "NAN", "min", "max", "exp", "log", "sqrt", "rsqrt", "tanh",
-            "pow", "fmax"}
-
-
-def identifier(name: str) -> str:
-    """A C name for an input's loaded value that clashes with no keyword, builtin, parameter
-    (*_ptr, *_offset, *_stride, *_istride) or temporary (t<i>, a<i>) of the kernel."""
-    if (name in RESERVED or name.startswith("_") or re.fullmatch(r"[ta]\d+", name)
-            or name.endswith(("_ptr", "_offset", "_stride", "_istride"))):
-        return f"{name}_v"
-    return name
-
-
-def literal(v: float, d: Dialect) -> str:
-    """The fp32 nearest to v, printed as the shortest decimal that reads back as that fp32."""
-    if math.isnan(v):
-        return d.nan
+def _fp32(v: float) -> float:
+    """The fp32 nearest to v (an infinity beyond fp32's range)."""
     with np.errstate(over="ignore"):
-        f = np.float32(v)
-    if math.isinf(f):
-        return d.inf if f > 0 else f"(-{d.inf})"
-    text = str(f)
+        return float(np.float32(v))
+
+
+def _fp32_text(v: float) -> str:
+    """A finite fp32 as the shortest decimal that reads back as it."""
+    text = str(np.float32(v))
     text = text if ("." in text or "e" in text) else text + ".0"
     return f"({text}f)" if text.startswith("-") else f"{text}f"
 
 
-def _product(a: str, n: int) -> str:
-    """a**n for a positive integer n by repeated squaring."""
-    if n == 1:
-        return a
-    half = _product(a, n // 2)
-    sq = f"({half} * {half})"
-    return f"({sq} * {a})" if n % 2 else sq
+BLOCK = 256  # threads per row at most: __launch_bounds__(256) leaves ptxas up to 255 registers a thread
 
 
-def POW(a: str, c: float, d: Dialect) -> str:
-    """a ** c for a constant c: exact products for small integers, else the library pow."""
-    if c == 0.5:
-        return f"{d.math['sqrt']}({a})"
-    if c == -0.5:
-        return f"{d.math['rsqrt']}({a})"
-    if c == int(c) and 0 < abs(c) <= 8:
-        p = _product(a, int(abs(c)))
-        return p if c > 0 else f"1.0f / {p}"
-    return f"{d.math['pow']}({a}, {literal(c, d)})"
+# -- the expressions, shared by both dialects: formats of the operands ({0}, {1}, {2}) and the math names -----
+C = ExprTable(
+    code_for_op={
+        **INFIX,
+        "exp": "{exp}({0})",
+        "log": "{log}({0})",
+        "sqrt": "{sqrt}({0})",
+        "rsqrt": "{rsqrt}({0})",
+        "sigmoid": "1.0f / (1.0f + {exp}(-{0}))",
+        "silu": "{0} / (1.0f + {exp}(-{0}))",  # a sigmoid(a) = a / (1 + e^-a)
+        "tanh": "{tanh}({0})",
+        "relu": "{fmax}({0}, 0.0f)",
+        "where": "{0} ? {1} : {2}",
+    },
+    cast={
+        "f32": "(float){0}",  # from a boolean: 0.0 or 1.0
+        "bool": "{0} != 0.0f",
+        "f16": "hrm_round_f16({0})",  # round to the half type, keep computing in fp32
+        "bf16": "hrm_round_bf16({0})",
+    },
+    reciprocal="1.0f / {0}",
+    power="{pow}({0}, {1})",  # the library pow
+    rounding=_fp32,
+    literal=_fp32_text,
+    # names the kernel uses itself, and the words of C, CUDA C and OpenCL C
+    reserved=frozenset({
+        "row", "outer", "inner", "tid", "col", "cols", "in_row", "red", "width", "step", "n_rows", "n_inner",
+        "n_cols", "half", "bool",
+        "float", "int", "long", "char", "short", "double", "uint", "ushort", "uchar", "ulong", "void", "const",
+        "restrict", "inline", "static", "extern", "if", "else", "for", "while", "do", "return", "break",
+        "continue", "switch", "case", "default", "goto", "sizeof", "struct", "union", "enum", "typedef",
+        "signed", "unsigned", "volatile", "register", "auto", "true", "false", "kernel", "global", "local",
+        "constant", "private", "asm", "new", "delete", "this", "class", "template", "namespace", "operator",
+        "typename", "using", "virtual", "INFINITY", "NAN", "min", "max", "exp", "log", "sqrt", "rsqrt", "tanh",
+        "pow", "fmax"}),
+    # temporaries t<i>, accumulators a<i>, parameters, and names the implementation reserves (_x)
+    own_names=r"_.*|[ta]\d+|.*_(ptr|offset|stride|istride)",
+)
+# reduction -> (identity, how two partials combine)
+REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "{fmax}({0}, {1})")}
+
+
+def names(d: Dialect) -> dict[str, str]:
+    """What the C table's formats name: the dialect's math functions and special values."""
+    return {**d.math, "inf": d.inf, "nan": d.nan, "-inf": f"(-{d.inf})"}
 
 
 def block_size(width: int) -> int:
@@ -284,7 +116,7 @@ class Param:
 def parameters(program: RowProgram, d: Dialect) -> list[Param]:
     """The kernel parameters in order: per input, then per output, the dialect's pointer
     parameters (and, for rows, the outer and inner row strides: a row is at (row / n_inner) * stride
-    + (row % n_inner) * istride, see backends/rowlayout.py); then n_rows, n_inner and n_cols."""
+    + (row % n_inner) * istride, see backends/common/rowlayout.py); then n_rows, n_inner and n_cols."""
     params = []
     for group, items in (("in", program.inputs), ("out", program.outputs)):
         for item in items:
@@ -346,8 +178,9 @@ def _slot(slot: int, block: int, i: str) -> str:
     return f"red[{i}]" if slot == 0 else f"red[{slot * block}]" if i == "0" else f"red[{slot * block} + {i}]"
 
 
-class _Printer:
+class _Printer(ExprPrinter):
     def __init__(self, p: RowProgram, d: Dialect, dtypes: Mapping[str, str], block: int):
+        super().__init__(C, names(d))
         self.p, self.d, self.dtypes, self.block = p, d, dtypes, block
         self.refs = [self._ref(i) for i in range(len(p.nodes))]
         self.lines: list[str] = []
@@ -355,9 +188,9 @@ class _Printer:
     def _ref(self, i: int) -> str:
         n = self.p.nodes[i]
         if n.op == "input":
-            return identifier(n.arg)
+            return self.identifier(n.arg)
         if n.op == "const":
-            return literal(n.arg, self.d)
+            return self.literal(n.arg)
         return "width" if n.op == "width" else f"t{i}"
 
     def emit(self, depth: int, line: str) -> None:
@@ -376,13 +209,7 @@ class _Printer:
             expr = d.load[self.dtypes[n.arg]].format(ptr=f"{n.arg}_ptr", i=self.index(n.arg, n.kind))
             expr = f"in_row ? {expr} : 0.0f" if n.kind == "scalar" else expr
         else:
-            ops = [self.refs[s] for s in n.srcs]
-            if n.op == "pow":
-                expr = POW(ops[0], n.arg, d)
-            elif n.op == "cast":
-                expr = CAST[n.arg].format(*ops)
-            else:
-                expr = CODE_FOR_OP[n.op].format(*ops, **d.math)
+            expr = self.expression(n, [self.refs[s] for s in n.srcs])
         self.emit(depth, f"const {d.type_map['bool' if n.dtype == 'bool' else 'f32']} {self.refs[i]} = {expr};")
 
     def loop(self, roots: list[int]) -> None:
@@ -500,3 +327,27 @@ def render_source(program: RowProgram, name: str, dialect: Dialect, dtypes: Mapp
               f"// dialect {dialect.name}, {block} threads per row, storage {storage}\n")
     helpers = "".join(dialect.helpers[fn] + "\n" for fn in dialect.helpers if fn in used)
     return header + dialect.prelude + "\n" + helpers + kernel
+
+
+def storage_types(program: RowProgram, storage: str) -> dict[str, str]:
+    """Every input and output of `program` stored as `storage`, except row partials (the per-row
+    terms of a vector's gradient, summed over rows afterwards), which are always f32."""
+    dtypes = {name: storage for name in program.input_names}
+    dtypes.update({o.name: "f32" if o.row_partial else storage for o in program.outputs})
+    return dtypes
+
+
+@dataclass(frozen=True)
+class CSource:
+    """What `hrmspec compile --emit` writes for a C dialect: each kernel specialised for one storage
+    type (row partials in f32, as the launchers store them) and `block_size(width)` threads per row
+    (backends/common/expr_printer.py: KernelSource)."""
+
+    dialect: Dialect
+    storage: str
+
+    def source(self, program: RowProgram, name: str, width: int) -> str:
+        return render_source(program, name, self.dialect, storage_types(program, self.storage), block_size(width))
+
+    def specialisation(self, width: int) -> dict[str, str | int]:
+        return {"storage": self.storage, "block": block_size(width)}

@@ -26,7 +26,7 @@ import torch
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.aot import CompiledInfo, compile_jobs, compile_kernel, interpreting, serve_jobs
 from hrmspec.backends.triton.attention_template import CONSTEXPRS, KINDS, PARAMS, MaskSpec, kernel_name, load, render
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.errors import KernelError
 
 __all__ = [  # with the names re-exported from the template
     "FULL", "KINDS", "LOG2E", "MAX_HEAD_DIM", "PARTIAL", "SKIP", "BlockMap", "Config", "MaskSpec",

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from string import Template
 
 from hrmspec.backends.triton import cache
-from hrmspec.backends.triton.launch import KernelError
+from hrmspec.errors import KernelError
 
 KINDS = ("causal", "prefix_lm", "bidirectional")
 

@@ -1,7 +1,7 @@
 """Launching generated Triton kernels over rows.
 
 `RowKernel` is one program printed, cached, imported and launched over rows. `TritonRowOp` is a
-`RowOp` (backends/rowops.py) on RowKernels: a forward kernel, and the kernel of the program's
+`RowOp` (backends/common/rowops.py) on RowKernels: a forward kernel, and the kernel of the program's
 backward (`hrmspec.ir.grad`), whose per-row partials of weight gradients are summed over rows.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from hrmspec.backends.rowlayout import row_views
-from hrmspec.backends.rowops import KernelError, RowOp
+from hrmspec.backends.common.limits import TRITON_MAX_WIDTH as MAX_WIDTH
+from hrmspec.backends.common.rowlayout import output_allocator, row_views
+from hrmspec.backends.common.rowops import RowOp
 from hrmspec.backends.triton import cache
 from hrmspec.backends.triton.printer import parameters, render_module
+from hrmspec.errors import KernelError
 from hrmspec.ir import RowProgram
 from hrmspec.ir.interpret import row_shapes
 from hrmspec.ir.kernel import kernel_name
-
-MAX_WIDTH = 65536  # one row lives in one block of registers; wider rows need a split-row kernel
 
 
 def num_warps(block: int) -> int:
@@ -38,24 +38,14 @@ class RowKernel:
     def __call__(self, inputs: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None,
                  out_dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
         """Run over all rows. `out` may hold preallocated outputs (rows [..., D] with unit stride
-        along D, scalars [...] contiguous; see backends/rowlayout.py); the others are allocated,
+        along D, scalars [...] contiguous; see backends/common/rowlayout.py); the others are allocated,
         in `out_dtypes[name]` or the dtype of the first row input."""
         p = self.program
         lead, width = row_shapes(p, inputs)
         if width > MAX_WIDTH:
             raise KernelError(f"{p.name}: rows of width {width} exceed the limit of {MAX_WIDTH} for a one-block "
                               "row kernel; split the row or use the reference backend")
-        devices = {t.device for t in inputs.values()}
-        if len(devices) > 1:
-            raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
-        device = devices.pop()
-        rows = p.kinds_of("row")
-        store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
-
-        def allocate(o, shape):
-            dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
-            return torch.empty(shape, dtype=dtype, device=device)
-
+        _, allocate = output_allocator(p, inputs, out_dtypes)
         job = row_views(p, inputs, lead, width, dict(out or {}), allocate)
         if job.n_rows == 0:
             return job.results

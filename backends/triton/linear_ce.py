@@ -5,7 +5,7 @@
     dh       = dz W                                      dW = dz^T h   (summed over row chunks, in fp32)
 
 Rows are processed in chunks of C rows by the driver every backend shares
-(backends/reference/linear_ce.py): per chunk, z_c = h_c W^T is a torch matmul (cuBLAS on a GPU,
+(backends/common/chunked_linear_ce.py): per chunk, z_c = h_c W^T is a torch matmul (cuBLAS on a GPU,
 the CPU GEMM here) into one (C, V) buffer reused by every chunk; here the softmax parts are Triton
 kernels (`TritonSteps`) with one program per row, looping over the vocabulary in blocks of BLOCK_V:
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrmspec.backends.reference.linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy, default_chunk_rows
+from hrmspec.backends.common.chunked_linear_ce import IGNORE_INDEX, chunked_linear_cross_entropy, default_chunk_rows
 from hrmspec.backends.triton.aot import CompiledInfo, compile_jobs, compile_kernel, serve_jobs
 from hrmspec.backends.triton.launch import triton_next_power_of_2
 from hrmspec.errors import KernelError
@@ -96,7 +96,7 @@ class TritonSteps:
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                          chunk_rows: int | None = None, block_v: int | None = None) -> tuple[torch.Tensor, ...]:
     """(sum of the token losses of h W^T in fp32, number of counted tokens) — the same pair as
-    `backends.reference.ops.cross_entropy(h @ W.T, labels)`; differentiable in h and W.
+    the reference's `cross_entropy(h @ W.T, labels)`; differentiable in h and W.
 
     h (N, d), W (V, d), labels (N,) int with `ignore_index` for rows without loss; fp32, fp16 or
     bf16. `chunk_rows` bounds the rows whose logits exist at once (default: the chunk's logits are

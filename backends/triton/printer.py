@@ -10,46 +10,48 @@ op), so a reduction first replaces them by its identity: sum(where(mask, v, 0)),
 v, -inf)). Only `tl.*` math is printed (no libdevice, no inline asm), so the same source runs in
 the interpreter (TRITON_INTERPRET=1) and compiles for any GPU target.
 
-The printer is tables: `CODE_FOR_OP` maps an op to a format of its operands, `REDUCE_FOR_OP`
-maps a reduction to its Triton function and identity, and `POW` prints constant powers.
+The printer is tables: `TRITON` spells the expressions (the table of the printer base,
+backends/common/expr_printer.py), `REDUCE_FOR_OP` maps a reduction to its Triton function and
+identity, `HELPERS` are the jit functions a kernel may call.
 """
 
 from __future__ import annotations
 
 import keyword
-import math
-import re
 
+from hrmspec.backends.common.expr_printer import INFIX, ExprPrinter, ExprTable
 from hrmspec.ir.program import RowProgram
 
-CODE_FOR_OP = {
-    "neg": "(-{0})",
-    "exp": "tl.exp({0})",
-    "log": "tl.log({0})",
-    "sqrt": "tl.sqrt({0})",
-    "rsqrt": "tl.rsqrt({0})",
-    "sigmoid": "tl.sigmoid({0})",
-    "silu": "({0} * tl.sigmoid({0}))",
-    "tanh": "_tanh({0})",  # there is no tl.tanh: a helper below
-    "relu": "tl.maximum({0}, 0.0)",
-    "square": "({0} * {0})",
-    "add": "({0} + {1})",
-    "sub": "({0} - {1})",
-    "mul": "({0} * {1})",
-    "div": "({0} / {1})",
-    "lt": "({0} < {1})",
-    "gt": "({0} > {1})",
-    "le": "({0} <= {1})",
-    "ge": "({0} >= {1})",
-    "eq": "({0} == {1})",
-    "where": "tl.where({0}, {1}, {2})",
-}
-CAST = {
-    "f32": "{0}.to(tl.float32)",  # from a boolean: 0.0 or 1.0
-    "bool": "({0} != 0.0)",
-    "bf16": "_round_bf16({0})",  # round to the half type, keep computing in fp32 (helper below)
-    "f16": "{0}.to(tl.float16).to(tl.float32)",
-}
+TRITON = ExprTable(
+    code_for_op={
+        **INFIX,
+        "exp": "tl.exp({0})",
+        "log": "tl.log({0})",
+        "sqrt": "tl.sqrt({0})",
+        "rsqrt": "tl.rsqrt({0})",
+        "sigmoid": "tl.sigmoid({0})",
+        "silu": "{0} * tl.sigmoid({0})",
+        "tanh": "_tanh({0})",  # there is no tl.tanh: a helper below
+        "relu": "tl.maximum({0}, 0.0)",
+        "where": "tl.where({0}, {1}, {2})",
+    },
+    cast={
+        "f32": "{0}.to(tl.float32)",  # from a boolean: 0.0 or 1.0
+        "bool": "({0} != 0.0)",
+        "bf16": "_round_bf16({0})",  # round to the half type, keep computing in fp32 (helper below)
+        "f16": "{0}.to(tl.float16).to(tl.float32)",
+    },
+    reciprocal="(1.0 / {0})",
+    power="tl.exp2({1} * tl.log2({0}))",  # a > 0: a^c = 2^(c log2 a), with tl math only
+    rounding=float,  # Python floats are the fp64 constants the kernel folds
+    literal=lambda v: repr(float(v)),
+    reserved=frozenset({"row", "outer", "inner", "cols", "mask", "in_row", "width", "n_rows", "n_inner", "n_cols",
+                        "BLOCK", "tl", "triton", "float", *keyword.kwlist}),
+    own_names=r"t\d+|.*_(ptr|stride|istride)",  # temporaries t<i>, pointers and row strides
+)
+NAMES = {"nan": 'float("nan")', "inf": 'float("inf")', "-inf": 'float("-inf")'}
+EXPR = ExprPrinter(TRITON, NAMES)
+
 # helpers are printed into the module (once) when the kernel calls them
 HELPERS = {
     "_tanh": '''@triton.jit
@@ -77,52 +79,11 @@ def _round_bf16(a):
 REDUCE_FOR_OP = {"sum": ("tl.sum", "0.0"), "mean": ("tl.sum", "0.0"), "max": ("tl.max", 'float("-inf")')}
 TORCH_TO_TL = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
 
-RESERVED = {"row", "outer", "inner", "cols", "mask", "in_row", "width", "n_rows", "n_inner", "n_cols", "BLOCK", "tl",
-            "triton", "float"}
-
-
-def literal(v: float) -> str:
-    if math.isnan(v):
-        return 'float("nan")'
-    if math.isinf(v):
-        return 'float("inf")' if v > 0 else 'float("-inf")'
-    return repr(float(v))
-
-
-def _product(a: str, n: int) -> str:
-    """a**n for a positive integer n by repeated squaring, as a product of temporaries-free terms."""
-    if n == 1:
-        return a
-    half = _product(a, n // 2)
-    sq = f"({half} * {half})"
-    return f"({sq} * {a})" if n % 2 else sq
-
-
-def POW(a: str, c: float) -> str:
-    """a ** c for a constant c, with tl math only: exact products for small integers."""
-    if c == 0.5:
-        return f"tl.sqrt({a})"
-    if c == -0.5:
-        return f"tl.rsqrt({a})"
-    if c == int(c) and 0 < abs(c) <= 8:
-        p = _product(a, int(abs(c)))
-        return p if c > 0 else f"(1.0 / {p})"
-    return f"tl.exp2({literal(c)} * tl.log2({a}))"  # a > 0: a^c = 2^(c log2 a)
-
-
-def identifier(name: str) -> str:
-    """A Python name for an input or output value that cannot clash with the kernel's own names
-    (t<i> temporaries, pointers *_ptr, strides *_stride and *_istride, the fixed names above)."""
-    own = name.endswith(("_ptr", "_stride", "_istride"))
-    if name in RESERVED or keyword.iskeyword(name) or re.fullmatch(r"t\d+", name) or own:
-        return f"{name}_v"
-    return name
-
 
 def parameters(program: RowProgram) -> list[tuple[str, str, str]]:
     """The kernel parameters in order: (parameter name, what it is, the input/output name).
     What it is: ptr_in, stride_in, istride_in, ptr_out, stride_out, istride_out, n_rows, n_inner,
-    n_cols. A row's address is (row // n_inner) * stride + (row % n_inner) * istride (backends/rowlayout.py)."""
+    n_cols. A row's address is (row // n_inner) * stride + (row % n_inner) * istride (backends/common/rowlayout.py)."""
     params = []
     for group, items in (("in", program.inputs), ("out", program.outputs)):
         for item in items:
@@ -154,7 +115,7 @@ def render_kernel(program: RowProgram, name: str) -> str:
     refs: list[str] = []
     for i, n in enumerate(p.nodes):
         if n.op == "input":
-            v, kind = identifier(n.arg), n.kind
+            v, kind = EXPR.identifier(n.arg), n.kind
             addr = {"row": f"{n.arg}_ptr + outer * {n.arg}_stride + inner * {n.arg}_istride + cols",
                     "vector": f"{n.arg}_ptr + cols", "scalar": f"{n.arg}_ptr + row"}[kind]
             m = "in_row" if kind == "scalar" else "mask"
@@ -162,7 +123,7 @@ def render_kernel(program: RowProgram, name: str) -> str:
             refs.append(v)
             continue
         if n.op == "const":
-            refs.append(literal(n.arg))
+            refs.append(EXPR.literal(n.arg))
             continue
         if n.op == "width":
             refs.append("width")
@@ -173,14 +134,8 @@ def render_kernel(program: RowProgram, name: str) -> str:
             expr = f"{fn}(tl.where(mask, {ops[0]}, {ident}), axis=0)"
             if n.op == "mean":
                 expr += " / width"
-        elif n.op == "pow":
-            expr = POW(ops[0], n.arg)
-        elif n.op == "cast":
-            expr = CAST[n.arg].format(*ops)
         else:
-            expr = CODE_FOR_OP[n.op].format(*ops)
-        if expr.startswith("(") and CODE_FOR_OP.get(n.op, "").endswith(")") and CODE_FOR_OP[n.op].startswith("("):
-            expr = expr[1:-1]  # the template's outer parentheses are only needed inside other expressions
+            expr = EXPR.expression(n, ops)
         body.append(f"t{i} = {expr}")
         refs.append(f"t{i}")
     for o in p.outputs:
@@ -217,3 +172,14 @@ def signature(program: RowProgram, dtypes: dict[str, str]) -> dict[str, str]:
         sig[pname] = f"*{dtypes[ref]}" if what.startswith("ptr") else "i64" if "stride" in what else "i32"
     sig["BLOCK"] = "constexpr"
     return sig
+
+
+class TritonSource:
+    """What `hrmspec compile --emit` writes for the triton backend: an importable module per kernel,
+    whose storage types come with the pointers at launch (backends/common/expr_printer.py: KernelSource)."""
+
+    def source(self, program: RowProgram, name: str, width: int) -> str:
+        return render_module(program, name)
+
+    def specialisation(self, width: int) -> dict[str, str | int]:
+        return {}

@@ -7,9 +7,9 @@ Building, differentiating and naming programs needs no torch; the evaluator (`ev
 """
 
 from hrmspec.ir.autodiff import grad, kept_tensors, save_plan, simplify
+from hrmspec.ir.functions import cast, eq, exp, log, mean, relu, rsqrt, sigmoid, silu, sqrt, square, tanh, where
 from hrmspec.ir.kernel import ROPE_TABLES, backward_program, kernel_name, trainable
 from hrmspec.ir.library import add_rms_norm, builtin_programs, gelu, rms_norm, sigmoid_gate, swiglu
-from hrmspec.ir.ops import cast, eq, exp, log, mean, relu, rsqrt, sigmoid, silu, sqrt, square, tanh, where
 from hrmspec.ir.parse import parse_expr, parse_norm_expr
 from hrmspec.ir.program import Input, IRError, Node, Output, ProgramBuilder, RowProgram, Value
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from hrmspec.ir.ops import mean, rsqrt, sigmoid, silu, tanh
+from hrmspec.ir.functions import mean, rsqrt, sigmoid, silu, tanh
 from hrmspec.ir.program import ProgramBuilder, RowProgram, Value
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 
 from hrmspec.errors import Location, SpecError, close_match
-from hrmspec.ir.ops import FUNCTIONS
+from hrmspec.ir.functions import FUNCTIONS
 from hrmspec.ir.program import IRError, ProgramBuilder, RowProgram, Value
 
 _BINARY = {ast.Add: "__add__", ast.Sub: "__sub__", ast.Mult: "__mul__", ast.Div: "__truediv__"}

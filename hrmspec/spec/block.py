@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from hrmspec.errors import SpecError
-from hrmspec.ir.ops import FUNCTIONS
+from hrmspec.ir.functions import FUNCTIONS
 from hrmspec.ir.parse import parse_norm_expr
 from hrmspec.kinds import MLPS, NORMS
 from hrmspec.spec.fields import REQUIRED, Fields, describe, near

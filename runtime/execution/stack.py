@@ -19,7 +19,6 @@ written out by hand would.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hrmspec.runtime.execution.context import Context
@@ -60,7 +59,7 @@ class ModuleStack(nn.Module):
                 x = env[op.reads[0]]
                 x = x.flatten(-2) if body.tensors[op.reads[0]].heads else x
                 bias = self.weight(op.params[1].path) if op.attrs["bias"] else None
-                y = F.linear(x, self.weight(op.params[0].path), bias)
+                y = self.ops.linear(x, self.weight(op.params[0].path), bias)
                 parts = y.split([body.tensors[t].size for t in op.writes], dim=-1) if len(op.writes) > 1 else (y,)
                 for t, part in zip(op.writes, parts):
                     heads = body.tensors[t].heads

@@ -2,17 +2,13 @@
 
 Each function is the definition other backends are checked against, so clarity beats speed;
 where torch has a fused op with the same math (rms_norm, scaled_dot_product_attention) we use it.
+The reference backend's op table (backends/reference/table.py) runs these.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-
 import torch
 import torch.nn.functional as F
-
-from hrmspec.ir import interpret as _interpret
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +52,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def add(*terms: torch.Tensor) -> torch.Tensor:
+    """A residual add x + r, or the sum x0 + x1 + ... of the states injected into a module call."""
+    h = terms[0]
+    for t in terms[1:]:
+        h = h + t
+    return h
+
+
 def sigmoid_gate(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(g) * a
 
@@ -70,10 +74,11 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
     """cross_entropy(h @ W.T, labels) for h (N, d), W (V, d), labels (N,), in row chunks: the (N, V)
-    logits never exist at once (backends/reference/linear_ce.py)."""
-    from hrmspec.backends.reference.linear_ce import chunked_linear_cross_entropy
+    logits never exist at once (backends/common/chunked_linear_ce.py, with the torch steps)."""
+    from hrmspec.backends.common.chunked_linear_ce import chunked_linear_cross_entropy
+    from hrmspec.backends.reference.linear_ce import TORCH_STEPS
 
-    return chunked_linear_cross_entropy(h, W, labels, ignore_index=ignore_index)
+    return chunked_linear_cross_entropy(h, W, labels, TORCH_STEPS, ignore_index)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
@@ -82,21 +87,3 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         upcast(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
     return total, (labels != ignore_index).sum()
-
-
-# built-in programs (RowProgram.builtin) by their torch form: the same math, fewer ops and saved tensors
-_BUILTIN = {
-    "rms_norm": lambda i, eps: rms_norm(i["x"], eps, i.get("w")),
-    "add": lambda i: functools.reduce(operator.add, i.values()),  # x + r, or x0 + x1 + ...
-    "sigmoid_gate": lambda i: sigmoid_gate(i["g"], i["a"]),
-    "swiglu": lambda i: swiglu(i["a"], i["b"]),
-    "gelu": lambda i: gelu(i["x"]),
-}
-
-
-def row_program(program, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run a forward RowProgram: a built-in one by its torch form, any other by the IR's evaluator."""
-    if program.builtin is not None and program.builtin[0] in _BUILTIN:
-        name, args = program.builtin
-        return {program.outputs[0].name: _BUILTIN[name](inputs, **dict(args))}
-    return _interpret.evaluate(program, inputs)

@@ -22,7 +22,7 @@ strides and a byte span covers exactly what the kernel may touch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +70,26 @@ class RowViews:
     split_at: int  # the lead dims before it are the outer group, the rest the inner
     tensors: dict[str, torch.Tensor]  # by name: rows [n_outer, n_inner, D], vectors [D], scalars [n_rows]
     results: dict[str, torch.Tensor]  # the outputs as the caller gets them: rows [*lead, D], scalars [*lead]
+
+
+def output_allocator(program: RowProgram, inputs: dict[str, torch.Tensor],
+                     out_dtypes: dict[str, torch.dtype] | None = None) -> tuple[torch.device, Callable]:
+    """The one device of the program's inputs, and `allocate(output, shape)` for `row_views`: an
+    output there in `out_dtypes[name]`, else fp32 for a row partial of a weight's gradient, else the
+    storage type of the first row input."""
+    p = program
+    devices = {inputs[n].device for n in p.input_names}
+    if len(devices) > 1:
+        raise KernelError(f"{p.name}: inputs are on several devices: {sorted(map(str, devices))}")
+    device = devices.pop()
+    rows = p.kinds_of("row")
+    store = inputs[rows[0]].dtype if rows else inputs[p.input_names[0]].dtype
+
+    def allocate(o, shape):
+        dtype = (out_dtypes or {}).get(o.name, torch.float32 if o.row_partial else store)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    return device, allocate
 
 
 def row_views(program: RowProgram, inputs: dict[str, torch.Tensor], lead: tuple[int, ...], width: int,
@@ -126,4 +146,4 @@ def row_views(program: RowProgram, inputs: dict[str, torch.Tensor], lead: tuple[
     return RowViews(n_rows, n_inner, width, best, tensors, results)
 
 
-__all__ = ["RowViews", "collapse", "overlaps_itself", "row_views", "split"]
+__all__ = ["RowViews", "collapse", "output_allocator", "overlaps_itself", "row_views", "split"]

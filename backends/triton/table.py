@@ -1,20 +1,20 @@
-"""The Triton backend's op table: the functions of `backends/reference/ops.py`, some of them generated.
+"""The Triton backend's op table: generated kernels where there are some, the reference elsewhere.
 
-    generated RowProgram kernels      rms_norm, sigmoid_gate, swiglu, gelu, rope_qk, and row_program
-    (TritonRowOp: forward kernel,     (the fusion plan's regions, expression norms); the backward
+    generated RowProgram kernels      row_program (the fusion plan's regions, norms, gates,
+    (TritonRowOp: forward kernel,     activations, expression norms) and rope_qk; the backward
     backward by IR autodiff)          kernel of each is printed from `hrmspec.ir.grad` of its program
     the flash-attention template      attention, when backends/triton/attention.py imports and the
     (backends/triton/attention.py)    mask is one it prints (causal, prefix-LM, bidirectional, each
                                       within packed documents) over equal query and key lengths
     the chunked linear-CE driver      linear_cross_entropy (the training loss), its softmax steps as
     with Triton kernels               Triton kernels (backends/triton/linear_ce.py)
-    the reference torch ops           rope_tables, cross_entropy; attention otherwise (decoding with
-                                      a cache, head dims over 128)
+    the reference table               rope_tables, cross_entropy, linear; attention otherwise
+                                      (decoding with a cache, head dims over 128)
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `get_backend`
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by the registry
 before triton is imported). Whatever a kernel cannot run — a row wider than MAX_WIDTH, fp64, a
-tensor on a device the kernels are not built for — runs the reference op instead, with a warning
-(once per op and reason): a fallback is reported, never silent, and never a wrong result.
+tensor on a device the kernels are not built for — runs the reference op instead, reported as a
+fallback (backends/common/fallback.py): never silent, and never a wrong result.
 """
 
 from __future__ import annotations
@@ -23,38 +23,44 @@ import functools
 import weakref
 
 import torch
+from torch import Tensor
 
-from hrmspec.backends.reference import ops as reference
-from hrmspec.backends.rowops import RowOpTable, beyond_limits
+from hrmspec.backends.common.contract import IGNORE_INDEX
+from hrmspec.backends.common.kernel_table import KernelTable
+from hrmspec.backends.common.limits import MAX_WIDTH, beyond_limits
 from hrmspec.backends.triton.aot import interpreting
-from hrmspec.backends.triton.launch import MAX_WIDTH, TritonRowOp
-
-upcast = reference.upcast
-rotate_half = reference.rotate_half
-rope_tables = reference.rope_tables
-rope = reference.rope
-cross_entropy = reference.cross_entropy
-
-FUSED = True  # module calls run the fusion pass's regions (runtime/execution/stack.py)
-GENERATED = ("rms_norm", "sigmoid_gate", "swiglu", "gelu", "rope_qk", "row_program")  # and attention, the loss
-def _unsupported(tensors: list[torch.Tensor], width: int) -> str | None:
-    """Why generated kernels cannot run on these tensors, or None."""
-    reason = beyond_limits(tensors, width, MAX_WIDTH)
-    misplaced = next((t for t in tensors if (t.device.type == "cpu") != interpreting()), None)
-    if reason is None and misplaced is not None:
-        where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
-        reason = f"a tensor on {misplaced.device} while the kernels run on {where}"
-    return reason
+from hrmspec.backends.triton.launch import TritonRowOp
 
 
-_table = RowOpTable("triton", TritonRowOp, _unsupported)
-_fallback = _table.fallback
-row_program = _table.row_program
-rms_norm = _table.rms_norm
-sigmoid_gate = _table.sigmoid_gate
-swiglu = _table.swiglu
-gelu = _table.gelu
-rope_qk = _table.rope_qk
+class TritonTable(KernelTable):
+    """The Triton backend (see the module docstring)."""
+
+    name = "triton"
+    op_class = TritonRowOp
+
+    def unsupported(self, tensors: list[Tensor], width: int) -> str | None:
+        """Why generated kernels cannot run on these tensors, or None."""
+        reason = beyond_limits(tensors, width, MAX_WIDTH)
+        misplaced = next((t for t in tensors if (t.device.type == "cpu") != interpreting()), None)
+        if reason is None and misplaced is not None:
+            where = "the interpreter (CPU tensors)" if interpreting() else "a GPU"
+            reason = f"a tensor on {misplaced.device} while the kernels run on {where}"
+        return reason
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return attention(q, k, v, mask, self)  # the module's function (below)
+
+    def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                             ) -> tuple[Tensor, Tensor]:
+        """cross_entropy(h @ W.T, labels) in row chunks, the softmax steps as Triton kernels
+        (backends/triton/linear_ce.py); the reference's torch steps where the kernels cannot take the tensors."""
+        reason = self.unsupported([h, W], 0)
+        if reason is not None:
+            self.fallback("linear_cross_entropy", reason)
+            return self.reference.linear_cross_entropy(h, W, labels, ignore_index)
+        from hrmspec.backends.triton.linear_ce import linear_cross_entropy as fused
+
+        return fused(h, W, labels, ignore_index)
 
 
 # --------------------------------------------------------------------------- attention
@@ -103,8 +109,10 @@ def describe_mask(mask: torch.Tensor | None, batch: int, seq_len: int):
     return found
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, table: TritonTable
+              ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
+    reference, _unsupported, _fallback = table.reference, table.unsupported, table.fallback  # what it falls back to
     flash = _flash_attention()
     if flash is None:
         return reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
@@ -123,16 +131,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return flash(q, k, v, kind, prefix, doc)
 
 
-# --------------------------------------------------------------------------- the loss
-
-
-def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple:
-    """cross_entropy(h @ W.T, labels) in row chunks, the softmax steps as Triton kernels
-    (backends/triton/linear_ce.py); the torch steps where the kernels cannot take the tensors."""
-    reason = _unsupported([h, W], 0)
-    if reason is not None:
-        _fallback("linear_cross_entropy", reason)
-        return reference.linear_cross_entropy(h, W, labels, ignore_index)
-    from hrmspec.backends.triton.linear_ce import linear_cross_entropy as fused
-
-    return fused(h, W, labels, ignore_index)
+__all__ = ["TritonTable", "attention", "describe_mask"]

@@ -1,6 +1,6 @@
 """Free-function spelling of the IR ops, for programs that read like the math:
 
-    from hrmspec.ir.ops import mean, rsqrt
+    from hrmspec.ir.functions import mean, rsqrt
     y = x * rsqrt(mean(x * x) + eps) * w
 
 The names are those of the expression language (`parse_expr`), so `sum` and `max` here are the
