@@ -3,6 +3,7 @@
     norm kinds   rms    RMSNorm: x / sqrt(mean(x^2) + eps) [* w]
                  expr   a norm the spec writes as a row expression of x (`expr:` with its `params:`)
     MLP kinds    swiglu down(silu(gate(x)) * up(x))     gated: one projection to 2 x ffn
+                 geglu  down(gelu(gate(x)) * up(x))     gated, gelu in its tanh form
                  gelu   down(gelu(up(x)))
 
 A norm kind gives a norm's RowProgram and the per-channel weights it declares; an MLP kind says
@@ -65,6 +66,7 @@ NORMS: dict[str, NormKind] = {
 
 MLPS: dict[str, MLPKind] = {
     "swiglu": MLPKind(True, library.swiglu),
+    "geglu": MLPKind(True, library.geglu),
     "gelu": MLPKind(False, library.gelu),
 }
 

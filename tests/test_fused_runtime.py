@@ -21,6 +21,7 @@ CONFIGS = {
     "pre": {},
     "pre-affine": {"model.block.norm.affine": True},
     "post-gelu": {"model.block.norm.place": "post", "model.block.mlp": "gelu"},
+    "geglu": {"model.block.mlp": "geglu"},
     "sandwich-affine-plain": {"model.block.norm.place": "sandwich", "model.block.norm.affine": True,
                               "model.block.attention.type": "plain"},
     "sandwich-expr-norope": {"model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"},
@@ -72,7 +73,7 @@ def _batch(B=2, T=7, vocab=61):
     return ids, labels, prefix
 
 
-@pytest.mark.parametrize("name", ["pre", "sandwich-affine-plain"])
+@pytest.mark.parametrize("name", ["pre", "sandwich-affine-plain", "geglu"])
 def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, cl_ops, monkeypatch, name):
     spec = load_spec_text(tiny_text, overrides={"model.modules.L.layers": 2, "model.modules.H.layers": 1,
                                                 **CONFIGS[name]})

@@ -129,9 +129,9 @@ def naive_module(x, stack, spec, mask, cos, sin):
 
     def mlp(i, v):
         up = F.linear(v, W(f"layers.{i}.mlp.gate_up.weight"))
-        if b.mlp == "swiglu":
+        if b.mlp in ("swiglu", "geglu"):
             gate, up = up.chunk(2, dim=-1)
-            up = F.silu(gate) * up
+            up = (F.silu(gate) if b.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
         else:
             up = F.gelu(up, approximate="tanh")
         return F.linear(up, W(f"layers.{i}.mlp.down.weight"))
@@ -151,6 +151,7 @@ def naive_module(x, stack, spec, mask, cos, sin):
 CONFIGS = [
     {},
     {"model.block.norm.place": "post", "model.block.mlp": "gelu"},
+    {"model.block.mlp": "geglu"},
     {"model.block.norm.place": "sandwich", "model.block.norm.affine": True, "model.block.attention.type": "plain",
      "model.block.attention.bias": True},
     {"model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}, "place": "sandwich"},
@@ -158,7 +159,7 @@ CONFIGS = [
     {"model.modules.L.exit_norm": "none",
      "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
 ]
-IDS = ["pre", "post-gelu", "sandwich-affine-plain-bias", "sandwich-expr", "expr-no-exit"]
+IDS = ["pre", "post-gelu", "geglu", "sandwich-affine-plain-bias", "sandwich-expr", "expr-no-exit"]
 
 
 def stack(spec, arity, fused, ops=reference):

@@ -35,6 +35,7 @@ TAGGED = st.one_of(
     st.builds(library.add, st.integers(2, 4)),
     st.just(library.sigmoid_gate()),
     st.just(library.swiglu()),
+    st.just(library.geglu()),
     st.just(library.gelu()),
 )
 

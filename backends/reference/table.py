@@ -8,6 +8,7 @@ faster torch form of the same math:
     add           x + r, or x0 + x1 + ...                      a residual add, an injection
     sigmoid_gate  sigmoid(g) * a
     swiglu        silu(a) * b
+    geglu         gelu(a) * b, tanh form
     gelu          F.gelu, tanh form
 
 tests/test_reference_rows.py holds each fast form equal to the evaluator, values and gradients.
@@ -32,6 +33,7 @@ FAST_FORMS: dict[str, Callable[..., Tensor]] = {
     "add": naive.add,
     "sigmoid_gate": naive.sigmoid_gate,
     "swiglu": naive.swiglu,
+    "geglu": lambda a, b: naive.gelu(a) * b,
     "gelu": naive.gelu,
 }
 

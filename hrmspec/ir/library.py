@@ -82,6 +82,14 @@ def gelu(name: str = "gelu") -> RowProgram:
     return b.build().known_as("gelu")
 
 
+def geglu(name: str = "geglu") -> RowProgram:
+    """y = gelu(a) * b (a the gate projection, b the up projection; gelu in its tanh form)."""
+    bld = ProgramBuilder(name)
+    a, b = bld.row("a"), bld.row("b")
+    bld.output("y", _gelu(a) * b)
+    return bld.build().known_as("geglu")
+
+
 def rope(name: str = "rope") -> RowProgram:
     """Rotary embedding of q and k on half rows (one row = one token of one head, width hd/2):
     rope(x) = x cos + rotate_half(x) sin with rotate_half(x) = (-x_hi, x_lo) and both halves of the
@@ -104,6 +112,7 @@ def builtin_programs() -> dict[str, RowProgram]:
         add_rms_norm(),
         sigmoid_gate(),
         swiglu(),
+        geglu(),
         gelu(),
     ]
     return {p.name: p for p in progs}

@@ -1,0 +1,84 @@
+"""Every kind in `hrmspec/kinds.py` on every backend that runs here: a model whose block uses the
+kind computes, on the opencl (PoCL) and triton (interpreter) backends, what the reference backend
+computes — values and every gradient — with nothing falling back, and its kernels are the plan's.
+A new norm or MLP kind is tested here by being in the table."""
+
+import pytest
+import torch
+
+import hrmspec
+from hrmspec.backends.common.fallback import record_fallbacks
+from hrmspec.kinds import MLPS, NORMS
+from hrmspec.spec import load_spec_text
+from hrmspec.spec.schema import swiglu_width
+
+GEMMA = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
+# a norm of each kind as a block norm and as the exit norm (expr needs its text)
+NORM_SPECS = {kind: {"type": kind, "affine": True} if kind != "expr" else
+              {"type": "expr", "expr": GEMMA, "params": {"w": "normal"}} for kind in NORMS}
+BACKENDS = ["opencl", "triton"]
+
+
+def _model(tiny_text, backend, **over):
+    spec = load_spec_text(tiny_text, overrides={"model.d_model": 16, "model.heads": 2, "model.ffn": 24, **over})
+    torch.manual_seed(0)
+    ref = hrmspec.compile(spec)
+    with torch.no_grad():
+        for p in ref.parameters():  # weights away from their init, so a misbound one shows
+            p.add_(0.2 * torch.randn_like(p))
+    other = hrmspec.compile(spec, backend=backend)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def _same(ref, other, atol=2e-4):
+    gen = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 61, (2, 7), generator=gen), torch.randint(0, 61, (2, 7), generator=gen)
+    prefix = torch.arange(7)[None].expand(2, 7) < 3
+    with record_fallbacks() as fell:
+        b = other(ids, prefix_mask=prefix, labels=labels)
+        b.loss.backward()
+    assert not fell, fell
+    a = ref(ids, prefix_mask=prefix, labels=labels)
+    a.loss.backward()
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=atol)
+    for (n, p), (_, q) in zip(ref.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=atol * max(1.0, float(p.grad.abs().max())),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+def _backend(name):
+    if name == "opencl":
+        pytest.importorskip("pyopencl")
+    else:
+        pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mlp", sorted(MLPS))
+def test_every_mlp_kind_on_every_backend(tiny_text, backend, mlp, cl_ops):
+    _backend(backend)
+    _same(*_model(tiny_text, backend, **{"model.block.mlp": mlp, "model.modules.L.layers": 1,
+                                          "model.modules.H.layers": 1}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_every_norm_kind_on_every_backend_as_block_exit_and_final_norm(tiny_text, backend, norm, cl_ops):
+    _backend(backend)
+    n = NORM_SPECS[norm]
+    ref, other = _model(tiny_text, backend, **{
+        "model.block.norm": {**n, "place": "sandwich"}, "model.modules.L.layers": 1, "model.modules.H.layers": 1,
+        "model.modules.L.exit_norm": n, "model.final_norm": n, "model.head": "untied"})
+    body = other.plan.bodies[("L", 2)]
+    assert body.ops[-1].members[-1] == "exit_norm"  # fused with the last residual
+    _same(ref, other)
+
+
+@pytest.mark.parametrize("mlp", sorted(MLPS))
+def test_the_width_rule_of_each_mlp_kind(tiny_text, mlp):
+    spec = load_spec_text(tiny_text.replace("  ffn: 48\n", "  expansion: 4\n"), overrides={"model.block.mlp": mlp})
+    want = swiglu_width(32, 4) if MLPS[mlp].gated else 4 * 32
+    assert spec.model.module("L").block.ffn == want
+    gate_up = hrmspec.compile(spec).stacks["L"].weight("layers.0.mlp.gate_up.weight")
+    assert gate_up.shape == ((2 if MLPS[mlp].gated else 1) * want, 32)
