@@ -432,6 +432,18 @@ def test_builtins_compile_for_sm80_and_sm90_without_spills():
 
 
 @needs_nvrtc
+def test_row_index_division_compiles_without_a_call_frame():
+    # a signed 32-bit division (row / n_inner) is a subroutine call: in this three-reduction backward
+    # (LayerNorm's: centre, variance, then the mean of the gradient) ptxas spilled around it on sm_80
+    # and sm_90; rows are non-negative, so the printer divides unsigned
+    b = ProgramBuilder("centred_norm")
+    x = b.row("x")
+    c = x - x.mean()
+    b.output("y", c * ((c * c).mean() + 1e-5).rsqrt())
+    _assert_no_spills(_compile([b.build()], 4096))  # forward and backward
+
+
+@needs_nvrtc
 def test_division_compiles_without_a_call_frame():
     # IEEE division's slow path is a subroutine call; on sm_90 it took a 16-byte stack frame (spills)
     # in this backward at 128 threads: the dialect divides within 2 ulp, as Triton does

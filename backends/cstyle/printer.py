@@ -12,7 +12,9 @@ Row values are recomputed from the inputs in each pass rather than kept: a reduc
 computed in the pass of its depth, a value after a reduction in a later one. Values are fp32
 whatever the storage type (fp32, fp16, bf16), every access is bounded (the column loop runs to
 n_cols, or not at all in a block past the last row, which still meets every barrier), mean is
-sum / D, and max starts from -inf.
+sum * (1 / D) and x / D is x * (1 / D) with 1 / D computed once (a division is a subroutine call,
+and ptxas spills around it in kernels that hold many values: LayerNorm's backward on sm_80 / sm_90),
+and max starts from -inf.
 
 The dialects are tables (`Dialect`: `smem_prefix`, `barrier`, `type_map`, `load`, `store`, `math`,
 `helpers`, ...), the expressions are one table shared by both (`C`, the table of the printer base in
@@ -78,8 +80,8 @@ C = ExprTable(
     literal=_fp32_text,
     # names the kernel uses itself, and the words of C, CUDA C and OpenCL C
     reserved=frozenset({
-        "row", "outer", "inner", "tid", "col", "cols", "in_row", "red", "width", "step", "n_rows", "n_inner",
-        "n_cols", "half", "bool",
+        "row", "outer", "inner", "tid", "col", "cols", "in_row", "red", "width", "inv_width", "step", "n_rows",
+        "n_inner", "n_cols", "half", "bool",
         "float", "int", "long", "char", "short", "double", "uint", "ushort", "uchar", "ulong", "void", "const",
         "restrict", "inline", "static", "extern", "if", "else", "for", "while", "do", "return", "break",
         "continue", "switch", "case", "default", "goto", "sizeof", "struct", "union", "enum", "typedef",
@@ -208,6 +210,8 @@ class _Printer(ExprPrinter):
         if n.op == "input":
             expr = d.load[self.dtypes[n.arg]].format(ptr=f"{n.arg}_ptr", i=self.index(n.arg, n.kind))
             expr = f"in_row ? {expr} : 0.0f" if n.kind == "scalar" else expr
+        elif n.op == "div" and self.p.nodes[n.srcs[1]].op == "width":
+            expr = f"{self.refs[n.srcs[0]]} * inv_width"
         else:
             expr = self.expression(n, [self.refs[s] for s in n.srcs])
         self.emit(depth, f"const {d.type_map['bool' if n.dtype == 'bool' else 'f32']} {self.refs[i]} = {expr};")
@@ -240,7 +244,8 @@ class _Printer(ExprPrinter):
         self.emit(2, d.barrier)
         self.emit(1, "}")
         for slot, r in enumerate(reductions):
-            self.emit(1, f"const float t{r} = {_slot(slot, B, '0')}{' / width' if p.nodes[r].op == 'mean' else ''};")
+            scale = " * inv_width" if p.nodes[r].op == "mean" else ""
+            self.emit(1, f"const float t{r} = {_slot(slot, B, '0')}{scale};")
 
     def scalars(self, s: _Schedule, avail: int) -> None:
         """Define the per-row scalars (and computed constants) that become available after `avail` passes."""
@@ -261,11 +266,16 @@ class _Printer(ExprPrinter):
         # a barrier-unaware compiler (PoCL's work-group loops) must not see either
         self.emit(1, "const bool in_row = row < n_rows;")
         if p.kinds_of("row") or any(o.kind == "row" for o in p.outputs):
-            # 32-bit division (rows are ints; a 64-bit one is a slow library call), 64-bit products below
-            self.emit(1, f"const {d.type_map['i64']} outer = (int)row / n_inner, inner = (int)row % n_inner;")
+            # 32-bit unsigned division, 64-bit products below: rows are non-negative ints, a 64-bit division
+            # is a slow library call and a signed 32-bit one a subroutine whose call frame ptxas spills to
+            # the stack in kernels that hold many values (LayerNorm's backward on sm_80 / sm_90)
+            self.emit(1, f"const {d.type_map['i64']} outer = (unsigned)row / (unsigned)n_inner, "
+                         "inner = (unsigned)row % (unsigned)n_inner;")
         self.emit(1, "const int cols = in_row ? n_cols : 0;")
         if p.uses_width or any(n.op == "mean" for n in p.nodes):
             self.emit(1, "const float width = (float)n_cols;")
+        if any(n.op == "mean" or (n.op == "div" and p.nodes[n.srcs[1]].op == "width") for n in p.nodes):
+            self.emit(1, "const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply")
         self.scalars(s, 0)
         for k, reductions in enumerate(s.passes):
             if k:

@@ -36,9 +36,10 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
   const long row = get_group_id(0);
   const int tid = get_local_id(0);
   const bool in_row = row < n_rows;
-  const long outer = (int)row / n_inner, inner = (int)row % n_inner;
+  const long outer = (unsigned)row / (unsigned)n_inner, inner = (unsigned)row % (unsigned)n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
+  const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply
   // pass 1: mean %1, sum %11
   float a2 = 0.0f;
   float a12 = 0.0f;
@@ -62,7 +63,7 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
     }
     barrier(CLK_LOCAL_MEM_FENCE);
   }
-  const float t2 = red[0] / width;
+  const float t2 = red[0] * inv_width;
   const float t12 = red[128];
   const float t4 = t2 + 1e-06f;
   const float t5 = rsqrt(t4);
@@ -70,7 +71,7 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
   const float t7 = t6 * t5;
   const float t13 = t7 * t12;
   const float t15 = t13 * (-0.5f);
-  const float t17 = t15 / width;
+  const float t17 = t15 * inv_width;
   // pass 2: the row outputs
   for (int col = tid; col < cols; col += 128) {
     const float x = vload_half(x_offset + outer * x_stride + inner * x_istride + col, x_ptr);

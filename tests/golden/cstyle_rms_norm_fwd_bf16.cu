@@ -32,9 +32,10 @@ extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
   const long long row = blockIdx.x;
   const int tid = threadIdx.x;
   const bool in_row = row < n_rows;
-  const long long outer = (int)row / n_inner, inner = (int)row % n_inner;
+  const long long outer = (unsigned)row / (unsigned)n_inner, inner = (unsigned)row % (unsigned)n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
+  const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply
   // pass 1: mean %2
   float a3 = 0.0f;
   for (int col = tid; col < cols; col += 128) {
@@ -50,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
     }
     __syncthreads();
   }
-  const float t3 = red[0] / width;
+  const float t3 = red[0] * inv_width;
   const float t5 = t3 + 1e-06f;
   const float t6 = rsqrtf(t5);
   // pass 2: the row outputs
