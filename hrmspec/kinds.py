@@ -1,6 +1,7 @@
 """The parts a block is built from, one entry per kind: norms and MLPs.
 
     norm kinds   rms    RMSNorm: x / sqrt(mean(x^2) + eps) [* w]
+                 layer  LayerNorm: (x - mean(x)) / sqrt(var(x) + eps) [* w + b]
                  expr   a norm the spec writes as a row expression of x (`expr:` with its `params:`)
     MLP kinds    swiglu down(silu(gate(x)) * up(x))     gated: one projection to 2 x ffn
                  geglu  down(gelu(gate(x)) * up(x))     gated, gelu in its tanh form
@@ -60,6 +61,8 @@ def _expr(n: NormSpec) -> RowProgram:
 
 NORMS: dict[str, NormKind] = {
     "rms": NormKind(_rms, lambda n: (Weight("w", "weight", "ones"),) if n.affine else ()),
+    "layer": NormKind(lambda n: library.layer_norm(n.eps, affine=n.affine, name="layer_norm"),
+                      lambda n: (Weight("w", "weight", "ones"), Weight("b", "bias", "zeros")) if n.affine else ()),
     "expr": NormKind(_expr, lambda n: tuple(Weight(p, f"params.{p}", init) for p, init in n.params or ()),
                      by_name=False),
 }

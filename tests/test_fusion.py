@@ -109,6 +109,9 @@ def naive_module(x, stack, spec, mask, cos, sin):
     W = stack.weight
 
     def norm(name, v, n):
+        if n.type == "layer":
+            w, b = (W(f"{name}.weight"), W(f"{name}.bias")) if n.affine else (None, None)
+            return F.layer_norm(v, (v.shape[-1],), w, b, n.eps)
         y = v * torch.rsqrt((v * v).mean(-1, keepdim=True) + n.eps)
         if n.type == "expr":  # EXPR: x * rsqrt(mean(x*x) + eps) * (1 + w)
             return y * (1 + W(f"{name}.params.w"))
@@ -152,6 +155,7 @@ CONFIGS = [
     {},
     {"model.block.norm.place": "post", "model.block.mlp": "gelu"},
     {"model.block.mlp": "geglu"},
+    {"model.block.norm": {"type": "layer", "affine": True, "place": "sandwich"}, "model.modules.L.exit_norm": "layer"},
     {"model.block.norm.place": "sandwich", "model.block.norm.affine": True, "model.block.attention.type": "plain",
      "model.block.attention.bias": True},
     {"model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}, "place": "sandwich"},
@@ -159,7 +163,7 @@ CONFIGS = [
     {"model.modules.L.exit_norm": "none",
      "model.block.norm": {"type": "expr", "expr": EXPR, "params": {"w": "normal"}}},
 ]
-IDS = ["pre", "post-gelu", "geglu", "sandwich-affine-plain-bias", "sandwich-expr", "expr-no-exit"]
+IDS = ["pre", "post-gelu", "geglu", "layer-sandwich", "sandwich-affine-plain-bias", "sandwich-expr", "expr-no-exit"]
 
 
 def stack(spec, arity, fused, ops=reference):

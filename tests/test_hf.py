@@ -30,7 +30,7 @@ from hrmspec.runtime.interop.convert import (
     state_dict_to_hf,
     to_hf_tensors,
 )
-from hrmspec.spec import load_spec_text
+from hrmspec.spec import load_spec, load_spec_text
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, HrmTextConfig, HrmTextForCausalLM  # noqa: E402
@@ -458,6 +458,13 @@ model:
     model = hrmspec.compile(spec)
     with pytest.raises(CheckpointError, match="not representable"):
         model.save_hf(tmp_path)
+    # the norm kinds and the norms outside the layers transformers' hrm_text does not have
+    for over, part in (({"model.block.norm.type": "layer"}, "the block norm must be rms"),
+                       ({"model.modules.L.exit_norm": "layer"}, "need exit_norm: rms"),
+                       ({"model.final_norm": True}, "final_norm must be false"),
+                       ({"model.block.mlp": "geglu"}, "the MLP must be swiglu")):
+        with pytest.raises(CheckpointError, match=part):
+            hf_config_from_spec(load_spec("hrm-text-tiny", over))
 
 
 def test_save_checkpoint_keeps_the_spec(tmp_path):

@@ -32,6 +32,8 @@ def test_every_fast_form_has_a_tagged_library_program_and_back():
 TAGGED = st.one_of(
     st.builds(lambda eps, affine: library.rms_norm(eps, affine=affine), st.sampled_from((1e-6, 1e-5, 0.1)),
               st.booleans()),
+    st.builds(lambda eps, affine: library.layer_norm(eps, affine=affine), st.sampled_from((1e-6, 1e-5, 0.1)),
+              st.booleans()),
     st.builds(library.add, st.integers(2, 4)),
     st.just(library.sigmoid_gate()),
     st.just(library.swiglu()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from hrmspec.errors import SpecError
+from hrmspec.kinds import MLPS
 from hrmspec.spec import load_spec, load_spec_text, parse_override
 
 FILE = "spec.yaml"
@@ -127,7 +128,7 @@ ROWS = [
         "expected one of causal | prefix_lm | bidirectional, found 'prefixlm'", 9, 23,
         "did you mean 'prefix_lm'?"),
     row("mlp-kind", edit("mlp: swiglu", "mlp: swigl"), "model.block.mlp",
-        "expected one of swiglu | gelu, found 'swigl'", 10, 10, "did you mean 'swiglu'?"),
+        f"expected one of {' | '.join(MLPS)}, found 'swigl'", 10, 10, "did you mean 'swiglu'?"),
     row("norm-place", edit("place: pre", "place: sandwhich"), "model.block.norm.place",
         "expected one of pre | post | sandwich, found 'sandwhich'", 8, 32, "did you mean 'sandwich'?"),
     row("init-kind", edit("init: buffer", "init: bufer"), "model.states.z_L.init",

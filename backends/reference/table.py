@@ -5,6 +5,7 @@ RowProgram, except a built-in one (`RowProgram.builtin`, set by `hrmspec.ir.libr
 faster torch form of the same math:
 
     rms_norm      F.rms_norm, in fp32 for half types          inputs x [, w]; eps
+    layer_norm    F.layer_norm, in fp32 for half types        inputs x [, w, b]; eps
     add           x + r, or x0 + x1 + ...                      a residual add, an injection
     sigmoid_gate  sigmoid(g) * a
     swiglu        silu(a) * b
@@ -30,6 +31,9 @@ from hrmspec.ir import RowProgram, evaluate
 # a built-in function's name -> its torch form: (inputs in program order, static args) -> the output
 FAST_FORMS: dict[str, Callable[..., Tensor]] = {
     "rms_norm": lambda x, w=None, *, eps: naive.rms_norm(x, eps, w),
+    "layer_norm": lambda x, w=None, b=None, *, eps: torch.nn.functional.layer_norm(
+        naive.upcast(x), (x.shape[-1],), w if w is None else naive.upcast(w), b if b is None else naive.upcast(b),
+        eps).to(x.dtype),
     "add": naive.add,
     "sigmoid_gate": naive.sigmoid_gate,
     "swiglu": naive.swiglu,

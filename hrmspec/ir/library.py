@@ -30,6 +30,18 @@ def rms_norm(eps: float = 1e-6, affine: bool = True, offset: bool = False, name:
     return prog if offset else prog.known_as("rms_norm", eps=eps)
 
 
+def layer_norm(eps: float = 1e-5, affine: bool = True, name: str = "layer_norm") -> RowProgram:
+    """y = (x - mean(x)) / sqrt(var(x) + eps) [* w + b], var the biased variance (torch's LayerNorm)."""
+    bld = ProgramBuilder(name)
+    x = bld.row("x")
+    c = x - mean(x)
+    y = c * rsqrt(mean(c * c) + eps)
+    if affine:
+        y = y * bld.vector("w", init="ones") + bld.vector("b", init="zeros")
+    bld.output("y", y)
+    return bld.build().known_as("layer_norm", eps=eps)
+
+
 def add_rms_norm(eps: float = 1e-6, affine: bool = True, name: str = "add_rms_norm") -> RowProgram:
     """The residual add fused with the norm that follows it: h = x + r, y = rms_norm(h)."""
     b = ProgramBuilder(name)
@@ -109,6 +121,8 @@ def builtin_programs() -> dict[str, RowProgram]:
         rms_norm(),
         rms_norm(affine=False, name="rms_norm_plain"),
         rms_norm(offset=True, name="rms_norm_offset"),
+        layer_norm(),
+        layer_norm(affine=False, name="layer_norm_plain"),
         add_rms_norm(),
         sigmoid_gate(),
         swiglu(),
