@@ -144,7 +144,10 @@ def hrm_specs(draw) -> str:
     layers = draw(st.integers(1, 2))
     model = {
         "vocab": draw(st.integers(8, 80)),
-        "d_model": heads * draw(st.integers(2, 8)),
+        # at least 4 channels: an RMSNorm over 2 of them amplifies fp32 rounding (and the order of
+        # threaded reductions) past the fp32 tolerance on near-zero rows, and transformers' norm computes
+        # in fp32 whatever the model's dtype, so float64 cannot rescue it
+        "d_model": heads * draw(st.integers(4, 8)),
         "heads": heads,
         "head_dim": draw(st.sampled_from([4, 6, 8])),
         "ffn": draw(st.integers(4, 40)),
