@@ -1,1 +1,1 @@
-"""Everything that runs a compiled model: masks, blocks, the model, generation, interop."""
+"""Everything that runs a compiled model: blocks, the model, generation, interop."""

@@ -7,35 +7,24 @@ Shapes: B batch, S sequence, d d_model, h heads, hd head_dim, T cached + new key
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hrmspec.graph.fusion import norm_program
 from hrmspec.ir import evaluate
+from hrmspec.mask import Mask
 from hrmspec.runtime.fused import CallPlan, plan_call
 from hrmspec.spec.schema import BlockSpec, ModelSpec, ModuleSpec, NormSpec
 
 
 @dataclass
 class Context:
-    """Per-batch tensors shared by every module call: the mask and the rotary tables."""
+    """Per-batch inputs shared by every module call: the masks and the rotary tables."""
 
-    mask: dict[str, torch.Tensor | None]  # mask kind -> (B, 1, S, T) bool, None = no masking
+    mask: dict[str, Mask]  # mask kind -> the batch's mask (a description: attention never builds S x S)
     rope: dict[float, tuple[torch.Tensor, torch.Tensor]]  # rope_theta -> cos, sin (B, 1, S, hd)
-    _additive: dict = field(default_factory=dict)
-
-    def attn_mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask as an additive 0 / -inf tensor of `dtype`, made once per batch: a boolean
-        mask would be converted (and kept for backward) anew in every layer of every call."""
-        m = self.mask[kind]
-        if m is None:
-            return None
-        key = (kind, dtype)
-        if key not in self._additive:
-            self._additive[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-        return self._additive[key]
 
 
 class Norm(nn.Module):
@@ -95,7 +84,7 @@ class Attention(nn.Module):
             if cache[0] is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
-        y = self.ops.attention(q, k, v, ctx.attn_mask(self.mask_kind, q.dtype)).transpose(1, 2)  # (B, S, h, hd)
+        y = self.ops.attention(q, k, v, ctx.mask[self.mask_kind]).transpose(1, 2)  # (B, S, h, hd)
         if self.gated:
             y = self.ops.sigmoid_gate(parts[3], y)
         return self.o(y.reshape(B, S, self.h * self.hd))

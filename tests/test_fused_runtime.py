@@ -12,6 +12,7 @@ import hrmspec
 from hrmspec.backends.reference import ops as reference
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.mask import Mask
 from hrmspec.runtime.blocks import Context, Stack
 from hrmspec.runtime.fused import plan_call, sublayer_of
 from hrmspec.spec import load_spec_text
@@ -40,7 +41,7 @@ def _spec(tiny_text, **over):
 
 def _context(spec, B, T, dtype):
     m = spec.model.module("L")
-    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    mask = Mask("causal")
     theta = m.block.attention.rope_theta
     rope = {} if theta is None else {theta: reference.rope_tables(torch.arange(T).expand(B, T), spec.model.head_dim,
                                                                   theta, dtype)}

@@ -13,6 +13,7 @@ from hrmspec.graph import build_graph
 from hrmspec.graph.build import body_graph
 from hrmspec.graph.fusion import body_dataflow, fuse_body, fuse_model, saving
 from hrmspec.ir import evaluate
+from hrmspec.mask import Mask
 from hrmspec.runtime.blocks import Context, Stack
 from hrmspec.spec import load_spec, load_spec_text
 
@@ -176,7 +177,7 @@ def test_fused_body_equals_op_by_op_and_the_layers(tiny_text, over, arity):
     ins = [torch.randn(T, d, dtype=torch.float64) for _ in range(arity)]
     inputs = dict(zip(df.graph["inputs"], ins))
     cos, sin = reference.rope_tables(torch.arange(T)[None], spec.model.head_dim, 10000.0, torch.float64)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    mask = Mask("causal")
     with torch.no_grad():
         ctx = Context(mask={m.block.attention.mask: mask}, rope={10000.0: (cos, sin)})
         expect = stack(sum(ins)[None], ctx)[0]
