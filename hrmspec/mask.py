@@ -133,7 +133,7 @@ class Mask:
     doc: torch.Tensor | None = None  # (B, k_len) int: packed documents, -1 on padding; None: one document
     window: int | None = None  # |q - k| < window; None: no window
     q_offset: int = 0  # queries are key positions q_offset .. q_offset + q_len - 1
-    _memo: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, init=False, repr=False)  # what is derived from the mask, by key
 
     def __post_init__(self):
         if self.kind not in KINDS:

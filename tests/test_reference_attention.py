@@ -220,3 +220,20 @@ def test_forward_and_backward_at_4096_allocate_nothing_of_s_squared(engine):
     tile, rows = B * H * BLOCK_Q * BLOCK_K, B * H * S * hd
     assert fwd.largest <= max(tile, rows) and bwd.largest <= max(tile, rows), (fwd.largest, bwd.largest)
     assert max(fwd.largest, bwd.largest) * 64 <= S * S
+
+
+def test_autocast_casts_q_k_v_as_sdpa_does():
+    """Under bf16 autocast (rope makes q and k fp32 there, v comes from a bf16 matmul) the op runs in
+    bf16 storage like SDPA did, with fp32 math inside; no autocast reaches the tiles."""
+    case = Case("causal", None, None, None, 2, 40)
+    q, k, v, d_out = _qkv(case, 2, 16, torch.float32, seed=3)
+    v = v.bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blocked_attention(*leaves, case.mask, 16, 16, "torch")
+        want = F.scaled_dot_product_attention(*(t.detach() for t in leaves), attn_mask=case.loop())
+    assert out.dtype == want.dtype == torch.bfloat16
+    ref = _sdpa(case, *(t.bfloat16() for t in (q, k, v)), d_out, torch.float32)[0]
+    assert ((out.float() - ref).abs() <= torch.finfo(torch.bfloat16).eps / 2 * ref.abs() + 1e-6).all()
+    grads = torch.autograd.grad(out, leaves, d_out.bfloat16())
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.bfloat16]

@@ -26,6 +26,7 @@ cannot. The tests hold both engines to SDPA with a mask built by loops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ class Plan:
     rows: tuple[tuple[tuple[int, bool], ...], ...]  # rows[qb] = ((kb, partial), ...)
     memo_bias: bool  # few PARTIAL tiles (at most two per query block): keep their biases for the batch
 
+    @property
+    def one_tile(self) -> bool:
+        """One query block visiting one key block (S <= one block)."""
+        return len(self.rows) == 1 and len(self.rows[0]) == 1 and self.rows[0][0][0] == 0
+
     def tiles(self, qb: int):
         """(q0, q1, k0, k1, partial) of the tiles of query block qb."""
         q0, q1 = qb * self.block_q, min((qb + 1) * self.block_q, self.q_len)
@@ -77,7 +83,7 @@ def plan(mask: Mask, q_len: int, k_len: int, block_q: int = BLOCK_Q, block_k: in
 
 def _bias(mask: Mask, tile: tuple, p: Plan, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """None for a FULL tile; else (bias (B or 1, 1, bq, bk): 0 where allowed, -inf elsewhere, and
-    which queries (B or 1, 1, bq) see some key of the tile). One Mask serves every layer of every
+    which queries (B or 1, 1, bq) see no key of the tile). One Mask serves every layer of every
     call: when the plan has few partial tiles they are kept for the batch (at most two tiles per
     query block, so memory stays linear in S)."""
     q0, q1, k0, k1, partial = tile
@@ -87,7 +93,7 @@ def _bias(mask: Mask, tile: tuple, p: Plan, dtype: torch.dtype, device) -> tuple
     found = mask._memo.get(key)
     if found is None:
         ok = mask.block(q0, q1, k0, k1, device)
-        found = (torch.where(ok, 0.0, float("-inf")).to(dtype), ok.any(-1))
+        found = (torch.where(ok, 0.0, float("-inf")).to(dtype), ~ok.any(-1))
         if p.memo_bias:
             mask._memo[key] = found
     return found
@@ -95,8 +101,8 @@ def _bias(mask: Mask, tile: tuple, p: Plan, dtype: torch.dtype, device) -> tuple
 
 # -- the tile math: plain torch (the definition) -------------------------------------------------------------
 def torch_tile_forward(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o_t, lse_t) of one tile: softmax(q k^T scale + bias) v and its log-sum-exp (-inf, o_t = 0
-    for a query that sees no key of the tile)."""
+    """(o_t, lse_t) of one tile: softmax(q k^T scale + bias) v and its log-sum-exp (for a query that
+    sees no key of the tile o_t = 0; its lse_t is set by the caller)."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if bias is not None:
         s.add_(bias[0])
@@ -121,10 +127,7 @@ def torch_tile_backward(d_out, q, k, v, out, lse, delta, bias, scale: float) -> 
 
 # -- the same math, torch's fused CPU kernel ---------------------------------------------------------------------
 def fused_tile_forward(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _FUSED_FWD(q, k, v, 0.0, False, attn_mask=None if bias is None else bias[0], scale=scale)
-    if bias is not None:  # the kernel gives a query that sees nothing lse 0 (and o 0): mark it -inf
-        lse = lse.masked_fill(~bias[1], float("-inf"))
-    return o, lse
+    return _FUSED_FWD(q, k, v, 0.0, False, attn_mask=None if bias is None else bias[0], scale=scale)
 
 
 def fused_tile_backward(d_out, q, k, v, out, lse, delta, bias, scale: float) -> tuple[torch.Tensor, ...]:
@@ -145,27 +148,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # -- the blocked driver ------------------------------------------------------------------------------------------
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, p: Plan, engine: str = "torch"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out in q's dtype, lse (B, h, q_len) in the compute dtype) for q (B, h, Sq, hd), k, v (B, h, Sk, hd)."""
+    """(out in q's dtype, lse (B, h, q_len) in the compute dtype; +inf for a query that sees no key)
+    for q (B, h, Sq, hd), k, v (B, h, Sk, hd)."""
     tile_forward = TILES[engine][0]
     dtype, ct = q.dtype, _compute_dtype(q.dtype)
-    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    q, k, v = _to(q, ct), _to(k, ct), _to(v, ct)
     B, H, Sq, hd = q.shape
     scale = 1.0 / math.sqrt(hd)
-    if p.rows == (((0, p.rows[0][0][1]),),):  # one tile (S <= one block): its result is the output
+    if p.one_tile:  # S <= one block: the tile's result is the output
         tile = next(p.tiles(0))
-        out, row_lse = tile_forward(q, k, v, _bias(mask, tile, p, ct, q.device), scale)
-        return out.to(dtype), row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
+        bias = _bias(mask, tile, p, ct, q.device)
+        out, lse = tile_forward(q, k, v, bias, scale)
+        return _to(out, dtype), lse if bias is None else lse.masked_fill(bias[1], float("inf"))
     out = torch.zeros(B, H, Sq, v.shape[-1], dtype=ct, device=q.device)
     lse = torch.full((B, H, Sq), float("inf"), dtype=ct, device=q.device)
     for qb in range(len(p.rows)):
         acc = row_lse = None
         for tile in p.tiles(qb):
             q0, q1, k0, k1, _ = tile
-            o, t_lse = tile_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], _bias(mask, tile, p, ct, q.device),
-                                    scale)
+            bias = _bias(mask, tile, p, ct, q.device)
+            o, t_lse = tile_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias, scale)
+            if bias is not None:  # a query that sees nothing here adds nothing (the fused kernel says lse 0)
+                t_lse = t_lse.masked_fill(bias[1], float("-inf"))
             if acc is None:
                 acc, row_lse = o, t_lse
                 continue
@@ -176,7 +187,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
         if acc is not None:  # else no key block to visit: output 0, lse +inf
             out[:, :, q0:q1] = acc
             lse[:, :, q0:q1] = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
-    return out.to(dtype), lse
+    return _to(out, dtype), lse
 
 
 def attention_backward(q, k, v, out, lse, d_out, mask: Mask, p: Plan, engine: str = "torch"
@@ -184,11 +195,11 @@ def attention_backward(q, k, v, out, lse, d_out, mask: Mask, p: Plan, engine: st
     """(dq, dk, dv) in the compute dtype, recomputing each tile's probabilities from lse."""
     tile_backward = TILES[engine][1]
     ct = lse.dtype
-    q, k, v, out, d_out = (t.to(ct) for t in (q, k, v, out, d_out))
+    q, k, v, out, d_out = (_to(t, ct) for t in (q, k, v, out, d_out))
     scale = 1.0 / math.sqrt(q.shape[-1])
     # rowsum(do * out) = sum_k p dp, (B, h, Sq); the fused kernel computes it itself
     delta = (d_out * out).sum(-1) if engine == "torch" else None
-    if p.rows == (((0, p.rows[0][0][1]),),):  # one tile: its gradients are the gradients
+    if p.one_tile:  # the tile's gradients are the gradients
         return tile_backward(d_out, q, k, v, out, lse, delta, _bias(mask, next(p.tiles(0)), p, ct, q.device), scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for qb in range(len(p.rows)):
@@ -204,12 +215,18 @@ def attention_backward(q, k, v, out, lse, d_out, mask: Mask, p: Plan, engine: st
     return dq, dk, dv
 
 
+def _no_autocast(device: str):
+    """The tiles choose their precision themselves: autocast, if on, is switched off around them."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
 class BlockedAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(hd) + mask) v, keeping q, k, v, out and lse for backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask: Mask, p: Plan, engine: str):
-        out, lse = attention_forward(q, k, v, mask, p, engine)
+        with _no_autocast(q.device.type):
+            out, lse = attention_forward(q, k, v, mask, p, engine)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.plan, ctx.engine = mask, p, engine
         return out
@@ -218,25 +235,30 @@ class BlockedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, out, lse, d_out, ctx.mask, ctx.plan, ctx.engine)
+        with _no_autocast(q.device.type):
+            dq, dk, dv = attention_backward(q, k, v, out, lse, d_out, ctx.mask, ctx.plan, ctx.engine)
         needs = ctx.needs_input_grad
-        return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
-                dv.to(v.dtype) if needs[2] else None, None, None, None)
+        return (_to(dq, q.dtype) if needs[0] else None, _to(dk, k.dtype) if needs[1] else None,
+                _to(dv, v.dtype) if needs[2] else None, None, None, None)
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, block_q: int = BLOCK_Q,
                       block_k: int = BLOCK_K, engine: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v for q (B, h, Sq, hd), k, v (B, h, Sk, hd), Sk = mask.q_offset
     + Sq; differentiable in q, k, v, with memory linear in S. `engine`: 'torch' or 'fused' tiles
-    (default: `default_engine(q)`)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] \
-            or q.shape[-1] != k.shape[-1]:
+    (default: `default_engine(q)`). Under autocast q, k, v are cast to its dtype first, as SDPA does."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or tuple(q.shape[:2]) != tuple(k.shape[:2]) \
+            or tuple(k.shape[:3]) != tuple(v.shape[:3]) or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: q (B, h, Sq, hd), k and v (B, h, Sk, hd) expected, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    engine = engine or default_engine(q)
-    if engine not in ENGINES or (engine == "fused" and default_engine(q) != "fused"):
+    fused = _FUSED_FWD is not None and q.device.type == "cpu"
+    engine = engine or ("fused" if fused else "torch")
+    if engine not in ENGINES or (engine == "fused" and not fused):
         raise ValueError(f"attention: engine {engine!r} is not available for {q.device.type} tensors; "
                          f"'torch' runs anywhere")
     B, _, Sq, _ = q.shape
     mask.check(B, Sq, k.shape[2])
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA under autocast: q, k, v in the autocast dtype
+        q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
     return BlockedAttention.apply(q, k, v, mask, plan(mask, Sq, k.shape[2], block_q, block_k), engine)
