@@ -166,7 +166,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
         tile = next(p.tiles(0))
         bias = _bias(mask, tile, p, ct, q.device)
         out, lse = tile_forward(q, k, v, bias, scale)
-        return _to(out, dtype), lse if bias is None else lse.masked_fill(bias[1], float("inf"))
+        # in place: the kernel's lse keeps the layout its backward reads without a copy
+        return _to(out, dtype), lse if bias is None else lse.masked_fill_(bias[1], float("inf"))
     out = torch.zeros(B, H, Sq, v.shape[-1], dtype=ct, device=q.device)
     lse = torch.full((B, H, Sq), float("inf"), dtype=ct, device=q.device)
     for qb in range(len(p.rows)):
@@ -176,7 +177,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
             bias = _bias(mask, tile, p, ct, q.device)
             o, t_lse = tile_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias, scale)
             if bias is not None:  # a query that sees nothing here adds nothing (the fused kernel says lse 0)
-                t_lse = t_lse.masked_fill(bias[1], float("-inf"))
+                t_lse = t_lse.masked_fill_(bias[1], float("-inf"))
             if acc is None:
                 acc, row_lse = o, t_lse
                 continue
