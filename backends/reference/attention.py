@@ -83,17 +83,18 @@ def plan(mask: Mask, q_len: int, k_len: int, block_q: int = BLOCK_Q, block_k: in
 
 def _bias(mask: Mask, tile: tuple, p: Plan, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """None for a FULL tile; else (bias (B or 1, 1, bq, bk): 0 where allowed, -inf elsewhere, and
-    which queries (B or 1, 1, bq) see no key of the tile). One Mask serves every layer of every
-    call: when the plan has few partial tiles they are kept for the batch (at most two tiles per
-    query block, so memory stays linear in S)."""
+    which queries (B or 1, 1, bq) see no key of the tile, None if all see one). One Mask serves
+    every layer of every call: when the plan has few partial tiles they are kept for the batch (at
+    most two tiles per query block, so memory stays linear in S)."""
     q0, q1, k0, k1, partial = tile
     if not partial:
         return None
-    key = ("bias", q0, q1, k0, k1, dtype)
+    key = ("bias", q0, q1, k0, k1, dtype, device)
     found = mask._memo.get(key)
     if found is None:
         ok = mask.block(q0, q1, k0, k1, device)
-        found = (torch.where(ok, 0.0, float("-inf")).to(dtype), ~ok.any(-1))
+        blind = ~ok.any(-1)
+        found = (torch.where(ok, 0.0, float("-inf")).to(dtype), blind if bool(blind.any()) else None)
         if p.memo_bias:
             mask._memo[key] = found
     return found
@@ -167,7 +168,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
         bias = _bias(mask, tile, p, ct, q.device)
         out, lse = tile_forward(q, k, v, bias, scale)
         # in place: the kernel's lse keeps the layout its backward reads without a copy
-        return _to(out, dtype), lse if bias is None else lse.masked_fill_(bias[1], float("inf"))
+        return _to(out, dtype), lse if bias is None or bias[1] is None else lse.masked_fill_(bias[1], float("inf"))
     out = torch.zeros(B, H, Sq, v.shape[-1], dtype=ct, device=q.device)
     lse = torch.full((B, H, Sq), float("inf"), dtype=ct, device=q.device)
     for qb in range(len(p.rows)):
@@ -176,8 +177,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
             q0, q1, k0, k1, _ = tile
             bias = _bias(mask, tile, p, ct, q.device)
             o, t_lse = tile_forward(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], bias, scale)
-            if bias is not None:  # a query that sees nothing here adds nothing (the fused kernel says lse 0)
-                t_lse = t_lse.masked_fill_(bias[1], float("-inf"))
+            if bias is not None and bias[1] is not None:  # a query that sees nothing here adds nothing
+                t_lse = t_lse.masked_fill_(bias[1], float("-inf"))  # (the fused kernel says lse 0)
             if acc is None:
                 acc, row_lse = o, t_lse
                 continue
