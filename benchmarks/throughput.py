@@ -54,9 +54,9 @@ from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
 
 import hrmspec  # noqa: E402
 from hrmspec.graph import analyse, build_graph  # noqa: E402
+from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.runtime.execution import CompiledModel  # noqa: E402
 from hrmspec.runtime.interop.convert import hf_config_from_spec, state_dict_to_hf  # noqa: E402
-from hrmspec.runtime.masks import dense_mask  # noqa: E402
 from hrmspec.runtime.training.loop import TrainConfig  # noqa: E402
 from hrmspec.runtime.training.optim import EMA, make_optimizer  # noqa: E402
 from hrmspec.runtime.training.packing import IGNORE, pack  # noqa: E402
@@ -218,7 +218,7 @@ def hf_batch(batch: dict[str, torch.Tensor], mask_kind: str = "prefix_lm") -> di
     labels[:, 1:] = batch["labels"][:, :-1]
     return {
         "input_ids": ids,
-        "attention_mask": dense_mask(mask_kind, B, S, batch["prefix_mask"], batch["doc_ids"]),
+        "attention_mask": Mask(mask_kind, batch["prefix_mask"], batch["doc_ids"]).dense(S, batch=B),
         "position_ids": batch["position_ids"],
         "labels": labels,
         "use_cache": False,

@@ -15,12 +15,12 @@ from hrmspec.backends import get_backend  # noqa: E402
 from hrmspec.backends.common.contract import OpTable  # noqa: E402
 from hrmspec.backends.common.fallback import record_fallbacks  # noqa: E402
 from hrmspec.backends.common.limits import MAX_WIDTH  # noqa: E402
-from hrmspec.backends.triton.table import describe_mask  # noqa: E402
 from hrmspec.check import check_kernels  # noqa: E402
 from hrmspec.cli import main  # noqa: E402
 from hrmspec.graph import build_graph  # noqa: E402
 from hrmspec.graph.fusion import KernelInfo, fuse_model  # noqa: E402
 from hrmspec.ir import rms_norm  # noqa: E402
+from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.spec import load_spec_text  # noqa: E402
 
 EXPR_NORM = '    norm: {type: expr, expr: "x * rsqrt(mean(x*x) + eps) * (1 + w)", params: {w: zeros}}\n'
@@ -111,29 +111,28 @@ def test_the_triton_backend_has_the_reference_op_table():
 
 @pytest.mark.parametrize("kind", ["causal", "prefix_lm", "bidirectional"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_dense_masks_are_recognised_exactly(kind, packed):
-    from hrmspec.runtime.masks import dense_mask
-
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_template_runs_every_mask_from_its_fields(kind, packed, window):
     prefix = torch.zeros(2, 7, dtype=torch.bool)
     prefix[0, :3] = prefix[0, 4:6] = True
     prefix[1, :1] = True
     docs = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [3, 3, 3, 3, 3, 3, 3]]) if packed else None
-    mask = dense_mask(kind, 2, 7, prefix, docs)
-    found = describe_mask(mask, 2, 7)
-    assert found is not None and found[0] == kind
-    assert torch.equal(dense_mask(found[0], 2, 7, found[1], found[2]), mask)
-    assert (found[2] is not None) == packed
+    mask = Mask(kind, prefix, docs, window)
+    q, k, v = (torch.randn(2, 2, 7, 8) for _ in range(3))
+    with record_fallbacks() as fell:  # no fallback: the template takes every mask kind, documents, a window
+        out = get_backend("triton").attention(q, k, v, mask)
+    assert not fell, fell
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()))
 
 
-def test_masks_the_template_does_not_print_run_the_reference():
-    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
-    mask[0, 0, 4, 0] = False  # a sliding window: not printable from a dense mask
-    assert describe_mask(mask, 1, 5) is None
-    q = torch.randn(1, 2, 5, 8)
-    with pytest.warns(UserWarning, match="does not print"), record_fallbacks() as fell:
-        out = get_backend("triton").attention(q, q, q, mask)
+def test_decoding_with_a_cache_runs_the_reference_attention_with_a_warning():
+    mask = Mask("causal", q_offset=5)  # 2 new queries after 5 cached keys
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    with pytest.warns(UserWarning, match="query and key lengths differ"), record_fallbacks() as fell:
+        out = get_backend("triton").attention(q, k, v, mask)
     assert [f.op for f in fell] == ["attention"]
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(2))
+    torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("norm", ["rms", "expr"])

@@ -433,14 +433,15 @@ def test_builtins_compile_for_sm80_and_sm90_without_spills():
 
 @needs_nvrtc
 def test_row_index_division_compiles_without_a_call_frame():
-    # a signed 32-bit division (row / n_inner) is a subroutine call: in this three-reduction backward
-    # (LayerNorm's: centre, variance, then the mean of the gradient) ptxas spilled around it on sm_80
-    # and sm_90; rows are non-negative, so the printer divides unsigned
+    # a division is a subroutine call: in this three-reduction backward (LayerNorm's: centre, variance,
+    # then the mean of the gradient) ptxas spilled around it on sm_80 and sm_90. The printer divides
+    # the row index unsigned and multiplies by 1 / D, taken by the reciprocal instruction
     b = ProgramBuilder("centred_norm")
     x = b.row("x")
     c = x - x.mean()
     b.output("y", c * ((c * c).mean() + 1e-5).rsqrt())
-    _assert_no_spills(_compile([b.build()], 4096))  # forward and backward
+    _assert_no_spills(_compile([b.build()], 4096))  # forward and backward, 128 threads, bf16
+    _assert_no_spills(_compile([b.build()], 8192, "f32"))  # 256 threads, fp32: 1 / D without a division
 
 
 @needs_nvrtc

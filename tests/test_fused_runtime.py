@@ -13,6 +13,7 @@ from hrmspec.backends.common.fallback import record_fallbacks
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
 from hrmspec.graph.plan import module_plan
+from hrmspec.mask import Mask
 from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.spec import load_spec_text
 
@@ -39,7 +40,7 @@ def _spec(tiny_text, **over):
 
 def _context(spec, B, T, dtype):
     m = spec.model.module("L")
-    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    mask = Mask("causal")
     theta = m.block.attention.rope_theta
     rope = {} if theta is None else {theta: reference.rope_tables(torch.arange(T).expand(B, T), spec.model.head_dim,
                                                                   theta, dtype)}

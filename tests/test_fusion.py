@@ -14,6 +14,7 @@ from hrmspec.graph.body import module_body
 from hrmspec.graph.fusion import fuse, fuse_model, region_kernel, saving
 from hrmspec.graph.plan import module_plan
 from hrmspec.ir.kernel import kernel_name
+from hrmspec.mask import Mask
 from hrmspec.runtime.execution import Context, ModuleStack
 from hrmspec.spec import load_spec, load_spec_text
 
@@ -189,7 +190,8 @@ def test_fused_body_equals_op_by_op_and_the_layers(tiny_text, over, arity):
     terms = [torch.randn(B, T, d, generator=gen, dtype=torch.float64) for _ in range(arity)]
     cos, sin = reference.rope_tables(torch.arange(T).expand(B, T), spec.model.head_dim, 10000.0, torch.float64)
     mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
-    ctx = Context(mask={spec.model.module("L").block.attention.mask: mask}, rope={10000.0: (cos, sin)})
+    kind = spec.model.module("L").block.attention.mask  # prefix_lm with no prefix: causal, as `mask`
+    ctx = Context(mask={kind: Mask(kind)}, rope={10000.0: (cos, sin)})
     plain, fused = stack(spec, arity, False), stack(spec, arity, True)
     fused.load_state_dict(plain.state_dict())
     outs, grads = [], []

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 import hrmspec
 from hrmspec.backends import get_backend
 from hrmspec.graph.plan import module_plan
+from hrmspec.mask import Mask
 from hrmspec.runtime.execution import Context, ModuleStack
-from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec import load_spec_text
 
 ops = get_backend("reference")
@@ -33,7 +33,7 @@ def test_block_gradcheck_float64(tiny_text, place, attn, mlp, affine):
     B, S = 2, 5
     prefix = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
     cos, sin = ops.rope_tables(torch.arange(S).expand(B, S), 4, 10000.0, torch.float64)
-    ctx = Context(mask={"prefix_lm": dense_mask("prefix_lm", B, S, prefix)}, rope={10000.0: (cos, sin)})
+    ctx = Context(mask={"prefix_lm": Mask("prefix_lm", prefix)}, rope={10000.0: (cos, sin)})
     x = torch.randn(B, S, 8, dtype=torch.float64, requires_grad=True)
     params = [p for p in block.parameters()]
 

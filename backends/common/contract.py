@@ -11,7 +11,8 @@ calls nothing else:
                           per-row scalars [...] in, the program's outputs out, differentiable
     rope_tables           cos, sin (B, 1, S, hd) of positions (B, S)
     rope_qk               q, k (B, S, h, hd) rotated by the tables
-    attention             softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd)
+    attention             softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the mask a description
+                          (`hrmspec.mask.Mask`: kind, prefix, documents, window), never a tensor
     linear_cross_entropy  (loss sum, counted tokens) of the logits h W^T, without the logits existing
     cross_entropy         (loss sum, counted tokens) of logits
     linear                x W^T + b
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrmspec.ir import RowProgram, library
+from hrmspec.mask import Mask
 
 IGNORE_INDEX = -100  # a label that counts no loss
 
@@ -50,7 +52,7 @@ class OpTable(Protocol):
 
     def rope_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor: ...
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor: ...
 
     def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
                              ) -> tuple[Tensor, Tensor]: ...

@@ -28,6 +28,7 @@ from hrmspec.backends.common.limits import WIDE_ROW, beyond_limits
 from hrmspec.backends.common.rowops import RopeFunction, RowOp
 from hrmspec.ir import RowProgram, library
 from hrmspec.ir.opset import REDUCE
+from hrmspec.mask import Mask
 
 ROPE = library.rope()
 
@@ -107,7 +108,7 @@ class KernelTable(TableBase):
                     ) -> tuple[Tensor, Tensor]:
         return self.reference.rope_tables(position_ids, head_dim, theta, dtype)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
         return self.reference.attention(q, k, v, mask)
 
     def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX

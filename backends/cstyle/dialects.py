@@ -59,6 +59,7 @@ class Dialect:
     math: dict[str, str]  # the fp32 math functions by role
     inf: str  # +infinity as an fp32 expression
     nan: str
+    reciprocal: str  # 1 / {0} as an fp32 expression without a division subroutine where the dialect has one
     helpers: dict[str, str]  # name -> definition, printed (in this order) when the kernel calls it
     compile_options: tuple[str, ...] = field(default=())  # what every compiler of this dialect must be given
 
@@ -89,6 +90,9 @@ CUDA = Dialect(
           "pow": "powf"},
     inf="__int_as_float(0x7f800000)",
     nan="__int_as_float(0x7fc00000)",
+    # the IEEE reciprocal instruction: a division, even with --prec-div=false, is a subroutine call
+    # whose frame ptxas spills in kernels that hold many values (LayerNorm's backward at 256 threads)
+    reciprocal="__frcp_rn({0})",
     helpers={
         "hrm_f16_to_f32": """\
 static __device__ __forceinline__ float hrm_f16_to_f32(const unsigned short h) {
@@ -139,6 +143,7 @@ OPENCL = Dialect(
     math={"exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh", "fmax": "fmax", "pow": "pow"},
     inf="INFINITY",
     nan="NAN",
+    reciprocal="1.0f / {0}",
     helpers={
         # `half` is a storage-only type without cl_khr_fp16: round through a private 16-bit slot
         "hrm_round_f16": """\

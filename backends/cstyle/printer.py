@@ -12,8 +12,9 @@ Row values are recomputed from the inputs in each pass rather than kept: a reduc
 computed in the pass of its depth, a value after a reduction in a later one. Values are fp32
 whatever the storage type (fp32, fp16, bf16), every access is bounded (the column loop runs to
 n_cols, or not at all in a block past the last row, which still meets every barrier), mean is
-sum * (1 / D) and x / D is x * (1 / D) with 1 / D computed once (a division is a subroutine call,
-and ptxas spills around it in kernels that hold many values: LayerNorm's backward on sm_80 / sm_90),
+sum * (1 / D) and x / D is x * (1 / D), with 1 / D computed once by the dialect's reciprocal (a
+division is a subroutine call, and ptxas spills around it in kernels that hold many values:
+LayerNorm's backward on sm_80 / sm_90),
 and max starts from -inf.
 
 The dialects are tables (`Dialect`: `smem_prefix`, `barrier`, `type_map`, `load`, `store`, `math`,
@@ -275,7 +276,8 @@ class _Printer(ExprPrinter):
         if p.uses_width or any(n.op == "mean" for n in p.nodes):
             self.emit(1, "const float width = (float)n_cols;")
         if any(n.op == "mean" or (n.op == "div" and p.nodes[n.srcs[1]].op == "width") for n in p.nodes):
-            self.emit(1, "const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply")
+            recip = d.reciprocal.format("width")
+            self.emit(1, f"const float inv_width = {recip};  // once per row: mean and x / D multiply by it")
         self.scalars(s, 0)
         for k, reductions in enumerate(s.passes):
             if k:

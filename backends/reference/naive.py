@@ -1,14 +1,23 @@
 """Reference ops: the math of every op a ModelGraph contains, in plain torch.
 
 Each function is the definition other backends are checked against, so clarity beats speed;
-where torch has a fused op with the same math (rms_norm, scaled_dot_product_attention) we use it.
-The reference backend's op table (backends/reference/table.py) runs these.
+where torch has a fused op with the same math (rms_norm) we use it. Attention reads the mask as
+a description (`hrmspec.mask.Mask`) and runs blocked, never building an S x S tensor
+(backends/reference/attention.py). The reference backend's op table (backends/reference/table.py)
+runs these.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+from hrmspec.backends.reference import attention as _attention
+
+if TYPE_CHECKING:
+    from hrmspec.mask import Mask
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +55,10 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return rope(q, cos, sin), rope(k, cos, sin)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v; mask is (B, 1, Sq, Sk), boolean (True = may attend) or
-    additive (0 / -inf)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v for q (B, h, Sq, hd), k, v (B, h, Sk, hd) with Sk = Sq +
+    mask.q_offset: flash-style blocks with an online softmax, memory linear in S."""
+    return _attention.blocked_attention(q, k, v, mask)
 
 
 def add(*terms: torch.Tensor) -> torch.Tensor:

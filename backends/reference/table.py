@@ -27,6 +27,7 @@ from torch import Tensor
 from hrmspec.backends.common.contract import IGNORE_INDEX, TableBase
 from hrmspec.backends.reference import naive
 from hrmspec.ir import RowProgram, evaluate
+from hrmspec.mask import Mask
 
 # a built-in function's name -> its torch form: (inputs in program order, static args) -> the output
 FAST_FORMS: dict[str, Callable[..., Tensor]] = {
@@ -62,7 +63,7 @@ class ReferenceTable(TableBase):
     def rope_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         return naive.rope_qk(q, k, cos, sin)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
         return naive.attention(q, k, v, mask)
 
     def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX

@@ -11,14 +11,12 @@ For one (batch, head), with scores s = q k^T / sqrt(hd) restricted to the allowe
 (delta is computed by torch before the backward kernel.) Logits are kept in base 2: the kernels fold
 log2(e) into the scale and use exp2/log2, and the saved lse is log2 of the row's softmax denominator.
 
-The mask is a `MaskSpec` (a kind, document packing, a sliding window), printed as one boolean
-expression over query/key positions and per-token inputs:
+The mask is a `MaskSpec` (a kind, document packing, a sliding window: the static part of a
+`hrmspec.mask.Mask`), printed as one boolean expression over query/key positions and per-token
+inputs by `hrmspec.mask.print_predicate`, from the rule every backend evaluates
+(`hrmspec.mask.allowed`): for PrefixLM over packed documents, for instance,
 
-    causal          k <= q
-    prefix_lm       k <= q | (prefix[q] & prefix[k])
-    bidirectional   (always)
-    documents       & doc[q] == doc[k]                 padding has doc id -1, like runtime.masks
-    window w        & |q - k| < w
+    (((k_pos <= q_pos) | (q_pre & k_pre)) & (q_doc == k_doc))
 
 The kernels walk index lists of the key (or query) blocks to visit, built on the host by
 `attention.py`; the predicate is evaluated only on the partial blocks.
@@ -36,8 +34,7 @@ from string import Template
 
 from hrmspec.backends.triton import cache
 from hrmspec.errors import KernelError
-
-KINDS = ("causal", "prefix_lm", "bidirectional")
+from hrmspec.mask import KINDS, Mask, print_predicate
 
 
 @dataclass(frozen=True)
@@ -54,19 +51,18 @@ class MaskSpec:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise KernelError(f"sliding window must be a positive integer, got {self.window!r}")
 
+    @classmethod
+    def of(cls, mask: Mask) -> MaskSpec:
+        """The kernel a Mask needs: its per-token tensors are the kernel's inputs, the rest is printed."""
+        return cls(mask.kind, mask.doc is not None, mask.window)
+
     @property
     def tag(self) -> str:
         return self.kind + ("_doc" if self.documents else "") + (f"_w{self.window}" if self.window else "")
 
     def predicate(self) -> str:
         """The boolean expression printed into the kernel (names: q_pos, k_pos, *_pre, *_doc)."""
-        terms = {"causal": ["(k_pos <= q_pos)"], "bidirectional": [],
-                 "prefix_lm": ["((k_pos <= q_pos) | ((q_pre != 0) & (k_pre != 0)))"]}[self.kind]
-        if self.documents:
-            terms.append("(q_doc == k_doc)")
-        if self.window:
-            terms.append(f"((q_pos - k_pos) < {self.window}) & ((k_pos - q_pos) < {self.window})")
-        return " & ".join(terms) or "(q_pos >= 0) & (k_pos >= 0)"
+        return print_predicate(self.kind, self.documents, self.window)
 
 
 # -- the template ------------------------------------------------------------------------------------
@@ -279,10 +275,11 @@ CONSTEXPRS = ("HEAD_DIM", "HD", "BLOCK_M", "BLOCK_N", "DOT_F32", "PRECISION", "R
 def render(spec: MaskSpec, direction: str, name: str) -> str:
     """The importable module holding the kernel `name` for `spec` ('fwd' or 'bwd')."""
     uses_prefix = spec.kind == "prefix_lm"
+    prefix = "tl.load(PREFIX + tok + pos, mask=pos < S, other=0) != 0"  # a bool, as the predicate's & and | take it
     fields = {
         "direction": {"fwd": "forward", "bwd": "backward"}[direction], "tag": spec.tag, "name": name,
         "predicate": spec.predicate(),
-        "prefix_load": "tl.load(PREFIX + tok + pos, mask=pos < S, other=0)" if uses_prefix else "tl.zeros_like(pos)",
+        "prefix_load": prefix if uses_prefix else "tl.zeros_like(pos)",
         "doc_load": "tl.load(DOC + tok + pos, mask=pos < S, other=-1)" if spec.documents else "tl.zeros_like(pos)",
     }
     return Template(COMMON + (FORWARD if direction == "fwd" else BACKWARD)).substitute(fields)

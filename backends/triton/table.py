@@ -3,13 +3,14 @@
     generated RowProgram kernels      row_program (the fusion plan's regions, norms, gates,
     (TritonRowOp: forward kernel,     activations, expression norms) and rope_qk; the backward
     backward by IR autodiff)          kernel of each is printed from `hrmspec.ir.grad` of its program
-    the flash-attention template      attention, when backends/triton/attention.py imports and the
-    (backends/triton/attention.py)    mask is one it prints (causal, prefix-LM, bidirectional, each
-                                      within packed documents) over equal query and key lengths
+    the flash-attention template      attention, when backends/triton/attention.py imports: the
+    (backends/triton/attention.py)    Mask's kind, documents and window printed in, its prefix and
+                                      doc ids read per token, over equal query and key lengths
     the chunked linear-CE driver      linear_cross_entropy (the training loss), its softmax steps as
     with Triton kernels               Triton kernels (backends/triton/linear_ce.py)
     the reference table               rope_tables, cross_entropy, linear; attention otherwise
-                                      (decoding with a cache, head dims over 128)
+                                      (decoding with a cache, head dims over 128): the blocked
+                                      reference attention
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by the registry
 before triton is imported). Whatever a kernel cannot run — a row wider than MAX_WIDTH, fp64, a
@@ -20,7 +21,6 @@ fallback (backends/common/fallback.py): never silent, and never a wrong result.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from hrmspec.backends.common.kernel_table import KernelTable
 from hrmspec.backends.common.limits import MAX_WIDTH, beyond_limits
 from hrmspec.backends.triton.aot import interpreting
 from hrmspec.backends.triton.launch import TritonRowOp
+from hrmspec.mask import Mask
 
 
 class TritonTable(KernelTable):
@@ -47,7 +48,7 @@ class TritonTable(KernelTable):
             reason = f"a tensor on {misplaced.device} while the kernels run on {where}"
         return reason
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
         return attention(q, k, v, mask, self)  # the module's function (below)
 
     def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
@@ -76,59 +77,22 @@ def _flash_attention():
     return flash_attention
 
 
-_last_mask: list = [None, None]  # (weakref to the mask, what it was recognised as): one mask serves a whole batch
-
-
-def describe_mask(mask: torch.Tensor | None, batch: int, seq_len: int):
-    """(kind, prefix, doc) when `mask` (B, 1, S, S; boolean, or additive 0 / -inf) is exactly a mask
-    the template prints, else None. Every kind lets a token see the one before it in its own
-    document, so a token that cannot starts a new document (doc ids are the running count of
-    starts); the prefix of a PrefixLM mask is read off the pairs above the diagonal (both ends of
-    such a pair are prefix tokens). The mask rebuilt from what was read must equal the given one, so
-    anything else in it (a window, a document split in two) is never mistaken for a printable mask."""
-    if mask is None:
-        return "bidirectional", None, None
-    ref = _last_mask[0]() if _last_mask[0] is not None else None
-    if ref is mask:
-        return _last_mask[1]
-    allowed = (mask if mask.dtype == torch.bool else mask == 0).expand(batch, 1, seq_len, seq_len)[:, 0]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
-    starts = ~allowed.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, S-1): token j cannot see token j-1
-    doc = torch.cat([torch.zeros_like(starts[:, :1]), starts], 1).long().cumsum(1)
-    same = doc[:, :, None] == doc[:, None, :]
-    above = allowed & ~causal
-    prefix = above.any(-1) | above.any(-2)
-    candidates = (("bidirectional", None, same), ("causal", None, causal & same),
-                  ("prefix_lm", prefix, (causal | (prefix[:, :, None] & prefix[:, None, :])) & same))
-    found = None
-    for kind, pre, rebuilt in candidates:
-        if torch.equal(allowed, rebuilt.expand_as(allowed)):
-            found = (kind, pre, doc if bool(starts.any()) else None)
-            break
-    _last_mask[:] = [weakref.ref(mask), found]
-    return found
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, table: TritonTable
-              ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd); the template when it can print the mask."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, table: TritonTable) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd): the template, with the Mask's fields
+    as its inputs; the reference attention where the template cannot run."""
     reference, _unsupported, _fallback = table.reference, table.unsupported, table.fallback  # what it falls back to
     flash = _flash_attention()
     if flash is None:
         return reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
     reason = _unsupported([q, k, v], 0)
-    if reason is None and q.shape != k.shape:
+    if reason is None and (q.shape != k.shape or mask.q_offset):
         reason = "query and key lengths differ (decoding with a cache)"
     elif reason is None and q.shape[-1] > 128:
         reason = f"head dim {q.shape[-1]} > 128"
-    found = describe_mask(mask, q.shape[0], q.shape[2]) if reason is None else None
-    if reason is None and found is None:
-        reason = "a mask the template does not print"
     if reason is not None:
         _fallback("attention", reason)
         return reference.attention(q, k, v, mask)
-    kind, prefix, doc = found
-    return flash(q, k, v, kind, prefix, doc)
+    return flash(q, k, v, mask)
 
 
-__all__ = ["TritonTable", "attention", "describe_mask"]
+__all__ = ["TritonTable", "attention"]

@@ -8,9 +8,10 @@ ops are left out, as is customary. A causal or PrefixLM query of a length-S row 
 A training step costs 3x the forward FLOPs (forward, and backward for activations and weights)
 for grad-carrying calls and the head, and 1x for no-grad calls, which is why the credit plan
 makes deep recurrences affordable. Activation memory counts the elements each grad-carrying
-call keeps for backward; no-grad calls keep none. The batch's attention mask (a row of S per
-token) and rotary tables are kept once, whatever the number of calls. The loss keeps the last hidden states and, in
-training (the chunked linear + cross-entropy), one log-sum-exp per token; with full logits
+call keeps for backward; no-grad calls keep none. The batch's rotary tables are kept once,
+whatever the number of calls; the attention mask is a description, not a tensor, and attention
+keeps one log-sum-exp per query and head. The loss keeps the last hidden states and, in training
+(the chunked linear + cross-entropy), one log-sum-exp per token; with full logits
 (`logits=True`), the (tokens, vocab) logits too.
 """
 
@@ -100,9 +101,9 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
     # kept for backward: each grad call's saved activations and its input sum; the loss's input
     # (the last hidden states), and the logits (full) or one log-sum-exp per token (chunked)
     saved = sum(saved_per_call[c["module"]] + d for c in calls if c["grad"]) + d + (V if logits else 1)
-    if any(c["grad"] for c in calls):  # once per batch, shared by every call: the mask row, rotary tables
+    if any(c["grad"] for c in calls):  # once per batch, shared by every call: the rotary tables
         rope = any(m.block.attention.rope_theta is not None for m in model.modules)
-        saved += seq_len + (2 * model.head_dim if rope else 0)
+        saved += 2 * model.head_dim if rope else 0
     return GraphStats(
         params=sum(parts.values()),
         params_by_part=parts,

@@ -23,11 +23,11 @@ import networkx as nx
 import torch
 from torch import nn
 
+from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.stack import ModuleStack, register_at
 from hrmspec.runtime.interop.export import save_hf
-from hrmspec.runtime.masks import dense_mask
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schema import lecun_std
 
@@ -137,10 +137,12 @@ class CompiledModel(nn.Module):
         m, device = self.spec.model, self.embed.weight.device
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
-        masks = {}
-        for kind in {mod.block.attention.mask for mod in m.modules}:
-            # decoding with a cache: the new token may see every cached key; no mask needed
-            masks[kind] = None if past else dense_mask(kind, B, S, prefix_mask, doc_ids, device)
+        if past:  # decoding with a cache: queries are positions past.., and see every cached key
+            prefix_mask = doc_ids = None
+        prefix = None if prefix_mask is None else prefix_mask.to(device=device, dtype=torch.bool)
+        doc = None if doc_ids is None else doc_ids.to(device)
+        kinds = {mod.block.attention.mask for mod in m.modules}
+        masks = {kind: Mask(kind, prefix, doc, q_offset=past) for kind in kinds}
         dtype = self.embed.weight.dtype
         rope = {}
         for theta in {mod.block.attention.rope_theta for mod in m.modules} - {None}:

@@ -88,7 +88,7 @@ class ModuleStack(nn.Module):
             if cache[0] is not None:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
-        return self.ops.attention(q, k, v, ctx.attn_mask(mask, q.dtype)).transpose(1, 2)  # (B, S, h, hd)
+        return self.ops.attention(q, k, v, ctx.mask[mask]).transpose(1, 2)  # (B, S, h, hd)
 
 
 def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:

@@ -39,7 +39,7 @@ __kernel __attribute__((reqd_work_group_size(128, 1, 1))) void hrm_rms_norm_bwd_
   const long outer = (unsigned)row / (unsigned)n_inner, inner = (unsigned)row % (unsigned)n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
-  const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply
+  const float inv_width = 1.0f / width;  // once per row: mean and x / D multiply by it
   // pass 1: mean %1, sum %11
   float a2 = 0.0f;
   float a12 = 0.0f;

@@ -35,7 +35,7 @@ extern "C" __global__ void __launch_bounds__(128) hrm_rms_norm_fwd_8bd3f7fb(
   const long long outer = (unsigned)row / (unsigned)n_inner, inner = (unsigned)row % (unsigned)n_inner;
   const int cols = in_row ? n_cols : 0;
   const float width = (float)n_cols;
-  const float inv_width = 1.0f / width;  // one division per row: mean and x / D multiply
+  const float inv_width = __frcp_rn(width);  // once per row: mean and x / D multiply by it
   // pass 1: mean %2
   float a3 = 0.0f;
   for (int col = tid; col < cols; col += 128) {
