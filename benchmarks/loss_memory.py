@@ -286,6 +286,19 @@ def plot(points: list[dict], args, path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def answer_probe(args, probe) -> bool:
+    """In a probe child (`--probe JSON`): measure one point with `probe` and print it as JSON. Else set
+    the threads and make the output folder. True when this process was a probe."""
+    if args.probe:
+        spec = json.loads(args.probe)
+        torch.set_num_threads(spec.pop("threads"))
+        print(json.dumps(probe(**spec)))
+        return True
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -301,14 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = argv
 
-    if args.probe:
-        spec = json.loads(args.probe)
-        torch.set_num_threads(spec.pop("threads"))
-        print(json.dumps(probe(**spec)))
+    if answer_probe(args, probe):
         return 0
-
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     points = []
     for vocab in args.vocab:

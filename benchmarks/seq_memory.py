@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from loss_memory import alternate, paired_ratio  # noqa: E402
+from loss_memory import alternate, answer_probe, paired_ratio  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from report import MiB, _status_kib, environment  # noqa: E402
@@ -319,14 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = argv
 
-    if args.probe:
-        spec = json.loads(args.probe)
-        torch.set_num_threads(spec.pop("threads"))
-        print(json.dumps(probe(**spec)))
+    if answer_probe(args, probe):
         return 0
-
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     previous = args.out / "seq_memory.json"
     last = json.loads(previous.read_text()) if (args.only or args.render) and previous.exists() else {}
