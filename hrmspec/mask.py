@@ -203,6 +203,21 @@ class Mask:
         self.check(B, q_len, k_len, "Mask.dense")
         return self.block(0, q_len, 0, k_len, device).expand(B, 1, q_len, k_len).contiguous()
 
+    @property
+    def mask_mod(self):
+        """`allowed` as a function with FlexAttention's `mask_mod` signature (batch, head, query index,
+        key index): `torch.nn.attention.flex_attention.create_block_mask(mask.mask_mod, ...)` runs this
+        mask in torch's FlexAttention (the tests hold the reference attention to it)."""
+        kind, prefix, doc_ids, window, offset = self.kind, self.prefix, self.doc, self.window, self.q_offset
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            q = q_idx + offset
+            pre = (prefix[b, q], prefix[b, kv_idx]) if kind == "prefix_lm" and prefix is not None else None
+            doc = (doc_ids[b, q], doc_ids[b, kv_idx]) if doc_ids is not None else None
+            return allowed(kind, q, kv_idx, pre, doc, window)
+
+        return mask_mod
+
     def states(self, q_len: int, k_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
         """`block_states(self, ...)`, memoised: one mask serves every layer of every call."""
         key = ("states", q_len, k_len, block_q, block_k, None if self.tokens is not None else str(device))

@@ -3,6 +3,7 @@ backward from the saved log-sum-exp, against SDPA with a mask built by loops; an
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -241,3 +242,28 @@ def test_autocast_casts_q_k_v_as_sdpa_does():
     assert ((out.float() - ref).abs() <= torch.finfo(torch.bfloat16).eps / 2 * ref.abs() + 1e-6).all()
     grads = torch.autograd.grad(out, leaves, d_out.bfloat16())
     assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.bfloat16]
+
+
+def _flex(mask: Mask, q, k, v):
+    """torch's FlexAttention (eager, on the CPU, forward only there) with the mask's rule as its mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(mask.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device="cpu")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # eager: the oracle
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@settings(max_examples=10)
+@given(case=cases(seq_lens=(1, 7, 33, 65), offsets=(0, 0, 3), prefix_none=True))
+def test_the_rule_as_a_flex_attention_mask_mod_gives_the_same_attention(case):
+    """The mask rule handed to torch's FlexAttention as its `mask_mod` (`Mask.mask_mod`) and the
+    blocked reference attention agree, in float64, on both engines and on tiles smaller than the row."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v, d_out = _qkv(case, 2, 16, torch.float64)
+    want = _flex(case.mask, q, k, v)
+    for engine in ENGINES:
+        for blocks in ((BLOCK_Q, BLOCK_K), (16, 8)):
+            got = _blocked(case, q, k, v, d_out, blocks, engine)[0]
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, e=engine, b=blocks: f"{e} {b} {case}: {m}")

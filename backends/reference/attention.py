@@ -263,4 +263,14 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
     device = q.device.type
     if torch.is_autocast_enabled(device):  # as SDPA under autocast: q, k, v in the autocast dtype
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
-    return BlockedAttention.apply(q, k, v, mask, plan(mask, Sq, k.shape[2], block_q, block_k), engine)
+    p = plan(mask, Sq, k.shape[2], block_q, block_k)
+    if engine == "fused" and p.one_tile and _compute_dtype(q.dtype) == q.dtype:
+        # one tile (S <= a block) on the CPU kernel: SDPA itself runs it, with the tile's bias (memoised
+        # on the Mask for the batch, no larger than a tile), which spares the Function's per-call cost at
+        # the demo's short rows; a query that sees no key needs the Function's convention (output 0)
+        bias = _bias(mask, next(p.tiles(0)), p, q.dtype, q.device)
+        if bias is None or bias[1] is None:
+            with _no_autocast(device):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=None if bias is None else bias[0])
+    return BlockedAttention.apply(q, k, v, mask, p, engine)
