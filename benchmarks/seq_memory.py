@@ -1,6 +1,6 @@
 """Memory and time of attention over long rows: a dense mask with SDPA vs the blocked attention.
 
-    python benchmarks/seq_memory.py                        # S = 512 .. 8192 memory, S = 256 times; ~6 min, < 2 GB
+    python benchmarks/seq_memory.py                        # S = 512 .. 8192 memory, S = 256 and 64 times; ~9 min
     python benchmarks/seq_memory.py --only timing          # re-time on an idle machine, keep the memory table
     python benchmarks/seq_memory.py --seq-lens 512 1024 --reps 5
 
@@ -15,9 +15,10 @@ measured in the same run on the same model and batch:
    gradient; batch 2, a one-third PrefixLM prefix) at S = 512 .. 8192: the peak-RSS increase of a
    step over the RSS between steps, after a warm-up step, in a fresh process per point; and the
    bytes autograd saves for backward (deterministic);
-2. time at S = 256 on the demo config (hrm-text-tiny: 2 layers per module, H 2 / L 3 cycles,
-   L_bp_cycles [1, 2]; batch 8): the attention op alone (q, k, v of one layer, forward +
-   backward) and a whole training step, the two paths alternating; paired ratios.
+2. time on the demo config (hrm-text-tiny: 2 layers per module, H 2 / L 3 cycles, L_bp_cycles
+   [1, 2]) at 8 x 256 tokens and at the demo's own batch, 32 x 64: the attention op alone (q, k, v
+   of one layer, forward + backward) and a whole training step, the two paths alternating; paired
+   ratios.
 """
 
 from __future__ import annotations
@@ -139,9 +140,12 @@ def probe_in_fresh_process(path: str, seq_len: int, batch: int, threads: int) ->
 # --------------------------------------------------------------------------- time at S = 256
 
 
-def time_demo(reps: int, warmup: int) -> dict:
+SHAPES = ((8, 256), (32, 64))  # rows x tokens: S = 256, and the demo's own batch (train: 32 x 64)
+
+
+def time_demo(reps: int, warmup: int, batch: int = 8, seq_len: int = 256) -> dict:
     """The attention op alone and a whole training step at the demo config, both paths alternating."""
-    w = Workload()  # hrm-text-tiny, H 2 / L 3, L_bp_cycles [1, 2], 8 x 256
+    w = Workload(batch=batch, seq_len=seq_len)  # hrm-text-tiny, H 2 / L 3, L_bp_cycles [1, 2]
     models = {p: model_for(w, p) for p in PATHS}
     models["dense"].load_state_dict(models["blocked"].state_dict())
     b = make_batch(w, models["blocked"].spec.model.vocab)
@@ -225,19 +229,19 @@ def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
         lines += ["", "The blocked path keeps what the dense one keeps less the mask: the difference of the saved "
                   "bytes is the (B, 1, S, S) fp32 mask, 2 S^2 x 4 bytes here. The step times are single steps in "
                   "the probe processes, one point each: indicative only."]
-    if timing:
+    for shape, t in (timing or {}).items():
+        B, S = (int(x) for x in shape.split(" x "))
         lines += [
             "",
-            "## Time at S = 256, the demo config",
+            f"## Time at {B} x {S} tokens, the demo config",
             "",
             "hrm-text-tiny as shipped (d_model 128, 4 heads x 32, 2 layers per module, H 2 / L 3 cycles, "
-            "credit L_bp_cycles [1, 2]), batch 8 x 256, a one-third PrefixLM prefix, fp32. **attention**: one "
-            "layer's op, q, k, v (8, 4, 256, 32), forward + backward into q, k, v, the batch's mask reused (as by "
-            "every layer of a step); also on the plain-torch tiles (`engine=\"torch\"`, the definition; the "
+            f"credit L_bp_cycles [1, 2]), batch {B} x {S}, a one-third PrefixLM prefix, fp32. **attention**: one "
+            f"layer's op, q, k, v ({B}, 4, {S}, 32), forward + backward into q, k, v, the batch's mask reused (as "
+            "by every layer of a step); also on the plain-torch tiles (`engine=\"torch\"`, the definition; the "
             "default on CPU is torch's fused kernel per tile). **step**: forward + backward of the model with the "
-            "chunked loss. Each "
-            "timed run follows an untimed one of the same path; the paths alternate round by round. Ratio "
-            "blocked / dense > 1: blocked is slower; **median**: the median of the per-round ratios, "
+            "chunked loss. Each timed run follows an untimed one of the same path; the paths alternate round by "
+            "round. Ratio blocked / dense > 1: blocked is slower; **median**: the median of the per-round ratios, "
             "**best**: the ratio of the fastest runs.",
             "",
             "| what | runs | dense ms (median, min) | blocked ms (median, min) | blocked / dense, median "
@@ -245,10 +249,10 @@ def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         rows = [("attention", "blocked"), ("step", "blocked")]
-        if "blocked, plain-torch tiles" in timing["attention"]:
+        if "blocked, plain-torch tiles" in t["attention"]:
             rows.insert(1, ("attention", "blocked, plain-torch tiles"))
         for what, case in rows:
-            d, bl = timing[what]["dense"], timing[what][case]
+            d, bl = t[what]["dense"], t[what][case]
             name = what if case == "blocked" else f"{what} ({case.split(', ')[1]})"
             lines.append(
                 f"| {name} | {len(d['wall'])} | {statistics.median(d['wall']) * 1e3:,.1f}, {min(d['wall']) * 1e3:,.1f} "
@@ -256,17 +260,11 @@ def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
                 f"| **{paired_ratio(bl['wall'], d['wall']):.2f}** | {min(bl['wall']) / min(d['wall']):.2f} "
                 f"| {paired_ratio(bl['cpu'], d['cpu']):.2f} |"
             )
-        st = timing["step"]
-        lines += ["", f"Loss of the timed steps: dense {st['dense']['loss']:.6f}, blocked {st['blocked']['loss']:.6f}.",
-                  "", f"**Machine load when the timings started** (`uptime`): {load}. Timings on a shared, busy "
-                  "machine are not reliable; re-run on an idle machine for the final numbers."]
-    cmds = {part: " ".join(["python benchmarks/seq_memory.py", *argv]) for part, argv in args.commands.items()
-            if argv is not None}
-    if len(set(cmds.values())) == 1:
-        lines += ["", f"Command: `{next(iter(cmds.values()))}`."]
-    else:
-        lines += [""] + [f"Command ({part}): `{cmd}`." for part, cmd in cmds.items()]
-    lines += ["", f"Environment (of the last run): {env}.", ""]
+        st = t["step"]
+        lines += ["", f"Loss of the timed steps: dense {st['dense']['loss']:.6f}, blocked {st['blocked']['loss']:.6f}."]
+    if timing:
+        lines += ["", f"**Machine load when the timings started** (`uptime`): {load}. Timings on a shared, busy "
+                  "machine are not reliable; the ones here are to be read with that load."]
     return "\n".join(lines)
 
 
@@ -288,13 +286,17 @@ def plot(points: list[dict], timing: dict, path: Path) -> None:
     mem.set_title("memory of one training step (small tiny variant, batch 2)", fontsize=9)
     mem.legend(fontsize=7)
     if timing:
-        labels = ["attention op", "training step"]
-        ratios = [paired_ratio(timing[w]["blocked"]["wall"], timing[w]["dense"]["wall"]) for w in ("attention", "step")]
+        labels, ratios = [], []
+        for shape, t in timing.items():
+            for w, name in (("attention", "attention op"), ("step", "training step")):
+                labels.append(f"{name}\n{shape}")
+                ratios.append(paired_ratio(t[w]["blocked"]["wall"], t[w]["dense"]["wall"]))
         bars = tim.bar(labels, ratios, color=colors["blocked"])
         tim.bar_label(bars, fmt="%.2f", fontsize=8)
         tim.axhline(1.0, color="k", lw=0.8)
+        tim.tick_params(axis="x", labelsize=7)
         tim.set_ylabel("blocked / dense time")
-        tim.set_title("S = 256, demo config (median paired ratio)", fontsize=9)
+        tim.set_title("demo config (median paired ratio)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -334,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.only != "memory":
         load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        timing = time_demo(args.reps, args.warmup)
-        r = {w: paired_ratio(timing[w]["blocked"]["wall"], timing[w]["dense"]["wall"]) for w in ("attention", "step")}
-        print(f"S = 256: blocked / dense, attention op {r['attention']:.2f}, training step {r['step']:.2f} "
-              f"({load})", flush=True)
+        timing = {}
+        for B, S in SHAPES:
+            t = timing[f"{B} x {S}"] = time_demo(args.reps, args.warmup, B, S)
+            r = {w: paired_ratio(t[w]["blocked"]["wall"], t[w]["dense"]["wall"]) for w in ("attention", "step")}
+            print(f"{B} x {S}: blocked / dense, attention op {r['attention']:.2f}, training step {r['step']:.2f} "
+                  f"({load})", flush=True)
     if args.only != "timing":
         points = []
         for S in args.seq_lens:

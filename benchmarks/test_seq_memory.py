@@ -33,16 +33,19 @@ def test_same_loss_and_gradients(seq_case):
 
 
 def test_blocked_saves_linear_memory_and_dense_its_mask_too():
-    """Doubling S doubles what the blocked path keeps for backward; the dense path keeps the same
-    and its (B, 1, S, S) fp32 mask (one storage, shared by every call), which quadruples."""
+    """Past one tile (S > 256), doubling S doubles what the blocked path keeps for backward; the dense
+    path keeps the same and its (B, 1, S, S) fp32 mask (one storage, shared by every call), which
+    quadruples. A row of one tile runs SDPA on the tile's bias, which is that mask: the same bytes."""
     saved = {}
-    for S in (256, 512):
+    for S in (256, 512, 1024):
         w = memory_workload(S, batch=2)
         for p in PATHS:
             model = model_for(w, p)
             saved[p, S] = saved_activation_bytes(model, make_batch(w, model.spec.model.vocab), return_logits=False)
+    assert saved["dense", 256] == saved["blocked", 256], saved
+    for S in (512, 1024):
         assert saved["dense", S] - saved["blocked", S] == 2 * S * S * 4, saved
-    assert 1.9 < saved["blocked", 512] / saved["blocked", 256] < 2.1, saved
+    assert 1.9 < saved["blocked", 1024] / saved["blocked", 512] < 2.1, saved
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -19,9 +19,11 @@ end; fp32 and fp64 stay as they are (float64 gradcheck holds).
 
 A tile runs on one of two engines with the same math: `torch_tile_*` below, in plain torch ops
 (the definition, on every device), or on CPU torch's fused flash-attention kernel (the one SDPA
-dispatches to there), which keeps each tile in cache: at the demo's rows (S <= 256, one tile) it
-runs as fast as SDPA with a dense mask did, which the plain ops (about ten passes over the tile)
-cannot. The tests hold both engines to SDPA with a mask built by loops.
+dispatches to there), which keeps each tile in cache. A row of one tile (S <= 256, the demo's
+rows) on that kernel is handed to SDPA itself with the tile's bias (memoised on the Mask for the
+batch, the size of one tile), so short rows pay no more than SDPA with a dense mask did; the
+plain ops (about ten passes over the tile) cannot match it. The tests hold both engines to SDPA
+with a mask built by loops, and to torch's FlexAttention under the same rule.
 """
 
 from __future__ import annotations
