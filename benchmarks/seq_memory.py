@@ -179,6 +179,7 @@ def _rss(m: dict) -> float:
 
 
 def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
+    engine = next(iter(timing.values()))["engine"] if timing else default_engine(torch.zeros(1))
     lines = [
         "# Attention over long rows: a dense mask with SDPA vs the blocked attention",
         "",
@@ -188,7 +189,7 @@ def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
         "`F.scaled_dot_product_attention`, which keeps the mask for backward. **blocked**: the reference "
         f"attention now (`backends/reference/attention.py`): tiles of {BLOCK_Q} x {BLOCK_K}, SKIP tiles not "
         "computed, the predicate evaluated on PARTIAL tiles only, q, k, v, out and the log-sum-exp kept for "
-        f"backward; tiles on the `{timing['engine'] if timing else default_engine(torch.zeros(1))}` engine.",
+        f"backward; tiles on the `{engine}` engine.",
         "",
         "## Memory of one training step",
         "",
@@ -351,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
             points.append({"seq_len": S, "memory": m})
 
     env = environment([args.threads])
-    (args.out / "seq_memory.md").write_text(tables(points, timing, args, env, load))
-    plot(points, timing, args.out / "seq_memory.png")
     raw = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "probe", "commands")}, "points": points,
            "timing": timing, "load": load, "environment": env, "commands": commands}
-    (args.out / "seq_memory.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (args.out / "seq_memory.json").write_text(json.dumps(raw, indent=1) + "\n")  # first: the tables read it back
+    (args.out / "seq_memory.md").write_text(tables(points, timing, args, env, load))
+    plot(points, timing, args.out / "seq_memory.png")
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 
