@@ -212,3 +212,24 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys):
     assert "training set is empty" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this would run code: it records that it did."""
+
+    ran: list = []
+
+    def __reduce__(self):
+        return (_Payload.ran.append, ("unpickled",))
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "optimizer.pt"])
+def test_resume_never_unpickles_objects_from_a_checkpoint(tmp_path, name):
+    train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
+    last = ckpt.latest_checkpoint(tmp_path)
+    state = torch.load(last / name, weights_only=True)  # what resuming reads: plain tensors and numbers
+    torch.save({**state, "payload": _Payload()}, last / name)
+    _Payload.ran.clear()
+    with pytest.raises(CheckpointError, match=f"unsafe checkpoint file .*{name}"):
+        train(spec(**{"train.steps": 5}), tmp_path, resume=True, progress_bar=False)
+    assert _Payload.ran == []  # refused, not run

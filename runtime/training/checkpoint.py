@@ -36,13 +36,24 @@ PREFIX = "step_"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states of torch, numpy and python as tensors and plain numbers: what
+    `torch.load(weights_only=True)` reads back (a checkpoint never unpickles objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": py_gauss},
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss"]))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -128,9 +139,15 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     model.load_state_dict(tensors)
 
 
-def read_trainer_state(ckpt: Path) -> dict:
-    path = ckpt / "trainer.pt"
+def read_pt(path: Path) -> Any:
+    """A `.pt` file of a checkpoint: tensors, containers and plain numbers only. `weights_only=True`
+    refuses anything else, so a checkpoint someone hands you cannot run code when it is read."""
     try:
-        return torch.load(path, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a corrupt file, or one that holds pickled objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"corrupt or unsafe checkpoint file {path}: {first}") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return read_pt(ckpt / "trainer.pt")

@@ -298,7 +298,7 @@ def _full_states(model, optimizer, ema, sharded: bool):
 
 
 def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -> None:
-    optim_state = torch.load(ckpt_dir / "optimizer.pt", weights_only=False)
+    optim_state = ckpt.read_pt(ckpt_dir / "optimizer.pt")
     ema_state = read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
     if not sharded:
         optimizer.load_state_dict(optim_state)
