@@ -292,6 +292,12 @@ def test_cache_files_are_content_addressed_and_repaired(kernel_cache):
     assert k1.path.read_text() == text
     k1.path.write_text(text.replace("1e-05", "1e-04"))  # an edited file fails the checksum too
     assert not cache.is_valid(k1.path)
+    # an edit that also rewrites the checksum line passes the file's own check, but not the comparison
+    # with what was generated: the file is written again before anything imports it
+    body = text.rstrip("\n").rpartition("\n")[0] + "\nraise SystemExit('injected')\n"
+    k1.path.write_text(body + checksum_prefix(".py") + hashlib.sha256(body.encode()).hexdigest() + "\n")
+    assert cache.is_valid(k1.path)
+    assert RowKernel(rms_norm(eps=1e-5, name="cache_probe")).path == k1.path and k1.path.read_text() == text
 
 
 # -- compile-only: the real compiler, sm_80 and sm_90, no GPU --------------------------------------------

@@ -11,8 +11,10 @@ generated source is written to
 where the key parts name what compiles it (Triton: its version and the target; C: the dialect
 and the toolchain), so each toolchain gets its own file. The file ends with a checksum line of the
 text above it, a comment in the file's language (`# hrmspec-checksum: ...` in Python,
-`// hrmspec-checksum: ...` in C); a half-written (a crash, a full disk) or edited file fails the
-check and is written again. Writes go to a temporary file renamed into place, so concurrent
+`// hrmspec-checksum: ...` in C). Before a file is used it is compared, byte for byte, with the
+text just generated for it: a half-written (a crash, a full disk) or edited file — even one whose
+checksum line was edited to match — is written again, so nothing from the cache runs unless it is
+exactly what hrmspec generated in this process. Writes go to a temporary file renamed into place, so concurrent
 processes never read a partial file. `load_module` imports a Python cache file (Triton's kernels).
 """
 
@@ -68,14 +70,18 @@ def write_source(name: str, source: str, suffix: str, key: Sequence[str]) -> Pat
     """The cache file holding `source` (written, or rewritten if missing or corrupt); `key` names
     what will compile it (see the module docstring)."""
     path = cache_dir() / f"{name}_{source_key(source, key)}{suffix}"
-    if path.exists() and is_valid(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = source if source.endswith("\n") else source + "\n"
+    expected = text + checksum_prefix(suffix) + _digest(text) + "\n"
+    try:
+        if path.read_text() == expected:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or unreadable: written below
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}_", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text + checksum_prefix(suffix) + _digest(text) + "\n")
+            f.write(expected)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
