@@ -134,7 +134,7 @@ ROWS = [
     row("init-kind", edit("init: buffer", "init: bufer"), "model.states.z_L.init",
         "expected one of embed | buffer | zeros | learned, found 'bufer'", 16, 17, "did you mean 'buffer'?"),
     row("objective", BASE + "objective: lmm\n", "objective",
-        "expected one of task_completion | lm, found 'lmm'", 27, 12, "did you mean 'lm'?"),
+        "expected one of task_completion | lm | grid, found 'lmm'", 27, 12, "did you mean 'lm'?"),
     row("credit-word", edit(f"  credit:\n{CREDIT}", "  credit: nne\n"), "model.credit",
         "expected a mapping with one of depth, last, per_cycle (or the word none), found 'nne'", 24, 11,
         "did you mean 'none'?"),

@@ -95,6 +95,14 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
     final = final_norm_op(model)
     if final is not None and final.params:
         parts["final_norm"] = final.param_count
+    P = model.puzzle.positions if model.puzzle is not None else 0
+    if model.puzzle is not None:
+        parts["puzzle vectors"] = model.puzzle.identifiers * model.puzzle.dim
+    if model.positions == "learned":
+        parts["positions"] = (model.max_seq_len + P) * d
+    sup = spec.supervision
+    if sup is not None and sup.halting is not None:
+        parts["halting head"] = 2 * d + 2
     head_flops = 2 * d * V
     fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops
     train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * head_flops

@@ -25,11 +25,14 @@ REQUIRED = object()  # the default of a getter whose key must be present
 # The keys of each kind of mapping, for "did you mean" hints across levels ('mlp' written under
 # model instead of model.block) and to tell a misspelt required key from a valid optional one.
 _KEYS: dict[str, tuple[str, ...]] = {
-    "the top level": ("name", "extends", "model", "objective", "train", "data", "eval"),
+    "the top level": ("name", "extends", "model", "objective", "supervision", "train", "data", "eval"),
     "model": tuple(
         "vocab d_model heads head_dim ffn expansion max_seq_len final_norm block modules states schedule "
-        "output head init embed_scale credit".split()
+        "output head init embed_scale credit puzzle positions".split()
     ),
+    "model.puzzle": ("identifiers", "dim", "positions"),
+    "supervision": ("segments", "halting"),
+    "supervision.halting": ("type", "exploration", "weight"),
     "model.block": ("norm", "attention", "mlp"),
     "model.block.norm": ("type", "eps", "affine", "place", "expr", "params"),
     "model.block.attention": ("type", "rope_theta", "mask", "bias"),
@@ -39,7 +42,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "model.init": ("type", "std"),
     "model.credit": ("depth", "last", "per_cycle", "priority"),
     "model.credit.depth": ("from", "to", "warmup"),
-    "objective": ("type",),
+    "objective": ("type", "loss"),
 }
 
 # Keys the language will grow into; written today, they say so instead of "unknown key".
@@ -47,7 +50,8 @@ _RESERVED = {
     "model": {
         "prelude": "layers before the recurrence: write a module called once, outside any repeat",
         "coda": "layers after the recurrence: write a module called once, outside any repeat",
-        "act": "adaptive computation time: use a fixed repeat count",
+        "act": "per-position adaptive computation time: not supported yet; supervision: {segments, halting} "
+               "halts whole samples between segments",
         "adapters": "cat(...) injection through adapters: inject by addition",
     },
 }

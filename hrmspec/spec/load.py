@@ -17,13 +17,15 @@ from typing import Any
 
 from hrmspec.spec.fields import Fields, describe
 from hrmspec.spec.model import read_model
-from hrmspec.spec.schema import ObjectiveSpec, Spec
+from hrmspec.spec.schema import HaltingSpec, ObjectiveSpec, Spec, SupervisionSpec
 from hrmspec.spec.shipped import resolve_spec_path, shipped_specs_dir
 from hrmspec.spec.source import Source, apply_overrides, parse_yaml, read_source
 
 __all__ = ["load_spec", "load_spec_text", "shipped_specs_dir", "spec_from_source"]
 
-_OBJECTIVES = ("task_completion", "lm")
+_OBJECTIVES = ("task_completion", "lm", "grid")
+_LOSSES = ("softmax", "stablemax")
+_HALTING = ("q_learning", "bce")
 
 
 def spec_from_source(src: Source) -> Spec:
@@ -39,9 +41,10 @@ def spec_from_source(src: Source) -> Spec:
     if obj is None or isinstance(obj, str):
         objective = ObjectiveSpec(type=top.choice("objective", _OBJECTIVES, "task_completion"))
     else:
-        g = Fields(src, ("objective",), "task_completion, lm or a mapping {type}", "objective")
-        objective = ObjectiveSpec(type=g.choice("type", _OBJECTIVES))
+        g = Fields(src, ("objective",), "task_completion, lm, grid or a mapping {type, loss}", "objective")
+        objective = ObjectiveSpec(type=g.choice("type", _OBJECTIVES), loss=g.choice("loss", _LOSSES, "softmax"))
         g.finish()
+    supervision = _supervision(src, top)
     sections = {}
     for key in ("train", "data", "eval"):
         v = top.raw(key, {}) or {}
@@ -49,7 +52,29 @@ def spec_from_source(src: Source) -> Spec:
             top.fail((key,), f"expected a mapping, found {describe(v)}")
         sections[key] = v
     top.finish()
-    return Spec(name=name, model=model, objective=objective, source=src.file, raw=src.data, **sections)
+    return Spec(name=name, model=model, objective=objective, supervision=supervision, source=src.file, raw=src.data,
+                **sections)
+
+
+def _supervision(src: Source, top: Fields) -> SupervisionSpec | None:
+    """supervision: {segments, halting} — deep supervision over segments (see SupervisionSpec)."""
+    if top.raw("supervision", None) is None:
+        return None
+    f = Fields(src, ("supervision",), "a mapping {segments, halting}", "supervision",
+               "e.g. supervision: {segments: 16, halting: q_learning}")
+    segments = f.integer("segments")
+    h = f.raw("halting", None)
+    halting = None
+    if isinstance(h, str) or h is None:
+        kind = f.choice("halting", _HALTING + ("none",), "none")
+        halting = None if kind == "none" else HaltingSpec(kind)
+    else:
+        g = Fields(src, ("supervision", "halting"), "a mapping {type, exploration, weight}", "supervision.halting")
+        halting = HaltingSpec(g.choice("type", _HALTING), g.number("exploration", 0.1, lo=0.0, hi=1.0),
+                              g.number("weight", 0.5, lo=0.0))
+        g.finish()
+    f.finish()
+    return SupervisionSpec(segments, halting)
 
 
 def load_spec(spec: str | Path | Spec, overrides: dict[str, Any] | None = None) -> Spec:

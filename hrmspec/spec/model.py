@@ -22,6 +22,7 @@ from hrmspec.spec.schema import (
     ModelSpec,
     ModuleSpec,
     NormSpec,
+    PuzzleSpec,
     StateSpec,
     lecun_std,
 )
@@ -127,6 +128,8 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
 
     credit = read_credit(src, path + ("credit",), called)
     f.read.add("credit")
+    puzzle = _puzzle(src, path, f, d_model)
+    positions = f.choice("positions", ("none", "learned"), "none")
     f.finish()
     return ModelSpec(
         vocab=vocab,
@@ -144,7 +147,25 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
         credit=credit,
         max_seq_len=max_seq_len,
         final_norm=final_norm,
+        puzzle=puzzle,
+        positions=positions,
     )
+
+
+def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | None:
+    """model.puzzle: {identifiers, dim, positions} — learned puzzle vectors in front of the tokens."""
+    if f.raw("puzzle", None) is None:
+        return None
+    g = Fields(src, path + ("puzzle",), "a mapping {identifiers, dim, positions}", "model.puzzle",
+               "e.g. puzzle: {identifiers: 1000, positions: 16}")
+    identifiers = g.integer("identifiers")
+    dim = g.integer("dim", d_model)
+    positions = g.integer("positions", -(-dim // d_model))
+    if positions * d_model < dim:
+        g.fail(path + ("puzzle", "positions"), f"expected at least {-(-dim // d_model)} positions to hold a "
+               f"{dim}-wide puzzle vector at d_model {d_model}, found {positions}")
+    g.finish()
+    return PuzzleSpec(identifiers, dim, positions)
 
 
 def _divisor_hint(d_model: int, heads: int) -> str:

@@ -106,6 +106,8 @@ class ModelSpec:
     max_seq_len: int = 2048
     # an extra norm before the head (off for MagicNorm models, where the exit norm serves)
     final_norm: NormSpec | None = None
+    puzzle: PuzzleSpec | None = None  # learned per-puzzle vectors in front of the tokens (HRM, TRM)
+    positions: Literal["none", "learned"] = "none"  # learned: a position table added to the embedding
 
     def module(self, name: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == name)
@@ -115,10 +117,42 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class PuzzleSpec:
+    """HRM's and TRM's puzzle embeddings: a learned vector per puzzle identifier (zero at init), laid
+    over `positions` prefix positions in front of the tokens (zero-padded to positions x d_model)."""
+
+    identifiers: int  # how many puzzle identifiers the table holds
+    dim: int  # the width of one puzzle's vector (d_model by default)
+    positions: int  # prefix positions (ceil(dim / d_model) by default)
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     # task_completion: loss on response tokens (the last instruction token predicts the first
-    # response token); lm: loss on every next token
-    type: Literal["task_completion", "lm"] = "task_completion"
+    # response token); lm: loss on every next token; grid: every position predicts its own label
+    # (inputs and labels of one length: puzzles laid out as grids)
+    type: Literal["task_completion", "lm", "grid"] = "task_completion"
+    loss: Literal["softmax", "stablemax"] = "softmax"  # stablemax: HRM's s(x) = x + 1 | 1 / (1 - x), in fp64
+
+
+@dataclass(frozen=True)
+class HaltingSpec:
+    """When a sample stops being supervised over segments (HRM's and TRM's ACT heads): a 2-logit head
+    (q_halt, q_continue) on the first position of the output state, zero weights and bias -5 at init."""
+
+    type: Literal["q_learning", "bce"]  # q_learning: halt when q_halt > q_continue (HRM); bce: when q_halt > 0 (TRM)
+    exploration: float = 0.1  # in training, the probability of a random minimum of segments in 2..segments
+    weight: float = 0.5  # of the halting losses beside the token loss
+
+
+@dataclass(frozen=True)
+class SupervisionSpec:
+    """Deep supervision: the schedule is one segment; a sample runs up to `segments` of them, its
+    states carried from one to the next detached, each segment's output supervised (one optimizer
+    step per segment in training)."""
+
+    segments: int
+    halting: HaltingSpec | None = None  # None: every sample runs all segments
 
 
 @dataclass(frozen=True)
@@ -126,6 +160,7 @@ class Spec:
     name: str
     model: ModelSpec
     objective: ObjectiveSpec
+    supervision: SupervisionSpec | None = None  # None: one pass of the schedule per step
     train: dict = field(default_factory=dict)  # validated by the training loop
     data: dict = field(default_factory=dict)  # validated by the data pipeline
     eval: dict = field(default_factory=dict)
@@ -149,11 +184,14 @@ __all__ = [
     "CreditSpec",
     "InitSpec",
     "ModelSpec",
+    "HaltingSpec",
     "ModuleSpec",
     "NormSpec",
     "ObjectiveSpec",
+    "PuzzleSpec",
     "Repeat",
     "Spec",
     "StateSpec",
     "Statement",
+    "SupervisionSpec",
 ]

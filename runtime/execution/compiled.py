@@ -38,6 +38,9 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # mean over counted label tokens
     loss_sum: torch.Tensor | None = None  # sum over counted tokens (for distributed averaging)
     n_tokens: torch.Tensor | None = None  # number of counted label tokens
+    states: dict[str, torch.Tensor] | None = None  # every state after the schedule (B, P + S, d): a segment's carry
+    hidden: torch.Tensor | None = None  # the output state (B, P + S, d), puzzle positions included
+    q_logits: torch.Tensor | None = None  # (B, 2) fp32 (q_halt, q_continue) of the halting head, if the spec has one
 
 
 class KVCache:
@@ -81,6 +84,14 @@ class CompiledModel(nn.Module):
         self._final = {p.path: register_at(self, p.path, nn.Parameter(torch.empty(p.shape)))
                        for p in (plan.final_norm.params if plan.final_norm is not None else ())}
         self.head = nn.Linear(m.d_model, m.vocab, bias=False) if m.head == "untied" else None
+        self.prefix_len = m.puzzle.positions if m.puzzle is not None else 0  # P puzzle positions before the tokens
+        if m.puzzle is not None:  # one learned vector per puzzle identifier, zero at init
+            self.puzzle = nn.Embedding(m.puzzle.identifiers, m.puzzle.dim)
+        if m.positions == "learned":
+            self.positions = nn.Embedding(m.max_seq_len + self.prefix_len, m.d_model)
+        sup = spec.supervision
+        if sup is not None and sup.halting is not None:  # (q_halt, q_continue) from the first position
+            self.halting = nn.Linear(m.d_model, 2)
         self.set_progress(1.0)
         self.reset_parameters()
 
@@ -113,6 +124,13 @@ class CompiledModel(nn.Module):
         tn(self.embed.weight, std_of(m.d_model))
         if self.head is not None:
             tn(self.head.weight, std_of(m.d_model))
+        if hasattr(self, "positions"):
+            tn(self.positions.weight, std_of(m.d_model))
+        if hasattr(self, "puzzle"):
+            self.puzzle.weight.zero_()
+        if hasattr(self, "halting"):  # halting starts almost never: q logits of -5 (HRM, TRM)
+            self.halting.weight.zero_()
+            self.halting.bias.fill_(-5.0)
         declared = [(stack.weight(p.path), p) for stack in self.stacks.values() for p in stack.param_specs]
         if self.plan.final_norm is not None:
             declared += [(self.final_weight(p.path), p) for p in self.plan.final_norm.params]
@@ -149,6 +167,33 @@ class CompiledModel(nn.Module):
             rope[theta] = self.ops.rope_tables(position_ids, m.head_dim, theta, dtype)
         return Context(mask=masks, rope=rope)
 
+    def embed_inputs(self, input_ids: torch.Tensor, puzzle_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, P + S, d): the puzzle vectors (zero-padded to P x d) in front of the token embeddings,
+        plus the learned positions (both scaled by 1/sqrt(2), which keeps the variance), times embed_scale."""
+        m = self.spec.model
+        x = self.embed(input_ids)
+        if self.prefix_len:
+            if puzzle_ids is None:
+                raise ValueError(f"{self.spec.name} puts puzzle vectors in front of the tokens: give puzzle_ids (B,)")
+            p = self.puzzle(puzzle_ids).to(x.dtype)  # (B, dim)
+            p = torch.nn.functional.pad(p, (0, self.prefix_len * m.d_model - p.shape[-1]))
+            x = torch.cat([p.view(-1, self.prefix_len, m.d_model), x], dim=1)
+        if m.positions == "learned":
+            x = 0.707106781 * (x + self.positions.weight[: x.shape[1]].to(x.dtype))
+        return x * self.embed_scale
+
+    def initial_states(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every state's value before the schedule, for input embeddings x (B, P + S, d)."""
+        z = {}
+        for s in self.spec.model.states:
+            if s.init == "embed":
+                z[s.name] = x
+            elif s.init == "learned":
+                z[s.name] = self.state_params[s.name].to(x.dtype).expand_as(x)
+            else:
+                z[s.name] = getattr(self, f"init_{s.name}").to(x.dtype).expand_as(x)
+        return z
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -158,30 +203,37 @@ class CompiledModel(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        puzzle_ids: torch.Tensor | None = None,
+        states: dict[str, torch.Tensor] | None = None,
     ) -> ModelOutput:
         """`labels[b, t]` is the token position t should predict (-100: not counted). With labels
         and `return_logits=False` (training) the loss is taken by the backend's chunked
-        linear + cross-entropy: the (B, S, vocab) logits never exist at once."""
+        linear + cross-entropy: the (B, S, vocab) logits never exist at once. `states` starts the
+        schedule from given values (a segment's carry) instead of the states' initial ones;
+        `puzzle_ids` (B,) pick the puzzle vectors of a spec with `model.puzzle`."""
         B, S = input_ids.shape
-        m = self.spec.model
+        m, P = self.spec.model, self.prefix_len
         past = cache.length if cache is not None else 0
-        ctx = self.context(B, S, prefix_mask, doc_ids, position_ids, past)
-        x = self.embed(input_ids) * self.embed_scale  # (B, S, d)
-        z = {INPUT: x}
-        for s in m.states:
-            if s.init == "embed":
-                z[s.name] = x
-            elif s.init == "learned":
-                z[s.name] = self.state_params[s.name].to(x.dtype).expand_as(x)
-            else:
-                z[s.name] = getattr(self, f"init_{s.name}").to(x.dtype).expand_as(x)
+        if P and past:
+            raise ValueError(f"{self.spec.name}: decoding with a KV cache is for token sequences; a spec with "
+                             "puzzle positions runs whole grids, one forward per segment")
+        if P:  # the puzzle positions belong to the instruction and to the row's first document
+            prefix_mask = None if prefix_mask is None else torch.cat(
+                [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)
+            doc_ids = None if doc_ids is None else torch.cat([doc_ids[:, :1].expand(B, P), doc_ids], 1)
+            position_ids = None if position_ids is None else torch.cat(
+                [torch.arange(P, device=position_ids.device).expand(B, P), position_ids + P], 1)
+        ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
+        x = self.embed_inputs(input_ids, puzzle_ids)  # (B, P + S, d)
+        z = {INPUT: x, **self.initial_states(x), **(states or {})}
         track = torch.is_grad_enabled()
         for call, grad in zip(self.calls, self.grad_flags):
             with torch.set_grad_enabled(track and grad):
                 terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
                 slots = None if cache is None else cache.slots[call.index]
                 z[call.target] = self.stacks[call.module](terms, ctx, slots)
-        h = z[m.output]
+        hidden = z[m.output]
+        h = hidden[:, P:]  # the tokens' positions predict; the puzzle positions do not
         if self.plan.final_norm is not None:
             h = self.norm_before_head(h)
         W = self.head.weight if self.head is not None else self.embed.weight  # (vocab, d)
@@ -195,7 +247,15 @@ class CompiledModel(nn.Module):
                 out.loss_sum, out.n_tokens = self.ops.cross_entropy(out.logits, labels)
         if labels is not None:
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        out.states = {s.name: z[s.name] for s in m.states}
+        out.hidden = hidden
+        if hasattr(self, "halting"):  # in the forward: a data-parallel wrapper sees the head's weights used
+            out.q_logits = self.halting_logits(hidden)
         return out
+
+    def halting_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 2) fp32: (q_halt, q_continue) of the halting head, from the first position of the output state."""
+        return self.halting(hidden[:, 0]).float()
 
     def final_weight(self, path: str) -> torch.Tensor:
         owner, leaf = self._final[path]

@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from hrmspec.runtime.training.heldout import evaluate_run
 
-    res = evaluate_run(args.dir, n=args.n, tasks=args.tasks)
+    res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments)
     t = Table(title="Held-out accuracy", caption=f"checkpoint {res['checkpoint']}")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -37,6 +37,9 @@ def cmd_eval(args) -> int:
         t.add_row(name, f"{100 * r['accuracy']:.1f}%", str(r["n"]))
     t.add_row("[bold]all[/bold]", f"[bold]{100 * res['accuracy']:.1f}%[/bold]", str(res["n"]))
     Console().print(t)
+    if "segments" in res:  # deep supervision: what halting spared
+        print(f"segments per puzzle: {res['segments']:.2f} of {res['max_segments']} "
+              f"({100 * res['saved']:.1f}% of the segments spared by halting)")
     print(f"wrote {args.dir}/eval.json")
     return 0
 
@@ -46,7 +49,9 @@ def cmd_generate(args) -> int:
 
     from hrmspec.runtime.training.heldout import load_run
 
-    model, tok, _, _ = load_run(args.dir)
+    model, tok, spec, _ = load_run(args.dir)
+    if tok is None:  # a grid run: the prompt is a puzzle
+        return _solve_grid(model, spec, args)
     prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
     ids = torch.tensor([tok.encode(prompt)])
     out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k)
@@ -54,6 +59,22 @@ def cmd_generate(args) -> int:
     if tok.eos_id in row:
         row = row[: row.index(tok.eos_id)]
     print(tok.decode(row, skip_special=True))
+    return 0
+
+
+def _solve_grid(model, spec, args) -> int:
+    import torch
+
+    from hrmspec.runtime.execution.supervision import Supervisor
+    from hrmspec.runtime.training.grids import parse_grid, render
+
+    cells = parse_grid(args.prompt, spec.model.max_seq_len)
+    side = round(len(cells) ** 0.5)
+    batch = {"input_ids": torch.tensor([cells]), "puzzle_ids": torch.zeros(1, dtype=torch.long)}
+    supervisor = Supervisor(model)
+    logits, steps = supervisor.solve(batch, all_segments=args.all_segments)
+    print(render(logits[0].argmax(-1).tolist(), side))
+    print(f"segments: {int(steps[0])} of {supervisor.spec.segments}")
     return 0
 
 
@@ -78,17 +99,22 @@ def _register_eval(sub, name):
     p.add_argument("dir", help="a run directory")
     p.add_argument("--tasks", nargs="+", help="evaluate these tasks instead of the spec's")
     p.add_argument("--n", type=int, default=200, help="held-out samples (default 200)")
+    p.add_argument("--all-segments", action="store_true",
+                   help="with deep supervision: run every segment instead of stopping each row where its head says")
     p.set_defaults(func=cmd_eval)
 
 
 def _register_generate(sub, name):
-    p = sub.add_parser(name, help="answer one prompt with a trained run")
+    p = sub.add_parser(name, help="answer one prompt with a trained run (a grid run: solve one puzzle)")
     p.add_argument("dir", help="a run directory")
-    p.add_argument("prompt", help="the instruction")
+    p.add_argument("prompt", help="the instruction; for a grid run the puzzle, row by row, '.' or 0 for an "
+                   "empty cell (e.g. '1.3. .4.. ..1. 3...')")
     p.add_argument("--condition", default=None, help="a condition token, e.g. direct")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--all-segments", action="store_true",
+                   help="a grid run: run every segment instead of stopping where the halting head says")
     p.set_defaults(func=cmd_generate)
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hrmspec.errors import HrmspecError
+
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -44,7 +46,7 @@ EVAL_SEED_OFFSET = 100_000_000
 _CONDITION_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class DataError(ValueError):
+class DataError(HrmspecError, ValueError):
     """A problem with training data or its configuration, worded for the person who wrote it."""
 
 
@@ -72,6 +74,16 @@ class DataStats:
 def _close(name: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(m) for m in match)}?)" if match else ""
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any] | None, where: str, what: str = "") -> Any:
+    """`cls(**d)` for a dataclass `cls`, an unknown key named with the nearest known ones."""
+    d = dict(d or {})
+    names = [f.name for f in fields(cls)]
+    for key in d:
+        if key not in names:
+            raise DataError(f"{where}: unknown key {key!r}{_close(key, names)}{what}; known keys: {', '.join(names)}")
+    return cls(**d)
 
 
 def condition_token(condition: str) -> str:
@@ -347,13 +359,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "data") -> DataConfig:
-        d = dict(d or {})
-        names = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in names:
-                raise DataError(f"{where}: unknown key {key!r}{_close(key, names)}; "
-                                f"known keys: {', '.join(names)}")
-        cfg = cls(**d)
+        cfg = config_from_dict(cls, d, where)
         cfg._check(where)
         return cfg
 

@@ -15,10 +15,12 @@ import torch
 
 import hrmspec
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig
-from hrmspec.runtime.training.data import DataConfig, format_sample, load_split
+from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
+from hrmspec.runtime.training.grids import GridConfig, exact, load_grids
 from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec.load import load_spec
 
@@ -89,6 +91,42 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     return {"tasks": tasks, "accuracy": sum(sum(v) for v in correct.values()) / total, "n": total}
 
 
+_GRIDS: dict = {}
+
+
+@torch.no_grad()
+def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments: bool = False,
+                   batch_size: int = 64) -> dict:
+    """Exact-grid accuracy on held-out puzzles, with the segments each used: {"tasks": {name:
+    {"accuracy", "n"}}, "accuracy", "n", "segments": mean segments run, "max_segments", "saved":
+    the fraction of segments halting spared}. Rows halt when their head says so unless `all_segments`."""
+    key = repr(gcfg)
+    if key not in _GRIDS:
+        _GRIDS[key] = load_grids(gcfg, "eval")
+    rows = _GRIDS[key]
+    count = min(n, len(rows))
+    if not count:
+        return {"tasks": {}, "accuracy": 0.0, "n": 0}
+    sup = Supervisor(model)
+    was_training = model.training
+    model.eval()
+    solved, used = [], []
+    with ema_weights(model, ema):
+        for start in range(0, count, batch_size):
+            batch = rows.batch(torch.arange(start, min(start + batch_size, count)))
+            logits, steps = sup.solve(batch, all_segments=all_segments)
+            solved += exact(logits, batch["labels"]).tolist()
+            used += steps.tolist()
+    model.train(was_training)
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for name, ok in zip(rows.tasks[:count], solved):
+        per_task[name].append(float(ok))
+    segments = sup.spec.segments
+    return {"tasks": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
+            "accuracy": sum(solved) / count, "n": count, "segments": sum(used) / count, "max_segments": segments,
+            "saved": 1.0 - sum(used) / (count * segments)}
+
+
 def load_run(run_dir: str | Path, use_ema: bool = True):
     """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default."""
 
@@ -105,15 +143,28 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(ema[name])
-    return model.eval(), Tokenizer.load(last), spec, last
+    tokenizer = None if spec.objective.type == "grid" else Tokenizer.load(last)
+    return model.eval(), tokenizer, spec, last
 
 
-def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True) -> dict:
-    """Evaluate the newest checkpoint of a run; writes run_dir/eval.json."""
+def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
+                 all_segments: bool = False) -> dict:
+    """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
+    halting runs every segment instead of stopping where its head says."""
 
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema)
     data = dict(spec.data)
+    if spec.objective.type == "grid":
+        if tasks:
+            data["grids"] = tasks
+        try:
+            res = evaluate_grids(model, GridConfig.from_dict(data), n=n, all_segments=all_segments)
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
+        res["checkpoint"] = str(last)
+        (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
+        return res
     if tasks:
         data["tasks"] = tasks
     dcfg = DataConfig.from_dict(data)

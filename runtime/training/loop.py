@@ -25,11 +25,13 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import hrmspec
+from hrmspec.runtime.execution.supervision import Carry, Supervisor
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig, TrainError
 from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
-from hrmspec.runtime.training.heldout import evaluate_model
+from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids, vocab_size
+from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
 from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
@@ -65,6 +67,26 @@ def prepare_data(spec: Spec, cfg: TrainConfig, out: Path, tokenizer=None):
             f"only {len(rows)} packed rows for batch_size {cfg.batch_size}: use more data or a smaller batch"
         )
     return tokenizer, rows, stats, dcfg
+
+
+def prepare_grids(spec: Spec, cfg: TrainConfig) -> tuple[GridRows, GridConfig]:
+    """The training grids of a `grid` objective, checked against the model's vocabulary and length."""
+    try:
+        gcfg = GridConfig.from_dict(spec.data)
+        rows = load_grids(gcfg, "train")
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    need, cells = vocab_size(rows.side), rows.inputs.shape[1]
+    if need > spec.model.vocab:
+        raise TrainError(f"{rows.side} x {rows.side} grids need {need} tokens but model.vocab is {spec.model.vocab}: "
+                         f"set --set model.vocab={need}")
+    if cells > spec.model.max_seq_len:
+        raise TrainError(f"a grid is {cells} cells but model.max_seq_len is {spec.model.max_seq_len}: "
+                         f"set --set model.max_seq_len={cells}")
+    if len(rows) < cfg.batch_size:
+        raise TrainError(f"only {len(rows)} training grids for batch_size {cfg.batch_size}: use more data "
+                         "(data.size, data.augment) or a smaller batch")
+    return rows, gcfg
 
 
 # --------------------------------------------------------------------------- the loop
@@ -104,19 +126,29 @@ class Trainer:
         start = ckpt.latest_checkpoint(out) if resume else None
         if resume and start is None:
             raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
-        self.tokenizer, rows, _, self.data_cfg = prepare_data(
-            spec, cfg, out, Tokenizer.load(start) if start is not None else None)
+        self.grid = spec.objective.type == "grid"
+        if self.grid:  # puzzles as fixed grids: no tokenizer, the cells are the tokens
+            self.tokenizer, (rows, self.data_cfg) = None, prepare_grids(spec, cfg)
+        else:
+            self.tokenizer, rows, _, self.data_cfg = prepare_data(
+                spec, cfg, out, Tokenizer.load(start) if start is not None else None)
         self.model = hrmspec.compile(spec)
         self.model.reset_parameters(seed=cfg.seed)
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
+        # grids are supervised segment by segment (one segment without a supervision: section)
+        self.supervisor = Supervisor(self.model) if self.grid or spec.supervision is not None else None
+        self.carry = None
         self.step, self.skipped, self.nan_run = 0, 0, 0
         state = self._restore_model(start) if start is not None else None
         if self.rank == 0:
-            self.tokenizer.save(out)
+            if self.tokenizer is not None:
+                self.tokenizer.save(out)
             (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
 
         self.sharded = self.world > 1 and fsdp
         self.net = self._parallel()
+        if self.supervisor is not None:
+            self.supervisor.run = self.net  # segments run through the data-parallel wrapper
         self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
         if start is not None:
@@ -125,9 +157,20 @@ class Trainer:
                 self.ema.steps = state.get("ema_steps", self.step)
             ckpt.set_rng_state(state["rng"])
 
+    def _carry_state(self) -> dict:
+        """The supervised rows' carry, so a resumed run continues every sample where it stood (one
+        process only: under torchrun each rank's carry is its own, and a resumed run starts afresh)."""
+        if self.carry is None or self.world > 1:
+            return {}
+        c = self.carry
+        return {"carry": {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}}
+
     def _restore_model(self, start: Path) -> dict:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
+        if "carry" in state and self.supervisor is not None and self.world == 1:
+            c = state["carry"]
+            self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
         ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
         self.batches.load_state_dict(state["data"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
@@ -165,6 +208,7 @@ class Trainer:
         bar = _progress(progress_bar and lead, cfg.steps, self.step)
         last: dict = {}
         t_log, tokens = time.perf_counter(), 0
+        window: dict[str, float] = {}  # supervised segments' metrics since the last log line
         try:
             while self.step < cfg.steps:
                 lr = self._schedule()
@@ -173,19 +217,23 @@ class Trainer:
                     continue
                 loss, grad_norm, n = done
                 tokens += n
+                for k, v in getattr(self, "segment_metrics", {}).items():
+                    window[k] = window.get(k, 0.0) + v
                 if lead and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     now = time.perf_counter()
                     last = {"step": self.step, "loss": round(loss, 6), "lr": lr,
                             "credit_depth": self.model.credit_depth,
                             "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
                             "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
-                    t_log, tokens = now, 0
+                    if window.get("rows"):  # of the rows whose sample ended in this window
+                        last.update(solved=round(window["exact"] / window["rows"], 4),
+                                    segments=round(window["steps"] / window["rows"], 3))
+                    t_log, tokens, window = now, 0, {}
                     self._write(last, board)
                 if bar is not None:
                     bar.update(self.step, loss, last.get("tokens_per_s"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
-                    _log_eval(self.model, self.ema, self.tokenizer, self.data_cfg, cfg, cfg.eval_n, self.step,
-                              self.metrics)
+                    self._log_eval()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after:
                     self.save()
                 if stop_after is not None and self.step >= stop_after:
@@ -197,6 +245,18 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return last
+
+    def _log_eval(self) -> dict:
+        """Held-out accuracy now (EMA weights), into metrics.jsonl."""
+        cfg = self.cfg
+        if self.grid:
+            res = evaluate_grids(self.model, self.data_cfg, n=cfg.eval_n, ema=self.ema)
+        else:
+            res = evaluate_model(self.model, self.tokenizer, self.data_cfg, n=cfg.eval_n, ema=self.ema,
+                                 max_new_tokens=cfg.max_new_tokens)
+        self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
+        self.metrics.flush()
+        return res
 
     def _schedule(self) -> float:
         """Move the credit plan and the learning rate to this step; the learning rate."""
@@ -215,16 +275,19 @@ class Trainer:
             batch = {k: v[self.rank::world] for k, v in batch.items()}
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
         with autocast:
-            outp = self.net(**batch, return_logits=False)  # the loss in row chunks: no full logits
-        n_local = outp.n_tokens.float()
-        n_global = n_local.clone()
-        loss_sum = torch.tensor([float(outp.loss_sum.detach())])
+            if self.supervisor is not None:
+                loss_sum, count, tokens = self._segment(batch)
+            else:
+                outp = self.net(**batch, return_logits=False)  # the loss in row chunks: no full logits
+                loss_sum, count, tokens = outp.loss_sum, outp.n_tokens.float(), int((batch["doc_ids"] >= 0).sum())
+        n_global = count.clone()
+        total = torch.tensor([float(loss_sum.detach())])
         if world > 1:
             dist.all_reduce(n_global)
-            dist.all_reduce(loss_sum)
-        # DDP averages gradients over ranks: scaled so the result is sum / global tokens
-        loss = outp.loss_sum * world / n_global.clamp(min=1)
-        loss_value = float(loss_sum) / max(float(n_global), 1.0)
+            dist.all_reduce(total)
+        # DDP averages gradients over ranks: scaled so the result is sum / the global count
+        loss = loss_sum * world / n_global.clamp(min=1)
+        loss_value = float(total) / max(float(n_global), 1.0)
         if not math.isfinite(loss_value):
             self.nan_run, self.skipped = self.nan_run + 1, self.skipped + 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +306,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        return loss_value, grad_norm, int((batch["doc_ids"] >= 0).sum()) * world
+        return loss_value, grad_norm, tokens * world
+
+    def _segment(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One segment of every row under deep supervision (runtime/execution/supervision.py): the
+        loss summed over rows, the rows, the tokens computed. The carry persists across steps."""
+        sup = self.supervisor
+        if self.carry is None:
+            self.carry = sup.initial_carry(batch)
+        self.carry, out = sup.step(self.carry, batch, training=True)
+        loss_sum, self.segment_metrics = sup.loss(self.carry, out)
+        rows = batch["input_ids"].shape[0]
+        return loss_sum, torch.tensor(float(rows)), rows * (batch["input_ids"].shape[1] + self.model.prefix_len)
 
     def _write(self, record: dict, board) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -259,7 +333,7 @@ class Trainer:
             ckpt.save_checkpoint(
                 self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
                 {"data": self.batches.state_dict(), "skipped": self.skipped,
-                 "ema_steps": self.ema.steps if self.ema else 0},
+                 "ema_steps": self.ema.steps if self.ema else 0, **self._carry_state()},
                 keep=self.cfg.keep,
             )
 
@@ -323,11 +397,6 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def _log_eval(model, ema, tokenizer, dcfg, cfg, n, step, metrics_file) -> dict:
-    res = evaluate_model(model, tokenizer, dcfg, n=n, ema=ema, max_new_tokens=cfg.max_new_tokens)
-    metrics_file.write(json.dumps({"step": step, "eval": res}) + "\n")
-    metrics_file.flush()
-    return res
 
 
 class _Bar:
