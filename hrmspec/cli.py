@@ -42,7 +42,11 @@ def cmd_validate(args) -> int:
 def cmd_show(args) -> int:
     spec = _load(args)
     G = build_graph(spec, args.progress)
-    show(G, seq_len=args.seq_len, dtype_bytes=args.dtype_bytes)
+    seq_len = args.seq_len
+    if seq_len is None:  # a grid's row is its cells and the puzzle positions; else 2048 tokens
+        prefix = spec.model.puzzle.positions if spec.model.puzzle else 0
+        seq_len = spec.model.max_seq_len + prefix if spec.objective.type == "grid" else 2048
+    show(G, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
     if args.png:
         from hrmspec.graph.draw import draw_schedule
 
@@ -144,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print the unrolled graph, parameters, FLOPs and memory")
     _spec_args(p)
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for attention FLOPs (default 2048)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for attention FLOPs (default 2048; a grid spec: its row length)")
     p.add_argument("--progress", type=float, default=1.0, help="training progress 0..1 for the credit plan")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
     p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")

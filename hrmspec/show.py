@@ -74,7 +74,31 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     t.add_row(f"activation memory ({dtype_bytes} B/elem, grad calls)", human(st.activation_bytes_per_token, "B"))
     t.add_row(f"activation memory for one {seq_len}-token row", human(st.activation_bytes_per_token * seq_len, "B"))
     console.print(t)
+    if spec.supervision is not None:
+        supervision_table(spec, st.forward_flops_per_token * seq_len, st.train_flops_per_token * seq_len, console)
     traffic_table(G, dtype_bytes, console)
+
+
+def supervision_table(spec, forward_flops: float, train_flops: float, console: Console) -> None:
+    """Deep supervision: segments, the halting head, and what a sample costs per segment and at most."""
+    sup, h = spec.supervision, spec.supervision.halting
+    t = Table(title=f"Deep supervision: up to {sup.segments} segments per sample, one optimizer step per segment")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    if h is None:
+        t.add_row("halting", "none: every sample runs every segment")
+    else:
+        rule = "q_halt > q_continue" if h.type == "q_learning" else "q_halt > 0"
+        t.add_row("halting", f"{h.type}: halt when {rule}, or at segment {sup.segments}")
+        t.add_row("exploration (training)", f"p {h.exploration:g}: a minimum of 2..{sup.segments} segments")
+        t.add_row("halting loss weight", f"{h.weight:g}")
+    t.add_row("token loss", spec.objective.loss)
+    # q_learning's continue target is one more forward of the segment, without gradient
+    extra = forward_flops if h is not None and h.type == "q_learning" else 0.0
+    t.add_row("forward FLOPs per row and segment", human(forward_flops))
+    t.add_row("training FLOPs per row and segment", human(train_flops + extra))
+    t.add_row(f"forward FLOPs per row, all {sup.segments} segments", human(forward_flops * sup.segments))
+    console.print(t)
 
 
 def layer_table(body: Body, console: Console | None = None, modules: list[str] | None = None) -> None:

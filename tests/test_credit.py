@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.errors import Location
+from hrmspec.errors import Location, SpecError
 from hrmspec.graph import credit_depth, credit_table, grad_flags, unroll
 from hrmspec.spec import CreditSpec, Repeat, load_spec, load_spec_text, parse_statement
 
@@ -303,3 +303,31 @@ def test_last_k_is_a_suffix(sched, k):
     calls = unroll(sched[0])
     flags = grad_flags(calls, CreditSpec(mode="last", last=k))
     assert flags == [False] * max(0, len(calls) - k) + [True] * min(k, len(calls))
+
+
+@settings(max_examples=80, deadline=None)
+@given(sched=schedules(), k=st.integers(1, 3), tail=st.integers(0, 2))
+def test_last_cycle_is_the_last_iteration_of_the_last_outer_repeat_and_what_follows(sched, k, tail):
+    body = sched[0]
+    # a final outer repeat of k iterations, then `tail` plain calls after it
+    after = tuple(parse_statement("z = A(z)", HERE) for _ in range(tail))
+    schedule = body + (Repeat(k, body),) + after
+    calls = unroll(schedule)
+    flags = grad_flags(calls, CreditSpec(mode="last_cycle"))
+    want = len(unroll(body)) + tail  # one iteration of the last repeat, and the calls after it
+    assert flags == [False] * (len(calls) - want) + [True] * want
+
+
+def test_last_cycle_is_trm_s_rule_and_needs_a_loop():
+    calls, credit = hrm("last_cycle")
+    assert grad_calls(calls, credit) == [4, 5, 6, 7]  # the second H cycle: L L L H
+    with pytest.raises(SpecError, match="'last_cycle' credit needs a repeat in the schedule"):
+        load_spec_text(HRM.replace("""    - repeat: 2
+      do:
+        - repeat: 3
+          do: ["z_L = L(z_L + z_H)"]
+        - "z_H = H(z_H + z_L)\"""", """    - "z_L = L(z_L + z_H)"
+    - "z_H = H(z_H + z_L)\"""") + "  credit: last_cycle\n")
+    spec = load_spec("trm")
+    calls = unroll(spec.model.schedule)
+    assert sum(grad_flags(calls, spec.model.credit)) == 7  # n + 1 = 6 z-updates and one y-update

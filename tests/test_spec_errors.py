@@ -136,7 +136,7 @@ ROWS = [
     row("objective", BASE + "objective: lmm\n", "objective",
         "expected one of task_completion | lm | grid, found 'lmm'", 27, 12, "did you mean 'lm'?"),
     row("credit-word", edit(f"  credit:\n{CREDIT}", "  credit: nne\n"), "model.credit",
-        "expected a mapping with one of depth, last, per_cycle (or the word none), found 'nne'", 24, 11,
+        "expected a mapping with one of depth, last, per_cycle (or the word none or last_cycle), found 'nne'", 24, 11,
         "did you mean 'none'?"),
     row("section-not-mapping", BASE + "train: [1]\n", "train", "expected a mapping, found a list [1]", 27, 8),
     row("state-shorthand", edit("z_H: {init: embed}", "z_H: embed"), "model.states.z_H",

@@ -36,7 +36,7 @@ named by their place in the module (`layers.0.attn.qkvg.weight`): the state-dict
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -168,13 +168,16 @@ class _Builder:
                            program=program, rows=rows, results={program.outputs[0].name: out}, domain=(1, width),
                            saved=saved))
 
-    def norm(self, name: str, x: str, n: NormSpec) -> str:
-        d = self.model.d_model
-        return self.add(norm_op(name, x, n, d, self.tensor(f"{name}:y", d), prefix=_prefix(name)))
+    def norm(self, name: str, x: str, n: NormSpec, width: int = 0, scale: float = 1.0) -> str:
+        """A norm over rows of `width` (d_model by default); `scale`: rows per token, for the counts."""
+        d = width or self.model.d_model
+        op = norm_op(name, x, n, d, self.tensor(f"{name}:y", d), prefix=_prefix(name))
+        return self.add(replace(op, saved=round(op.saved * scale)))
 
     def linear(self, name: str, x: str, fan_in: int, outs: dict[str, tuple[int, int]], bias: bool = False,
-               saved: int = -1) -> list[str]:
-        """One matmul of `x` (fan_in) to the tensors `outs` (name -> (size, heads)), concatenated."""
+               saved: int = -1, per_token: float = 1.0) -> list[str]:
+        """One matmul of `x` (fan_in) to the tensors `outs` (name -> (size, heads)), concatenated.
+        `per_token`: rows of `x` per token (d / positions for the rows of a token MLP), for the counts."""
         fan_out = sum(size for size, _ in outs.values())
         path = _prefix(name) + name
         params = (Param(f"{path}.weight", (fan_out, fan_in), "fan_in", fan_in),)
@@ -182,13 +185,13 @@ class _Builder:
             params += (Param(f"{path}.bias", (fan_out,), "zeros"),)
         writes = tuple(self.tensor(t, size, heads) for t, (size, heads) in outs.items())
         self.add(Op(name, "linear", "linear", (x,), writes, params, attrs={"bias": bias},
-                    flops=2 * fan_in * fan_out, saved=fan_in if saved < 0 else saved))
+                    flops=round(2 * fan_in * fan_out * per_token),
+                    saved=round(fan_in * per_token) if saved < 0 else saved))
         return list(writes)
 
     def build(self) -> Body:
         m, model = self.m, self.model
-        d, h, hd, b = model.d_model, model.heads, model.head_dim, m.block
-        inner, place, gated = h * hd, b.norm.place, b.attention.type == "gated"
+        d, hd, b = model.d_model, model.head_dim, m.block
         if self.arity > 1:  # the states summed into the call: in0 + in1 + ...
             inputs = tuple(self.tensor(f"in{i}", d) for i in range(self.arity))
             prog = library.add(self.arity)
@@ -199,54 +202,89 @@ class _Builder:
         tables = (self.tensor("rope.cos", hd), self.tensor("rope.sin", hd))
         for layer in range(m.layers):
             p = f"{layer}."
-            a_in = self.norm(p + "attn_norm", x, b.norm) if place in ("pre", "sandwich") else x
-            projs = {p + t: (inner, h) for t in ("q", "k", "v") + (("g",) if gated else ())}
-            q, k, v, *g = self.linear(p + "attn.qkvg", a_in, d, projs, bias=b.attention.bias)
-            if b.attention.rope_theta is not None:
-                # one program over half rows (one token of one head): the halves of q and k are views
-                rows = {"cos": tables[0] + "[lo]", "sin": tables[1] + "[lo]"}
-                for t, ref in (("q", q), ("k", k)):
-                    rows.update({f"{t}_lo": ref + "[lo]", f"{t}_hi": ref + "[hi]"})
-                qr, kr = self.tensor(p + "rope:q", inner, h), self.tensor(p + "rope:k", inner, h)
-                results = {"qr_lo": qr + "[lo]", "qr_hi": qr + "[hi]", "kr_lo": kr + "[lo]", "kr_hi": kr + "[hi]"}
-                self.add(Op(p + "rope", "rope", "rope", (q, k) + tables, (qr, kr), program=library.rope(), rows=rows,
-                            results=results, domain=(h, hd // 2), attrs={"theta": b.attention.rope_theta}))
-                q, k = qr, kr
-            # saved: q, k, v, the output and the softmax statistics (flash-style)
-            att = self.tensor(p + "attention:y", inner, h)
-            self.add(Op(p + "attention", "attention", "attention", (q, k, v), (att,),
-                        attrs={"mask": b.attention.mask, "heads": h, "head_dim": hd}, saved=4 * inner + h))
-            if gated:
-                att = self.row(p + "attn.gate", "gate", library.sigmoid_gate(), {"g": g[0], "a": att}, inner,
-                               heads=h, saved=inner)
-            # without a gate, o reads the attention output, which attention keeps already
-            (o,) = self.linear(p + "attn.o", att, inner, {p + "attn.o:y": (d, 0)}, bias=b.attention.bias,
-                               saved=inner if gated else 0)
-            if place == "sandwich":
-                o = self.norm(p + "attn_out_norm", o, b.norm)
-            x = self.row(p + "attn_residual", "add", library.add(), {"x": x, "r": o}, d)
-            if place == "post":
-                x = self.norm(p + "attn_norm", x, b.norm)
-            m_in = self.norm(p + "mlp_norm", x, b.norm) if place in ("pre", "sandwich") else x
-            kind = MLPS[b.mlp]
-            if kind.gated:
-                gate, up = self.linear(p + "mlp.gate_up", m_in, d, {p + "mlp.gate": (b.ffn, 0),
-                                                                    p + "mlp.up": (b.ffn, 0)})
-                # act(gate) * up keeps gate and up (one fused projection) and act(gate)
-                act = self.row(p + "mlp.act", "activation", kind.activation(), {"a": gate, "b": up}, b.ffn,
-                               saved=3 * b.ffn)
+            if b.attention.type == "token_mlp":
+                x = self.token_mlp(p, x)
             else:
-                (up,) = self.linear(p + "mlp.gate_up", m_in, d, {p + "mlp.up": (b.ffn, 0)})
-                act = self.row(p + "mlp.act", "activation", kind.activation(), {"x": up}, b.ffn, saved=b.ffn)
-            (down,) = self.linear(p + "mlp.down", act, b.ffn, {p + "mlp.down:y": (d, 0)})
-            if place == "sandwich":
-                down = self.norm(p + "mlp_out_norm", down, b.norm)
-            x = self.row(p + "mlp_residual", "add", library.add(), {"x": x, "r": down}, d)
-            if place == "post":
-                x = self.norm(p + "mlp_norm", x, b.norm)
+                x = self.attention(p, x, tables)
+            x = self.mlp(p, x, d, b.ffn)
         if m.exit_norm is not None:
             x = self.norm("exit_norm", x, m.exit_norm)
         return Body(m.name, self.arity, inputs, x, tuple(self.ops), self.tensors)
+
+    def attention(self, p: str, x: str, tables: tuple[str, str]) -> str:
+        """Layer `p`'s attention sublayer on `x`, in its residual and norms; returns the new residual."""
+        model, b = self.model, self.m.block
+        d, h, hd = model.d_model, model.heads, model.head_dim
+        inner, place, gated = h * hd, b.norm.place, b.attention.type == "gated"
+        a_in = self.norm(p + "attn_norm", x, b.norm) if place in ("pre", "sandwich") else x
+        projs = {p + t: (inner, h) for t in ("q", "k", "v") + (("g",) if gated else ())}
+        q, k, v, *g = self.linear(p + "attn.qkvg", a_in, d, projs, bias=b.attention.bias)
+        if b.attention.rope_theta is not None:
+            # one program over half rows (one token of one head): the halves of q and k are views
+            rows = {"cos": tables[0] + "[lo]", "sin": tables[1] + "[lo]"}
+            for t, ref in (("q", q), ("k", k)):
+                rows.update({f"{t}_lo": ref + "[lo]", f"{t}_hi": ref + "[hi]"})
+            qr, kr = self.tensor(p + "rope:q", inner, h), self.tensor(p + "rope:k", inner, h)
+            results = {"qr_lo": qr + "[lo]", "qr_hi": qr + "[hi]", "kr_lo": kr + "[lo]", "kr_hi": kr + "[hi]"}
+            self.add(Op(p + "rope", "rope", "rope", (q, k) + tables, (qr, kr), program=library.rope(), rows=rows,
+                        results=results, domain=(h, hd // 2), attrs={"theta": b.attention.rope_theta}))
+            q, k = qr, kr
+        # saved: q, k, v, the output and the softmax statistics (flash-style)
+        att = self.tensor(p + "attention:y", inner, h)
+        self.add(Op(p + "attention", "attention", "attention", (q, k, v), (att,),
+                    attrs={"mask": b.attention.mask, "heads": h, "head_dim": hd}, saved=4 * inner + h))
+        if gated:
+            att = self.row(p + "attn.gate", "gate", library.sigmoid_gate(), {"g": g[0], "a": att}, inner,
+                           heads=h, saved=inner)
+        # without a gate, o reads the attention output, which attention keeps already
+        (o,) = self.linear(p + "attn.o", att, inner, {p + "attn.o:y": (d, 0)}, bias=b.attention.bias,
+                           saved=inner if gated else 0)
+        if place == "sandwich":
+            o = self.norm(p + "attn_out_norm", o, b.norm)
+        x = self.row(p + "attn_residual", "add", library.add(), {"x": x, "r": o}, d)
+        if place == "post":
+            x = self.norm(p + "attn_norm", x, b.norm)
+        return x
+
+    def mlp(self, p: str, x: str, width: int, ffn: int, name: str = "mlp", scale: float = 1.0) -> str:
+        """An MLP sublayer on rows of `width` (hidden `ffn`) in its residual and norms: layer `p`'s MLP,
+        or with name "token" the same across positions. `scale`: rows per token, for the counts."""
+        b = self.m.block
+        place, kind = b.norm.place, MLPS[b.mlp]
+        m_in = self.norm(p + f"{name}_norm", x, b.norm, width, scale) if place in ("pre", "sandwich") else x
+        if kind.gated:
+            gate, up = self.linear(p + f"{name}.gate_up", m_in, width,
+                                   {p + f"{name}.gate": (ffn, 0), p + f"{name}.up": (ffn, 0)}, per_token=scale)
+            # act(gate) * up keeps gate and up (one fused projection) and act(gate)
+            act = self.row(p + f"{name}.act", "activation", kind.activation(), {"a": gate, "b": up}, ffn,
+                           saved=round(3 * ffn * scale))
+        else:
+            (up,) = self.linear(p + f"{name}.gate_up", m_in, width, {p + f"{name}.up": (ffn, 0)}, per_token=scale)
+            act = self.row(p + f"{name}.act", "activation", kind.activation(), {"x": up}, ffn,
+                           saved=round(ffn * scale))
+        (down,) = self.linear(p + f"{name}.down", act, ffn, {p + f"{name}.down:y": (width, 0)}, per_token=scale)
+        if place == "sandwich":
+            down = self.norm(p + f"{name}_out_norm", down, b.norm, width, scale)
+        x = self.row(p + f"{name}_residual", "add", library.add(), {"x": x, "r": down}, width)
+        if place == "post":
+            x = self.norm(p + f"{name}_norm", x, b.norm, width, scale)
+        return x
+
+    def token_mlp(self, p: str, x: str) -> str:
+        """TRM's mlp_t: the rows turned to one per channel (the positions of a row of the batch), an MLP
+        across them with its residual and norms (norms over the positions, as TRM's), turned back."""
+        d, length = self.model.d_model, self._length()
+        xt = self.tensor(p + "to_channels:y", length)
+        self.add(Op(p + "to_channels", "transpose", "transpose", (x,), (xt,)))
+        yt = self.mlp(p, xt, length, self.m.block.attention.ffn, name="token", scale=d / length)
+        y = self.tensor(p + "to_tokens:y", d)
+        self.add(Op(p + "to_tokens", "transpose", "transpose", (yt,), (y,)))
+        return y
+
+    def _length(self) -> int:
+        """The positions of a row: the tokens and the puzzle prefix."""
+        puzzle = self.model.puzzle
+        return self.model.max_seq_len + (puzzle.positions if puzzle else 0)
 
 
 __all__ = ["Body", "Op", "Param", "Tensor", "base", "module_body", "norm_op"]

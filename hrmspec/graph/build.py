@@ -29,15 +29,16 @@ def unroll(schedule: tuple, _cycle: tuple[int, ...] = ()) -> list[Call]:
     """Flatten nested repeats into the list of module calls, in execution order."""
     out: list[Call] = []
 
-    def rec(items: tuple, cycle: tuple[int, ...]) -> None:
-        for item in items:
+    def rec(items: tuple, cycle: tuple[int, ...], top: int) -> None:
+        for k, item in enumerate(items):
+            where = k if top < 0 else top
             if isinstance(item, Repeat):
                 for i in range(item.count):
-                    rec(item.body, cycle + (i,))
+                    rec(item.body, cycle + (i,), where)
             else:
-                out.append(Call(len(out), item.module, item.target, item.inputs, cycle, str(item)))
+                out.append(Call(len(out), item.module, item.target, item.inputs, cycle, str(item), where))
 
-    rec(schedule, _cycle)
+    rec(schedule, _cycle, -1)
     return out
 
 

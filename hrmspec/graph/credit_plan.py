@@ -2,10 +2,13 @@
 
 The schedule is unrolled into a list of module calls. A *credit plan* marks each call as
 grad-carrying or not; the runtime runs the others under `torch.no_grad()`, so they keep no
-activations and gradient stops at their outputs. Four modes:
+activations and gradient stops at their outputs. Five modes:
 
 * ``none`` — every call carries gradient (full backprop through the recurrence).
 * ``last: k`` — the last k calls in execution order, whatever their module.
+* ``last_cycle`` — every call from the first call of the last iteration of the outermost
+  ``repeat`` on (TRM's rule: the whole last outer cycle, n + 1 calls for T x (n z-updates, one
+  y-update)); calls after the loop carry gradient too, calls before it do not.
 * ``depth: {from, to, warmup}`` with ``priority: [H, L]`` — HRM-Text's rule. The credit depth d
   ramps from `from` to `to` over the first `warmup` fraction of training,
   ``d = from + floor(min(1, progress / warmup) * (to - from))``. The modules in priority order
@@ -48,6 +51,7 @@ class Call:
     inputs: tuple[str, ...]
     cycle: tuple[int, ...]  # iteration index of each enclosing repeat, outermost first
     text: str  # the statement as written
+    top: int = 0  # the schedule item (counting from 0) it comes from: a statement or an outermost repeat
 
 
 def credit_depth(credit: CreditSpec, progress: float) -> int | None:
@@ -67,6 +71,10 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
         return [True] * n
     if credit.mode == "last":
         return [i >= n - credit.last for i in range(n)]
+    if credit.mode == "last_cycle":
+        last = [c for c in calls if c.cycle and c.top == max(d.top for d in calls if d.cycle)]
+        start = min(c.index for c in last if c.cycle[0] == last[-1].cycle[0])
+        return [i >= start for i in range(n)]
     flags = [False] * n
     if credit.mode == "depth":
         remaining = credit_depth(credit, progress)

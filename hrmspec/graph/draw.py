@@ -58,6 +58,8 @@ def credit_label(G: nx.DiGraph) -> str:
         return f"credit depth {G.graph['credit_depth']} ({share})"
     if credit.mode == "last":
         return f"credit: last {credit.last} ({share})"
+    if credit.mode == "last_cycle":
+        return f"credit: the last outer cycle ({share})"
     if credit.mode == "per_cycle":
         table = ", ".join(f"{m}={list(counts)}" for m, counts in credit.per_cycle)
         return f"credit per cycle {table} ({share})"

@@ -157,15 +157,20 @@ def _expr_norm(f: Fields, path: PathT, base: NormSpec, eps: float, place: str) -
 
 
 def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:
-    f = Fields(src, path, "a mapping {type, rope_theta, mask, bias}", "model.block.attention")
+    f = Fields(src, path, "a mapping {type, rope_theta, mask, bias, ffn}", "model.block.attention")
     theta = f.raw("rope_theta", base.rope_theta)
     if f.has("rope_theta") and theta not in (None, "none"):
         theta = f.number("rope_theta", lo=1.0)
+    kind = f.choice("type", ("gated", "plain", "token_mlp"), base.type)
+    if f.has("ffn") and kind != "token_mlp":
+        f.fail(path + ("ffn",), f"unexpected key 'ffn' with attention type '{kind}': it is the width of a "
+               "token_mlp", "the MLP's own width is model.ffn or model.expansion", key=True)
     out = AttentionSpec(
-        type=f.choice("type", ("gated", "plain"), base.type),
+        type=kind,
         rope_theta=None if theta == "none" else theta,
         mask=f.choice("mask", ("causal", "prefix_lm", "bidirectional"), base.mask),
         bias=f.boolean("bias", base.bias),
+        ffn=f.integer("ffn", base.ffn) if kind == "token_mlp" else 0,
     )
     f.finish()
     return out

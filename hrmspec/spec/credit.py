@@ -1,6 +1,8 @@
 """The `model.credit` section: which module calls of the schedule carry gradient.
 
-It is `none` (or absent: every call carries gradient) or one of three modes:
+It is `none` (or absent: every call carries gradient), `last_cycle`, or one of three modes:
+  last_cycle every call from the start of the last iteration of the outermost `repeat` on (TRM's
+             rule: the whole last outer cycle carries gradient, however many calls it holds);
   depth      HRM-Text's rule: the last d calls, handed out to modules in `priority` order, with d
              fixed or ramped from `from` to `to` over the first `warmup` of training;
   last       the last k calls in execution order, whatever their module;
@@ -11,9 +13,10 @@ Module names are checked against the modules the schedule calls (`called`, in ca
 
 from __future__ import annotations
 
+from hrmspec.errors import SpecError
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.schema import CreditSpec
-from hrmspec.spec.source import PathT, Source
+from hrmspec.spec.source import PathT, Source, dotted
 
 
 def read_credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
@@ -21,12 +24,18 @@ def read_credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
     node = src.data["model"].get("credit")
     if node is None or node == "none":
         return CreditSpec(mode="none")
+    if node == "last_cycle":
+        if not any(isinstance(item, dict) and "repeat" in item for item in src.data["model"].get("schedule") or []):
+            raise SpecError("'last_cycle' credit needs a repeat in the schedule: it gives gradient to the whole "
+                            "last iteration of the outermost repeat", src.loc(path), dotted(path),
+                            "e.g. credit: {last: 2}")
+        return CreditSpec(mode="last_cycle")
     f = Fields(
         src,
         path,
-        "a mapping with one of depth, last, per_cycle (or the word none)",
+        "a mapping with one of depth, last, per_cycle (or the word none or last_cycle)",
         "model.credit",
-        near(node, ["none"]) if isinstance(node, str) else "e.g. credit: {depth: 5, priority: [H, L]}",
+        near(node, ["none", "last_cycle"]) if isinstance(node, str) else "e.g. credit: {depth: 5, priority: [H, L]}",
     )
     modes = [k for k in ("depth", "last", "per_cycle") if f.has(k)]
     if not modes:

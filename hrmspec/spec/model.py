@@ -10,6 +10,9 @@ rotary embeddings get an even head_dim.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from hrmspec.errors import SpecError
 from hrmspec.spec.block import layer_fields, mlp_width, standalone_norm, width_fields
 from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
@@ -26,7 +29,7 @@ from hrmspec.spec.schema import (
     StateSpec,
     lecun_std,
 )
-from hrmspec.spec.source import PathT, Source
+from hrmspec.spec.source import PathT, Source, dotted
 
 _STATE_INITS = ("embed", "buffer", "zeros", "learned")
 _WEIGHT_INITS = ("lecun_normal", "normal")
@@ -130,6 +133,7 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     f.read.add("credit")
     puzzle = _puzzle(src, path, f, d_model)
     positions = f.choice("positions", ("none", "learned"), "none")
+    modules = _token_mlp_widths(src, path, modules, max_seq_len + (puzzle.positions if puzzle else 0), expansion)
     f.finish()
     return ModelSpec(
         vocab=vocab,
@@ -166,6 +170,24 @@ def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | N
                f"{dim}-wide puzzle vector at d_model {d_model}, found {positions}")
     g.finish()
     return PuzzleSpec(identifiers, dim, positions)
+
+
+def _token_mlp_widths(src: Source, path: PathT, modules: list[ModuleSpec], length: int,
+                      expansion: float | None) -> list[ModuleSpec]:
+    """Modules whose attention is a token_mlp, with its width over the `length` positions of a row:
+    `attention.ffn` if given, else the block MLP's width rule at `expansion` x length (TRM's mlp_t)."""
+    out = []
+    for m in modules:
+        a = m.block.attention
+        if a.type == "token_mlp" and not a.ffn:
+            if expansion is None:
+                raise SpecError(f"module {m.name}: a token_mlp needs its width: model.expansion (a ratio of the "
+                                f"{length} positions) or attention.ffn", src.loc(path), dotted(path),
+                                "e.g. attention: {type: token_mlp, ffn: 256}")
+            a = replace(a, ffn=mlp_width(m.block.mlp, length, None, expansion))
+            m = replace(m, block=replace(m.block, attention=a))
+        out.append(m)
+    return out
 
 
 def _divisor_hint(d_model: int, heads: int) -> str:

@@ -31,10 +31,15 @@ class NormSpec:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    type: Literal["gated", "plain"] = "gated"  # gated: sigmoid(W_g x) * attention(x), per channel
+    """The sublayer that mixes positions. gated: sigmoid(W_g x) * attention(x), per channel; plain:
+    attention(x); token_mlp: TRM's `mlp_t`, a gated MLP (the block's `mlp` kind) applied across the
+    sequence axis, for fixed-length rows (rope, mask and bias do not apply)."""
+
+    type: Literal["gated", "plain", "token_mlp"] = "gated"
     rope_theta: float | None = 10000.0  # None: no rotary embedding
     mask: MaskKind = "prefix_lm"
     bias: bool = False
+    ffn: int = 0  # token_mlp: the hidden width over the sequence axis (set by the loader)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class Repeat:
 class CreditSpec:
     """Which module calls carry gradient (the rest run under no-grad). See hrmspec.graph.credit_plan."""
 
-    mode: Literal["none", "depth", "last", "per_cycle"] = "none"
+    mode: Literal["none", "depth", "last", "last_cycle", "per_cycle"] = "none"
     depth_from: int = 2
     depth_to: int = 5
     warmup: float = 0.2  # fraction of total training steps over which depth ramps from..to

@@ -217,6 +217,9 @@ class CompiledModel(nn.Module):
         if P and past:
             raise ValueError(f"{self.spec.name}: decoding with a KV cache is for token sequences; a spec with "
                              "puzzle positions runs whole grids, one forward per segment")
+        if cache is not None and any(mod.block.attention.type == "token_mlp" for mod in m.modules):
+            raise ValueError(f"{self.spec.name}: a token_mlp mixes whole fixed-length rows; it cannot decode "
+                             "token by token with a KV cache")
         if P:  # the puzzle positions belong to the instruction and to the row's first document
             prefix_mask = None if prefix_mask is None else torch.cat(
                 [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)

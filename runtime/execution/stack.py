@@ -10,6 +10,7 @@ ones `hrmspec check` verifies and the golden snapshots pin.
     linear     y = ops.linear(x, weight, bias), split into the tensors it writes (q, k, v, g in one matmul)
     rope       q, k = ops.rope_qk(q, k, cos, sin)                               (B, S, h, hd)
     attention  y = ops.attention(q, k, v, mask)                                 (B, h, S, hd), with a KV cache
+    transpose  (B, S, d) <-> (B, d, S): a token MLP's rows are one per channel, across the positions
 
 Tensors are (B, S, size), or (B, S, heads, head_dim) for the ones the body lays out by head. A
 tensor is dropped once no later op reads it, so a call holds no more activations than the layers
@@ -21,7 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hrmspec.errors import HrmspecError
 from hrmspec.runtime.execution.context import Context
+
+
+class LengthError(HrmspecError):
+    """Rows whose length a fixed-length layer (a token MLP) cannot take."""
 
 
 class ModuleStack(nn.Module):
@@ -71,6 +77,13 @@ class ModuleStack(nn.Module):
                 slot = None if cache is None else cache[layer]
                 env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
                 layer += 1
+            elif op.kind == "transpose":
+                x, want = env[op.reads[0]], body.tensors[op.writes[0]].size
+                if x.shape[-2] != want:
+                    raise LengthError(f"module {self.name} mixes the positions of fixed-length rows (a token_mlp): "
+                                      f"rows of {x.shape[-2]} positions where the spec says {want}; "
+                                      "feed rows of model.max_seq_len tokens")
+                env[op.writes[0]] = x.transpose(-1, -2).contiguous()
             else:
                 raise RuntimeError(f"module {self.name}: op {op.name} has an unknown kind '{op.kind}'")
             for t in drop:
@@ -114,4 +127,4 @@ def _last_reads(body) -> list[tuple[str, ...]]:
             for i, op in enumerate(body.ops)]
 
 
-__all__ = ["ModuleStack", "register_at"]
+__all__ = ["LengthError", "ModuleStack", "register_at"]
