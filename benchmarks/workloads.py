@@ -152,10 +152,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def saved_activation_bytes(
     model: torch.nn.Module, b: Batch, impl: str = "hrmspec", dtype: torch.dtype = torch.float32, **step_kwargs
 ) -> int:
-    """Bytes of the tensors a training step keeps for backward: the unique storages autograd saves
-    during the forward pass, parameters and buffers excluded (autocast's low-precision weight
-    copies are counted). Deterministic: no allocator involved. `step_kwargs` go to the step
-    (hrmspec: `return_logits`)."""
+    """Bytes of the tensors a training step keeps for backward (`saved_bytes` of the step; hrmspec
+    `step_kwargs`: `return_logits`)."""
+    return saved_bytes(model, lambda: STEPS[impl](model, b, dtype, **step_kwargs))
+
+
+def saved_bytes(model: torch.nn.Module, run) -> int:
+    """Bytes of the tensors autograd saves while `run()` runs: the unique storages it saves during the
+    forward pass, parameters and buffers excluded (autocast's low-precision weight copies are counted).
+    Deterministic: no allocator involved."""
     params = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
     storages: dict[int, int] = {}
 
@@ -167,7 +172,7 @@ def saved_activation_bytes(
 
     # every saved storage stays alive until backward, so no two of them share an address
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        STEPS[impl](model, b, dtype, **step_kwargs)
+        run()
     return sum(storages.values())
 
 

@@ -12,13 +12,18 @@ from hypothesis import strategies as st
 from hrmspec.runtime.training.data import DataError
 from hrmspec.runtime.training.grids import (
     EMPTY,
+    GRID_TASKS,
+    PATH,
     GridConfig,
     _apply,
+    _puzzles,
     augmentations,
     encode,
     load_grids,
     parse_grid,
     render,
+    shortest_path,
+    square_symmetry,
 )
 from hrmspec.runtime.training.loop import train
 from hrmspec.spec import load_spec_text
@@ -78,11 +83,47 @@ def test_bad_grid_configs_and_puzzles_are_one_line_errors():
     with pytest.raises(DataError, match="unknown grid task 'mini_sudoko'.*mini_sudoku"):
         GridConfig.from_dict({"grids": ["mini_sudoko"]})
     with pytest.raises(DataError, match="5 cells is not a square grid"):
-        parse_grid("12.34", 16)
+        parse_grid("12.34", "mini_sudoku", 16)
     with pytest.raises(DataError, match="character 2 is 'x'"):
-        parse_grid("1x3.", 16)
-    cells = parse_grid("1.3. | .4.. \n ..1. 3...", 16)
-    assert render(cells, 4).splitlines()[0] == "1 . 3 ."
+        parse_grid("1x3.", "mini_sudoku", 16)
+    cells = parse_grid("1.3. | .4.. \n ..1. 3...", "mini_sudoku", 16)
+    assert render(cells, 4, "mini_sudoku").splitlines()[0] == "1 . 3 ."
+    assert parse_grid("10 3.", "mini_sudoku", 16) == parse_grid("1. 3.", "mini_sudoku", 16)
+
+
+@pytest.mark.parametrize("task, config", [("n_queens", {}), ("maze", {"max_grid_size": 8}), ("mini_sudoku", {})])
+def test_every_task_s_solutions_are_solved_its_symmetries_keep_them_and_a_wrong_cell_is_not(task, config):
+    t = GRID_TASKS[task]
+    side = t.side(config)
+    rng = random.Random(0)
+    for puzzle, solution in _puzzles(task, config, 12, 5, side):
+        assert len(puzzle) == len(solution) == side * side
+        assert t.solved(puzzle, solution, side)
+        order, value_map = (augmentations(side, rng) if t.symmetry == "sudoku"
+                            else square_symmetry(side, rng, t.vocab))
+        assert t.solved(_apply(puzzle, order, value_map), _apply(solution, order, value_map), side)
+        wrong = list(solution)
+        i = next(i for i, (p, s) in enumerate(zip(puzzle, solution)) if p != s)  # a cell the model must fill
+        wrong[i] = puzzle[i]  # left as it was in the puzzle
+        assert not t.solved(puzzle, wrong, side)
+
+
+def test_maze_labels_mark_a_shortest_path_of_reasoning_gym_s_length():
+    import reasoning_gym
+
+    side = 8
+    for entry in reasoning_gym.create_dataset("maze", seed=3, size=10, max_grid_size=side):
+        puzzle, solution = GRID_TASKS["maze"].cells(entry["metadata"], side)
+        assert len(shortest_path(puzzle, side)) - 1 == entry["metadata"]["shortest_path_length"]
+        assert solution.count(PATH) == entry["metadata"]["shortest_path_length"] - 1
+
+
+def test_a_square_symmetry_is_one_of_the_eight():
+    side, rng = 3, random.Random(1)
+    grid = list(range(9))
+    rot = [6, 3, 0, 7, 4, 1, 8, 5, 2]  # a quarter turn
+    seen = {tuple(_apply(grid, *square_symmetry(side, rng, 9))) for _ in range(200)}
+    assert len(seen) == 8 and tuple(_apply(grid, rot, list(range(9)))) in seen and tuple(grid) in seen
 
 
 GRID_SPEC = """

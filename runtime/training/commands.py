@@ -66,14 +66,15 @@ def _solve_grid(model, spec, args) -> int:
     import torch
 
     from hrmspec.runtime.execution.supervision import Supervisor
-    from hrmspec.runtime.training.grids import parse_grid, render
+    from hrmspec.runtime.training.grids import GridConfig, parse_grid, render
 
-    cells = parse_grid(args.prompt, spec.model.max_seq_len)
+    task = next(iter(GridConfig.from_dict(spec.data).tasks()))
+    cells = parse_grid(args.prompt, task, spec.model.max_seq_len)
     side = round(len(cells) ** 0.5)
     batch = {"input_ids": torch.tensor([cells]), "puzzle_ids": torch.zeros(1, dtype=torch.long)}
     supervisor = Supervisor(model)
     logits, steps = supervisor.solve(batch, all_segments=args.all_segments)
-    print(render(logits[0].argmax(-1).tolist(), side))
+    print(render(logits[0].argmax(-1).tolist(), side, task))
     print(f"segments: {int(steps[0])} of {supervisor.spec.segments}")
     return 0
 

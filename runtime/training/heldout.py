@@ -20,7 +20,8 @@ from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig
 from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
-from hrmspec.runtime.training.grids import GridConfig, exact, load_grids
+from hrmspec.runtime.training.grids import GridConfig, load_grids
+from hrmspec.runtime.training.grids import solved as grid_solved
 from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec.load import load_spec
 
@@ -97,7 +98,8 @@ _GRIDS: dict = {}
 @torch.no_grad()
 def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments: bool = False,
                    batch_size: int = 64) -> dict:
-    """Exact-grid accuracy on held-out puzzles, with the segments each used: {"tasks": {name:
+    """Solved held-out puzzles (the predicted grid is a solution: `grids.solved`), with the segments each
+    used: {"tasks": {name:
     {"accuracy", "n"}}, "accuracy", "n", "segments": mean segments run, "max_segments", "saved":
     the fraction of segments halting spared}. Rows halt when their head says so unless `all_segments`."""
     key = repr(gcfg)
@@ -115,7 +117,7 @@ def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments
         for start in range(0, count, batch_size):
             batch = rows.batch(torch.arange(start, min(start + batch_size, count)))
             logits, steps = sup.solve(batch, all_segments=all_segments)
-            solved += exact(logits, batch["labels"]).tolist()
+            solved += grid_solved(rows.tasks[start:start + len(steps)], batch["input_ids"], logits, rows.side)
             used += steps.tolist()
     model.train(was_training)
     per_task: dict[str, list[float]] = defaultdict(list)

@@ -30,7 +30,7 @@ from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig, TrainError
 from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
-from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids, vocab_size
+from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
 from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
@@ -76,9 +76,9 @@ def prepare_grids(spec: Spec, cfg: TrainConfig) -> tuple[GridRows, GridConfig]:
         rows = load_grids(gcfg, "train")
     except DataError as e:
         raise TrainError(str(e)) from None
-    need, cells = vocab_size(rows.side), rows.inputs.shape[1]
+    need, cells = gcfg.vocab, rows.inputs.shape[1]
     if need > spec.model.vocab:
-        raise TrainError(f"{rows.side} x {rows.side} grids need {need} tokens but model.vocab is {spec.model.vocab}: "
+        raise TrainError(f"{', '.join(gcfg.tasks())} grids need {need} tokens but model.vocab is {spec.model.vocab}: "
                          f"set --set model.vocab={need}")
     if cells > spec.model.max_seq_len:
         raise TrainError(f"a grid is {cells} cells but model.max_seq_len is {spec.model.max_seq_len}: "
