@@ -140,7 +140,7 @@ def write(res: dict) -> None:
         f"`trm` at d_model {res['d_model']} (9 x 9 sudoku rows + 16 puzzle positions), batch {res['batch']}, "
         "the whole last outer cycle with gradient. `python benchmarks/supervision_memory.py`.",
         "",
-        "| segments | saved for backward, one supervised step | peak-RSS increase over all steps "
+        "| segments | saved for backward, one supervised step | peak-RSS growth over the K steps, after a warm-up step "
         "| saved, segments chained without detaching |",
         "|---:|---:|---:|---:|",
     ]
@@ -154,7 +154,7 @@ def write(res: dict) -> None:
     ax = fig.add_subplot()
     ks = [r["segments"] for r in res["rows"]]
     ax.plot(ks, [r["saved_step"] / MiB for r in res["rows"]], "o-", label="deep supervision: saved per step")
-    ax.plot(ks, [r["rss_steps"] / MiB for r in res["rows"]], "s-", label="deep supervision: peak RSS increase")
+    ax.plot(ks, [r["rss_steps"] / MiB for r in res["rows"]], "s-", label="peak-RSS growth over K steps")
     ax.plot(ks, [r["saved_undetached"] / MiB for r in res["rows"]], "^--", label="chained, not detached: saved")
     ax.set_xlabel("segments")
     ax.set_ylabel("MiB")
