@@ -200,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HrmspecError as e:
         if args.debug:
             raise
-        print(f"hrmspec: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = getattr(e, "exit_code", None)  # a run stopped by a signal: 128 + its number, not an error
+        print(f"hrmspec: {e}" if code else f"hrmspec: error: {e}", file=sys.stderr)
+        return code or EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hrmspec: interrupted", file=sys.stderr)
         return 130

@@ -233,3 +233,56 @@ def test_resume_never_unpickles_objects_from_a_checkpoint(tmp_path, name):
     with pytest.raises(CheckpointError, match=f"unsafe checkpoint file .*{name}"):
         train(spec(**{"train.steps": 5}), tmp_path, resume=True, progress_bar=False)
     assert _Payload.ran == []  # refused, not run
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    import signal
+
+    from hrmspec.runtime.training.loop import Trainer
+    from hrmspec.runtime.training.runfolder import TrainInterrupted
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(spec(**{"train.save_every": 100}), full, progress_bar=False)
+    real = Trainer.train_step
+
+    def step_then_signal(self, batch):
+        out = real(self, batch)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of the run
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(TrainInterrupted, match="stopped by SIGTERM after step 2") as info:
+        train(spec(**{"train.save_every": 100}), part, progress_bar=False)
+    assert info.value.exit_code == 143
+    assert [p.name for p in ckpt.list_checkpoints(part)] == ["step_00000002"]
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only while it runs
+    train(spec(**{"train.save_every": 100}), part, resume=True, progress_bar=False)
+    assert losses(part) == losses(full)
+
+
+def test_a_run_folder_is_one_runs(tmp_path, capsys):
+    from hrmspec.cli import main
+    from hrmspec.runtime.training.runfolder import RunLock
+
+    train(spec(**{"train.steps": 2}), tmp_path, progress_bar=False)
+    with pytest.raises(TrainError, match="already holds a run .checkpoints up to step_00000002.: continue it with "
+                                         "--resume, or start afresh with --overwrite"):
+        train(spec(**{"train.steps": 2}), tmp_path, progress_bar=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    train(spec(**{"train.steps": 1}), tmp_path, progress_bar=False, overwrite=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert [r[0] for r in losses(tmp_path)] == [1] and (tmp_path / "notes.txt").read_text() == "mine"
+    held = RunLock(tmp_path)  # another trainer is running there
+    try:
+        spec_file = tmp_path / "micro.yaml"
+        spec_file.write_text(SPEC)
+        code = main(["train", str(spec_file), "--out", str(tmp_path), "--resume", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"is in use by a trainer (pid {os.getpid()})" in err and "Traceback" not in err
+    finally:
+        held.release()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrainError, match="is a file, not a folder"):
+        train(spec(), tmp_path / "file", progress_bar=False)

@@ -19,7 +19,8 @@ def cmd_train(args) -> int:
     from hrmspec.runtime.training.loop import train
 
     spec = spec_from_arguments(args)
-    last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress)
+    last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress,
+                 overwrite=args.overwrite)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {args.out}/checkpoints")
     return 0
@@ -90,6 +91,8 @@ def _register_train(sub, name):
     spec_arguments(p)
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run: delete its checkpoints and metrics first")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +35,7 @@ from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
 from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
+from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
 from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from hrmspec.spec.schema import Spec
 
@@ -99,19 +101,24 @@ def train(
     fsdp: bool = False,
     progress_bar: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train `spec`, writing checkpoints and metrics to `out`. Returns the final metrics.
 
     `stop_after` ends the run early at that step (after its checkpoint), as an interruption would.
+    A new run into a folder holding another is refused unless `overwrite` (see runfolder.py).
     """
-    trainer = Trainer(spec, Path(out), resume=resume, fsdp=fsdp)
-    return trainer.fit(progress_bar=progress_bar, stop_after=stop_after)
+    trainer = Trainer(spec, Path(out), resume=resume, fsdp=fsdp, overwrite=overwrite)
+    try:
+        return trainer.fit(progress_bar=progress_bar, stop_after=stop_after)
+    finally:
+        trainer.release()
 
 
 class Trainer:
     """One training run: everything `fit` needs, set up (or restored) in the order it depends on."""
 
-    def __init__(self, spec: Spec, out: Path, resume: bool = False, fsdp: bool = False):
+    def __init__(self, spec: Spec, out: Path, resume: bool = False, fsdp: bool = False, overwrite: bool = False):
         self.spec, self.out = spec, out
         self.cfg = cfg = TrainConfig.from_dict(dict(spec.train))
         self.rank, self.world = _dist()
@@ -121,8 +128,28 @@ class Trainer:
             raise TrainError(f"train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
                              f"({self.world})")
         torch.manual_seed(cfg.seed)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"--out {out} is a file, not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"cannot create the run folder {out}: {e.strerror}") from None
+        self.lock = RunLock(out) if self.rank == 0 else None
+        try:
+            if not resume and self.rank == 0:
+                check_new_run(out, overwrite)
+            self._setup(resume, fsdp)
+        except BaseException:
+            self.release()
+            raise
 
+    def release(self) -> None:
+        """Let go of the run folder (another trainer may take it)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, resume: bool, fsdp: bool) -> None:
+        spec, out, cfg = self.spec, self.out, self.cfg
         start = ckpt.latest_checkpoint(out) if resume else None
         if resume and start is None:
             raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
@@ -209,6 +236,7 @@ class Trainer:
         last: dict = {}
         t_log, tokens = time.perf_counter(), 0
         window: dict[str, float] = {}  # supervised segments' metrics since the last log line
+        signals = StopSignals().__enter__()  # left in the finally below
         try:
             while self.step < cfg.steps:
                 lr = self._schedule()
@@ -234,17 +262,31 @@ class Trainer:
                     bar.update(self.step, loss, last.get("tokens_per_s"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
                     self._log_eval()
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after:
+                stop = self._stop_signal(signals.received)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after or stop:
                     self.save()
+                if stop:
+                    name = signal.Signals(stop).name
+                    raise TrainInterrupted(f"stopped by {name} after step {self.step}; its checkpoint is written: "
+                                           f"continue with --resume --out {self.out}", stop)
                 if stop_after is not None and self.step >= stop_after:
                     break
         finally:
+            signals.__exit__()
             for closing in (bar, self.metrics, board):
                 if closing is not None:
                     closing.close()
         if self.world > 1:
             dist.barrier()
         return last
+
+    def _stop_signal(self, received: int | None) -> int:
+        """The signal that stops the run after this step (0: none), the same on every rank."""
+        if self.world == 1:
+            return received or 0
+        flag = torch.tensor([received or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
 
     def _log_eval(self) -> dict:
         """Held-out accuracy now (EMA weights), into metrics.jsonl."""
