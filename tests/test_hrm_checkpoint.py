@@ -30,6 +30,7 @@ from hrmspec.runtime.interop.hrm_config import hrm_arch_from_spec
 from hrmspec.spec import load_spec, load_spec_text
 
 HRM = "hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1"
+TRM_HRM = "recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1"  # TRM's repository's HRM: with mlp_t
 TRM = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 
@@ -45,8 +46,9 @@ def prefix_len(a: dict) -> int:
     return -(-ndim // a["hidden_size"])
 
 
-def swiglu_width(a: dict) -> int:
-    return 256 * math.ceil(round(a["expansion"] * a["hidden_size"] * 2 / 3) / 256)
+def swiglu_width(a: dict, width: int) -> int:
+    """The official SwiGLU's hidden width over rows of `width`: 2/3 of the expansion, up to a multiple of 256."""
+    return 256 * math.ceil(round(a["expansion"] * width * 2 / 3) / 256)
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,7 +70,6 @@ class Official:
         self.w = {k: v.to(dtype) for k, v in w.items()}
         self.P = prefix_len(a)
         self.hrm = "Hierarchical" in a["name"]
-        self.ffn = swiglu_width(a)
 
     def embed(self, inputs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         a, w, h = self.a, self.w, self.a["hidden_size"]
@@ -98,8 +99,9 @@ class Official:
         return y @ w[p + "self_attn.o_proj.weight"].T
 
     def mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.w[p + "mlp.gate_up_proj.weight"].T).split(self.ffn, -1)
-        return (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
+        """SwiGLU over the last axis of x: the channels (p = "...mlp."), or the positions (p = "...mlp_t.")."""
+        gate, up = (x @ self.w[p + "gate_up_proj.weight"].T).chunk(2, -1)
+        return (torch.nn.functional.silu(gate) * up) @ self.w[p + "down_proj.weight"].T
 
     def level(self, name: str, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
         eps = self.a.get("rms_norm_eps", 1e-5)
@@ -107,8 +109,12 @@ class Official:
         layers = self.a["L_layers"] if name == "L_level" else self.a["H_layers"]
         for i in range(layers):
             p = f"{name}.layers.{i}."
-            h = rms(h + self.attention(p, h), eps)  # post-norm
-            h = rms(h + self.mlp(p, h), eps)
+            if self.a.get("mlp_t"):  # an MLP across the positions, normed over them, in place of attention
+                t = h.transpose(1, 2)
+                h = rms(t + self.mlp(p + "mlp_t.", t), eps).transpose(1, 2)
+            else:
+                h = rms(h + self.attention(p, h), eps)  # post-norm
+            h = rms(h + self.mlp(p + "mlp.", h), eps)
         return h
 
     def inner(self, z_H, z_L, data):
@@ -162,7 +168,7 @@ def official_tensors(a: dict, vocab: int, identifiers: int, seq_len: int, seed: 
     them: parameters in fp32, H_init and L_init in bfloat16 (the default forward_dtype)."""
     g = torch.Generator().manual_seed(seed)
     h, heads = a["hidden_size"], a["num_heads"]
-    inner, ffn = heads * (h // heads), swiglu_width(a)
+    inner, ffn, row = heads * (h // heads), swiglu_width(a, h), seq_len + prefix_len(a)
 
     def rnd(*shape, std=None):
         return torch.randn(*shape, generator=g) * (1 / math.sqrt(shape[-1]) if std is None else std)
@@ -178,8 +184,12 @@ def official_tensors(a: dict, vocab: int, identifiers: int, seq_len: int, seed: 
     for level, layers in levels.items():
         for i in range(layers):
             p = f"{level}.layers.{i}."
-            w[p + "self_attn.qkv_proj.weight"] = rnd(3 * inner, h)
-            w[p + "self_attn.o_proj.weight"] = rnd(h, inner)
+            if a.get("mlp_t"):
+                w[p + "mlp_t.gate_up_proj.weight"] = rnd(2 * swiglu_width(a, row), row)
+                w[p + "mlp_t.down_proj.weight"] = rnd(row, swiglu_width(a, row))
+            else:
+                w[p + "self_attn.qkv_proj.weight"] = rnd(3 * inner, h)
+                w[p + "self_attn.o_proj.weight"] = rnd(h, inner)
             w[p + "mlp.gate_up_proj.weight"] = rnd(2 * ffn, h)
             w[p + "mlp.down_proj.weight"] = rnd(h, ffn)
     return w
@@ -197,10 +207,11 @@ def write_official(directory, a: dict, w: dict[str, torch.Tensor], compiled: boo
 
 @st.composite
 def archs(draw) -> dict:
-    trm = draw(st.booleans())
+    name = draw(st.sampled_from([HRM, TRM_HRM, TRM]))
+    trm, tiny_repo = name == TRM, name != HRM  # TinyRecursiveModels' code: mlp_t, and no positions
     heads = draw(st.integers(1, 2))
     h = heads * draw(st.sampled_from([2, 4]))
-    a = {"name": TRM if trm else HRM,
+    a = {"name": name,
          "loss": {"name": "losses@ACTLossHead",
                   "loss_type": draw(st.sampled_from(["stablemax_cross_entropy", "softmax_cross_entropy"]))},
          "halt_exploration_prob": 0.0, "halt_max_steps": draw(st.integers(2, 3)),
@@ -208,14 +219,15 @@ def archs(draw) -> dict:
          "H_layers": 0 if trm else draw(st.integers(1, 2)), "L_layers": draw(st.integers(1, 2)),
          "hidden_size": h, "num_heads": heads, "expansion": draw(st.sampled_from([1, 2.5, 4])),
          "puzzle_emb_ndim": draw(st.sampled_from([0, h, h + 1, max(1, h // 2)])),
-         "pos_encodings": draw(st.sampled_from(["rope", "learned"] + (["none"] if trm else []))),
+         "pos_encodings": draw(st.sampled_from(["rope", "learned"] + (["none"] if tiny_repo else []))),
          "rms_norm_eps": draw(st.sampled_from([1e-5, 1e-6])), "rope_theta": draw(st.sampled_from([10000.0, 50.0])),
          "forward_dtype": "bfloat16"}
+    if tiny_repo:
+        a["mlp_t"] = draw(st.booleans())
     if trm:
         least = -(-a["puzzle_emb_ndim"] // h)
         a["puzzle_emb_len"] = draw(st.sampled_from([0, least + 1])) if least else 0
         a["no_ACT_continue"] = draw(st.booleans())
-        a["mlp_t"] = False
     return a
 
 
@@ -344,10 +356,15 @@ def test_export_writes_the_official_file_back_bit_for_bit(tmp_path_factory, a, c
         got = written["_orig_mod.model.inner." + k]
         assert got.dtype == v.dtype and torch.equal(got, v), k
     arch = yaml.safe_load((out / "all_config.yaml").read_text())["arch"]
-    for key in ("name", "loss", "H_cycles", "L_cycles", "L_layers", "hidden_size", "num_heads", "expansion",
-                "puzzle_emb_ndim", "pos_encodings" if a["pos_encodings"] != "none" else "name", "halt_max_steps",
-                "halt_exploration_prob", "rms_norm_eps"):
+    for key in ("loss", "H_cycles", "L_cycles", "L_layers", "hidden_size", "num_heads", "expansion",
+                "puzzle_emb_ndim", "halt_max_steps", "halt_exploration_prob", "rms_norm_eps"):
         assert arch[key] == a[key], key
+    assert arch.get("mlp_t", False) == a.get("mlp_t", False)
+    if a["pos_encodings"] != "none":  # (without positions TRM's code runs an mlp_t as with rope)
+        assert arch["pos_encodings"] == a["pos_encodings"]
+    # TRM's copy of HRM is sapientinc's model unless it uses what only TRM's code has
+    same = a["name"] == TRM_HRM and not a.get("mlp_t") and a["pos_encodings"] != "none"
+    assert arch["name"] == (HRM if same else a["name"])
     again = hrmspec.from_hrm_checkpoint(file, seq_len=S)
     assert dataclasses.replace(again.spec, name=model.spec.name) == model.spec  # named after its folder
     for k, v in model.state_dict().items():
@@ -365,6 +382,7 @@ def test_the_shipped_hrm_and_trm_specs_export_the_official_arch_files():
     assert {k: trm[k] for k in ("name", "H_cycles", "L_cycles", "L_layers", "puzzle_emb_len", "no_ACT_continue",
                                 "mlp_t")} == dict(name=TRM, H_cycles=3, L_cycles=6, L_layers=2, puzzle_emb_len=16,
                                                   no_ACT_continue=True, mlp_t=False)
+    assert hrm_arch_from_spec(load_spec("trm-mlp")).config()["mlp_t"] is True  # TRM's attention-free variant
 
 
 @pytest.mark.parametrize("overrides, reason", [
@@ -392,11 +410,13 @@ def test_export_lists_every_reason():
 # --------------------------------------------------------------------------- the command line
 
 
-def test_import_and_export_on_the_command_line(tmp_path, capsys):
-    a = archs_example(trm=True, pos_encodings="learned")
+@pytest.mark.parametrize("variant", [dict(pos_encodings="learned"), dict(mlp_t=True)], ids=["learned", "mlp_t"])
+def test_import_and_export_on_the_command_line(tmp_path, capsys, variant):
+    a = archs_example(trm=True, **variant)
     w = official_tensors(resolved(a), 7, 3, 5, seed=1)
     path = write_official(tmp_path / "run", a, w)
-    assert main(["import-hrm", str(path), "--out", str(tmp_path / "ours")]) == 0  # seq_len from the positions
+    # no --seq-len: a table with a row per position (learned positions, the mlp_t) says it
+    assert main(["import-hrm", str(path), "--out", str(tmp_path / "ours")]) == 0
     model = load_checkpoint(tmp_path / "ours")
     assert model.spec.model.max_seq_len == 5 and model.spec.supervision.halting.type == "bce"
     assert main(["export-hrm", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
@@ -419,12 +439,13 @@ def _mutations():
     return [
         ("missing", drop("L_level.layers.0.mlp.down_proj.weight"), None, "L_level.layers.0.mlp.down_proj.weight"),
         ("shape", arch(expansion=100), None, "mlp.gate_up_proj.weight' has shape"),
-        ("mlp_t", arch(mlp_t=True), None, "arch.mlp_t"),
+        ("loss", arch(loss={"name": "losses@ACTLossHead", "loss_type": "focal"}), None, "arch.loss.loss_type"),
         ("name", arch(name="recursive_reasoning.trm_singlez@TinyRecursiveReasoningModel_ACTV1"), None, "arch.name"),
         ("file", None, garbage, "corrupt or unsafe checkpoint file"),
         ("seq_len", None, None, "--seq-len"),
         ("prefix", lambda a, s: s.update({"model.other": torch.zeros(1)}), None, "not under 'model.inner.'"),
         ("no_puzzle", arch(puzzle_emb_ndim=0), None, "puzzle_emb_len"),
+        ("positions", arch(pos_encodings="learned"), None, "embed_pos.embedding_weight', which arch.pos_encodings"),
     ]
 
 

@@ -5,14 +5,15 @@ SamsungSAILMontreal/TinyRecursiveModels) write `all_config.yaml` beside their ch
 whole training config, whose `arch:` section builds the model together with three sizes the
 dataset gives (vocab_size, seq_len, num_puzzle_identifiers). Both official models are points in
 the space of specs, every layer post-norm, `h = rms(h + attention(h)); h = rms(h + swiglu(h))`
-(RMSNorm without weights, bidirectional attention without gate or biases, no exit norm):
+(RMSNorm without weights, bidirectional attention without gate or biases, no exit norm; with
+`mlp_t`, a SwiGLU across the positions in place of attention: `attention: {type: token_mlp}`):
 
     HierarchicalReasoningModel_ACTV1 (HRM)     modules L and H, states z_H and z_L (H_init, L_init)
         repeat H_cycles: { repeat L_cycles: { z_L = L(z_L + z_H + x) };  z_H = H(z_H + z_L) }
         credit {last: 2} (the one-step gradient), q_learning halting
     TinyRecursiveReasoningModel_ACTV1 (TRM)    one module `net`, states y and z (z_H and z_L)
         repeat H_cycles: { repeat L_cycles: { z = net(z + y + x) };  y = net(y + z) }
-        credit {last: L_cycles + 1} (the whole last cycle), bce halting (no_ACT_continue) or q_learning
+        credit last_cycle (L_cycles + 1 calls), bce halting (no_ACT_continue) or q_learning
 
     arch key                          spec
     hidden_size, num_heads            d_model, heads, head_dim = hidden_size // num_heads
@@ -20,6 +21,8 @@ the space of specs, every layer post-norm, `h = rms(h + attention(h)); h = rms(h
     H_layers, L_layers                the modules' layers (TRM: L_layers; H_layers is unused)
     rms_norm_eps                      block.norm.eps
     pos_encodings rope | learned      block.attention.rope_theta = rope_theta | positions: learned
+    mlp_t (TRM's code)                block.attention.type: token_mlp (its width: the same expansion
+                                      over the seq_len + puzzle positions of a row), else plain
     puzzle_emb_ndim (> 0)             puzzle: {identifiers, dim, positions}: ceil(dim / hidden_size)
                                       positions, TRM's puzzle_emb_len when it is not 0
     halt_max_steps                    supervision.segments
@@ -56,7 +59,7 @@ HRM_NAME = "hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1"  # sapientinc/HRM
 TRM_HRM_NAME = "recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1"  # TRM's copy of HRM
 TRM_NAME = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
 # arch.name -> the model; the TRM repository's code adds mlp_t and runs without positions for a
-# pos_encodings other than rope or learned (sapientinc's raises)
+# pos_encodings other than rope or learned (sapientinc's raises, and has no mlp_t)
 ARCHS = {HRM_NAME: "hrm", TRM_HRM_NAME: "hrm", TRM_NAME: "trm"}
 FORWARD_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -91,6 +94,7 @@ class HrmArch:
     halt_max_steps: int
     halt_exploration_prob: float
     halting: str  # q_learning | bce
+    mlp_t: bool = False  # a SwiGLU across the positions in place of attention (TRM's code only)
     forward_dtype: str = "bfloat16"
 
     @property
@@ -107,7 +111,7 @@ class HrmArch:
                     "rope_theta", "forward_dtype"):
             out[key] = a[key]
         if self.name != HRM_NAME:
-            out["mlp_t"] = False
+            out["mlp_t"] = self.mlp_t
         if self.model == "trm":
             out["puzzle_emb_len"] = self.puzzle_emb_len
             out["no_ACT_continue"] = self.halting == "bce"
@@ -161,9 +165,7 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
     loss_type = loss.get("loss_type")
     if loss_type not in LOSSES:
         raise c.fail("loss.loss_type", f"expected one of {', '.join(LOSSES)}, found {loss_type!r}")
-    if name != HRM_NAME and c.boolean("mlp_t"):
-        raise c.fail("mlp_t", "true (an MLP across positions in place of attention) has no hrmspec block kind; "
-                              "only models trained with mlp_t: false convert")
+    mlp_t = name != HRM_NAME and c.boolean("mlp_t")
     hidden, heads = c.integer("hidden_size"), c.integer("num_heads")
     if heads > hidden:
         raise c.fail("num_heads", f"expected at most hidden_size ({hidden}) heads, found {heads}")
@@ -173,7 +175,7 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
             raise c.fail("pos_encodings", f"expected rope or learned, found {pos!r}")
         pos = "none"  # TRM's code runs without position encodings then
     head_dim = hidden // heads
-    if pos == "rope" and head_dim % 2:
+    if pos == "rope" and head_dim % 2 and not mlp_t:  # (mlp_t's blocks never apply the rotary tables)
         raise c.fail("num_heads", f"rotary embeddings need an even head_dim; hidden_size // num_heads is {head_dim}")
     ndim = c.integer("puzzle_emb_ndim", 0)
     positions = -(-ndim // hidden)
@@ -193,7 +195,7 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
         hidden_size=hidden, num_heads=heads, expansion=_expansion(c), rms_norm_eps=c.number("rms_norm_eps"),
         rope_theta=c.number("rope_theta"), pos_encodings=pos, puzzle_emb_ndim=ndim, puzzle_emb_len=positions,
         halt_max_steps=c.integer("halt_max_steps"), halt_exploration_prob=c.number("halt_exploration_prob", 1.0),
-        halting=halting, forward_dtype=dtype,
+        halting=halting, mlp_t=mlp_t, forward_dtype=dtype,
     )
 
 
@@ -209,21 +211,22 @@ def _expansion(c: ConfigReader) -> float:
 
 def spec_from_hrm_arch(a: HrmArch, sizes: Sizes, name: str, source: str = ARCH_FILE) -> Spec:
     """The spec of an official model (see the module docstring)."""
+    rotary = a.pos_encodings == "rope" and not a.mlp_t  # mlp_t's blocks never apply the rotary tables
     block = {
         "norm": {"type": "rms", "eps": a.rms_norm_eps, "affine": False, "place": "post"},
-        "attention": {"type": "plain", "mask": "bidirectional",
-                      "rope_theta": a.rope_theta if a.pos_encodings == "rope" else None},
+        "attention": {"type": "token_mlp" if a.mlp_t else "plain", "mask": "bidirectional",
+                      "rope_theta": a.rope_theta if rotary else None},
         "mlp": "swiglu",
     }
     if a.model == "hrm":
         H, L, z_H, z_L = "H", "L", "z_H", "z_L"
         modules = {L: {"layers": a.L_layers, "exit_norm": "none"}, H: {"layers": a.H_layers, "exit_norm": "none"}}
-        credit = 2  # the one-step gradient: the last L call and the last H call
+        credit = {"last": 2}  # the one-step gradient: the last L call and the last H call
     else:
         H = L = "net"
         z_H, z_L = "y", "z"
         modules = {"net": {"layers": a.L_layers, "exit_norm": "none"}}
-        credit = a.L_cycles + 1  # the whole last cycle
+        credit = "last_cycle"  # the whole last outer cycle: L_cycles + 1 calls
     model: dict[str, Any] = {
         "vocab": sizes.vocab,
         "d_model": a.hidden_size,
@@ -239,7 +242,7 @@ def spec_from_hrm_arch(a: HrmArch, sizes: Sizes, name: str, source: str = ARCH_F
         "output": z_H,
         "head": "untied",
         "embed_scale": math.sqrt(a.hidden_size),
-        "credit": {"last": credit},
+        "credit": credit,
     }
     if a.puzzle_emb_ndim:
         model["puzzle"] = {"identifiers": sizes.identifiers, "dim": a.puzzle_emb_ndim, "positions": a.puzzle_emb_len}
@@ -316,14 +319,19 @@ def _why_not(spec: Spec, r: Roles | None) -> list[str]:
     b = m.modules[0].block
     if (b.norm.type, b.norm.affine, b.norm.place) != ("rms", False, "post"):
         why.append("the block norm must be rms with affine false and place post")
-    a = b.attention
-    if (a.type, a.mask, a.bias) != ("plain", "bidirectional", False):
-        why.append("attention must be plain and bidirectional without biases")
-    if a.rope_theta is not None and m.positions == "learned":
+    a, e = b.attention, _expansion_of(spec, b.ffn)
+    token = a.type == "token_mlp"  # TRM's mlp_t
+    if not token and (a.type, a.mask, a.bias) != ("plain", "bidirectional", False):
+        why.append("attention must be plain and bidirectional without biases (or a token_mlp: TRM's mlp_t)")
+    if a.rope_theta is not None and m.positions == "learned" and not token:
         why.append("rotary embeddings and learned positions together (pos_encodings is one of them)")
-    if b.mlp != "swiglu" or _expansion_of(spec, b.ffn) is None:
+    if b.mlp != "swiglu" or e is None:
         why.append(f"the MLP must be swiglu of a width the official rule makes of an expansion (a multiple of 256), "
                    f"found {b.mlp} of {b.ffn}")
+    length = m.max_seq_len + (m.puzzle.positions if m.puzzle else 0)
+    if token and e is not None and a.ffn != swiglu_width(length, e):
+        why.append(f"the token_mlp's width must be the official rule at the MLP's expansion {e:g} over the {length} "
+                   f"positions of a row ({swiglu_width(length, e)}), found {a.ffn}")
     if any(mod.exit_norm is not None for mod in m.modules):
         why.append("modules must have exit_norm: none")
     if m.final_norm is not None:
@@ -335,9 +343,11 @@ def _why_not(spec: Spec, r: Roles | None) -> list[str]:
     if not math.isclose(m.embed_scale, math.sqrt(m.d_model), rel_tol=1e-12):
         why.append(f"embed_scale must be sqrt(d_model) ({math.sqrt(m.d_model):g}), found {m.embed_scale:g}")
     trm = len(m.modules) == 1
-    last = (r.L_cycles + 1 if trm else 2) if r is not None else None
-    if last is not None and m.credit != CreditSpec(mode="last", last=last):
-        why.append(f"credit must be {{last: {last}}} (the official gradient)")
+    if r is not None and trm and m.credit not in (CreditSpec(mode="last_cycle"), CreditSpec(mode="last",
+                                                                                             last=r.L_cycles + 1)):
+        why.append(f"credit must be last_cycle (or {{last: {r.L_cycles + 1}}}): TRM's gradient")
+    if r is not None and not trm and m.credit != CreditSpec(mode="last", last=2):
+        why.append("credit must be {last: 2} (HRM's one-step gradient)")
     if m.puzzle is not None and not trm and m.puzzle.positions != -(-m.puzzle.dim // m.d_model):
         why.append("HRM's puzzle positions must be ceil(puzzle dim / d_model)")
     o, sup = spec.objective, spec.supervision
@@ -365,8 +375,10 @@ def hrm_arch_from_spec(spec: Spec, forward_dtype: str = "bfloat16") -> HrmArch:
     m, sup = spec.model, spec.supervision
     trm = r.H == r.L
     a = m.modules[0].block.attention
-    pos = "rope" if a.rope_theta is not None else "learned" if m.positions == "learned" else "none"
-    name = TRM_NAME if trm else HRM_NAME if pos != "none" else TRM_HRM_NAME
+    token = a.type == "token_mlp"
+    # a token_mlp model writes rope when it has no learned positions: its blocks never apply the tables
+    pos = "learned" if m.positions == "learned" else "rope" if a.rope_theta is not None or token else "none"
+    name = TRM_NAME if trm else TRM_HRM_NAME if token or pos == "none" else HRM_NAME
     return HrmArch(
         name=name, loss=spec.objective.loss, H_cycles=r.H_cycles, L_cycles=r.L_cycles,
         H_layers=0 if trm else m.module(r.H).layers, L_layers=m.module(r.L).layers,
@@ -374,7 +386,7 @@ def hrm_arch_from_spec(spec: Spec, forward_dtype: str = "bfloat16") -> HrmArch:
         rms_norm_eps=m.modules[0].block.norm.eps, rope_theta=a.rope_theta or 10000.0, pos_encodings=pos,
         puzzle_emb_ndim=m.puzzle.dim if m.puzzle else 0, puzzle_emb_len=m.puzzle.positions if m.puzzle else 0,
         halt_max_steps=sup.segments, halt_exploration_prob=sup.halting.exploration, halting=sup.halting.type,
-        forward_dtype=forward_dtype,
+        mlp_t=token, forward_dtype=forward_dtype,
     )
 
 

@@ -16,6 +16,8 @@ every name is `[_orig_mod.]model.inner.<name>`. Its tensors are ours renamed, no
         self_attn.o_proj.weight           (d, heads x hd)        attn.o.weight
         mlp.gate_up_proj.weight           (2 ffn, d)             mlp.gate_up.weight: rows [gate; up]
         mlp.down_proj.weight              (d, ffn)               mlp.down.weight
+        mlp_t.gate_up_proj.weight         (2 ffn_t, P + seq_len) token.gate_up.weight (mlp_t, in place of
+        mlp_t.down_proj.weight            (P + seq_len, ffn_t)   token.down.weight     self_attn)
 
 The file holds parameters in fp32 and the persistent buffers H_init and L_init in the model's
 forward dtype (bfloat16 by default); the rotary tables and the sparse embedding's per-batch copies
@@ -37,12 +39,10 @@ from hrmspec.spec.schema import Spec
 
 INNER = "model.inner."  # the loss head's model, and the ACT wrapper's inner model
 COMPILED = "_orig_mod."  # torch.compile's module around the loss head
-LAYER = {  # ours -> official, per layer
-    "attn.qkvg.weight": "self_attn.qkv_proj.weight",
-    "attn.o.weight": "self_attn.o_proj.weight",
-    "mlp.gate_up.weight": "mlp.gate_up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-}
+# ours -> official, per layer: the sublayer that mixes positions, then the MLP
+ATTENTION = {"attn.qkvg.weight": "self_attn.qkv_proj.weight", "attn.o.weight": "self_attn.o_proj.weight"}
+TOKEN_MLP = {"token.gate_up.weight": "mlp_t.gate_up_proj.weight", "token.down.weight": "mlp_t.down_proj.weight"}
+MLP = {"mlp.gate_up.weight": "mlp.gate_up_proj.weight", "mlp.down.weight": "mlp.down_proj.weight"}
 INIT_BUFFERS = ("H_init", "L_init")  # held in the forward dtype
 
 
@@ -58,9 +58,11 @@ def official_names(spec: Spec, r: Roles) -> dict[str, str]:
         out["positions.weight"] = "embed_pos.embedding_weight"
     levels = {r.L: "L_level"} if r.H == r.L else {r.H: "H_level", r.L: "L_level"}
     for module, level in levels.items():
-        for i in range(m.module(module).layers):
+        spec_of = m.module(module)
+        layer = (TOKEN_MLP if spec_of.block.attention.type == "token_mlp" else ATTENTION) | MLP
+        for i in range(spec_of.layers):
             out.update({f"stacks.{module}.layers.{i}.{ours}": f"{level}.layers.{i}.{theirs}"
-                        for ours, theirs in LAYER.items()})
+                        for ours, theirs in layer.items()})
     return out
 
 
@@ -97,20 +99,26 @@ def _needed(tensors: Mapping[str, torch.Tensor], name: str, why: str, source: st
 def sizes_from_tensors(a: HrmArch, tensors: Mapping[str, torch.Tensor], seq_len: int | None, source: str,
                        arch_source: str) -> Sizes:
     """The sizes all_config.yaml leaves to the dataset: vocab and puzzle identifiers from the tables'
-    rows, seq_len from learned positions' rows or from `seq_len` (which must agree)."""
+    rows, seq_len from a table over the positions (learned positions, an mlp_t) or from `seq_len`
+    (which must agree)."""
     vocab = _needed(tensors, "embed_tokens.embedding_weight", "every model has", source).shape[0]
     identifiers = 0
     if a.puzzle_emb_ndim:
         why = f"arch.puzzle_emb_ndim {a.puzzle_emb_ndim} in {arch_source} says it has"
         identifiers = _needed(tensors, "puzzle_emb.weights", why, source).shape[0]
+    table = None  # a table with a row per position of a row: the puzzle positions, then seq_len
     if a.pos_encodings == "learned":
-        why = f"arch.pos_encodings learned in {arch_source} says it has"
-        rows = _needed(tensors, "embed_pos.embedding_weight", why, source).shape[0]
+        table = "embed_pos.embedding_weight", "arch.pos_encodings learned"
+    elif a.mlp_t:
+        table = "L_level.layers.0.mlp_t.down_proj.weight", "arch.mlp_t"
+    if table is not None:
+        name, key = table
+        rows = _needed(tensors, name, f"{key} in {arch_source} says it has", source).shape[0]
         found = rows - a.puzzle_emb_len
         if found < 1 or seq_len not in (None, found):
-            raise CheckpointError(f"{source}: tensor '{INNER}embed_pos.embedding_weight' has {rows} rows: "
-                                  f"{a.puzzle_emb_len} puzzle positions and seq_len {found}, not {seq_len}; "
-                                  "give the seq_len the model was trained at, or none")
+            raise CheckpointError(f"{source}: tensor '{INNER}{name}' has {rows} rows: {a.puzzle_emb_len} puzzle "
+                                  f"positions and seq_len {found}, not {seq_len}; give the seq_len the model was "
+                                  "trained at, or none")
         seq_len = found
     elif seq_len is None:
         raise CheckpointError(f"{source}: the sequence length is not in the checkpoint ({a.pos_encodings} "
