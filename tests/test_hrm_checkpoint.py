@@ -297,6 +297,16 @@ def test_halting_at_inference_when_asked(tmp_path):
     assert carry.halted.any() and not carry.halted.all()
 
 
+def test_an_arch_file_serves_as_the_config(tmp_path):
+    """config/arch/hrm_v1.yaml itself (no arch: section, `${.hidden_size}` unresolved) in place of all_config.yaml."""
+    a = archs_example(trm=False)
+    write_official(tmp_path / "run", a, official_tensors(resolved(a), 7, 3, 4, seed=0))
+    (tmp_path / "run" / "all_config.yaml").unlink()
+    (tmp_path / "hrm_v1.yaml").write_text(yaml.dump(a))
+    model = hrmspec.from_hrm_checkpoint(tmp_path / "run", config=tmp_path / "hrm_v1.yaml", seq_len=4)  # a folder
+    assert model.spec.model.puzzle.dim == 8 and model.spec.model.puzzle.identifiers == 3
+
+
 def archs_example(trm: bool, **overrides) -> dict:
     """A fixed small config (the official arch files' keys, at test sizes)."""
     a = {"name": TRM if trm else HRM, "loss": {"name": "losses@ACTLossHead", "loss_type": "stablemax_cross_entropy"},
