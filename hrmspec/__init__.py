@@ -3,6 +3,10 @@
     import hrmspec
     model = hrmspec.compile("specs/hrm-text-tiny.yaml")      # a torch.nn.Module
     out = model(input_ids, prefix_mask=prefix, labels=labels)
+
+    model = hrmspec.from_hrm_checkpoint("checkpoints/step_1000", seq_len=81)   # official HRM / TRM
+    carry = model.initial_carry(batch)
+    carry, out = model.act_step(carry, batch)
 """
 
 from hrmspec.compile import compile
@@ -19,4 +23,19 @@ def from_hf(directory, **kwargs):
     return _from_hf(directory, **kwargs)
 
 
-__all__ = ["CheckpointError", "HrmspecError", "SpecError", "compile", "from_hf", "load_spec", "__version__"]
+def from_hrm_checkpoint(path, config=None, seq_len=None, **kwargs):
+    """Load an official HRM / TRM checkpoint (pretrain.py's step_<N> and its all_config.yaml) as a CompiledModel."""
+    from hrmspec.runtime.interop.hrm_checkpoint import from_hrm_checkpoint as _from_hrm
+
+    return _from_hrm(path, config, seq_len, **kwargs)
+
+
+def to_hrm_checkpoint(model, path, **kwargs):
+    """Write a CompiledModel as an official HRM / TRM checkpoint directory (model.pt + all_config.yaml)."""
+    from hrmspec.runtime.interop.hrm_checkpoint import to_hrm_checkpoint as _to_hrm
+
+    return _to_hrm(model, path, **kwargs)
+
+
+__all__ = ["CheckpointError", "HrmspecError", "SpecError", "compile", "from_hf", "from_hrm_checkpoint", "load_spec",
+           "to_hrm_checkpoint", "__version__"]

@@ -131,6 +131,22 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_import_hrm(args) -> int:
+    from hrmspec.runtime.interop.hrm_checkpoint import import_hrm
+
+    import_hrm(args.ckpt, args.out, config=args.config, seq_len=args.seq_len)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export_hrm(args) -> int:
+    from hrmspec.runtime.interop.hrm_checkpoint import export_hrm
+
+    file = export_hrm(args.ckpt, args.out, forward_dtype=args.forward_dtype)
+    print(f"wrote {file} and {file.parent / 'all_config.yaml'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -180,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors)")
     p.add_argument("--out", required=True, help="the directory to write")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import-hrm", help="convert an official HRM / TRM checkpoint (pretrain.py) to an hrmspec "
+                       "checkpoint")
+    p.add_argument("ckpt", help="a checkpoint file step_<N> as pretrain.py writes it (or its directory)")
+    p.add_argument("--config", help="its all_config.yaml (default: the one beside the checkpoint)")
+    p.add_argument("--seq-len", type=int, help="the dataset's sequence length (81 for 9 x 9 Sudoku, 900 for ARC); "
+                   "needed unless the model has learned positions")
+    p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
+    p.set_defaults(func=cmd_import_hrm)
+
+    p = sub.add_parser("export-hrm", help="write an hrmspec checkpoint as an official HRM / TRM checkpoint")
+    p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors) or a training run")
+    p.add_argument("--out", required=True, help="the directory to write model.pt and all_config.yaml to")
+    p.add_argument("--forward-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="the official model's forward_dtype, which H_init and L_init are written in (default bfloat16)")
+    p.set_defaults(func=cmd_export_hrm)
 
     for name, register in COMMANDS:  # defined next to the code they run (training, evaluation)
         register(sub, name)

@@ -56,7 +56,8 @@ def test_compile_emit_writes_graph(tmp_path, capsys):
     assert "model" in (tmp_path / "spec.yaml").read_text()
 
 
-COMMANDS = ["validate", "show", "compile", "check", "import-hf", "export-hf", "train", "eval", "generate", "plot"]
+COMMANDS = ["validate", "show", "compile", "check", "import-hf", "export-hf", "import-hrm", "export-hrm", "train",
+            "eval", "generate", "plot"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

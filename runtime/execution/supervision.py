@@ -22,6 +22,9 @@ trainer divides by the rows. Metrics count the rows that halted at this step.
 At inference (`solve`) a row stops at the segment its head says halt (no exploration) and only
 the rows still running are computed; `all_segments=True` runs every segment, as HRM's and TRM's
 evaluation does. A q logit that is not finite is an error naming the row and the segment.
+
+Out of training `step` halts a row at the last segment only (as HRM's and TRM's evaluation
+does), or, with `halt=True`, where its head says so.
 """
 
 from __future__ import annotations
@@ -108,8 +111,10 @@ class Supervisor:
             return q_halt > q_continue
         return q_halt > 0
 
-    def step(self, carry: Carry, batch: dict[str, torch.Tensor], training: bool = True) -> tuple[Carry, SegmentOutput]:
-        """One segment of every row: halted rows first take `batch`'s sample (see the module docstring)."""
+    def step(self, carry: Carry, batch: dict[str, torch.Tensor], training: bool = True,
+             halt: bool = False) -> tuple[Carry, SegmentOutput]:
+        """One segment of every row: halted rows first take `batch`'s sample (see the module docstring).
+        Out of training a row halts at the last segment only, or, with `halt`, where its head says so."""
         reset = carry.halted
         fresh = {k: batch[k] for k in carry.data}
         data = {k: torch.where(reset.view(-1, *[1] * (v.dim() - 1)), fresh[k], v) for k, v in carry.data.items()}
@@ -135,6 +140,8 @@ class Supervisor:
                         q_halt, q_cont = self.q_logits(nxt, steps)
                         result.target_q_continue = torch.sigmoid(torch.where(is_last, q_halt,
                                                                              torch.maximum(q_halt, q_cont)))
+                elif halt:
+                    halted = halted | self.says_halt(result.q_halt, result.q_continue)
         return Carry(new_states, steps, halted, data), result
 
     # ------------------------------------------------------------------ losses

@@ -13,14 +13,11 @@ CheckpointError for what does not map exactly: a config's key by name, a spec's 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
-from hrmspec.errors import CheckpointError, SpecError
-from hrmspec.spec.load import load_spec_text
+from hrmspec.errors import CheckpointError
+from hrmspec.runtime.interop.config_reader import ConfigReader, spec_from_document
 from hrmspec.spec.schema import Repeat, Spec, Statement, lecun_std
 
 CONFIG_FILE = "config.json"
@@ -50,39 +47,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 
 
-class _Config:
-    """Typed reads of an HF config dict; errors name the file and the key."""
-
-    def __init__(self, config: Mapping[str, Any], source: str):
-        self.config, self.source = config, source
-
-    def fail(self, key: str, message: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {key}: {message}")
-
-    def get(self, key: str) -> Any:
-        v = self.config.get(key)
-        return _HF_DEFAULTS.get(key) if v is None else v
-
-    def integer(self, key: str, minimum: int = 1) -> int:
-        v = self.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.fail(key, f"expected an integer >= {minimum}, found {v!r}")
-        return v
-
-    def number(self, key: str) -> float:
-        v = self.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise self.fail(key, f"expected a non-negative number, found {v!r}")
-        return float(v)
-
-    def boolean(self, key: str) -> bool:
-        v = self.get(key)
-        if not isinstance(v, bool):
-            raise self.fail(key, f"expected true or false, found {v!r}")
-        return v
-
-
-def _rope_theta(c: _Config) -> float:
+def _rope_theta(c: ConfigReader) -> float:
     """rope_theta of a default-type rotary embedding, from `rope_parameters` or the legacy keys."""
     params = c.config.get("rope_parameters")
     if params is None:
@@ -104,7 +69,7 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str = "hrm-text", sourc
 
     Raises CheckpointError, naming `source` and the key, for configs hrmspec cannot run exactly.
     """
-    c = _Config(config, source)
+    c = ConfigReader(config, source, _HF_DEFAULTS)
     model_type = config.get("model_type", "hrm_text")
     if model_type != "hrm_text":
         raise c.fail("model_type", f"expected 'hrm_text', found {model_type!r}; only HRM-Text models convert")
@@ -167,10 +132,7 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str = "hrm-text", sourc
         },
         "objective": "task_completion",
     }
-    try:
-        return load_spec_text(yaml.safe_dump(doc, sort_keys=False), file=f"<spec converted from {source}>")
-    except SpecError as e:
-        raise CheckpointError(f"{source}: the config does not make a valid spec:\n{e}") from None
+    return spec_from_document(doc, source)
 
 
 def _is_statement(item: Any, target: str, module: str, inputs: set[str]) -> bool:

@@ -131,13 +131,13 @@ def _check_shape(name: str, want: tuple[int, ...], t: torch.Tensor, source: str)
         raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(want)}")
 
 
-def check_names(
+def tensor_problems(
     want: Mapping[str, tuple[int, ...]],
     got: Mapping[str, torch.Tensor],
-    source: str,
     optional: Collection[str] = (),
-) -> None:
-    """Every expected tensor present with its shape, nothing unexpected; lists all problems at once."""
+) -> list[str]:
+    """What keeps `got` from being exactly the tensors `want` names, with their shapes: missing,
+    unexpected and misshapen tensors, in that order (empty when it fits)."""
     problems = [
         f"missing tensor '{n}' of shape {s}" for n, s in want.items() if n not in got and n not in optional
     ]
@@ -145,10 +145,21 @@ def check_names(
         f"unexpected tensor '{n}' of shape {tuple(t.shape)}" for n, t in got.items() if n not in want
     ]
     problems += [
-        f"tensor '{n}' has shape {tuple(t.shape)}, expected {want[n]}"
+        f"tensor '{n}' has shape {tuple(t.shape)}, expected {tuple(want[n])}"
         for n, t in got.items()
         if n in want and tuple(t.shape) != tuple(want[n])
     ]
+    return problems
+
+
+def check_names(
+    want: Mapping[str, tuple[int, ...]],
+    got: Mapping[str, torch.Tensor],
+    source: str,
+    optional: Collection[str] = (),
+) -> None:
+    """Every expected tensor present with its shape, nothing unexpected; lists all problems at once."""
+    problems = tensor_problems(want, got, optional)
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise CheckpointError(f"{source}: the tensors do not match the model:\n  " + "\n  ".join(shown))

@@ -145,8 +145,21 @@ def read_pt(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # a corrupt file, or one that holds pickled objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"corrupt or unsafe checkpoint file {path}: {first}") from None
+        raise CheckpointError(f"corrupt or unsafe checkpoint file {path}: {_load_failure(e)}") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """What torch.load's error says went wrong, in one line: with weights_only its first lines are
+    advice (to load unsafely) and the reason comes after them."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    advice = ("Check the documentation", "Please file an issue")
+    reason = next((line for line in lines[1:] if not line.startswith(advice)), "not a state dict of tensors")
+    return (f"{reason.rstrip('.')}; only tensors, numbers and containers are read (weights_only=True), "
+            "never pickled objects")
 
 
 def read_trainer_state(ckpt: Path) -> dict:
