@@ -30,7 +30,7 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.training.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments)
-    t = Table(title="Held-out accuracy", caption=f"checkpoint {res['checkpoint']}")
+    t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
     t.add_column("n", justify="right")
@@ -38,7 +38,8 @@ def cmd_eval(args) -> int:
         t.add_row(name, f"{100 * r['accuracy']:.1f}%", str(r["n"]))
     t.add_row("[bold]all[/bold]", f"[bold]{100 * res['accuracy']:.1f}%[/bold]", str(res["n"]))
     Console().print(t)
-    if "segments" in res:  # deep supervision: what halting spared
+    print(f"checkpoint {res['checkpoint']}")  # on its own line: a table caption would wrap a long path
+    if res.get("max_segments", 1) > 1:  # deep supervision: what halting spared
         print(f"segments per puzzle: {res['segments']:.2f} of {res['max_segments']} "
               f"({100 * res['saved']:.1f}% of the segments spared by halting)")
     print(f"wrote {args.dir}/eval.json")
