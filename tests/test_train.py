@@ -185,7 +185,10 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
 
     spec_file, run = tmp_path / "micro.yaml", tmp_path / "run"
     spec_file.write_text(SPEC)
-    assert main(["train", str(spec_file), "--out", str(run), "--set", "train.steps=3", "--no-progress"]) == 0
+    assert main(["train", str(spec_file), "--out", str(run), "--set", "train.steps=3"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
+    # off a terminal: one plain line per logged step, not a progress bar
+    assert [x.split()[1] for x in lines[:3]] == ["1/3", "2/3", "3/3"] and all("eta" in x for x in lines[:3])
     assert main(["eval", str(run), "--n", "4"]) == 0
     assert "basic_arithmetic" in capsys.readouterr().out
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "4"]) == 0

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -232,7 +233,7 @@ class Trainer:
         cfg, lead = self.cfg, self.rank == 0
         self.metrics = open(self.out / "metrics.jsonl", "a") if lead else None
         board = _tensorboard(self.out) if lead else None
-        bar = _progress(progress_bar and lead, cfg.steps, self.step)
+        bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
         t_log, tokens = time.perf_counter(), 0
         window: dict[str, float] = {}  # supervised segments' metrics since the last log line
@@ -261,7 +262,9 @@ class Trainer:
                 if bar is not None:
                     bar.update(self.step, loss, last.get("tokens_per_s"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
-                    self._log_eval()
+                    res = self._log_eval()
+                    if bar is not None:
+                        bar.note(f"held-out at step {self.step}: {100 * res['accuracy']:.1f}% of {res['n']}")
                 stop = self._stop_signal(signals.received)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after or stop:
                     self.save()
@@ -454,11 +457,45 @@ class _Bar:
         info = f"loss {loss:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
         self.p.update(self.task, completed=step, info=info)
 
+    def note(self, text: str) -> None:
+        self.p.console.print(text)
+
     def close(self) -> None:
         self.p.stop()
 
 
-def _progress(enabled: bool, total: int, start: int):
-    return _Bar(total, start) if enabled else None
+class _Lines:
+    """Progress off a terminal (a log file, a scheduler): one plain line per logged step."""
+
+    def __init__(self, total: int, start: int, every: int):
+        self.total, self.start, self.every = total, start, every
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tps) -> None:
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        speed = f"  {tps:,.0f} tok/s" if tps else ""
+        print(f"step {step}/{self.total}  loss {loss:.4f}{speed}  elapsed {_clock(elapsed)}  eta {_clock(eta)}",
+              flush=True)
+
+    def note(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _progress(enabled: bool, total: int, start: int, every: int):
+    """A rich progress bar on a terminal, plain lines otherwise; None when disabled."""
+    if not enabled:
+        return None
+    return _Bar(total, start) if sys.stdout.isatty() else _Lines(total, start, every)
 
 
