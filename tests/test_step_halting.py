@@ -1,7 +1,8 @@
 """Halting per step of the loop (runtime/execution/step_halting.py): ACT's weights and output against a
 direct loop, the exit distribution and the exit-gate loss against float64 by hand, inference that stops
 where the head says against running every step, the KV policy (generate with the cache equals generate
-without it), non-finite logits named by step, row and position, finite gradients, and the spec's errors."""
+without it), non-finite logits named by step, row and position, finite gradients, the spec's errors, and
+the shipped ut and ouro specs shown, trained and evaluated."""
 
 import math
 
@@ -11,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hrmspec
+from hrmspec.cli import main
 from hrmspec.errors import SpecError
+from hrmspec.graph import analyse, build_graph
 from hrmspec.runtime.execution.step_halting import exit_log_probs
 from hrmspec.runtime.execution.supervision import HaltingError
-from hrmspec.spec import load_spec_text
+from hrmspec.spec import load_spec, load_spec_text
 
 T = 5  # steps of LOOPED's loop
 LOOPED = """
@@ -390,3 +393,37 @@ def test_defaults_by_type():
     gate = load_spec_text(BASE.replace("{type: act, threshold: 0.99, weight: 0.05}", "exit_gate"), "x.yaml")
     assert (act.model.halting.threshold, act.model.halting.weight, act.objective.steps) == (0.99, 0.01, "last")
     assert (gate.model.halting.threshold, gate.model.halting.weight, gate.objective.steps) == (0.5, 0.1, "expected")
+
+
+# -- the shipped specs -------------------------------------------------------------------------------------
+TINY = {"ut": ["model.ffn=64"], "ouro": ["model.ffn=64", "model.modules.net.layers=1"]}
+SMALL = ["model.vocab=320", "model.d_model=32", "model.heads=2", "model.max_seq_len=64", "data.size=120",
+         "data.eval_size=8", "train.steps=2", "train.batch_size=4", "train.log_every=1", "train.max_new_tokens=4"]
+
+
+@pytest.mark.parametrize("name, kind, threshold, steps", [("ut", "act", "0.99", 8), ("ouro", "exit_gate", "0.5", 4)])
+def test_show_prints_the_halting_and_the_cost_of_each_step(capsys, name, kind, threshold, steps):
+    assert main(["show", name, "--seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert f"Halting: {kind}" in out and f"at most {steps} steps" in out and f"threshold {threshold}" in out
+    assert "Cost per step at sequence length 256" in out
+    table = out.split("Cost per step")[1].split("Cost per token")[0]
+    assert [line.split()[1] for line in table.splitlines() if line[:1] == "│"] == [str(t) for t in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("name", ["ut", "ouro"])
+def test_the_shipped_spec_trains_on_the_cpu_and_evaluates_with_halting(tmp_path, capsys, name):
+    sets = [a for kv in SMALL + TINY[name] for a in ("--set", kv)]
+    run = tmp_path / name
+    assert main(["train", name, "--out", str(run), "--no-progress", *sets]) == 0
+    model = hrmspec.compile(load_spec(run / "checkpoints" / "step_00000002" / "spec.yaml"))
+    assert analyse(build_graph(model.spec)).params == model.num_parameters()
+    assert main(["eval", str(run), "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "steps per position:" in out and "spared by halting" in out
+    assert main(["eval", str(run), "--n", "4", "--all-steps"]) == 0
+    most = model.loop and len(model.loop.steps)
+    assert f"steps per position: {most}.00 of {most} (0.0%" in capsys.readouterr().out
+    assert main(["generate", str(run), "Spell this word backward: cat", "--max-new-tokens", "3",
+                 "--threshold", "0.2"]) == 0
+    assert "steps per position:" in capsys.readouterr().out
