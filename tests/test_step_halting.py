@@ -353,8 +353,10 @@ ERRORS = [  # (edited spec, file:line:col, message, hint)
         '["h = U(h)"]', '["g = U(h + g)"]').replace('    - repeat', '    - "h = U(h + x)"\n    - repeat'),
      "x.yaml:3:1", "model: halting reads the output state after each iteration of the loop, but 'h' is not assigned "
      "inside it", "a state the loop assigns"),
-    (edit("  halting:", "  credit: {last: 2}\n  halting:"), "x.yaml:14:11", "model.credit: 'last' credit counts "
-     "calls from the end of the schedule", "credit: none"),
+    (edit("  halting:", "  credit: {last: 2}\n  halting:"), "x.yaml:14:11", "model.credit: 'last' credit gives "
+     "gradient to the calls at the end of the schedule", "credit: none"),
+    (edit("  halting:", "  credit: last_cycle\n  halting:"), "x.yaml:14:11", "model.credit: 'last_cycle' credit "
+     "gives gradient to the calls at the end of the schedule", "credit: none"),
     (edit("loss: softmax}", "steps: sum}"), "x.yaml:15:43", "objective.steps: expected steps: last with act",
      ""),
     (edit("  halting: {type: act, threshold: 0.99, weight: 0.05}\n", "").replace("loss: softmax}", "steps: expected}"),

@@ -69,11 +69,10 @@ def read_halting(src: Source, path: PathT, f: Fields, schedule: tuple, output: s
         f.fail(path[:-1] + ("schedule", i, "repeat"),
                f"expected at least 2 iterations for halting to stop between, found {loop.count}",
                "raise the repeat count to the most steps a position may take, e.g. repeat: 8")
-    if credit.mode in ("last", "depth"):
+    if credit.mode in ("last", "depth", "last_cycle"):
         f.fail(path[:-1] + ("credit",),
-               f"'{credit.mode}' credit counts calls from the end of the schedule, which a halting loop "
-               "may never reach",
-               "use credit: none (or per_cycle, which counts within each step)")
+               f"'{credit.mode}' credit gives gradient to the calls at the end of the schedule, which a halting "
+               "loop may never reach", "use credit: none (or per_cycle, which counts within each step)")
     return StepHaltingSpec(kind, threshold, weight)
 
 
