@@ -6,7 +6,7 @@ import networkx as nx
 from rich.console import Console
 from rich.table import Table
 
-from hrmspec.graph.analysis import analyse, human
+from hrmspec.graph.analysis import analyse, human, step_costs
 from hrmspec.graph.body import Body
 from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
@@ -56,6 +56,9 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
         t.add_row(str(c["step"]), cyc, c["text"], grad, f"{per_module[c['module']] / 1e9:.4f}")
     console.print(t)
 
+    if m.halting is not None or spec.objective.steps != "last":
+        step_table(G, seq_len, console)
+
     rows = credit_table(G.graph["calls"], m.credit)
     if rows:
         t = Table(title="Credit ramp: grad calls per module")
@@ -98,6 +101,29 @@ def supervision_table(spec, forward_flops: float, train_flops: float, console: C
     t.add_row("forward FLOPs per row and segment", human(forward_flops))
     t.add_row("training FLOPs per row and segment", human(train_flops + extra))
     t.add_row(f"forward FLOPs per row, all {sup.segments} segments", human(forward_flops * sup.segments))
+    console.print(t)
+
+
+def step_table(G: nx.DiGraph, seq_len: int = 2048, console: Console | None = None) -> None:
+    """The loop's steps (model.halting, objective.steps): the halting rule and what each step costs."""
+    console = console or Console()
+    spec = G.graph["spec"]
+    h, rows = spec.model.halting, step_costs(G, seq_len)
+    if h is None:
+        console.print(f"Loss over the loop's {len(rows)} steps: {spec.objective.steps}")
+    elif h.type == "act":
+        console.print(f"[bold]Halting: act[/bold], per position, at most {len(rows)} steps: a position halts when "
+                      f"its cumulative halting probability reaches the threshold {h.threshold:g} (1 - epsilon); "
+                      f"the head reads the halting-weighted states; ponder cost weight {h.weight:g}")
+    else:
+        console.print(f"[bold]Halting: exit_gate[/bold], per token, at most {len(rows)} steps: at inference a "
+                      f"token exits when its cumulative exit probability reaches the threshold {h.threshold:g} (q); "
+                      f"training takes the expected loss over the steps, entropy weight {h.weight:g}")
+    t = Table(title=f"Cost per step at sequence length {seq_len}")
+    for col in ("step", "calls", "FLOPs/token", "FLOPs/token stopping here"):
+        t.add_column(col, justify="left" if col == "calls" else "right")
+    for r in rows:
+        t.add_row(str(r["step"]), "; ".join(r["calls"]), human(r["flops"]), human(r["through"]))
     console.print(t)
 
 

@@ -256,8 +256,8 @@ ROWS = [
     # ------------------------------------------------------------------ reserved forms
     row("reserved-prelude", edit("  vocab: 64\n", "  vocab: 64\n  prelude: {layers: 2}\n"), "model.prelude",
         "'prelude' is reserved for a later version and not supported yet", 4, 3, "a module called once"),
-    row("reserved-act", edit("  output: z_H\n", "  output: z_H\n  act: {max_cycles: 4}\n"),
-        "model.act", "'act' is reserved for a later version", 24, 3),
+    row("act-is-halting", edit("  output: z_H\n", "  output: z_H\n  act: {max_cycles: 4}\n"),
+        "model.act", "unknown key 'act'", 24, 3, "adaptive computation time is written halting: {type: act"),
     row("reserved-sampled-depth", edit("- repeat: 2", "- repeat: {min: 1, max: 4}"),
         "model.schedule[0].repeat", "expected a positive integer, found a mapping {min: 1, max: 4}", 18, 15,
         "sampled number of cycles"),

@@ -104,11 +104,20 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
     if sup is not None and sup.halting is not None:
         parts["halting head"] = 2 * d + 2
     head_flops = 2 * d * V
-    fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops
-    train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * head_flops
+    # per step of the loop: the halting head (model.halting); the LM head when every step is scored
+    steps = 1 + max((c["cycle"][0] for c in calls if c["cycle"]), default=0)
+    scored = steps if spec.objective.steps != "last" else 1
+    step_head = 2 * d * steps if model.halting is not None else 0
+    if model.halting is not None:
+        parts["halting head" if model.halting.type == "act" else "exit gate"] = d + 1
+    fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops + step_head
+    train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * (scored * head_flops
+                                                                                             + step_head)
     # kept for backward: each grad call's saved activations and its input sum; the loss's input
-    # (the last hidden states), and the logits (full) or one log-sum-exp per token (chunked)
-    saved = sum(saved_per_call[c["module"]] + d for c in calls if c["grad"]) + d + (V if logits else 1)
+    # (the last hidden states), and the logits (full) or one log-sum-exp per token (chunked); an
+    # exit gate keeps every step's logits
+    per_loss = d + (V if logits or spec.objective.steps == "expected" else 1)
+    saved = sum(saved_per_call[c["module"]] + d for c in calls if c["grad"]) + scored * per_loss
     if any(c["grad"] for c in calls):  # once per batch, shared by every call: the rotary tables
         rope = any(m.block.attention.rope_theta is not None for m in model.modules)
         saved += 2 * model.head_dim if rope else 0
@@ -125,6 +134,25 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
         credit_depth=G.graph["credit_depth"],
         calls=calls,
     )
+
+
+def step_costs(G: nx.DiGraph, seq_len: int = 2048) -> list[dict]:
+    """Per step of the loop (model.halting or a per-step loss): {"step", "calls" (their statements),
+    "flops" (forward FLOPs per token of the step's calls and halting head), "through" (of a position
+    that stops after this step: the calls before the loop, the steps so far and the LM head once)}."""
+    spec = G.graph["spec"]
+    model = spec.model
+    calls = call_nodes(G)
+    per_call = {m.name: module_flops(G.graph["bodies"][m.name], model, seq_len) for m in model.modules}
+    halting = 2 * model.d_model if model.halting is not None else 0
+    total = sum(per_call[c["module"]] for c in calls if not c["cycle"]) + 2 * model.d_model * model.vocab
+    rows = []
+    for t in range(1 + max(c["cycle"][0] for c in calls if c["cycle"])):
+        mine = [c for c in calls if c["cycle"] and c["cycle"][0] == t]
+        flops = sum(per_call[c["module"]] for c in mine) + halting
+        total += flops
+        rows.append({"step": t + 1, "calls": [c["text"] for c in mine], "flops": flops, "through": total})
+    return rows
 
 
 def human(n: float, unit: str = "") -> str:

@@ -28,8 +28,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "the top level": ("name", "extends", "model", "objective", "supervision", "train", "data", "eval"),
     "model": tuple(
         "vocab d_model heads head_dim ffn expansion max_seq_len final_norm block modules states schedule "
-        "output head init embed_scale credit puzzle positions".split()
+        "output head init embed_scale credit puzzle positions halting".split()
     ),
+    "model.halting": ("type", "threshold", "weight"),
     "model.puzzle": ("identifiers", "dim", "positions"),
     "supervision": ("segments", "halting"),
     "supervision.halting": ("type", "exploration", "weight"),
@@ -42,7 +43,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "model.init": ("type", "std"),
     "model.credit": ("depth", "last", "per_cycle", "priority"),
     "model.credit.depth": ("from", "to", "warmup"),
-    "objective": ("type", "loss"),
+    "objective": ("type", "loss", "steps"),
 }
 
 # Keys the language will grow into; written today, they say so instead of "unknown key".
@@ -50,8 +51,6 @@ _RESERVED = {
     "model": {
         "prelude": "layers before the recurrence: write a module called once, outside any repeat",
         "coda": "layers after the recurrence: write a module called once, outside any repeat",
-        "act": "per-position adaptive computation time: not supported yet; supervision: {segments, halting} "
-               "halts whole samples between segments",
         "adapters": "cat(...) injection through adapters: inject by addition",
     },
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hrmspec.spec.fields import Fields, describe
+from hrmspec.spec.halting import SEGMENT_TYPES, check_combinations, halting_type, read_steps
 from hrmspec.spec.model import read_model
 from hrmspec.spec.schema import HaltingSpec, ObjectiveSpec, Spec, SupervisionSpec
 from hrmspec.spec.shipped import resolve_spec_path, shipped_specs_dir
@@ -25,7 +26,6 @@ __all__ = ["load_spec", "load_spec_text", "shipped_specs_dir", "spec_from_source
 
 _OBJECTIVES = ("task_completion", "lm", "grid")
 _LOSSES = ("softmax", "stablemax")
-_HALTING = ("q_learning", "bce")
 
 
 def spec_from_source(src: Source) -> Spec:
@@ -38,12 +38,17 @@ def spec_from_source(src: Source) -> Spec:
     name = top.text("name", Path(src.file).stem)
     model = read_model(src, top)
     obj = top.raw("objective", None)
+    supervised = top.raw("supervision", None) is not None
     if obj is None or isinstance(obj, str):
-        objective = ObjectiveSpec(type=top.choice("objective", _OBJECTIVES, "task_completion"))
+        kind = top.choice("objective", _OBJECTIVES, "task_completion")
+        objective = ObjectiveSpec(type=kind, steps=read_steps(None, top, model, supervised, kind == "grid"))
     else:
-        g = Fields(src, ("objective",), "task_completion, lm, grid or a mapping {type, loss}", "objective")
-        objective = ObjectiveSpec(type=g.choice("type", _OBJECTIVES), loss=g.choice("loss", _LOSSES, "softmax"))
+        g = Fields(src, ("objective",), "task_completion, lm, grid or a mapping {type, loss, steps}", "objective")
+        kind = g.choice("type", _OBJECTIVES)
+        objective = ObjectiveSpec(type=kind, loss=g.choice("loss", _LOSSES, "softmax"),
+                                  steps=read_steps(g, top, model, supervised, kind == "grid"))
         g.finish()
+    check_combinations(top, model, supervised, objective.type == "grid")
     supervision = _supervision(src, top)
     sections = {}
     for key in ("train", "data", "eval"):
@@ -65,12 +70,11 @@ def _supervision(src: Source, top: Fields) -> SupervisionSpec | None:
     segments = f.integer("segments")
     h = f.raw("halting", None)
     halting = None
-    if isinstance(h, str) or h is None:
-        kind = f.choice("halting", _HALTING + ("none",), "none")
-        halting = None if kind == "none" else HaltingSpec(kind)
-    else:
+    if isinstance(h, str) and h != "none":
+        halting = HaltingSpec(halting_type(f, "halting", SEGMENT_TYPES))
+    elif h is not None and h != "none":
         g = Fields(src, ("supervision", "halting"), "a mapping {type, exploration, weight}", "supervision.halting")
-        halting = HaltingSpec(g.choice("type", _HALTING), g.number("exploration", 0.1, lo=0.0, hi=1.0),
+        halting = HaltingSpec(halting_type(g, "type", SEGMENT_TYPES), g.number("exploration", 0.1, lo=0.0, hi=1.0),
                               g.number("weight", 0.5, lo=0.0))
         g.finish()
     f.finish()

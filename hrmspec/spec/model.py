@@ -17,6 +17,7 @@ from hrmspec.spec.block import layer_fields, mlp_width, standalone_norm, width_f
 from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT
+from hrmspec.spec.halting import read_halting
 from hrmspec.spec.schedule import check_names, flatten, read_schedule
 from hrmspec.spec.schema import (
     AttentionSpec,
@@ -134,6 +135,10 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     puzzle = _puzzle(src, path, f, d_model)
     positions = f.choice("positions", ("none", "learned"), "none")
     modules = _token_mlp_widths(src, path, modules, max_seq_len + (puzzle.positions if puzzle else 0), expansion)
+    halting = read_halting(src, path + ("halting",), f, schedule, output, credit)
+    if f.has("act"):
+        f.fail(path + ("act",), "unknown key 'act'", "adaptive computation time is written halting: {type: act, "
+               "threshold: 0.99, weight: 0.01}", key=True)
     f.finish()
     return ModelSpec(
         vocab=vocab,
@@ -153,6 +158,7 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
         final_norm=final_norm,
         puzzle=puzzle,
         positions=positions,
+        halting=halting,
     )
 
 

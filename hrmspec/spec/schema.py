@@ -113,6 +113,7 @@ class ModelSpec:
     final_norm: NormSpec | None = None
     puzzle: PuzzleSpec | None = None  # learned per-puzzle vectors in front of the tokens (HRM, TRM)
     positions: Literal["none", "learned"] = "none"  # learned: a position table added to the embedding
+    halting: StepHaltingSpec | None = None  # halting per iteration of the schedule's loop (act, exit_gate)
 
     def module(self, name: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == name)
@@ -138,6 +139,9 @@ class ObjectiveSpec:
     # (inputs and labels of one length: puzzles laid out as grids)
     type: Literal["task_completion", "lm", "grid"] = "task_completion"
     loss: Literal["softmax", "stablemax"] = "softmax"  # stablemax: HRM's s(x) = x + 1 | 1 / (1 - x), in fp64
+    # the loss over the iterations ("steps") of the schedule's loop: last: the output's (the halting-weighted
+    # state under act); sum: the sum of every step's; expected: the expectation under the exit distribution
+    steps: Literal["last", "sum", "expected"] = "last"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,23 @@ class HaltingSpec:
     type: Literal["q_learning", "bce"]  # q_learning: halt when q_halt > q_continue (HRM); bce: when q_halt > 0 (TRM)
     exploration: float = 0.1  # in training, the probability of a random minimum of segments in 2..segments
     weight: float = 0.5  # of the halting losses beside the token loss
+
+
+@dataclass(frozen=True)
+class StepHaltingSpec:
+    """Halting inside one forward, per iteration ("step") of the schedule's outermost loop: a one-logit
+    head on each position's output state after every step (zero weights, bias -log(steps - 1) at init).
+    See hrmspec/runtime/execution/step_halting.py."""
+
+    # act: Graves' adaptive computation time, the output the halting-weighted sum of the steps' states
+    # (Universal Transformer); exit_gate: Ouro's exit distribution over steps, the loss its expectation
+    type: Literal["act", "exit_gate"]
+    # the cumulative probability at which a position stops: act's 1 - epsilon (0.99); exit_gate's q at
+    # inference, the first step whose cumulative exit probability reaches it (0.5)
+    threshold: float
+    # of the halting term in the loss: act's tau (x the ponder cost, 0.01); exit_gate's beta (x the exit
+    # distribution's entropy, subtracted, 0.1)
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -198,5 +219,6 @@ __all__ = [
     "Spec",
     "StateSpec",
     "Statement",
+    "StepHaltingSpec",
     "SupervisionSpec",
 ]

@@ -13,10 +13,15 @@ The forward pass is the unrolled schedule of the plan `hrmspec.compile` built:
 Calls outside the credit plan run under no-grad: they keep no activations and gradient stops at
 their outputs, so training memory grows with the credit depth, not with the number of cycles.
 Each module is a `ModuleStack` holding the parameters its body declares (runtime/execution/stack.py).
+
+A spec with `model.halting` (act, exit_gate) or `objective.steps: sum` runs its schedule's loop
+step by step instead (runtime/execution/step_halting.py): a per-step head decides where each
+position stops, and the head reads (or the loss scores) what that rule says.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -27,7 +32,8 @@ from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.hrm_interface import act_step, initial_carry
-from hrmspec.runtime.execution.stack import ModuleStack, register_at
+from hrmspec.runtime.execution.stack import KVSlot, ModuleStack, register_at
+from hrmspec.runtime.execution.step_halting import loop_layout, run_loop
 from hrmspec.runtime.interop.export import save_hf
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schema import lecun_std
@@ -42,18 +48,21 @@ class ModelOutput:
     states: dict[str, torch.Tensor] | None = None  # every state after the schedule (B, P + S, d): a segment's carry
     hidden: torch.Tensor | None = None  # the output state (B, P + S, d), puzzle positions included
     q_logits: torch.Tensor | None = None  # (B, 2) fp32 (q_halt, q_continue) of the halting head, if the spec has one
+    # a spec with model.halting or a per-step loss (runtime/execution/step_halting.py):
+    steps: torch.Tensor | None = None  # (B, P + S) int: the loop's steps each position ran
+    step_weights: torch.Tensor | None = None  # (B, P + S, T) fp32: each step's weight in the output (or loss)
+    ponder: torch.Tensor | None = None  # act: the mean ponder cost N + R over the counted positions
 
 
 class KVCache:
-    """One [k, v] slot per (module call, attention op): each call of a module attends to its own past."""
+    """One KVSlot per (module call, attention op): each call of a module attends to its own past."""
 
     def __init__(self, slots_per_call: list[int]):
-        self.slots = [[[None, None] for _ in range(n)] for n in slots_per_call]
+        self.slots = [[KVSlot() for _ in range(n)] for n in slots_per_call]
 
     @property
     def length(self) -> int:
-        k = self.slots[0][0][0]
-        return 0 if k is None else k.shape[2]
+        return self.slots[0][0].length
 
 
 class CompiledModel(nn.Module):
@@ -93,6 +102,10 @@ class CompiledModel(nn.Module):
         sup = spec.supervision
         if sup is not None and sup.halting is not None:  # (q_halt, q_continue) from the first position
             self.halting = nn.Linear(m.d_model, 2)
+        # the loop's calls by step, when the forward halts per step or scores every step
+        self.loop = loop_layout(self.calls) if m.halting is not None or spec.objective.steps == "sum" else None
+        if m.halting is not None:  # act's halting probability or the exit gate, per position and step
+            self.step_head = nn.Linear(m.d_model, 1)
         self.set_progress(1.0)
         self.reset_parameters()
 
@@ -132,6 +145,9 @@ class CompiledModel(nn.Module):
         if hasattr(self, "halting"):  # halting starts almost never: q logits of -5 (HRM, TRM)
             self.halting.weight.zero_()
             self.halting.bias.fill_(-5.0)
+        if hasattr(self, "step_head"):  # p (act) or lambda (exit gate) 1 / T at every step and position
+            self.step_head.weight.zero_()
+            self.step_head.bias.fill_(-math.log(len(self.loop.steps) - 1))
         declared = [(stack.weight(p.path), p) for stack in self.stacks.values() for p in stack.param_specs]
         if self.plan.final_norm is not None:
             declared += [(self.final_weight(p.path), p) for p in self.plan.final_norm.params]
@@ -206,12 +222,15 @@ class CompiledModel(nn.Module):
         return_logits: bool = True,
         puzzle_ids: torch.Tensor | None = None,
         states: dict[str, torch.Tensor] | None = None,
+        all_steps: bool = False,
+        threshold: float | None = None,
     ) -> ModelOutput:
         """`labels[b, t]` is the token position t should predict (-100: not counted). With labels
         and `return_logits=False` (training) the loss is taken by the backend's chunked
         linear + cross-entropy: the (B, S, vocab) logits never exist at once. `states` starts the
         schedule from given values (a segment's carry) instead of the states' initial ones;
-        `puzzle_ids` (B,) pick the puzzle vectors of a spec with `model.puzzle`."""
+        `puzzle_ids` (B,) pick the puzzle vectors of a spec with `model.puzzle`. With `model.halting`,
+        `all_steps` runs every step of the loop without halting and `threshold` replaces the spec's."""
         B, S = input_ids.shape
         m, P = self.spec.model, self.prefix_len
         past = cache.length if cache is not None else 0
@@ -230,25 +249,30 @@ class CompiledModel(nn.Module):
         ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
         x = self.embed_inputs(input_ids, puzzle_ids)  # (B, P + S, d)
         z = {INPUT: x, **self.initial_states(x), **(states or {})}
-        track = torch.is_grad_enabled()
-        for call, grad in zip(self.calls, self.grad_flags):
-            with torch.set_grad_enabled(track and grad):
-                terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
-                slots = None if cache is None else cache.slots[call.index]
-                z[call.target] = self.stacks[call.module](terms, ctx, slots)
-        hidden = z[m.output]
-        h = hidden[:, P:]  # the tokens' positions predict; the puzzle positions do not
-        if self.plan.final_norm is not None:
-            h = self.norm_before_head(h)
-        W = self.head.weight if self.head is not None else self.embed.weight  # (vocab, d)
-        if labels is not None and not return_logits:
-            out = ModelOutput(logits=None)
-            flat = h.reshape(-1, h.shape[-1])
-            out.loss_sum, out.n_tokens = self.ops.linear_cross_entropy(flat, W.to(flat.dtype), labels.reshape(-1))
+        if self.loop is not None:  # halting per step of the loop, or a loss over every step
+
+            def context_of(rows: torch.Tensor) -> Context:  # the masks and rotary tables of some rows
+                pick = [None if t is None else t.index_select(0, rows) for t in (prefix_mask, doc_ids, position_ids)]
+                return self.context(len(rows), P + S, *pick, past)
+
+            res = run_loop(self, z, ctx, context_of, cache, labels, return_logits, all_steps, threshold)
+            hidden = res.hidden
+            if res.loss_sum is None:
+                out = self.head_output(hidden, labels, return_logits)
+            else:
+                out = ModelOutput(logits=res.logits, loss_sum=res.loss_sum, n_tokens=res.n_tokens)
+            if res.extra_loss is not None:
+                out.loss_sum = out.loss_sum + res.extra_loss
+            out.steps, out.step_weights, out.ponder = res.steps, res.weights, res.ponder
         else:
-            out = ModelOutput(logits=h @ W.T)  # (B, S, vocab)
-            if labels is not None:
-                out.loss_sum, out.n_tokens = self.ops.cross_entropy(out.logits, labels)
+            track = torch.is_grad_enabled()
+            for call, grad in zip(self.calls, self.grad_flags):
+                with torch.set_grad_enabled(track and grad):
+                    terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
+                    slots = None if cache is None else cache.slots[call.index]
+                    z[call.target] = self.stacks[call.module](terms, ctx, slots)
+            hidden = z[m.output]
+            out = self.head_output(hidden, labels, return_logits)
         if labels is not None:
             out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
         out.states = {s.name: z[s.name] for s in m.states}
@@ -256,6 +280,36 @@ class CompiledModel(nn.Module):
         if hasattr(self, "halting"):  # in the forward: a data-parallel wrapper sees the head's weights used
             out.q_logits = self.halting_logits(hidden)
         return out
+
+    def head_output(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ModelOutput:
+        """The head on output states (B, P + S, d): logits, or with labels and `return_logits=False` only
+        the loss sum and count (in row chunks)."""
+        h = hidden[:, self.prefix_len:]  # the tokens' positions predict; the puzzle positions do not
+        if labels is not None and not return_logits:
+            if self.plan.final_norm is not None:
+                h = self.norm_before_head(h)
+            out = ModelOutput(logits=None)
+            flat = h.reshape(-1, h.shape[-1])
+            W = self.head_weight()
+            out.loss_sum, out.n_tokens = self.ops.linear_cross_entropy(flat, W.to(flat.dtype), labels.reshape(-1))
+            return out
+        out = ModelOutput(logits=self.logits_of(h))  # (B, S, vocab)
+        if labels is not None:
+            out.loss_sum, out.n_tokens = self.ops.cross_entropy(out.logits, labels)
+        return out
+
+    def head_weight(self) -> torch.Tensor:
+        return self.head.weight if self.head is not None else self.embed.weight  # (vocab, d)
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of output states h (..., d): the norm before the head (if any), then the head."""
+        if self.plan.final_norm is not None:
+            h = self.norm_before_head(h)
+        return h @ self.head_weight().T
+
+    def step_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N) fp32: the per-step halting head (act's halting, the exit gate) on output states (B, N, d)."""
+        return self.step_head(h).float().squeeze(-1)
 
     def halting_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, 2) fp32: (q_halt, q_continue) of the halting head, from the first position of the output state."""

@@ -4,6 +4,11 @@ The prompt is encoded once, with its bidirectional prefix (PrefixLM); then each 
 the whole recurrence, every module call attending to its own cached keys. Since prompt tokens
 never attend to response tokens, this equals re-running the full sequence each step with the
 prompt as prefix — which `generate(..., use_cache=False)` does, as a check.
+
+With `model.halting` each position stops where its head says (`all_steps=True`: every step); a
+token that stopped early fills the cache slots of later steps by the KV policy of
+runtime/execution/step_halting.py, so both ways still agree. `stats` (a dict) receives the steps
+run: "positions" (the prompt's and each token fed back), "steps" (their sum) and "max_steps".
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    all_steps: bool = False,
+    threshold: float | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Return (B, S + new) token ids: the prompts (B, S) followed by the decoded responses.
 
     `prefix_mask` (B, S) marks the instruction part of each prompt (default: the whole prompt).
-    Rows that produced `eos_id` are padded with it until every row is done.
+    Rows that produced `eos_id` are padded with it until every row is done. `all_steps`,
+    `threshold` and `stats`: halting per step (see the module docstring).
     """
     B, S = input_ids.shape
     if prefix_mask is None:
@@ -45,7 +54,18 @@ def generate(
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     cache = model.new_cache() if use_cache else None
-    logits = model(ids, prefix_mask=prefix_mask, cache=cache).logits[:, -1]
+    halting = {"all_steps": all_steps, "threshold": threshold}
+
+    def run(new: int, *args, **kwargs) -> torch.Tensor:
+        """The logits of the last position; the steps of the `new` last positions into `stats`."""
+        out = model(*args, **kwargs, **halting)
+        if stats is not None and out.steps is not None:
+            stats["positions"] = stats.get("positions", 0) + B * new
+            stats["steps"] = stats.get("steps", 0) + int(out.steps[:, -new:].sum())
+            stats["max_steps"] = len(model.loop.steps)
+        return out.logits[:, -1]
+
+    logits = run(S, ids, prefix_mask=prefix_mask, cache=cache)
     for step in range(max_new_tokens):
         nxt = _pick(logits, temperature, top_k, generator)
         if eos_id is not None:
@@ -55,10 +75,9 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         if use_cache:
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
+            logits = run(1, nxt[:, None], cache=cache)
         else:
             response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
-            response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
             full_prefix = torch.cat([prefix_mask, response], dim=1)
-            logits = model(ids, prefix_mask=full_prefix).logits[:, -1]
+            logits = run(1, ids, prefix_mask=full_prefix)
     return ids

@@ -49,7 +49,7 @@ class ModuleStack(nn.Module):
         owner, leaf = self._where[path]
         return getattr(owner, leaf)
 
-    def forward(self, terms: torch.Tensor | list[torch.Tensor], ctx: Context, cache: list | None = None
+    def forward(self, terms: torch.Tensor | list[torch.Tensor], ctx: Context, cache: list[KVSlot] | None = None
                 ) -> torch.Tensor:
         """The call on the states it sums (`terms`: one tensor (B, S, d) or a list of them)."""
         terms = [terms] if isinstance(terms, torch.Tensor) else list(terms)
@@ -91,17 +91,34 @@ class ModuleStack(nn.Module):
         return env[body.output]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, mask: str,
-               cache: list | None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd) + mask) v on (B, S, h, hd) tensors; `cache` = [k, v] of earlier
-        positions (B, h, T - S, hd), extended in place."""
+               cache: KVSlot | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v on (B, S, h, hd) tensors; `cache` holds the keys and values
+        of earlier positions (B, h, T - S, hd) and is extended with these."""
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, S, hd)
         # a copy, so what attention keeps for backward does not pin the whole fused projection
         v = v.transpose(1, 2).contiguous()
         if cache is not None:
-            if cache[0] is not None:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[0], cache[1] = k, v
+            k, v = cache.extend(k, v)
         return self.ops.attention(q, k, v, ctx.mask[mask]).transpose(1, 2)  # (B, S, h, hd)
+
+
+class KVSlot:
+    """The keys and values one attention op of one module call has seen, (B, h, T, hd) each: a KV cache's
+    slot. `extend` appends a call's new ones and returns all of them, the keys attention reads."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
 
 
 def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:
@@ -127,4 +144,4 @@ def _last_reads(body) -> list[tuple[str, ...]]:
             for i, op in enumerate(body.ops)]
 
 
-__all__ = ["LengthError", "ModuleStack", "register_at"]
+__all__ = ["KVSlot", "LengthError", "ModuleStack", "register_at"]

@@ -194,6 +194,8 @@ def _not_representable(spec: Spec) -> list[str]:
         why.append(f"the output must be z_H, found {m.output}")
     if m.final_norm is not None:
         why.append("final_norm must be false (the H exit norm precedes the head)")
+    if m.halting is not None:
+        why.append(f"model.halting ({m.halting.type}) has no transformers equivalent")
     if m.d_model % m.heads:
         why.append(f"transformers needs d_model ({m.d_model}) divisible by heads ({m.heads})")
     return why

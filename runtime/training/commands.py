@@ -29,7 +29,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from hrmspec.runtime.training.heldout import evaluate_run
 
-    res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments)
+    res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
+                       all_steps=args.all_steps, threshold=args.threshold)
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -42,6 +43,8 @@ def cmd_eval(args) -> int:
     if res.get("max_segments", 1) > 1:  # deep supervision: what halting spared
         print(f"segments per puzzle: {res['segments']:.2f} of {res['max_segments']} "
               f"({100 * res['saved']:.1f}% of the segments spared by halting)")
+    if "steps" in res:  # halting per step of the loop
+        print(_steps_line(res["steps"], res["max_steps"]))
     print(f"wrote {args.dir}/eval.json")
     return 0
 
@@ -56,12 +59,20 @@ def cmd_generate(args) -> int:
         return _solve_grid(model, spec, args)
     prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
     ids = torch.tensor([tok.encode(prompt)])
-    out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k)
+    stats: dict = {}
+    out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
+                         all_steps=args.all_steps, threshold=args.threshold, stats=stats)
     row = out[0, ids.shape[1] :].tolist()
     if tok.eos_id in row:
         row = row[: row.index(tok.eos_id)]
     print(tok.decode(row, skip_special=True))
+    if stats.get("positions"):
+        print(_steps_line(stats["steps"] / stats["positions"], stats["max_steps"]))
     return 0
+
+
+def _steps_line(mean: float, most: int) -> str:
+    return f"steps per position: {mean:.2f} of {most} ({100 * (1 - mean / most):.1f}% of the steps spared by halting)"
 
 
 def _solve_grid(model, spec, args) -> int:
@@ -106,7 +117,24 @@ def _register_eval(sub, name):
     p.add_argument("--n", type=int, default=200, help="held-out samples (default 200)")
     p.add_argument("--all-segments", action="store_true",
                    help="with deep supervision: run every segment instead of stopping each row where its head says")
+    _halting_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _halting_arguments(p) -> None:
+    p.add_argument("--all-steps", action="store_true",
+                   help="with model.halting: run every step of the loop instead of stopping each position where "
+                   "its head says")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="with model.halting: the cumulative probability at which a position stops (act's "
+                   "1 - epsilon, the exit gate's q), instead of the spec's")
+
+
+def _probability(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], found {text}")
+    return v
 
 
 def _register_generate(sub, name):
@@ -120,6 +148,7 @@ def _register_generate(sub, name):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--all-segments", action="store_true",
                    help="a grid run: run every segment instead of stopping where the halting head says")
+    _halting_arguments(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -53,8 +53,10 @@ def ema_weights(model: torch.nn.Module, ema):
 
 
 @torch.no_grad()
-def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy responses to token-id prompts; prompts of equal length are decoded as one batch."""
+def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
+                   **halting) -> list[str]:
+    """Greedy responses to token-id prompts; prompts of equal length are decoded as one batch. `halting`:
+    generate's all_steps, threshold and stats (a spec with model.halting)."""
     answers: list[str] = [""] * len(prompts)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -63,7 +65,7 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([prompts[i] for i in chunk])
-            out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id)
+            out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **halting)
             for row, i in zip(out[:, ids.shape[1] :].tolist(), chunk):
                 if tokenizer.eos_id in row:
                     row = row[: row.index(tokenizer.eos_id)]
@@ -71,8 +73,11 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return answers
 
 
-def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None) -> dict:
-    """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}."""
+def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None,
+                   all_steps: bool = False, threshold: float | None = None) -> dict:
+    """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}; with model.halting also "steps"
+    (mean steps per position decoded), "max_steps" and "saved" (the fraction of steps halting spared).
+    `all_steps` runs every step; `threshold` replaces the spec's halting threshold."""
 
     split = _eval_split(dcfg, root)
     samples = split.samples[:n]
@@ -81,15 +86,21 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     prompts = [tokenizer.encode(format_sample(s)[0]) for s in samples]
     was_training = model.training
     model.eval()
+    stats: dict = {}
     with ema_weights(model, ema):
-        answers = decode_answers(model, tokenizer, prompts, max_new_tokens)
+        answers = decode_answers(model, tokenizer, prompts, max_new_tokens, all_steps=all_steps, threshold=threshold,
+                                 stats=stats)
     model.train(was_training)
     correct: dict[str, list[float]] = defaultdict(list)
     for s, a in zip(samples, answers):
         correct[s.task or "data"].append(float(split.score(s, a) >= 1.0))
     tasks = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(correct.items())}
     total = sum(len(v) for v in correct.values())
-    return {"tasks": tasks, "accuracy": sum(sum(v) for v in correct.values()) / total, "n": total}
+    res = {"tasks": tasks, "accuracy": sum(sum(v) for v in correct.values()) / total, "n": total}
+    if stats.get("positions"):  # halting per step: what it spared
+        mean = stats["steps"] / stats["positions"]
+        res.update(steps=mean, max_steps=stats["max_steps"], saved=1.0 - mean / stats["max_steps"])
+    return res
 
 
 _GRIDS: dict = {}
@@ -150,9 +161,10 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
 
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
-                 all_segments: bool = False) -> dict:
+                 all_segments: bool = False, all_steps: bool = False, threshold: float | None = None) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
-    halting runs every segment instead of stopping where its head says."""
+    halting runs every segment instead of stopping where its head says; `all_steps` and `threshold`: the
+    same for model.halting, per step of the loop, and its threshold."""
 
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema)
@@ -171,7 +183,8 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         data["tasks"] = tasks
     dcfg = DataConfig.from_dict(data)
     cfg = TrainConfig.from_dict(dict(spec.train))
-    res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir)
+    res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
+                         all_steps=all_steps, threshold=threshold)
     res["checkpoint"] = str(last)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
     return res

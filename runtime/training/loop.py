@@ -27,6 +27,7 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import hrmspec
+from hrmspec.runtime.execution.step_halting import mean_steps
 from hrmspec.runtime.execution.supervision import Carry, Supervisor
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
@@ -257,6 +258,8 @@ class Trainer:
                     if window.get("rows"):  # of the rows whose sample ended in this window
                         last.update(solved=round(window["exact"] / window["rows"], 4),
                                     segments=round(window["steps"] / window["rows"], 3))
+                    if window.get("positions"):  # halting per step: mean steps per counted position
+                        last.update(steps=round(window["position_steps"] / window["positions"], 3))
                     t_log, tokens, window = now, 0, {}
                     self._write(last, board)
                 if bar is not None:
@@ -325,6 +328,10 @@ class Trainer:
             else:
                 outp = self.net(**batch, return_logits=False)  # the loss in row chunks: no full logits
                 loss_sum, count, tokens = outp.loss_sum, outp.n_tokens.float(), int((batch["doc_ids"] >= 0).sum())
+                if outp.steps is not None:  # halting per step: the steps the counted positions ran
+                    counted = batch["labels"] != -100
+                    steps = mean_steps(self.spec, outp.steps, outp.step_weights)[:, self.model.prefix_len:][counted]
+                    self.segment_metrics = {"positions": float(counted.sum()), "position_steps": float(steps.sum())}
         n_global = count.clone()
         total = torch.tensor([float(loss_sum.detach())])
         if world > 1:
