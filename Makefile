@@ -18,7 +18,7 @@ install-dev:
 	$(PIP) -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m hrmspec train specs/hrm-text-tiny.yaml --out $(OUT)
+	$(PYTHON) -m hrmspec train specs/hrm-text-tiny.yaml --out $(OUT) --overwrite
 	$(PYTHON) -m hrmspec eval $(OUT) --n 500
 
 lint:

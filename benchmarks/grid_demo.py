@@ -78,7 +78,8 @@ def write(rows: list[dict]) -> None:
     env = environment([torch.get_num_threads()])
     (RESULTS / "grid_demo.json").write_text(json.dumps({"rows": rows, "environment": env}, indent=2))
     lines = ["# Deep supervision on a CPU: trm-tiny vs a Transformer of the same size", "",
-             f"4 x 4 mini sudoku, {N_EVAL} held-out puzzles (solved: a valid completion). "
+             f"4 x 4 mini sudoku, {rows[0]['n']} held-out puzzles ({N_EVAL} drawn, those seen in training dropped; "
+             "solved: a valid completion). "
              "`python benchmarks/grid_demo.py`.", "",
              "| spec | parameters | training tokens | wall time (train) | held-out solved | segments used (of max) "
              "| solved, every segment |", "|---|---:|---:|---:|---:|---:|---:|"]
