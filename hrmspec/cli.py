@@ -224,6 +224,12 @@ def _backend_help() -> str:
     return "target backend (default reference). " + ". ".join(lines)
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (escape sequences, bells) and lone surrogates escaped; lines kept."""
+    return "\n".join("".join(ch if ch.isprintable() and not "\ud800" <= ch <= "\udfff" else repr(ch)[1:-1]
+                              for ch in line) for line in text.split("\n"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -233,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         code = getattr(e, "exit_code", None)  # a run stopped by a signal: 128 + its number, not an error
-        print(f"hrmspec: {e}" if code else f"hrmspec: error: {e}", file=sys.stderr)
+        text = printable(str(e))
+        print(f"hrmspec: {text}" if code else f"hrmspec: error: {text}", file=sys.stderr)
         return code or EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("hrmspec: interrupted", file=sys.stderr)

@@ -49,7 +49,7 @@ def width_fields(f: Fields) -> tuple[int | None, float | None]:
             "remove one of them",
             key=True,
         )
-    ffn = f.integer("ffn") if "ffn" in given else None
+    ffn = f.integer("ffn", maximum=1 << 20) if "ffn" in given else None
     expansion = f.number("expansion", lo=0.0, positive=True) if "expansion" in given else None
     return ffn, expansion
 

@@ -83,6 +83,10 @@ def describe(v: Any) -> str:
         text = _flow(v)
         kind = "a mapping" if isinstance(v, dict) else "a list"
         return f"{kind} {text}" if len(text) <= 40 else kind
+    if isinstance(v, str) and len(v) > 40:  # quoted (control characters escaped) and cut
+        return f"{v[:40]!r}... ({len(v):,} characters)"
+    if isinstance(v, int) and abs(v) > 10**12:
+        return f"an integer of {len(str(abs(v)))} digits"
     return repr(v)
 
 
@@ -177,7 +181,7 @@ class Fields:
             hint += f"{'; ' if hint else ''}found the unknown key '{unknown[0]}'"
         self.fail(self.path, f"missing required key '{key}'", hint, key=True)
 
-    def integer(self, key: str, default: Any = REQUIRED, minimum: int = 1) -> int:
+    def integer(self, key: str, default: Any = REQUIRED, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
         v = self.raw(key, default)
         if key not in self.data:
             return v
@@ -187,6 +191,10 @@ class Fields:
             )
             hint = f"write {int(v)}" if isinstance(v, float) and v.is_integer() and v >= minimum else ""
             self.fail(self.path + (key,), f"expected {what}, found {describe(v)}", hint)
+        if v > maximum:  # every count fits an int32; sizes have tighter limits
+            found = f"{v:,}" if v < 10**12 else describe(v)
+            self.fail(self.path + (key,), f"expected at most {maximum:,}, found {found}",
+                      "hrmspec's limit: larger values would not fit in memory or time")
         return v
 
     def number(

@@ -36,6 +36,9 @@ def spec_from_source(src: Source) -> Spec:
             ("extends",), "'extends' needs a spec file to resolve against", "use load_spec(path)", key=True
         )
     name = top.text("name", Path(src.file).stem)
+    if len(name) > 100 or not name.isprintable() or any("\ud800" <= ch <= "\udfff" for ch in name):
+        top.fail(("name",), f"expected a printable name of at most 100 characters, found {describe(name)}",
+                 "letters, digits, '-', '_' and '.' serve best: the name titles checkpoints and logs")
     model = read_model(src, top)
     obj = top.raw("objective", None)
     supervised = top.raw("supervision", None) is not None
@@ -67,7 +70,7 @@ def _supervision(src: Source, top: Fields) -> SupervisionSpec | None:
         return None
     f = Fields(src, ("supervision",), "a mapping {segments, halting}", "supervision",
                "e.g. supervision: {segments: 16, halting: q_learning}")
-    segments = f.integer("segments")
+    segments = f.integer("segments", maximum=4096)
     h = f.raw("halting", None)
     halting = None
     if isinstance(h, str) and h != "none":

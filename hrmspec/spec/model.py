@@ -18,7 +18,7 @@ from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.halting import read_halting
-from hrmspec.spec.schedule import check_names, flatten, read_schedule
+from hrmspec.spec.schedule import MAX_CALLS, check_names, flatten, read_schedule, unrolled_calls
 from hrmspec.spec.schema import (
     AttentionSpec,
     BlockSpec,
@@ -41,10 +41,10 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     path: PathT = ("model",)
     top.raw("model")
     f = Fields(src, path, "a mapping (vocab, d_model, heads, ...)", "model")
-    vocab = f.integer("vocab")
-    d_model = f.integer("d_model")
-    heads = f.integer("heads")
-    head_dim = f.integer("head_dim", 0)
+    vocab = f.integer("vocab", maximum=1 << 24)
+    d_model = f.integer("d_model", maximum=1 << 16)
+    heads = f.integer("heads", maximum=1 << 12)
+    head_dim = f.integer("head_dim", 0, maximum=1 << 12)
     if not head_dim:
         if d_model % heads:
             f.fail(
@@ -53,7 +53,7 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
                 _divisor_hint(d_model, heads),
             )
         head_dim = d_model // heads
-    max_seq_len = f.integer("max_seq_len", 2048)
+    max_seq_len = f.integer("max_seq_len", 2048, maximum=1 << 24)
 
     # the shared layer (model.block) and the MLP width (model.ffn or model.expansion)
     bf = Fields(src, path + ("block",), "a mapping {norm, attention, mlp}", "model.block")
@@ -80,6 +80,10 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     state_names = [s.name for s in states]
 
     schedule = read_schedule(src, path + ("schedule",), f.raw("schedule"))
+    calls = unrolled_calls(schedule)
+    if calls > MAX_CALLS:
+        f.fail(path + ("schedule",), f"the schedule unrolls to {calls:,} module calls; at most {MAX_CALLS:,} are "
+               "supported", "lower the repeat counts")
     statements = flatten(schedule)
     for st in statements:
         check_names(st, module_names, state_names)
@@ -168,7 +172,7 @@ def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | N
         return None
     g = Fields(src, path + ("puzzle",), "a mapping {identifiers, dim, positions}", "model.puzzle",
                "e.g. puzzle: {identifiers: 1000, positions: 16}")
-    identifiers = g.integer("identifiers")
+    identifiers = g.integer("identifiers", maximum=1 << 24)
     dim = g.integer("dim", d_model)
     positions = g.integer("positions", -(-dim // d_model))
     if positions * d_model < dim:
@@ -176,6 +180,9 @@ def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | N
                f"{dim}-wide puzzle vector at d_model {d_model}, found {positions}")
     g.finish()
     return PuzzleSpec(identifiers, dim, positions)
+
+
+MAX_LAYERS = 1024  # layers of one module
 
 
 def _token_mlp_widths(src: Source, path: PathT, modules: list[ModuleSpec], length: int,
@@ -238,7 +245,7 @@ def _modules(
             )
         shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
         g = Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
-        layers = g.integer("layers")
+        layers = g.integer("layers", maximum=MAX_LAYERS)
         norm, attention, mlp = layer_fields(g, block)
         exit_norm = standalone_norm(g, "exit_norm", norm, "rms")
         own_ffn, own_expansion = width_fields(g)

@@ -45,13 +45,22 @@ def read_schedule(src: Source, path: PathT, items: Any) -> tuple:
                     f"expected a positive integer, found {describe(item['repeat'])}",
                     "a sampled number of cycles is reserved for a later version; use a fixed count",
                 )
-            count = f.integer("repeat")
+            count = f.integer("repeat", maximum=MAX_REPEAT)
             body = read_schedule(src, p + ("do",), f.raw("do"))
             f.finish()
             out.append(Repeat(count=count, body=body))
         else:
             out.append(parse_statement(item, src.loc(p), dotted(p)))
     return tuple(out)
+
+
+MAX_REPEAT = 4096  # iterations of one repeat block
+MAX_CALLS = 65536  # module calls of the whole unrolled schedule
+
+
+def unrolled_calls(schedule: tuple) -> int:
+    """How many module calls the schedule makes, without unrolling it."""
+    return sum(item.count * unrolled_calls(item.body) if isinstance(item, Repeat) else 1 for item in schedule)
 
 
 def flatten(schedule: tuple) -> list[Statement]:

@@ -55,7 +55,19 @@ def _mark(file: str, mark: yaml.Mark) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
+MAX_BYTES = 1 << 20  # a spec file
+MAX_VALUES = 20_000  # values in a spec, aliases expanded: an alias bomb stops here
+MAX_DEPTH = 40  # nesting of mappings and lists
+
+
 def _walk(node: yaml.Node, path: PathT, file: str, src: Source, loader: yaml.SafeLoader) -> None:
+    if len(src.values) >= MAX_VALUES:
+        raise SpecError(f"the spec holds more than {MAX_VALUES:,} values (counting what YAML aliases repeat)",
+                        _mark(file, node.start_mark), dotted(path), "a spec is a few hundred values; "
+                        "write it out without chains of aliases")
+    if len(path) > MAX_DEPTH:
+        raise SpecError(f"values nested more than {MAX_DEPTH} levels deep", _mark(file, node.start_mark),
+                        "", "a spec nests a few levels: model, modules, a module, its norm")
     loc = _mark(file, node.start_mark)
     if isinstance(node, yaml.ScalarNode) and node.style in ('"', "'"):
         loc = Location(file, loc.line, loc.col + 1)  # point at the text, not at the quote
@@ -100,8 +112,11 @@ def _yaml_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
 
 def parse_yaml(text: str, file: str) -> Source:
     """Parse one YAML document; syntax errors become SpecErrors with the position."""
-    loader = yaml.SafeLoader(text)
+    if len(text) > MAX_BYTES:
+        raise SpecError(f"the file is {len(text):,} characters; a spec is at most {MAX_BYTES:,}", Location(file))
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader checks the characters at once
         node = loader.get_single_node()
         if node is None:
             message = "the file is empty; expected a mapping of sections with at least 'model:'"
@@ -111,8 +126,15 @@ def parse_yaml(text: str, file: str) -> Source:
         _walk(node, (), file, src, loader)
     except yaml.MarkedYAMLError as e:
         raise _yaml_error(e, file) from None
+    except yaml.YAMLError as e:  # the reader's: a character YAML does not allow (control characters)
+        raise SpecError(f"invalid YAML: {_one_line(str(e))}", Location(file), "",
+                        "remove control characters from the file") from None
+    except RecursionError:
+        raise SpecError(f"values nested more than {MAX_DEPTH} levels deep", Location(file), "",
+                        "a spec nests a few levels: model, modules, a module, its norm") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise SpecError(
             f"expected a mapping of sections (name, model, ...), found {_kind(data)}",
@@ -123,11 +145,16 @@ def parse_yaml(text: str, file: str) -> Source:
     return src
 
 
+def _one_line(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
-    if isinstance(value, str):
-        return f"the text {value!r}"
+    if isinstance(value, str):  # quoted (escapes control characters) and cut: never a whole file
+        return f"the text {value[:40]!r}" + (f" ({len(value):,} characters)" if len(value) > 40 else "")
     return repr(value)
 
 
