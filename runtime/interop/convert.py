@@ -59,8 +59,13 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
     tensors: dict[str, torch.Tensor] = {}
+    root = directory.resolve()
     for shard in sorted(set(weight_map.values())):
-        tensors.update(read_tensors(directory / shard))
+        path = (directory / str(shard)).resolve()
+        if not isinstance(shard, str) or path.parent != root:
+            raise CheckpointError(f"{index}: shard {str(shard)[:80]!r} is not a file of {directory}; an index names "
+                                  "shard files beside it, never other folders")
+        tensors.update(read_tensors(path))
     return tensors, str(index)
 
 

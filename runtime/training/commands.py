@@ -143,13 +143,33 @@ def _register_generate(sub, name):
     p.add_argument("prompt", help="the instruction; for a grid run the puzzle, row by row, '.' or 0 for an "
                    "empty cell (e.g. '1.3. .4.. ..1. 3...')")
     p.add_argument("--condition", default=None, help="a condition token, e.g. direct")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--all-segments", action="store_true",
                    help="a grid run: run every segment instead of stopping where the halting head says")
     _halting_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text[:20]!r}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (0.0 <= v < float("inf")):  # nan fails too
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, found {text[:20]!r}")
+    return v
 
 
 def _register_plot(sub, name):

@@ -116,13 +116,24 @@ def encode_samples(samples: Sequence[Sample], tokenizer: Any) -> list[tuple[list
 # JSONL
 
 
-def _parse_line(text: str) -> Sample:
+MAX_LINE_BYTES = 1 << 20  # one JSONL sample
+
+
+def _parse_line(raw: bytes) -> Sample:
     """One JSONL line -> Sample; raises DataError with the problem and the fix (no location)."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise DataError(f"the line is {len(raw):,} bytes; a sample is at most {MAX_LINE_BYTES:,}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.object[e.start]:#04x} at column {e.start + 1})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON ({e.msg} at column {e.colno}); "
                         "each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply; a line is one flat object") from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}; "
                         'write {"instruction": ..., "response": ...}')
@@ -157,13 +168,13 @@ def read_jsonl(path: str | Path, skip_bad: bool = False,
         raise DataError(f"{path}: no such file; check data.path / data.eval_path in the spec")
     samples: list[Sample] = []
     stats = DataStats()
-    with path.open(encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is that line's error, not the file's
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             stats.read += 1
             try:
-                s = _parse_line(text)
+                s = _parse_line(raw)
             except DataError as e:
                 if skip_bad:
                     stats.bad += 1

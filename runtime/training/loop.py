@@ -37,6 +37,7 @@ from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
 from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
+from hrmspec.runtime.training.plot import metric_records
 from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
 from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from hrmspec.spec.schema import Spec
@@ -46,6 +47,9 @@ from hrmspec.spec.schema import Spec
 
 def prepare_data(spec: Spec, cfg: TrainConfig, out: Path, tokenizer=None):
     """Samples -> tokenizer -> packed rows. Returns (tokenizer, rows, pack stats, data config)."""
+    if cfg.seq_len > spec.model.max_seq_len:
+        raise TrainError(f"train.seq_len {cfg.seq_len} is longer than model.max_seq_len {spec.model.max_seq_len}: "
+                         f"lower train.seq_len or set --set model.max_seq_len={cfg.seq_len}")
     try:
         dcfg = DataConfig.from_dict(spec.data)
         train = load_split(dcfg, "train", root=Path(spec.source).parent)
@@ -402,8 +406,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after `step` (a run that died past its last checkpoint)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [rec for rec in metric_records(path) if rec.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
 
 
 def _scalar(t: torch.Tensor) -> float:

@@ -8,14 +8,32 @@ from pathlib import Path
 from hrmspec.errors import HrmspecError
 
 
+def metric_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (a run killed while writing it) is left out,
+    a broken line before it is an error naming the line."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines):
+                break
+            raise HrmspecError(f"{path}:{i}: not a JSON record; the file is damaged") from None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise HrmspecError(f"no metrics in {path}: train first")
     steps, evals = [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
+    for rec in metric_records(path):
+        if "eval" in rec or "loss" in rec:
             (evals if "eval" in rec else steps).append(rec)
     return steps, evals
 

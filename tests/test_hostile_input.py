@@ -1,0 +1,79 @@
+"""Hostile and clumsy input beyond specs: data lines, shard paths, command-line values, a damaged
+metrics file, rows longer than the model. Each is one clear error (or a counted skip), no traceback."""
+
+import json
+import re
+
+import pytest
+
+from hrmspec.cli import main
+from hrmspec.errors import CheckpointError
+from hrmspec.runtime.training.data import MAX_LINE_BYTES, DataError, read_jsonl
+from hrmspec.runtime.training.plot import metric_records
+
+GOOD = json.dumps({"instruction": "say hi", "response": "hi"}) + "\n"
+BAD_LINES = {
+    "long": (json.dumps({"instruction": "x" * (MAX_LINE_BYTES + 10), "response": "y"}) + "\n").encode(),
+    "not-utf8": b'{"instruction": "caf\xe9", "response": "y"}\n',
+    "deep": ("[" * 100_000 + "]" * 100_000 + "\n").encode(),
+}
+MESSAGES = {"long": "bytes; a sample is at most", "not-utf8": "not UTF-8 text (byte 0xe9", "deep": "nested too deeply"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_a_bad_jsonl_line_names_its_line_or_is_skipped_and_counted(kind, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(GOOD.encode() + BAD_LINES[kind] + GOOD.encode())
+    with pytest.raises(DataError, match=rf"data.jsonl:2: .*{re.escape(MESSAGES[kind])}"):
+        read_jsonl(path)
+    samples, stats = read_jsonl(path, skip_bad=True)
+    assert len(samples) == 2 and stats.bad == 1
+
+
+def test_a_shard_index_cannot_point_outside_its_folder(tmp_path):
+    from hrmspec.runtime.interop.convert import _read_hf_weights
+
+    (tmp_path / "hf").mkdir()
+    for shard in ("../elsewhere.safetensors", "/etc/passwd"):
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+        with pytest.raises(CheckpointError, match="is not a file of .*never other folders"):
+            _read_hf_weights(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "0"), ("--temperature", "nan"), ("--temperature", "-1"),
+                                         ("--max-new-tokens", "0")])
+def test_bad_generation_values_are_refused_before_anything_runs(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path), "a prompt", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err and "Traceback" not in err
+
+
+def test_a_metrics_file_cut_mid_line_reads_up_to_it_and_a_broken_middle_line_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in metric_records(path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"ste\n{"step": 3, "loss": 1.0}\n')
+    from hrmspec.errors import HrmspecError
+
+    with pytest.raises(HrmspecError, match="metrics.jsonl:2: not a JSON record"):
+        metric_records(path)
+
+
+def test_rows_longer_than_the_model_are_refused_before_training(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("""model:
+  vocab: 320
+  d_model: 32
+  heads: 2
+  ffn: 64
+  max_seq_len: 64
+  modules: {L: {layers: 1}}
+  states: {z: {init: embed}}
+  schedule: ["z = L(z)"]
+data: {source: reasoning_gym, tasks: [basic_arithmetic], size: 20, eval_size: 4}
+train: {steps: 1, batch_size: 2, seq_len: 96}
+""")
+    assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seq_len 96 is longer than model.max_seq_len 64" in err and "Traceback" not in err
