@@ -77,3 +77,30 @@ train: {steps: 1, batch_size: 2, seq_len: 96}
     assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "train.seq_len 96 is longer than model.max_seq_len 64" in err and "Traceback" not in err
+
+
+def test_a_held_out_set_the_config_cannot_give_fails_before_the_first_step(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("""model:
+  vocab: 320
+  d_model: 32
+  heads: 2
+  ffn: 64
+  max_seq_len: 96
+  modules: {L: {layers: 1}}
+  states: {z: {init: embed}}
+  schedule: ["z = L(z)"]
+data:
+  source: reasoning_gym
+  tasks: {basic_arithmetic: {config: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1,
+                                      operators: ["+"], allow_parentheses: false, allow_negation: false,
+                                      whitespace: single, format_style: simple}}}
+  size: 1500
+  eval_size: 50
+train: {steps: 50, batch_size: 2, seq_len: 96, eval_every: 25}
+""")
+    run = tmp_path / "run"
+    assert main(["train", str(spec), "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the held-out set: reasoning-gym task 'basic_arithmetic': found only" in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()  # refused before training, not after it

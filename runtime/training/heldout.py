@@ -28,6 +28,18 @@ from hrmspec.spec.load import load_spec
 _SPLITS: dict = {}
 
 
+def held_out_set(data_cfg, root=None):
+    """The held-out set of a data config (text samples, or grids for a GridConfig), built once and kept
+    for every later evaluation; the trainer builds it before the first step, so a config that
+    allows too few distinct questions fails then, not after the run."""
+    if isinstance(data_cfg, GridConfig):
+        key = repr(data_cfg)
+        if key not in _GRIDS:
+            _GRIDS[key] = load_grids(data_cfg, "eval")
+        return _GRIDS[key]
+    return _eval_split(data_cfg, root)
+
+
 def _eval_split(dcfg, root=None):
 
     key = repr(dcfg)
@@ -113,10 +125,7 @@ def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments
     used: {"tasks": {name:
     {"accuracy", "n"}}, "accuracy", "n", "segments": mean segments run, "max_segments", "saved":
     the fraction of segments halting spared}. Rows halt when their head says so unless `all_segments`."""
-    key = repr(gcfg)
-    if key not in _GRIDS:
-        _GRIDS[key] = load_grids(gcfg, "eval")
-    rows = _GRIDS[key]
+    rows = held_out_set(gcfg)
     count = min(n, len(rows))
     if not count:
         return {"tasks": {}, "accuracy": 0.0, "n": 0}

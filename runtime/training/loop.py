@@ -34,7 +34,7 @@ from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig, TrainError
 from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
 from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
-from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model
+from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, held_out_set
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
 from hrmspec.runtime.training.plot import metric_records
@@ -165,6 +165,11 @@ class Trainer:
         else:
             self.tokenizer, rows, _, self.data_cfg = prepare_data(
                 spec, cfg, out, Tokenizer.load(start) if start is not None else None)
+        if cfg.eval_every and self.rank == 0:  # the held-out set now: a config that cannot give one fails here
+            try:
+                held_out_set(self.data_cfg, Path(spec.source).parent)
+            except DataError as e:
+                raise TrainError(f"the held-out set: {e}") from None
         self.model = hrmspec.compile(spec)
         self.model.reset_parameters(seed=cfg.seed)
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
@@ -305,7 +310,7 @@ class Trainer:
             res = evaluate_grids(self.model, self.data_cfg, n=cfg.eval_n, ema=self.ema)
         else:
             res = evaluate_model(self.model, self.tokenizer, self.data_cfg, n=cfg.eval_n, ema=self.ema,
-                                 max_new_tokens=cfg.max_new_tokens)
+                                 max_new_tokens=cfg.max_new_tokens, root=Path(self.spec.source).parent)
         self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
         self.metrics.flush()
         return res
