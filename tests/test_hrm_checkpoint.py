@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import hrmspec
@@ -265,6 +265,9 @@ def compare_steps(model, ref: Official, a, vocab, identifiers, S, seed, training
 @given(a=archs(), compiled=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 10_000), S=st.integers(2, 5))
 def test_every_act_step_in_eval_matches_the_official_model(tmp_path_factory, a, compiled, dtype, seed, S):
+    # fp64 holds the semantics at 1e-9 at every size; fp32 checks the dtype path where it is well
+    # conditioned: norms over 2 channels (or over a few positions, mlp_t) amplify fp32 rounding past 2e-4
+    assume(dtype == torch.float64 or a["hidden_size"] >= 4)
     vocab, identifiers = 7, 3
     w = official_tensors(a, vocab, identifiers, S, seed)
     path = write_official(tmp_path_factory.mktemp("ckpt"), a, w, compiled)
