@@ -192,6 +192,11 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
     assert main(["eval", str(run), "--n", "4"]) == 0
     assert "basic_arithmetic" in capsys.readouterr().out
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "90"]) == 2
+    assert "more than model.max_seq_len 96" in capsys.readouterr().err
+    assert main(["generate", str(run), "9" * 100_000]) == 2
+    assert "the prompt is 100,000 characters" in capsys.readouterr().err
     assert main(["plot", str(run)]) == 0
     png = (run / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -10,7 +10,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from hrmspec.runtime.training.data import Sample, format_sample
+from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.plot import plot_run
 from hrmspec.spec.arguments import spec_arguments, spec_from_arguments
 
@@ -57,8 +57,14 @@ def cmd_generate(args) -> int:
     model, tok, spec, _ = load_run(args.dir)
     if tok is None:  # a grid run: the prompt is a puzzle
         return _solve_grid(model, spec, args)
+    limit = spec.model.max_seq_len
+    if len(args.prompt) > 8 * limit:  # longer than any tokenization could fit: refused before encoding
+        raise DataError(f"the prompt is {len(args.prompt):,} characters; model.max_seq_len is {limit} tokens")
     prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
     ids = torch.tensor([tok.encode(prompt)])
+    if ids.shape[1] + args.max_new_tokens > limit:
+        raise DataError(f"the prompt is {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}: more than "
+                        f"model.max_seq_len {limit}; shorten the prompt or lower --max-new-tokens")
     stats: dict = {}
     out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
                          all_steps=args.all_steps, threshold=args.threshold, stats=stats)
