@@ -294,3 +294,13 @@ def test_a_run_folder_is_one_runs(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(TrainError, match="is a file, not a folder"):
         train(spec(), tmp_path / "file", progress_bar=False)
+
+
+def test_resume_under_a_changed_model_is_refused_with_what_changed(tmp_path):
+    train(spec(**{"train.steps": 2}), tmp_path, progress_bar=False)
+    changed = spec(**{"train.steps": 4, "model.d_model": 64, "model.credit": "none"})
+    want = r'--resume: the spec changes what step_00000002 was trained as \(model.d_model: 32 -> 64; model.credit: '
+    with pytest.raises(TrainError, match=want + r'\{"depth": .*\.\.\. -> "none"\)'):
+        train(changed, tmp_path, resume=True, progress_bar=False)
+    train(spec(**{"train.steps": 3}), tmp_path, resume=True, progress_bar=False)  # train: may change
+    assert [r[0] for r in losses(tmp_path)] == [1, 2, 3]

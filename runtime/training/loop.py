@@ -159,6 +159,8 @@ class Trainer:
         start = ckpt.latest_checkpoint(out) if resume else None
         if resume and start is None:
             raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
+        if start is not None:
+            _check_same_model(start, spec)
         self.grid = spec.objective.type == "grid"
         if self.grid:  # puzzles as fixed grids: no tokenizer, the cells are the tokens
             self.tokenizer, (rows, self.data_cfg) = None, prepare_grids(spec, cfg)
@@ -405,6 +407,37 @@ def _dist() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+RESUME_FIXED = ("model", "objective", "supervision")  # what a resumed run may not change (train: and data: may)
+
+
+def _check_same_model(start: Path, spec: Spec) -> None:
+    """Refuse to resume checkpoint `start` under a spec whose model, objective or supervision differ from
+    the one it was trained with: the weights would not fit, or would silently mean something else."""
+    try:
+        old = yaml.safe_load((start / "spec.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise TrainError(f"{start}/spec.yaml cannot be read ({type(e).__name__}); the checkpoint is damaged") from None
+    changes = [line for key in RESUME_FIXED for line in _diff(old.get(key), spec.raw.get(key), key)]
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise TrainError(f"--resume: the spec changes what {start.name} was trained as ({shown}); resume with the "
+                         "spec it was trained with, or start a new run (another --out, or --overwrite)")
+
+
+def _diff(old, new, path: str) -> list[str]:
+    """'path: old -> new' for every value that differs between two YAML trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in dict.fromkeys([*old, *new]) for line in _diff(old.get(k), new.get(k), f"{path}.{k}")]
+    if old == new:
+        return []
+
+    def short(v) -> str:
+        text = json.dumps(v) if v is not None else "(absent)"
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{path}: {short(old)} -> {short(new)}"]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
