@@ -5,6 +5,8 @@ import json
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hrmspec.cli import main
 from hrmspec.errors import CheckpointError
@@ -104,3 +106,26 @@ train: {steps: 50, batch_size: 2, seq_len: 96, eval_every: 25}
     err = capsys.readouterr().err
     assert "the held-out set: reasoning-gym task 'basic_arithmetic': found only" in err and "Traceback" not in err
     assert not (run / "checkpoints").exists()  # refused before training, not after it
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(
+    st.binary(max_size=64),
+    st.just(GOOD.encode()),
+    st.builds(lambda k, v: json.dumps({k: v}).encode(), st.text(max_size=12), st.text(max_size=12)),
+    st.builds(lambda d: ("[" * d + "]" * d).encode(), st.integers(1, 5000)),
+    st.dictionaries(st.sampled_from(["instruction", "response", "condition", "other"]),
+                    st.one_of(st.text(max_size=8), st.integers(), st.none(), st.lists(st.integers(), max_size=2)),
+                    max_size=4).map(lambda d: json.dumps(d).encode()),
+), min_size=1, max_size=8))
+def test_any_jsonl_reads_or_names_one_line_and_skip_bad_always_reads(lines, tmp_path):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    try:
+        samples, stats = read_jsonl(path)
+    except DataError as e:
+        assert re.match(r".*fuzz\.jsonl:\d+: ", str(e)) and "\n" not in str(e)
+    else:
+        assert stats.bad == 0 and len(samples) + stats.empty == stats.read
+    samples, stats = read_jsonl(path, skip_bad=True)
+    assert len(samples) + stats.empty + stats.bad == stats.read
