@@ -6,10 +6,35 @@ from pathlib import Path
 from typing import Any
 
 from hrmspec.backends import get_backend
+from hrmspec.errors import HrmspecError
+from hrmspec.graph.analysis import analyse
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.plan import execution_plan
 from hrmspec.spec.load import load_spec
 from hrmspec.spec.schema import Spec
+
+
+class MemoryLimitError(HrmspecError):
+    """A model that would not fit in this machine's memory."""
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(need: int, what: str) -> None:
+    """Refuse to allocate `need` bytes of `what` when the machine has less available."""
+    have = available_bytes()
+    if have is not None and need > have:
+        raise MemoryLimitError(f"{what} need {need / 2**30:.1f} GiB but this machine has {have / 2**30:.1f} GiB "
+                               "available; `hrmspec show` gives the sizes without allocating them")
 
 
 def compile(  # noqa: A001 - the verb is the API
@@ -26,6 +51,7 @@ def compile(  # noqa: A001 - the verb is the API
     loaded = load_spec(spec, overrides)
     ops = get_backend(backend)
     graph = build_graph(loaded, progress)
+    check_memory(analyse(graph).params * 4, f"the fp32 weights of {loaded.name}")
     plan = execution_plan(graph, fused=ops.fuses)
     model = CompiledModel(plan, ops, graph, backend=backend)
     model.set_progress(progress)

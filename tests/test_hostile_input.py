@@ -129,3 +129,20 @@ def test_any_jsonl_reads_or_names_one_line_and_skip_bad_always_reads(lines, tmp_
         assert stats.bad == 0 and len(samples) + stats.empty == stats.read
     samples, stats = read_jsonl(path, skip_bad=True)
     assert len(samples) + stats.empty + stats.bad == stats.read
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_allocating(monkeypatch, tmp_path, capsys):
+    import importlib
+
+    import hrmspec
+
+    compile_module = importlib.import_module("hrmspec.compile")  # the module: hrmspec.compile is the function
+
+    monkeypatch.setattr(compile_module, "available_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
+    with pytest.raises(compile_module.MemoryLimitError, match=r"fp32 weights of hrm-text-1b need 4\.4 GiB but "
+                                                              r"this machine has 0\.1 GiB available"):
+        hrmspec.compile("hrm-text-1b")
+    assert main(["train", "hrm-text-tiny", "--out", str(tmp_path / "run"), "--set", "model.d_model=1024"]) == 2
+    err = capsys.readouterr().err
+    assert "training hrm-text-tiny (fp32 weights, gradients, optimizer moments, EMA) need" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
