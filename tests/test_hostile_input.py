@@ -62,17 +62,21 @@ def test_a_metrics_file_cut_mid_line_reads_up_to_it_and_a_broken_middle_line_is_
         metric_records(path)
 
 
-def test_rows_longer_than_the_model_are_refused_before_training(tmp_path, capsys):
-    spec = tmp_path / "s.yaml"
-    spec.write_text("""model:
+MODEL = """model:
   vocab: 320
   d_model: 32
   heads: 2
   ffn: 64
-  max_seq_len: 64
+  max_seq_len: MAX
   modules: {L: {layers: 1}}
   states: {z: {init: embed}}
   schedule: ["z = L(z)"]
+"""
+
+
+def test_rows_longer_than_the_model_are_refused_before_training(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(MODEL.replace("MAX", "64") + """\
 data: {source: reasoning_gym, tasks: [basic_arithmetic], size: 20, eval_size: 4}
 train: {steps: 1, batch_size: 2, seq_len: 96}
 """)
@@ -83,15 +87,7 @@ train: {steps: 1, batch_size: 2, seq_len: 96}
 
 def test_a_held_out_set_the_config_cannot_give_fails_before_the_first_step(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
-    spec.write_text("""model:
-  vocab: 320
-  d_model: 32
-  heads: 2
-  ffn: 64
-  max_seq_len: 96
-  modules: {L: {layers: 1}}
-  states: {z: {init: embed}}
-  schedule: ["z = L(z)"]
+    spec.write_text(MODEL.replace("MAX", "96") + """\
 data:
   source: reasoning_gym
   tasks: {basic_arithmetic: {config: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1,

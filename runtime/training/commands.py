@@ -41,8 +41,7 @@ def cmd_eval(args) -> int:
     Console().print(t)
     print(f"checkpoint {res['checkpoint']}")  # on its own line: a table caption would wrap a long path
     if res.get("max_segments", 1) > 1:  # deep supervision: what halting spared
-        print(f"segments per puzzle: {res['segments']:.2f} of {res['max_segments']} "
-              f"({100 * res['saved']:.1f}% of the segments spared by halting)")
+        print(_steps_line(res["segments"], res["max_segments"], "segments per puzzle", "segments"))
     if "steps" in res:  # halting per step of the loop
         print(_steps_line(res["steps"], res["max_steps"]))
     print(f"wrote {args.dir}/eval.json")
@@ -77,8 +76,9 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _steps_line(mean: float, most: int) -> str:
-    return f"steps per position: {mean:.2f} of {most} ({100 * (1 - mean / most):.1f}% of the steps spared by halting)"
+def _steps_line(mean: float, most: int, label: str = "steps per position", unit: str = "steps") -> str:
+    """What halting spared: the mean steps (or segments) used of the most there are."""
+    return f"{label}: {mean:.2f} of {most} ({100 * (1 - mean / most):.1f}% of the {unit} spared by halting)"
 
 
 def _solve_grid(model, spec, args) -> int:
