@@ -44,6 +44,15 @@ def losses(run):
     return [(r["step"], r["loss"], r["credit_depth"], r["grad_norm"]) for r in recs if "loss" in r]
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (fixed ports collide when test runs overlap)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(spec(), full, progress_bar=False)
@@ -146,8 +155,7 @@ def test_two_processes_match_single_process(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "hrmspec", "train", str(spec_file), "--no-progress", "--set", "train.steps=4"]
     subprocess.run(base + ["--out", str(single)], check=True, env=env, timeout=600, capture_output=True)
-    port = 29517 + (mode == "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "hrmspec",
            "train", str(spec_file), "--no-progress", "--set", "train.steps=4", "--out", str(double)]
     cmd += ["--fsdp"] if mode == "fsdp" else []

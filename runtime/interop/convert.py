@@ -30,7 +30,8 @@ from hrmspec.runtime.files import read_json, read_tensors, write_tensors, write_
 from hrmspec.runtime.interop.export import WEIGHTS_FILE, save_hf, state_dict_to_hf
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
 from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, to_hf_tensors
-from hrmspec.runtime.training.checkpoint import latest_checkpoint
+from hrmspec.runtime.training.checkpoint import latest_checkpoint, model_tensors
+from hrmspec.runtime.training.sharded import is_sharded
 from hrmspec.spec.load import load_spec
 
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -112,10 +113,12 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
     if not spec_path.is_file():
         raise CheckpointError(f"checkpoint file not found: {spec_path}")
     model = compile_spec(load_spec(spec_path), backend=backend)
-    _load_ours(model, read_tensors(weights_path), str(weights_path))
-    ema_path = directory / "ema.safetensors"
-    if ema_path.is_file():  # training checkpoints keep an EMA of the weights: export that
-        ema = read_tensors(ema_path)
+    if is_sharded(directory) and not weights_path.exists():  # an FSDP run's checkpoint: read its shards
+        _load_ours(model, model_tensors(directory), f"{directory}/shards")
+    else:
+        _load_ours(model, read_tensors(weights_path), str(weights_path))
+    ema = model_tensors(directory, "ema")  # training checkpoints keep an EMA of the weights: export that
+    if ema is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(ema[name])

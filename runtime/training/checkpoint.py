@@ -13,6 +13,9 @@ A checkpoint folder holds:
     trainer.pt             step, data position, RNG states (torch, numpy, python)
     spec.yaml              the resolved spec
     tokenizer.json         the tokenizer
+
+An FSDP run's checkpoint has each rank's shards (shards/, optimizer.json) in place of the model,
+EMA and optimizer files: see sharded.py. `model_tensors` reads the weights of either layout.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import yaml
 from safetensors.torch import save_file
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import fsync_path
+from hrmspec.runtime.files import fsync_path, read_tensors
+from hrmspec.runtime.training.sharded import is_sharded, read_sharded
 
 PREFIX = "step_"
 
@@ -80,16 +84,20 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | None = None,
     trainer_state: dict | None = None,
     keep: int = 3,
+    staged: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`.
 
-    States are plain (full, unsharded) state dicts; under FSDP the caller gathers them first."""
+    States are plain (full, unsharded) state dicts. `staged` is a temp folder (from `staging_folder`)
+    that already holds files other processes wrote (an FSDP run's shards): the rest is written into it
+    and it becomes the checkpoint, with `model_state` None."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = staged if staged is not None else Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        save_file(_plain(model_state), tmp / "model.safetensors")
+        if model_state is not None:
+            save_file(_plain(model_state), tmp / "model.safetensors")
         if ema_state is not None:
             save_file(_plain(ema_state), tmp / "ema.safetensors")
         if optimizer_state is not None:
@@ -98,7 +106,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save(tmp)
         torch.save({"step": step, "rng": rng_state(), **(trainer_state or {})}, tmp / "trainer.pt")
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             fsync_path(f)
         fsync_path(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
@@ -115,6 +123,33 @@ def save_checkpoint(
     for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def staging_folder_name(run_dir: str | os.PathLike, step: int) -> Path:
+    """The temp folder every rank of an FSDP run writes checkpoint `step`'s shards into: a name all
+    ranks know without talking."""
+    return Path(run_dir) / "checkpoints" / f".tmp-{PREFIX}{step:08d}-shards"
+
+
+def staging_folder(run_dir: str | os.PathLike, step: int) -> Path:
+    """Make that folder, empty (rank 0, before the ranks write)."""
+    tmp = staging_folder_name(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def model_tensors(folder: Path, part: str = "model") -> dict[str, torch.Tensor] | None:
+    """The weights ('model') or their EMA ('ema') of a checkpoint folder, single-file or sharded;
+    None when the checkpoint has no such part (a run without EMA)."""
+    path = Path(folder) / f"{part}.safetensors"
+    if path.exists():
+        return read_tensors(path)
+    if is_sharded(folder):
+        return read_sharded(Path(folder), part) or None
+    if part == "model":
+        raise CheckpointError(f"{folder} has neither model.safetensors nor shards/: the checkpoint is damaged")
+    return None
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,10 +6,12 @@ imported when a command runs, so `hrmspec validate` and `show` start without it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from hrmspec.errors import CheckpointError
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.plot import plot_run
 from hrmspec.spec.arguments import spec_arguments, spec_from_arguments
@@ -104,6 +106,27 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    from hrmspec.runtime.training.checkpoint import latest_checkpoint
+    from hrmspec.runtime.training.sharded import consolidate
+
+    folder = Path(args.ckpt)
+    if (folder / "checkpoints").is_dir():  # a run: its newest checkpoint
+        folder = latest_checkpoint(folder) or folder
+    if not folder.is_dir():
+        raise CheckpointError(f"{args.ckpt} is not a run or checkpoint folder")
+    for path in consolidate(folder):
+        print(f"wrote {path}")
+    return 0
+
+
+def _register_consolidate(sub, name):
+    p = sub.add_parser(name, help="write an FSDP checkpoint's single-file layout (model/ema.safetensors) from its "
+                       "shards")
+    p.add_argument("ckpt", help="a sharded checkpoint folder, or a run (its newest checkpoint)")
+    p.set_defaults(func=cmd_consolidate)
+
+
 def _register_train(sub, name):
     p = sub.add_parser(name, help="train a spec on its data: section (see README)")
     spec_arguments(p)
@@ -187,6 +210,7 @@ def _register_plot(sub, name):
 
 COMMANDS: list[tuple[str, object]] = [
     ("train", _register_train), ("eval", _register_eval), ("generate", _register_generate), ("plot", _register_plot),
+    ("consolidate", _register_consolidate),
 ]
 
 __all__ = ["COMMANDS", "argparse"]

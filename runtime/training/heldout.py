@@ -16,7 +16,6 @@ import torch
 import hrmspec
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime.execution.supervision import Supervisor
-from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig
 from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
@@ -159,9 +158,9 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
         )
     spec = load_spec(last / "spec.yaml")
     model = hrmspec.compile(spec)
-    ckpt.load_model_state(model, read_tensors(last / "model.safetensors"), last)
-    if use_ema and (last / "ema.safetensors").exists():
-        ema = read_tensors(last / "ema.safetensors")
+    ckpt.load_model_state(model, ckpt.model_tensors(last), last)  # single-file or sharded
+    ema = ckpt.model_tensors(last, "ema") if use_ema else None
+    if ema is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(ema[name])

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import hrmspec
 from hrmspec.compile import check_memory
+from hrmspec.errors import CheckpointError
 from hrmspec.graph.analysis import analyse
 from hrmspec.graph.build import build_graph
 from hrmspec.runtime.execution.step_halting import mean_steps
@@ -42,6 +43,7 @@ from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
 from hrmspec.runtime.training.plot import metric_records
 from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
+from hrmspec.runtime.training.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from hrmspec.spec.schema import Spec
 
@@ -197,8 +199,11 @@ class Trainer:
             self.supervisor.run = self.net  # segments run through the data-parallel wrapper
         self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
-        if start is not None:
+        if start is not None and is_sharded(start):  # any number of ranks (or one process) reads shards
+            load_sharded(start, self.model, self.optimizer, self.ema)
+        elif start is not None:
             _load_training_state(start, self.model, self.optimizer, self.ema, self.sharded)
+        if start is not None:
             if self.ema is not None:
                 self.ema.steps = state.get("ema_steps", self.step)
             ckpt.set_rng_state(state["rng"])
@@ -217,7 +222,8 @@ class Trainer:
         if "carry" in state and self.supervisor is not None and self.world == 1:
             c = state["carry"]
             self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
-        ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
+        if not is_sharded(start):  # shards are read once the model is sharded (load_sharded)
+            ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
         self.batches.load_state_dict(state["data"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         if self.rank == 0:
@@ -396,15 +402,32 @@ class Trainer:
                 board.add_scalar(f"train/{key}", record[key], record["step"])
 
     def save(self) -> None:
-        """A checkpoint of this step (every rank gathers its shards; rank 0 writes)."""
-        model_state, optim_state, ema_state = _full_states(self.model, self.optimizer, self.ema, self.sharded)
+        """A checkpoint of this step. Under FSDP every rank writes its own shards (sharded.py) into a
+        staging folder that rank 0 completes and renames into place; otherwise rank 0 writes it all."""
+        staged, model_state, optim_state, ema_state = None, None, None, None
+        if self.sharded:
+            if self.rank == 0:
+                ckpt.staging_folder(self.out, self.step)
+            dist.barrier()  # made (and emptied) before any rank writes into it
+            staged = ckpt.staging_folder_name(self.out, self.step)
+            try:
+                save_sharded(staged, self.model, self.optimizer, self.ema)
+            except Exception as e:  # DCP raises on every rank when any rank's write failed
+                raise CheckpointError(f"could not write the shards of checkpoint step {self.step}: "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            dist.barrier()
+        elif self.rank == 0:
+            model_state, optim_state, ema_state = (self.model.state_dict(), self.optimizer.state_dict(),
+                                                   self.ema.state_dict() if self.ema is not None else None)
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
                 {"data": self.batches.state_dict(), "skipped": self.skipped,
                  "ema_steps": self.ema.steps if self.ema else 0, **self._carry_state()},
-                keep=self.cfg.keep,
+                keep=self.cfg.keep, staged=staged,
             )
+        if self.sharded:
+            dist.barrier()  # the checkpoint is in place before any rank goes on (or exits)
 
 
 def _dist() -> tuple[int, int]:
@@ -456,19 +479,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _scalar(t: torch.Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
-
-
-def _full_states(model, optimizer, ema, sharded: bool):
-    """Plain state dicts to save. Under FSDP this gathers shards: every rank must call it."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict(), ema.state_dict() if ema is not None else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
-    ema_state = {k: v.full_tensor() for k, v in ema.state_dict().items()} if ema is not None else None
-    return model_state, optim_state, ema_state
 
 
 def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -> None:
