@@ -41,7 +41,7 @@ def cmd_validate(args) -> int:
 
 def cmd_show(args) -> int:
     spec = _load(args)
-    G = build_graph(spec, args.progress)
+    G = build_graph(spec, args.progress, recurrence=args.recurrence)
     seq_len = args.seq_len
     if seq_len is None:  # a grid's row is its cells and the puzzle positions; else 2048 tokens
         prefix = spec.model.puzzle.positions if spec.model.puzzle else 0
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for attention FLOPs (default 2048; a grid spec: its row length)")
     p.add_argument("--progress", type=float, default=1.0, help="training progress 0..1 for the credit plan")
+    p.add_argument("--recurrence", type=int, default=None, metavar="N",
+                   help="run a sampled loop N times (default: its evaluation count)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
     p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")
     p.set_defaults(func=cmd_show)

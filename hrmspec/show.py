@@ -8,8 +8,10 @@ from rich.table import Table
 
 from hrmspec.graph.analysis import analyse, human, step_costs
 from hrmspec.graph.body import Body
-from hrmspec.graph.credit_plan import credit_table
+from hrmspec.graph.build import build_graph
+from hrmspec.graph.credit_plan import credit_table, loop_item
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.spec.schedule import sampled_loop
 
 
 def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Console | None = None) -> None:
@@ -79,7 +81,36 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     console.print(t)
     if spec.supervision is not None:
         supervision_table(spec, st.forward_flops_per_token * seq_len, st.train_flops_per_token * seq_len, console)
+    if sampled_loop(m.schedule) is not None:
+        recurrence_table(G, seq_len, dtype_bytes, console)
     traffic_table(G, dtype_bytes, console)
+
+
+def recurrence_table(G: nx.DiGraph, seq_len: int, dtype_bytes: int, console: Console) -> None:
+    """A sampled loop: its draw, and the cost per token at the expected count, at evaluation and as shown."""
+    spec = G.graph["spec"]
+    loop = sampled_loop(spec.model.schedule)
+    sample = loop.sample
+    shown = max(c.cycle[0] + 1 for c in G.graph["calls"] if c.cycle and c.top == loop_item(G.graph["calls"]))
+    if sample.kind == "lognormal_poisson":
+        law, mean = f"Poisson(LogNormal(ln {sample.mean:g} - {sample.sigma:g}^2/2, {sample.sigma:g})) + 1", \
+            sample.mean + 1
+    else:
+        law, mean = f"uniform in [{sample.low}, {sample.high}]", (sample.low + sample.high) / 2
+    t = Table(title=f"Sampled loop: count ~ {law}, at most {sample.max}; evaluation runs {loop.count}")
+    for col in ("count", "forward FLOPs/token", "training FLOPs/token", "activation memory/token"):
+        t.add_column(col, justify="right")
+    counts = {f"{round(mean)} (expected {mean:g})": round(mean), f"{loop.count} (evaluation)": loop.count,
+              f"{shown} (shown above)": shown}
+    seen = set()
+    for label, n in counts.items():
+        if n in seen:
+            continue
+        seen.add(n)
+        st = analyse(build_graph(spec, G.graph["progress"], recurrence=n), seq_len=seq_len, dtype_bytes=dtype_bytes)
+        t.add_row(label, human(st.forward_flops_per_token), human(st.train_flops_per_token),
+                  human(st.activation_bytes_per_token, "B"))
+    console.print(t)
 
 
 def supervision_table(spec, forward_flops: float, train_flops: float, console: Console) -> None:

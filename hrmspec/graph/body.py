@@ -8,6 +8,8 @@ in order. A pre-norm layer of a gated-attention SwiGLU module called on z_L + z_
 
     op               kind       reads                      writes                      parameters
     inject           row        in0, in1                   inject:h                    -
+                     (a module called with cat(...): inject is a concat writing inject:cat, then
+                     the linear `adapter` maps it back to d_model)
     0.attn_norm      row        inject:h                   0.attn_norm:y               [weight]
     0.attn.qkvg      linear     0.attn_norm:y              0.q, 0.k, 0.v, 0.g          weight [bias]
     0.rope           rope       0.q, 0.k                   0.rope:q, 0.rope:k          -
@@ -71,7 +73,7 @@ class Param:
 @dataclass(frozen=True)
 class Op:
     name: str  # "0.attn_norm", "0.attn.qkvg", "exit_norm", "inject"
-    kind: str  # row | linear | rope | attention
+    kind: str  # row | linear | rope | attention | transpose | concat
     role: str  # what it is: norm, add, gate, activation, linear, rope, attention
     reads: tuple[str, ...]  # tensors, in argument order (a linear's input; attention's q, k, v)
     writes: tuple[str, ...]
@@ -129,7 +131,7 @@ def base(ref: str) -> str:
 
 
 def module_body(m: ModuleSpec, model: ModelSpec, arity: int = 1) -> Body:
-    """The ops of one call of module `m` on the sum of `arity` states (1: a single input)."""
+    """The ops of one call of module `m` on the sum (or concatenation) of `arity` states (1: a single input)."""
     return _Builder(m, model, arity).build()
 
 
@@ -174,17 +176,18 @@ class _Builder:
         op = norm_op(name, x, n, d, self.tensor(f"{name}:y", d), prefix=_prefix(name))
         return self.add(replace(op, saved=round(op.saved * scale)))
 
-    def linear(self, name: str, x: str, fan_in: int, outs: dict[str, tuple[int, int]], bias: bool = False,
+    def linear(self, name: str, x: str, fan_in: int, outs: dict[str, tuple[int, int]], bias: bool | int = False,
                saved: int = -1, per_token: float = 1.0) -> list[str]:
         """One matmul of `x` (fan_in) to the tensors `outs` (name -> (size, heads)), concatenated.
-        `per_token`: rows of `x` per token (d / positions for the rows of a token MLP), for the counts."""
+        `bias`: True for a bias on every output, an integer n for one on the first n outputs only (the
+        rest unbiased). `per_token`: rows of `x` per token (d / positions for the rows of a token MLP)."""
         fan_out = sum(size for size, _ in outs.values())
         path = _prefix(name) + name
         params = (Param(f"{path}.weight", (fan_out, fan_in), "fan_in", fan_in),)
         if bias:
-            params += (Param(f"{path}.bias", (fan_out,), "zeros"),)
+            params += (Param(f"{path}.bias", (fan_out if bias is True else bias,), "zeros"),)
         writes = tuple(self.tensor(t, size, heads) for t, (size, heads) in outs.items())
-        self.add(Op(name, "linear", "linear", (x,), writes, params, attrs={"bias": bias},
+        self.add(Op(name, "linear", "linear", (x,), writes, params, attrs={"bias": bool(bias)},
                     flops=round(2 * fan_in * fan_out * per_token),
                     saved=round(fan_in * per_token) if saved < 0 else saved))
         return list(writes)
@@ -192,7 +195,12 @@ class _Builder:
     def build(self) -> Body:
         m, model = self.m, self.model
         d, hd, b = model.d_model, model.head_dim, m.block
-        if self.arity > 1:  # the states summed into the call: in0 + in1 + ...
+        if self.arity > 1 and m.inject == "cat":  # [in0; in1; ...] (arity x d) mapped back to d: the adapter
+            inputs = tuple(self.tensor(f"in{i}", d) for i in range(self.arity))
+            cat = self.tensor("inject:cat", self.arity * d)
+            self.add(Op("inject", "concat", "concat", inputs, (cat,)))
+            (x,) = self.linear("adapter", cat, self.arity * d, {"adapter:y": (d, 0)})
+        elif self.arity > 1:  # the states summed into the call: in0 + in1 + ...
             inputs = tuple(self.tensor(f"in{i}", d) for i in range(self.arity))
             prog = library.add(self.arity)
             x = self.row("inject", "add", prog, dict(zip(prog.input_names, inputs)), d)
@@ -216,9 +224,11 @@ class _Builder:
         model, b = self.model, self.m.block
         d, h, hd = model.d_model, model.heads, model.head_dim
         inner, place, gated = h * hd, b.norm.place, b.attention.type == "gated"
-        a_in = self.norm(p + "attn_norm", x, b.norm) if place in ("pre", "sandwich") else x
+        a_in = self.norm(p + "attn_norm", x, b.norm) if place in ("pre", "sandwich", "pre_post") else x
         projs = {p + t: (inner, h) for t in ("q", "k", "v") + (("g",) if gated else ())}
-        q, k, v, *g = self.linear(p + "attn.qkvg", a_in, d, projs, bias=b.attention.bias)
+        # qk_bias: a bias on the q and k rows of the projection only (Huginn), stored as one vector (q; k)
+        bias = b.attention.bias or (2 * inner if b.attention.qk_bias else False)
+        q, k, v, *g = self.linear(p + "attn.qkvg", a_in, d, projs, bias=bias)
         if b.attention.rope_theta is not None:
             # one program over half rows (one token of one head): the halves of q and k are views
             rows = {"cos": tables[0] + "[lo]", "sin": tables[1] + "[lo]"}
@@ -244,6 +254,8 @@ class _Builder:
         x = self.row(p + "attn_residual", "add", library.add(), {"x": x, "r": o}, d)
         if place == "post":
             x = self.norm(p + "attn_norm", x, b.norm)
+        elif place == "pre_post":
+            x = self.norm(p + "attn_post_norm", x, b.norm)
         return x
 
     def mlp(self, p: str, x: str, width: int, ffn: int, name: str = "mlp", scale: float = 1.0) -> str:
@@ -251,7 +263,7 @@ class _Builder:
         or with name "token" the same across positions. `scale`: rows per token, for the counts."""
         b = self.m.block
         place, kind = b.norm.place, MLPS[b.mlp]
-        m_in = self.norm(p + f"{name}_norm", x, b.norm, width, scale) if place in ("pre", "sandwich") else x
+        m_in = self.norm(p + f"{name}_norm", x, b.norm, width, scale) if place in ("pre", "sandwich", "pre_post") else x
         if kind.gated:
             gate, up = self.linear(p + f"{name}.gate_up", m_in, width,
                                    {p + f"{name}.gate": (ffn, 0), p + f"{name}.up": (ffn, 0)}, per_token=scale)
@@ -268,6 +280,8 @@ class _Builder:
         x = self.row(p + f"{name}_residual", "add", library.add(), {"x": x, "r": down}, width)
         if place == "post":
             x = self.norm(p + f"{name}_norm", x, b.norm, width, scale)
+        elif place == "pre_post":
+            x = self.norm(p + f"{name}_post_norm", x, b.norm, width, scale)
         return x
 
     def token_mlp(self, p: str, x: str) -> str:

@@ -22,6 +22,7 @@ import networkx as nx
 from hrmspec.graph.body import module_body
 from hrmspec.graph.credit_plan import Call, credit_depth, grad_flags
 from hrmspec.spec.grammar import INPUT
+from hrmspec.spec.schedule import with_recurrence
 from hrmspec.spec.schema import Repeat, Spec
 
 
@@ -42,10 +43,12 @@ def unroll(schedule: tuple, _cycle: tuple[int, ...] = ()) -> list[Call]:
     return out
 
 
-def build_graph(spec: Spec, progress: float = 1.0) -> nx.DiGraph:
-    """Build the ModelGraph of `spec` with the credit plan evaluated at training `progress`."""
+def build_graph(spec: Spec, progress: float = 1.0, recurrence: int | None = None) -> nx.DiGraph:
+    """Build the ModelGraph of `spec` with the credit plan evaluated at training `progress`; a sampled
+    loop runs `recurrence` times (default: its evaluation count)."""
     model = spec.model
-    calls = unroll(model.schedule)
+    schedule = model.schedule if recurrence is None else with_recurrence(model.schedule, recurrence)
+    calls = unroll(schedule)
     flags = grad_flags(calls, model.credit, progress)
     G = nx.DiGraph(
         name=spec.name,
@@ -53,7 +56,7 @@ def build_graph(spec: Spec, progress: float = 1.0) -> nx.DiGraph:
         progress=progress,
         credit_depth=credit_depth(model.credit, progress),
         calls=calls,
-        bodies={m.name: module_body(m, model) for m in model.modules},
+        bodies={m.name: module_body(m, model, m.inject_arity or 1) for m in model.modules},  # all its parameters
     )
     act = ("B", "S", model.d_model)
     G.add_node("x", op="embed", vocab=model.vocab, d=model.d_model, scale=model.embed_scale)

@@ -2,7 +2,7 @@
 
 The schedule is unrolled into a list of module calls. A *credit plan* marks each call as
 grad-carrying or not; the runtime runs the others under `torch.no_grad()`, so they keep no
-activations and gradient stops at their outputs. Five modes:
+activations and gradient stops at their outputs. Six modes:
 
 * ``none`` — every call carries gradient (full backprop through the recurrence).
 * ``last: k`` — the last k calls in execution order, whatever their module.
@@ -14,6 +14,9 @@ activations and gradient stops at their outputs. Five modes:
   ``d = from + floor(min(1, progress / warmup) * (to - from))``. The modules in priority order
   each take their trailing calls: the first takes ``min(its calls, d - 1)`` (leaving at least
   one for each later module), the next the remainder, and so on.
+* ``truncate: k`` — Huginn's truncated backprop: the calls of the last k iterations of the loop
+  (the top-level ``repeat``; with a sampled count, the last k of the count drawn) and every call
+  before or after it (a prelude and a coda) carry gradient; the loop's earlier iterations do not.
 * ``per_cycle: {L: [n_0, n_1, ...]}`` — transformers' ``L_bp_cycles``: in iteration i of the
   outermost ``repeat``, the trailing ``n_i`` calls of L carry gradient (the list is left-padded
   with 1s to the number of iterations); calls of modules not listed always carry gradient.
@@ -72,9 +75,14 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
     if credit.mode == "last":
         return [i >= n - credit.last for i in range(n)]
     if credit.mode == "last_cycle":
-        last = [c for c in calls if c.cycle and c.top == max(d.top for d in calls if d.cycle)]
+        loop = loop_item(calls)
+        last = [c for c in calls if c.cycle and c.top == loop]
         start = min(c.index for c in last if c.cycle[0] == last[-1].cycle[0])
         return [i >= start for i in range(n)]
+    if credit.mode == "truncate":
+        loop = loop_item(calls)
+        count = max((c.cycle[0] + 1 for c in calls if c.cycle and c.top == loop), default=0)
+        return [not (c.cycle and c.top == loop) or c.cycle[0] >= count - credit.truncate for c in calls]
     flags = [False] * n
     if credit.mode == "depth":
         remaining = credit_depth(credit, progress)
@@ -105,6 +113,11 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
                     flags[j] = True
         return flags
     raise ValueError(f"unknown credit mode {credit.mode!r}")
+
+
+def loop_item(calls: Sequence[Call]) -> int:
+    """The schedule item that is 'the loop': the last top-level repeat that makes calls."""
+    return max((c.top for c in calls if c.cycle), default=-1)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import networkx as nx
 
 from hrmspec.graph.body import Body, Op, Param, module_body
+from hrmspec.graph.build import unroll
 from hrmspec.graph.credit_plan import Call, CreditPlan
 from hrmspec.graph.fusion import call_arities, final_norm_op, fuse
+from hrmspec.spec.schedule import with_recurrence
 from hrmspec.spec.schema import ModelSpec, ModuleSpec, Spec
 
 
@@ -37,6 +39,11 @@ class ExecutionPlan:
     def body(self, call: Call) -> Body:
         return self.bodies[(call.module, len(call.inputs))]
 
+    def at_recurrence(self, count: int) -> tuple[tuple[Call, ...], CreditPlan]:
+        """The calls and credit plan with the schedule's sampled loop run `count` times."""
+        calls = tuple(unroll(with_recurrence(self.spec.model.schedule, count)))
+        return calls, CreditPlan(calls, self.spec.model.credit)
+
 
 def module_plan(m: ModuleSpec, model: ModelSpec, arities: tuple[int, ...] = (1,), fused: bool = False
                 ) -> tuple[tuple[Param, ...], dict[int, Body]]:
@@ -46,7 +53,7 @@ def module_plan(m: ModuleSpec, model: ModelSpec, arities: tuple[int, ...] = (1,)
     for arity in sorted(set(arities) | {1}):
         body = module_body(m, model, arity)
         bodies[arity] = fuse(body) if fused else body
-    return module_body(m, model).params, bodies
+    return module_body(m, model, m.inject_arity or 1).params, bodies  # a cat module's adapter included
 
 
 def execution_plan(G: nx.DiGraph, fused: bool = False) -> ExecutionPlan:

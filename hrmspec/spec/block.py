@@ -72,7 +72,7 @@ def _norm(src: Source, path: PathT, base: NormSpec, place: bool = True) -> NormS
     kind = f.choice("type", tuple(NORMS), base.type)
     eps = f.number("eps", base.eps, lo=0.0, hi=1.0, positive=True)
     affine = f.boolean("affine", base.affine)
-    at = f.choice("place", ("pre", "post", "sandwich"), base.place) if place else base.place
+    at = f.choice("place", ("pre", "post", "sandwich", "pre_post"), base.place) if place else base.place
     if kind == "expr":
         return _expr_norm(f, path, base, eps, at)
     for key in ("expr", "params"):
@@ -157,7 +157,7 @@ def _expr_norm(f: Fields, path: PathT, base: NormSpec, eps: float, place: str) -
 
 
 def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:
-    f = Fields(src, path, "a mapping {type, rope_theta, mask, bias, ffn}", "model.block.attention")
+    f = Fields(src, path, "a mapping {type, rope_theta, mask, bias, qk_bias, ffn}", "model.block.attention")
     theta = f.raw("rope_theta", base.rope_theta)
     if f.has("rope_theta") and theta not in (None, "none"):
         theta = f.number("rope_theta", lo=1.0)
@@ -170,6 +170,7 @@ def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:
         rope_theta=None if theta == "none" else theta,
         mask=f.choice("mask", ("causal", "prefix_lm", "bidirectional"), base.mask),
         bias=f.boolean("bias", base.bias),
+        qk_bias=f.boolean("qk_bias", base.qk_bias),
         ffn=f.integer("ffn", base.ffn) if kind == "token_mlp" else 0,
     )
     f.finish()

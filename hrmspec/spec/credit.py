@@ -6,7 +6,9 @@ It is `none` (or absent: every call carries gradient), `last_cycle`, or one of t
   depth      HRM-Text's rule: the last d calls, handed out to modules in `priority` order, with d
              fixed or ramped from `from` to `to` over the first `warmup` of training;
   last       the last k calls in execution order, whatever their module;
-  per_cycle  transformers' `L_bp_cycles`: per module, its trailing grad calls in each outer cycle.
+  per_cycle  transformers' `L_bp_cycles`: per module, its trailing grad calls in each outer cycle;
+  truncate   Huginn's truncated backprop: the last k iterations of the schedule's loop (the top-level
+             repeat; with a sampled count, of the count drawn) and every call outside the loop.
 Module names are checked against the modules the schedule calls (`called`, in call order). See
 "Credit assignment" in docs/spec-language.md for the semantics.
 """
@@ -37,15 +39,15 @@ def read_credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
         "model.credit",
         near(node, ["none", "last_cycle"]) if isinstance(node, str) else "e.g. credit: {depth: 5, priority: [H, L]}",
     )
-    modes = [k for k in ("depth", "last", "per_cycle") if f.has(k)]
+    modes = [k for k in ("depth", "last", "per_cycle", "truncate") if f.has(k)]
     if not modes:
-        f.read.update({"depth", "last", "per_cycle", "priority"})
+        f.read.update({"depth", "last", "per_cycle", "truncate", "priority"})
         f.finish()  # a misspelt mode is reported as such
     if len(modes) != 1:
         where = path + (modes[1],) if len(modes) > 1 else path
         f.fail(
             where,
-            f"expected exactly one of depth, last, per_cycle; found {' and '.join(modes) or 'none of them'}",
+            f"expected exactly one of depth, last, per_cycle, truncate; found {' and '.join(modes) or 'none of them'}",
             "e.g. credit: {depth: {from: 2, to: 5, warmup: 0.2}, priority: [H, L]}",
             key=True,
         )
@@ -60,6 +62,13 @@ def read_credit(src: Source, path: PathT, called: list[str]) -> CreditSpec:
         k = f.integer("last")
         f.finish()
         return CreditSpec(mode="last", last=k)
+    if mode == "truncate":
+        k = f.integer("truncate")
+        if not any(isinstance(item, dict) and "repeat" in item for item in src.data["model"].get("schedule") or []):
+            f.fail(path + ("truncate",), "'truncate' credit needs a repeat in the schedule: it keeps gradient for the "
+                   "last iterations of the top-level loop", "e.g. credit: {last: 2}")
+        f.finish()
+        return CreditSpec(mode="truncate", truncate=k)
     if mode == "per_cycle":
         f.read.add("per_cycle")
         f.finish()

@@ -36,7 +36,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "supervision.halting": ("type", "exploration", "weight"),
     "model.block": ("norm", "attention", "mlp"),
     "model.block.norm": ("type", "eps", "affine", "place", "expr", "params"),
-    "model.block.attention": ("type", "rope_theta", "mask", "bias"),
+    "model.block.attention": ("type", "rope_theta", "mask", "bias", "qk_bias"),
     "model.modules.<name>": ("layers", "exit_norm", "ffn", "expansion", "norm", "attention", "mlp"),
     "model.states.<name>": ("init",),
     "model.schedule (a repeat block)": ("repeat", "do"),
@@ -51,7 +51,7 @@ _RESERVED = {
     "model": {
         "prelude": "layers before the recurrence: write a module called once, outside any repeat",
         "coda": "layers after the recurrence: write a module called once, outside any repeat",
-        "adapters": "cat(...) injection through adapters: inject by addition",
+        "adapters": "a module's adapter comes with cat(...) injection: call it as R(cat(s, e))",
     },
 }
 
@@ -66,6 +66,7 @@ _EXAMPLES = {
     "layers": "layers: 4",
     "init": "init: embed",
     "repeat": "repeat: 2",
+    "sample": "repeat: {sample: lognormal_poisson, mean: 32, sigma: 0.5}",
     "do": 'do: ["z_H = H(z_H + z_L)"]',
     "from": "depth: {from: 2, to: 5, warmup: 0.2}",
     "model": "model: {vocab: 512, d_model: 128, heads: 4, ...}",

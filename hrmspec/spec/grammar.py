@@ -1,13 +1,13 @@
 """The statement grammar of schedules, over Python's `ast` with a whitelist (never `eval`).
 
-    statement := STATE '=' MODULE '(' expr ')'
+    statement := STATE '=' MODULE '(' expr ')' | STATE '=' MODULE '(' 'cat' '(' NAME (',' NAME)+ ')' ')'
     expr      := term ('+' term)*
     term      := NAME | '(' expr ')'      # a state, or x (the scaled input embedding)
 
 A statement such as ``z_L = L(z_L + z_H)`` says: call module L on the sum of the states z_L and
-z_H, and store the result in z_L. Anything outside the grammar is rejected with the column of
-the offending piece. `cat(a, b)` injection through a declared adapter is reserved for later and
-reported as such.
+z_H, and store the result in z_L. ``s = R(cat(s, e))`` injects by concatenation instead (Huginn's
+adapter): the module maps [s; e] (2d) back to d with a learned linear map before its layers.
+Anything outside the grammar is rejected with the column of the offending piece.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ class Statement:
     path: str = field(default="", compare=False)  # the field path, e.g. model.schedule[0].do[1]
     # where the target, the module and each input are written (same order as target, module, *inputs)
     name_locs: tuple[Location, ...] = field(default=(), compare=False, repr=False)
+    combine: str = "add"  # add: the inputs are summed; cat: concatenated, then the module's adapter
 
     def __str__(self) -> str:
+        if self.combine == "cat":
+            return f"{self.target} = {self.module}(cat({', '.join(self.inputs)}))"
         return f"{self.target} = {self.module}({' + '.join(self.inputs)})"
 
 
@@ -99,10 +102,10 @@ def _terms(node: ast.expr, src: _Text, path: str) -> list[ast.Name]:
         return [node]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cat":
         raise SpecError(
-            "cat(...) injection is not supported yet (it is reserved for a later version)",
+            "expected cat(...) as the whole input of a call, found it inside a sum",
             src.at(node),
             path,
-            "inject by addition: L(z_L + z_H)",
+            "write L(cat(z_L, z_H, x)), or sum: L(z_L + z_H + x)",
         )
     if isinstance(node, ast.BinOp):
         op = _OPERATORS.get(type(node.op), type(node.op).__name__)
@@ -196,7 +199,11 @@ def parse_statement(text: str, loc: Location, path: str = "") -> Statement:
             path,
             "sum the inputs: L(z_L + z_H)",
         )
-    names = _terms(call.args[0], src, path)
+    arg, combine = call.args[0], "add"
+    if isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name) and arg.func.id == "cat":
+        names, combine = _cat_names(arg, src, path), "cat"
+    else:
+        names = _terms(arg, src, path)
     seen: set[str] = set()
     for n in names:
         if n.id in seen:
@@ -215,7 +222,23 @@ def parse_statement(text: str, loc: Location, path: str = "") -> Statement:
         loc=loc,
         path=path,
         name_locs=tuple(src.at(n) for n in [target, call.func, *names]),
+        combine=combine,
     )
+
+
+def _cat_names(node: ast.Call, src: _Text, path: str) -> list[ast.Name]:
+    """The states of `cat(a, b, ...)`: names only, at least two."""
+    if node.keywords:
+        raise SpecError("expected state names in cat(...), found a keyword argument", src.at(node.keywords[0]), path,
+                        "e.g. cat(s, e)")
+    for a in node.args:
+        if not isinstance(a, ast.Name):
+            raise SpecError(f"expected a state name in cat(...), found '{ast.unparse(a)}'", src.at(a), path,
+                            "concatenate states, e.g. R(cat(s, e))")
+    if len(node.args) < 2:
+        raise SpecError(f"expected at least two states in cat(...), found {len(node.args)}", src.at(node), path,
+                        "e.g. R(cat(s, e)); a single input needs no injection: R(s)")
+    return list(node.args)
 
 
 def name_columns(stmt: Statement) -> dict[str, Location]:

@@ -18,7 +18,7 @@ from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.halting import read_halting
-from hrmspec.spec.schedule import MAX_CALLS, check_names, flatten, read_schedule, unrolled_calls
+from hrmspec.spec.schedule import MAX_CALLS, check_names, flatten, read_schedule, sampled_loop, unrolled_calls
 from hrmspec.spec.schema import (
     AttentionSpec,
     BlockSpec,
@@ -27,12 +27,13 @@ from hrmspec.spec.schema import (
     ModuleSpec,
     NormSpec,
     PuzzleSpec,
+    Repeat,
     StateSpec,
     lecun_std,
 )
 from hrmspec.spec.source import PathT, Source, dotted
 
-_STATE_INITS = ("embed", "buffer", "zeros", "learned")
+_STATE_INITS = ("embed", "buffer", "zeros", "learned", "random")
 _WEIGHT_INITS = ("lecun_normal", "normal")
 
 
@@ -87,6 +88,8 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     statements = flatten(schedule)
     for st in statements:
         check_names(st, module_names, state_names)
+    _check_sampled(src, path + ("schedule",), schedule)
+    modules = _injections(src, modules, statements)
     called = [st.module for st in statements]
     for m in module_names:
         if m not in called:
@@ -139,6 +142,9 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
     puzzle = _puzzle(src, path, f, d_model)
     positions = f.choice("positions", ("none", "learned"), "none")
     modules = _token_mlp_widths(src, path, modules, max_seq_len + (puzzle.positions if puzzle else 0), expansion)
+    if f.raw("halting", None) is not None and sampled_loop(schedule) is not None:
+        f.fail(path + ("halting",), "model.halting runs the loop step by step at a fixed count; it cannot be "
+               "combined with a sampled repeat count", "give the loop a fixed count, or drop halting", key=True)
     halting = read_halting(src, path + ("halting",), f, schedule, output, credit)
     if f.has("act"):
         f.fail(path + ("act",), "unknown key 'act'", "adaptive computation time is written halting: {type: act, "
@@ -183,6 +189,47 @@ def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | N
 
 
 MAX_LAYERS = 1024  # layers of one module
+
+
+def _check_sampled(src: Source, path: PathT, schedule: tuple) -> None:
+    """A sampled repeat count is a top-level repeat, and the only one (the loop whose depth is drawn)."""
+    sampled = [i for i, item in enumerate(schedule) if isinstance(item, Repeat) and item.sample is not None]
+
+    def nested(items: tuple, where: PathT) -> None:
+        for i, item in enumerate(items):
+            if isinstance(item, Repeat):
+                if item.sample is not None:
+                    raise SpecError("a sampled repeat count must be a loop of the schedule's top level",
+                                    src.loc(where + (i, "repeat")), dotted(where + (i, "repeat")),
+                                    "sample the outermost loop; inner loops keep fixed counts")
+                nested(item.body, where + (i, "do"))
+
+    for i, item in enumerate(schedule):
+        if isinstance(item, Repeat):
+            nested(item.body, path + (i, "do"))
+    if len(sampled) > 1:
+        where = path + (sampled[1], "repeat")
+        raise SpecError("only one repeat of the schedule can have a sampled count", src.loc(where), dotted(where),
+                        "give the others fixed counts")
+
+
+def _injections(src: Source, modules: list[ModuleSpec], statements: list) -> list[ModuleSpec]:
+    """Modules called with cat(...) inject by concatenation through their adapter; every call of such a
+    module must concatenate the same number of states (the adapter's width is fixed)."""
+    out = []
+    for m in modules:
+        calls = [st for st in statements if st.module == m.name]
+        cats = [st for st in calls if st.combine == "cat"]
+        if cats:
+            other = next((st for st in calls if st.combine != "cat" or len(st.inputs) != len(cats[0].inputs)), None)
+            if other is not None:
+                raise SpecError(
+                    f"module {m.name} is called with cat({', '.join(cats[0].inputs)}) and with "
+                    f"'{other}': its adapter takes {len(cats[0].inputs)} concatenated states at every call",
+                    other.loc, other.path, f"call {m.name} the same way everywhere, or use two modules")
+            m = replace(m, inject="cat", inject_arity=len(cats[0].inputs))
+        out.append(m)
+    return out
 
 
 def _token_mlp_widths(src: Source, path: PathT, modules: list[ModuleSpec], length: int,
@@ -245,9 +292,12 @@ def _modules(
             )
         shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
         g = Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
-        layers = g.integer("layers", maximum=MAX_LAYERS)
+        layers = g.integer("layers", minimum=0, maximum=MAX_LAYERS)
         norm, attention, mlp = layer_fields(g, block)
         exit_norm = standalone_norm(g, "exit_norm", norm, "rms")
+        if layers == 0 and exit_norm is None:  # a module of no layers is its exit norm alone
+            g.fail(mpath + ("layers",), "expected at least 1 layer, or an exit_norm for a module of 0 layers (a "
+                   "norm between stages)", "e.g. {layers: 0, exit_norm: {type: rms, affine: true}}")
         own_ffn, own_expansion = width_fields(g)
         width = mlp_width(mlp, d_model, own_ffn, own_expansion)
         if width is None:  # the module's own width first, then the model's
@@ -286,9 +336,11 @@ def _states(src: Source, path: PathT, f: Fields, module_names: list[str]) -> lis
             )
         shorthand = f"write {name}: {{init: {sf.data[name]}}}" if sf.data[name] in _STATE_INITS else ""
         g = Fields(
-            src, spath, "a mapping {init: embed | buffer | zeros | learned}", "model.states.<name>", shorthand
+            src, spath, "a mapping {init: embed | buffer | zeros | learned | random}", "model.states.<name>", shorthand
         )
-        states.append(StateSpec(name=name, init=g.choice("init", _STATE_INITS)))
+        init = g.choice("init", _STATE_INITS)
+        std = g.number("std", 1.0, lo=0.0) if init == "random" else 1.0  # random: a draw per forward
+        states.append(StateSpec(name=name, init=init, std=std))
         g.finish()
         sf.read.add(name)
     return states

@@ -8,12 +8,13 @@ that every name a statement uses is a declared module or state, pointing at the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hrmspec.errors import SpecError, close_match
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT, Statement, parse_statement
-from hrmspec.spec.schema import Repeat
+from hrmspec.spec.schema import Repeat, SampleSpec
 from hrmspec.spec.source import PathT, Source, dotted
 
 
@@ -39,19 +40,44 @@ def read_schedule(src: Source, path: PathT, items: Any) -> tuple:
                     f"expected a statement string or a repeat block {{repeat, do}}, found {describe(item)}",
                     'quote statements: - "z_H = H(z_H + z_L)"',
                 )
+            sample = None
             if isinstance(item.get("repeat"), dict):
-                f.fail(
-                    p + ("repeat",),
-                    f"expected a positive integer, found {describe(item['repeat'])}",
-                    "a sampled number of cycles is reserved for a later version; use a fixed count",
-                )
-            count = f.integer("repeat", maximum=MAX_REPEAT)
+                f.raw("repeat")
+                sample, count = read_sample(src, p + ("repeat",))
+            else:
+                count = f.integer("repeat", maximum=MAX_REPEAT)
             body = read_schedule(src, p + ("do",), f.raw("do"))
             f.finish()
-            out.append(Repeat(count=count, body=body))
+            out.append(Repeat(count=count, body=body, sample=sample))
         else:
             out.append(parse_statement(item, src.loc(p), dotted(p)))
     return tuple(out)
+
+
+SAMPLERS = ("lognormal_poisson", "uniform")
+
+
+def read_sample(src: Source, path: PathT) -> tuple[SampleSpec, int]:
+    """A sampled repeat count `{sample, ...}` and the count used at evaluation."""
+    f = Fields(src, path, "a count drawn per training step, e.g. {sample: lognormal_poisson, mean: 32, sigma: 0.5}",
+               "model.schedule (a sampled repeat)", "or a fixed count: repeat: 4")
+    kind = f.choice("sample", SAMPLERS)
+    cap = f.integer("max", MAX_REPEAT, maximum=MAX_REPEAT)
+    if kind == "lognormal_poisson":
+        mean = f.number("mean", lo=1.0, hi=float(cap))
+        sigma = f.number("sigma", 0.5, lo=0.0, hi=4.0)
+        spec = SampleSpec(kind=kind, mean=mean, sigma=sigma, max=cap)
+        default = round(mean)
+    else:
+        low = f.integer("low", 1, maximum=cap)
+        high = f.integer("high", maximum=cap)
+        if high < low:
+            f.fail(path + ("high",), f"expected 'high' >= 'low' ({low}), found {high}")
+        spec = SampleSpec(kind=kind, low=low, high=high, max=cap)
+        default = high
+    count = f.integer("eval", default, maximum=cap)
+    f.finish()
+    return spec, count
 
 
 MAX_REPEAT = 4096  # iterations of one repeat block
@@ -61,6 +87,17 @@ MAX_CALLS = 65536  # module calls of the whole unrolled schedule
 def unrolled_calls(schedule: tuple) -> int:
     """How many module calls the schedule makes, without unrolling it."""
     return sum(item.count * unrolled_calls(item.body) if isinstance(item, Repeat) else 1 for item in schedule)
+
+
+def sampled_loop(schedule: tuple) -> Repeat | None:
+    """The top-level repeat whose count is drawn per training step, if the schedule has one."""
+    return next((item for item in schedule if isinstance(item, Repeat) and item.sample is not None), None)
+
+
+def with_recurrence(schedule: tuple, count: int) -> tuple:
+    """The schedule with its sampled loop run `count` times (unchanged without a sampled loop)."""
+    return tuple(replace(item, count=count) if isinstance(item, Repeat) and item.sample is not None else item
+                 for item in schedule)
 
 
 def flatten(schedule: tuple) -> list[Statement]:

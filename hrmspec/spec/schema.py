@@ -13,7 +13,7 @@ from typing import Literal
 
 from hrmspec.spec.grammar import INPUT, Statement
 
-NormPlace = Literal["pre", "post", "sandwich"]
+NormPlace = Literal["pre", "post", "sandwich", "pre_post"]
 MaskKind = Literal["causal", "prefix_lm", "bidirectional"]
 
 
@@ -22,7 +22,9 @@ class NormSpec:
     type: str = "rms"  # a kind of hrmspec.kinds.NORMS: rms, or expr (the norm written as a row expression)
     eps: float = 1e-6
     affine: bool = False  # learnable per-channel weights of the kind (an expr norm declares its own `params`)
-    place: NormPlace = "pre"  # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x)))
+    # pre: x + f(norm(x)); post: norm(x + f(x)); sandwich: x + norm(f(norm(x))); pre_post: norm(x + f(norm(x)))
+    # (Huginn's SandwichBlock)
+    place: NormPlace = "pre"
     # type expr: the text, e.g. "x * rsqrt(mean(x*x) + eps) * (1 + w)", checked against the Kernel IR at load
     expr: str | None = None
     # type expr: the learnable per-channel vectors the text names, (name, init) with init zeros | ones | normal
@@ -39,6 +41,7 @@ class AttentionSpec:
     rope_theta: float | None = 10000.0  # None: no rotary embedding
     mask: MaskKind = "prefix_lm"
     bias: bool = False
+    qk_bias: bool = False  # a learned bias on q and k only, before the rotary embedding (Huginn); in `bias`
     ffn: int = 0  # token_mlp: the hidden width over the sequence axis (set by the loader)
 
 
@@ -58,33 +61,55 @@ class ModuleSpec:
     layers: int
     exit_norm: NormSpec | None  # MagicNorm caps every module call with a norm (an RMSNorm); None: no exit norm
     block: BlockSpec
+    # how a call's states enter: summed (add), or concatenated and mapped back to d_model by the module's
+    # learned `adapter` (cat: Huginn's injection; every call of the module then concatenates `inject_arity`)
+    inject: Literal["add", "cat"] = "add"
+    inject_arity: int = 0
 
 
 @dataclass(frozen=True)
 class StateSpec:
     name: str
     # embed: the scaled token embedding; buffer: a fixed random vector (not trained);
-    # zeros: a zero vector; learned: a trained vector
-    init: Literal["embed", "buffer", "zeros", "learned"]
+    # zeros: a zero vector; learned: a trained vector; random: drawn afresh at every forward
+    # (truncated normal at 3 std, per position: Huginn's initial state)
+    init: Literal["embed", "buffer", "zeros", "learned", "random"]
+    std: float = 1.0  # random: the standard deviation of the draw
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """A repeat count drawn per optimizer step in training (the same on every rank).
+    lognormal_poisson (Huginn): rate ~ LogNormal(ln mean - sigma^2 / 2, sigma), count = Poisson(rate) + 1,
+    so E[count] = mean + 1; uniform: count uniform in [low, high]. Both capped at `max`."""
+
+    kind: Literal["lognormal_poisson", "uniform"]
+    mean: float = 0.0  # lognormal_poisson
+    sigma: float = 0.5  # lognormal_poisson
+    low: int = 1  # uniform
+    high: int = 1  # uniform
+    max: int = 4096  # no draw exceeds it
 
 
 @dataclass(frozen=True)
 class Repeat:
-    count: int
+    count: int  # fixed; with `sample`, the count at evaluation (and the one `show` prices by default)
     body: tuple[Repeat | Statement, ...]
+    sample: SampleSpec | None = None  # drawn per training step instead of `count`
 
 
 @dataclass(frozen=True)
 class CreditSpec:
     """Which module calls carry gradient (the rest run under no-grad). See hrmspec.graph.credit_plan."""
 
-    mode: Literal["none", "depth", "last", "last_cycle", "per_cycle"] = "none"
+    mode: Literal["none", "depth", "last", "last_cycle", "per_cycle", "truncate"] = "none"
     depth_from: int = 2
     depth_to: int = 5
     warmup: float = 0.2  # fraction of total training steps over which depth ramps from..to
     priority: tuple[str, ...] = ()
     last: int = 0
     per_cycle: tuple[tuple[str, tuple[int, ...]], ...] = ()  # module -> trailing grad calls per outer cycle
+    truncate: int = 0  # truncated backprop: the last k iterations of the outermost repeat (and every call outside it)
 
 
 @dataclass(frozen=True)
@@ -216,6 +241,7 @@ __all__ = [
     "ObjectiveSpec",
     "PuzzleSpec",
     "Repeat",
+    "SampleSpec",
     "Spec",
     "StateSpec",
     "Statement",

@@ -36,6 +36,7 @@ from hrmspec.runtime.execution.stack import KVSlot, ModuleStack, register_at
 from hrmspec.runtime.execution.step_halting import loop_layout, run_loop
 from hrmspec.runtime.interop.export import save_hf
 from hrmspec.spec.grammar import INPUT
+from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import lecun_std
 
 
@@ -62,7 +63,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.slots[0][0].length
+        return next(slot.length for call in self.slots for slot in call)  # any call with attention
 
 
 class CompiledModel(nn.Module):
@@ -106,6 +107,8 @@ class CompiledModel(nn.Module):
         self.loop = loop_layout(self.calls) if m.halting is not None or spec.objective.steps == "sum" else None
         if m.halting is not None:  # act's halting probability or the exit gate, per position and step
             self.step_head = nn.Linear(m.d_model, 1)
+        self.recurrence: int | None = None  # a sampled loop's count (None: its evaluation count); set_recurrence
+        self._at_count: dict[int, tuple] = {}
         self.set_progress(1.0)
         self.reset_parameters()
 
@@ -119,6 +122,24 @@ class CompiledModel(nn.Module):
     @property
     def credit_depth(self) -> int | None:
         return self.plan.credit.depth(self.progress)
+
+    def set_recurrence(self, count: int | None) -> None:
+        """Run the schedule's sampled loop `count` times from now on (the trainer draws it per step;
+        None: the spec's evaluation count). Only for a schedule with a sampled repeat."""
+        if count is not None and sampled_loop(self.spec.model.schedule) is None:
+            raise ValueError(f"{self.spec.name} has no sampled repeat: its loop counts are fixed")
+        self.recurrence = count
+
+    def schedule_at(self, count: int | None) -> tuple[tuple, list[bool]]:
+        """The calls and their grad flags with the sampled loop run `count` times (None: the plan's)."""
+        if count is None:
+            return self.calls, self.grad_flags
+        if count not in self._at_count:
+            if len(self._at_count) > 64:  # counts are drawn per step: keep the plans of a few
+                self._at_count.clear()
+            self._at_count[count] = self.plan.at_recurrence(count)
+        calls, credit = self._at_count[count]
+        return calls, credit.flags(self.progress)
 
     # ------------------------------------------------------------------ init
 
@@ -199,12 +220,19 @@ class CompiledModel(nn.Module):
             x = 0.707106781 * (x + self.positions.weight[: x.shape[1]].to(x.dtype))
         return x * self.embed_scale
 
-    def initial_states(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every state's value before the schedule, for input embeddings x (B, P + S, d)."""
+    def initial_states(self, x: torch.Tensor, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Every state's value before the schedule, for input embeddings x (B, P + S, d). A random state
+        is drawn afresh, truncated normal at 3 std with std `s.std * init_scale` (0: zeros)."""
         z = {}
         for s in self.spec.model.states:
             if s.init == "embed":
                 z[s.name] = x
+            elif s.init == "random":
+                std = s.std * init_scale
+                draw = torch.zeros_like(x)
+                if std > 0:
+                    torch.nn.init.trunc_normal_(draw, 0.0, std, -3 * std, 3 * std)
+                z[s.name] = draw
             elif s.init == "learned":
                 z[s.name] = self.state_params[s.name].to(x.dtype).expand_as(x)
             else:
@@ -224,13 +252,17 @@ class CompiledModel(nn.Module):
         states: dict[str, torch.Tensor] | None = None,
         all_steps: bool = False,
         threshold: float | None = None,
+        num_steps: int | None = None,
+        init_scale: float = 1.0,
     ) -> ModelOutput:
         """`labels[b, t]` is the token position t should predict (-100: not counted). With labels
         and `return_logits=False` (training) the loss is taken by the backend's chunked
         linear + cross-entropy: the (B, S, vocab) logits never exist at once. `states` starts the
         schedule from given values (a segment's carry) instead of the states' initial ones;
         `puzzle_ids` (B,) pick the puzzle vectors of a spec with `model.puzzle`. With `model.halting`,
-        `all_steps` runs every step of the loop without halting and `threshold` replaces the spec's."""
+        `all_steps` runs every step of the loop without halting and `threshold` replaces the spec's.
+        `num_steps` runs a sampled loop that many times (default: `set_recurrence`'s count, else the
+        spec's evaluation count); `init_scale` scales the draw of random initial states (0: zeros)."""
         B, S = input_ids.shape
         m, P = self.spec.model, self.prefix_len
         past = cache.length if cache is not None else 0
@@ -248,7 +280,7 @@ class CompiledModel(nn.Module):
                 [torch.arange(P, device=position_ids.device).expand(B, P), position_ids + P], 1)
         ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
         x = self.embed_inputs(input_ids, puzzle_ids)  # (B, P + S, d)
-        z = {INPUT: x, **self.initial_states(x), **(states or {})}
+        z = {INPUT: x, **self.initial_states(x, init_scale), **(states or {})}
         if self.loop is not None:  # halting per step of the loop, or a loss over every step
 
             def context_of(rows: torch.Tensor) -> Context:  # the masks and rotary tables of some rows
@@ -266,7 +298,11 @@ class CompiledModel(nn.Module):
             out.steps, out.step_weights, out.ponder = res.steps, res.weights, res.ponder
         else:
             track = torch.is_grad_enabled()
-            for call, grad in zip(self.calls, self.grad_flags):
+            calls, flags = self.schedule_at(num_steps if num_steps is not None else self.recurrence)
+            if cache is not None and len(cache.slots) != len(calls):
+                raise ValueError(f"the KV cache holds {len(cache.slots)} calls, this forward makes {len(calls)}: "
+                                 "make it with new_cache(num_steps) for the same count")
+            for call, grad in zip(calls, flags):
                 with torch.set_grad_enabled(track and grad):
                     terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
                     slots = None if cache is None else cache.slots[call.index]
@@ -324,8 +360,10 @@ class CompiledModel(nn.Module):
         weights = {i: self.final_weight(path) for i, path in op.weights.items()}
         return self.ops.row_program(op.program, {"x": h, **weights})["y"]
 
-    def new_cache(self) -> KVCache:
-        return KVCache([self.stacks[c.module].attention_ops for c in self.calls])
+    def new_cache(self, num_steps: int | None = None) -> KVCache:
+        """An empty KV cache for forwards with a sampled loop run `num_steps` times (default: as forward)."""
+        calls, _ = self.schedule_at(num_steps if num_steps is not None else self.recurrence)
+        return KVCache([self.stacks[c.module].attention_ops for c in calls])
 
     # ------------------------------------------------------------------ conveniences
 

@@ -11,6 +11,7 @@ ones `hrmspec check` verifies and the golden snapshots pin.
     rope       q, k = ops.rope_qk(q, k, cos, sin)                               (B, S, h, hd)
     attention  y = ops.attention(q, k, v, mask)                                 (B, h, S, hd), with a KV cache
     transpose  (B, S, d) <-> (B, d, S): a token MLP's rows are one per channel, across the positions
+    concat     [in0; in1; ...] (B, S, k d): cat(...) injection, before the module's adapter (a linear)
 
 Tensors are (B, S, size), or (B, S, heads, head_dim) for the ones the body lays out by head. A
 tensor is dropped once no later op reads it, so a call holds no more activations than the layers
@@ -64,8 +65,11 @@ class ModuleStack(nn.Module):
             elif op.kind == "linear":
                 x = env[op.reads[0]]
                 x = x.flatten(-2) if body.tensors[op.reads[0]].heads else x
+                W = self.weight(op.params[0].path)
                 bias = self.weight(op.params[1].path) if op.attrs["bias"] else None
-                y = self.ops.linear(x, self.weight(op.params[0].path), bias)
+                if bias is not None and bias.shape[0] < W.shape[0]:  # a bias on the first rows only (q and k)
+                    bias = torch.nn.functional.pad(bias, (0, W.shape[0] - bias.shape[0]))
+                y = self.ops.linear(x, W, bias)
                 parts = y.split([body.tensors[t].size for t in op.writes], dim=-1) if len(op.writes) > 1 else (y,)
                 for t, part in zip(op.writes, parts):
                     heads = body.tensors[t].heads
@@ -77,6 +81,8 @@ class ModuleStack(nn.Module):
                 slot = None if cache is None else cache[layer]
                 env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
                 layer += 1
+            elif op.kind == "concat":  # cat(...) injection: the states side by side, for the adapter
+                env[op.writes[0]] = torch.cat([env[t] for t in op.reads], dim=-1)
             elif op.kind == "transpose":
                 x, want = env[op.reads[0]], body.tensors[op.writes[0]].size
                 if x.shape[-2] != want:

@@ -30,6 +30,7 @@ from hrmspec.runtime.files import read_json, read_tensors, write_tensors, write_
 from hrmspec.runtime.interop.export import WEIGHTS_FILE, save_hf, state_dict_to_hf
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
 from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, to_hf_tensors
+from hrmspec.runtime.interop.huginn import from_huginn_tensors, is_huginn_config, spec_from_huginn_config
 from hrmspec.runtime.training.checkpoint import latest_checkpoint, model_tensors
 from hrmspec.runtime.training.sharded import is_sharded
 from hrmspec.spec.load import load_spec
@@ -72,14 +73,21 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 def from_hf(directory: str | os.PathLike, backend: str = "reference"):
     """Load a transformers `hrm_text` checkpoint directory (config.json + model.safetensors, or a
-    sharded model.safetensors.index.json) as a CompiledModel with fp32 parameters."""
+    sharded model.safetensors.index.json), or a Huginn one (`model_type: huginn_raven`, see
+    huginn.py), as a CompiledModel with fp32 parameters."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     config_path = directory / CONFIG_FILE
-    spec = spec_from_hf_config(
-        read_json(config_path), name=directory.resolve().name or "hrm-text", source=str(config_path)
-    )
+    config = read_json(config_path)
+    name = directory.resolve().name
+    if is_huginn_config(config):  # Huginn's released layout; its remote-code .py files are never read
+        spec = spec_from_huginn_config(config, name=name or "huginn", source=str(config_path))
+        tensors, source = _read_hf_weights(directory)
+        model = compile_spec(spec, backend=backend)
+        _load_ours(model, from_huginn_tensors(spec, tensors, source), source)
+        return model
+    spec = spec_from_hf_config(config, name=name or "hrm-text", source=str(config_path))
     tensors, source = _read_hf_weights(directory)
     model = compile_spec(spec, backend=backend)
     load_hf_state_dict(model, tensors, source)

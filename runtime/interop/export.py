@@ -18,6 +18,7 @@ import torch
 from hrmspec.runtime.files import write_tensors, write_text_atomic
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec
 from hrmspec.runtime.interop.hf_weights import to_hf_tensors
+from hrmspec.runtime.interop.huginn import huginn_reasons, save_huginn
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -31,8 +32,11 @@ def state_dict_to_hf(model, layout: str = "file") -> dict[str, torch.Tensor]:
 
 def save_hf(model, directory: str | os.PathLike) -> Path:
     """Write `model` as a transformers `hrm_text` checkpoint: config.json + model.safetensors,
-    each written atomically. `AutoModelForCausalLM.from_pretrained(directory)` loads it."""
+    each written atomically. `AutoModelForCausalLM.from_pretrained(directory)` loads it. A Huginn-shaped
+    model is written in Huginn's released layout instead."""
     directory = Path(directory)
+    if not huginn_reasons(model.spec):  # a Huginn model: its released layout (huginn.py)
+        return save_huginn(model, directory)
     config = hf_config_from_spec(model.spec)
     config["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     tensors = state_dict_to_hf(model, layout="file")

@@ -42,9 +42,11 @@ from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, hel
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
 from hrmspec.runtime.training.plot import metric_records
+from hrmspec.runtime.training.recurrence import draw_count
 from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
 from hrmspec.runtime.training.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import Spec
 
 # --------------------------------------------------------------------------- data
@@ -276,6 +278,7 @@ class Trainer:
                     now = time.perf_counter()
                     last = {"step": self.step, "loss": round(loss, 6), "lr": lr,
                             "credit_depth": self.model.credit_depth,
+                            **({"recurrence": self.model.recurrence} if self.model.recurrence else {}),
                             "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
                             "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
                     if window.get("rows"):  # of the rows whose sample ended in this window
@@ -318,8 +321,9 @@ class Trainer:
         return int(flag)
 
     def _log_eval(self) -> dict:
-        """Held-out accuracy now (EMA weights), into metrics.jsonl."""
+        """Held-out accuracy now (EMA weights), into metrics.jsonl; a sampled loop at its evaluation count."""
         cfg = self.cfg
+        self.model.recurrence = None  # the next step draws its own
         if self.grid:
             res = evaluate_grids(self.model, self.data_cfg, n=cfg.eval_n, ema=self.ema)
         else:
@@ -333,6 +337,9 @@ class Trainer:
         """Move the credit plan and the learning rate to this step; the learning rate."""
         cfg = self.cfg
         self.model.set_progress(self.step / cfg.steps)
+        loop = sampled_loop(self.spec.model.schedule)
+        if loop is not None:  # the same draw on every rank, and after a resume (recurrence.py)
+            self.model.set_recurrence(draw_count(loop.sample, cfg.seed, self.step))
         lr = lr_at(self.step, cfg.steps, cfg.lr, int(cfg.warmup * cfg.steps), cfg.schedule, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
