@@ -112,6 +112,9 @@ def test_budgets_and_data_that_cannot_be_shared_are_refused(workdir, monkeypatch
     assert read_data("{source: jsonl, path: train.jsonl}")["path"] == str(workdir / "train.jsonl")
     with pytest.raises(CompareError, match="expected a YAML file or an inline mapping"):
         read_data("[1, 2]")
+    (workdir / "sub").mkdir()
+    (workdir / "sub" / "with-data.yaml").write_text(HRM + "data: {source: jsonl, path: ../train.jsonl}\n")
+    assert read_data("sub/with-data.yaml") == {"source": "jsonl", "path": str(workdir / "train.jsonl")}
     # a spec's own data: section serves all, its paths taken against the spec's folder
     own = load_spec(workdir / "hrm.yaml", {"data": {"source": "jsonl", "path": "train.jsonl"}})
     plans = plan_runs([own, *specs(workdir, "transformer")], Budget("steps", 1))

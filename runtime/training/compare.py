@@ -117,8 +117,8 @@ def read_data(text: str | None) -> dict | None:
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise CompareError(f"--data: cannot read {'the file ' + str(path) if is_file else 'the YAML'}: "
                            f"{getattr(e, 'problem', None) or type(e).__name__}") from None
-    if isinstance(data, dict) and set(data) == {"data"} and isinstance(data["data"], dict):
-        data = data["data"]  # a file with the section under its key
+    if isinstance(data, dict) and isinstance(data.get("data"), dict):
+        data = data["data"]  # a file with the section under its key: a spec, say
     if not isinstance(data, dict) or not data:
         raise CompareError("--data: expected a YAML file or an inline mapping, e.g. "
                            "--data '{source: jsonl, path: train.jsonl, eval_path: eval.jsonl}'")
