@@ -220,3 +220,19 @@ def test_the_table_has_a_column_per_task_and_names_a_failure():
     assert lines[2] == ("| spec | params | FLOPs/token | steps | tokens | train FLOPs | wall | accuracy | gcd | lcm |")
     assert lines[4] == "| a | 1,234 | 2.50M | 10 | 5.00k | 1.25e+10 | 0:01:15 | 50.0% | 25.0% | 75.0% |"
     assert lines[5] == "| b\\|c | 99 | - | 3 | - | - | - | failed: train.lr: expected a number | - | - |"
+
+
+def test_a_signal_records_the_spec_as_interrupted_and_stops_the_command(workdir, monkeypatch):
+    from hrmspec.runtime.training.runfolder import TrainInterrupted
+
+    def stopped(spec, out, **kwargs):
+        raise TrainInterrupted("stopped by SIGTERM after step 2; its checkpoint is written: continue with ...", 15)
+
+    monkeypatch.setattr(compare, "train", stopped)
+    plans = plan_runs(specs(workdir, "hrm", "transformer"), Budget("steps", 3), read_data(str(workdir / "data.yaml")))
+    with pytest.raises(TrainInterrupted, match="hrm: stopped by SIGTERM after step 2, with a checkpoint; run the same "
+                       "command again") as e:
+        run_compare(plans, Budget("steps", 3), workdir / "out", say=lambda _: None)
+    assert e.value.exit_code == 143
+    (entry,) = json.loads((workdir / "out" / "compare.json").read_text())["runs"]  # the second never started
+    assert entry["status"] == "interrupted" and entry["spec"] == "hrm"

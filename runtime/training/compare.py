@@ -285,7 +285,7 @@ def run_compare(plans: list[Plan], budget: Budget, out: str | Path, eval_n: int 
             say(f"{head}: failed: {plan.error}")
             record(plan, entry(plan, "failed", error=plan.error))
             continue
-        spent = 0.0
+        spent, start = 0.0, time.perf_counter()
         try:
             done = trained_steps(plan, out)
             # an earlier attempt's training time counts when its checkpoints are taken up
@@ -298,12 +298,13 @@ def run_compare(plans: list[Plan], budget: Budget, out: str | Path, eval_n: int 
                 + (f", from step {done}" if done else "") + f" -> {out / plan.folder}")
             record(plan, run_one(plan, out, eval_n, progress_bar, done, spent))
         except TrainInterrupted as e:
-            record(plan, entry(plan, "interrupted", error=str(e), train_s=spent))
-            raise
+            record(plan, entry(plan, "interrupted", error=str(e), train_s=spent + time.perf_counter() - start))
+            raise TrainInterrupted(f"{plan.name}: {str(e).split(';')[0]}, with a checkpoint; run the same command "
+                                   "again to go on", e.exit_code - 128) from None
         except Exception as e:  # recorded; the other specs go on
             message = str(e) if isinstance(e, HrmspecError) else f"{type(e).__name__}: {e}"
             say(f"{head}: failed: {message}")
-            record(plan, entry(plan, "failed", error=message, train_s=spent))
+            record(plan, entry(plan, "failed", error=message, train_s=spent + time.perf_counter() - start))
     return [results[p.name] for p in plans if p.name in results]
 
 
