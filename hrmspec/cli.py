@@ -15,9 +15,11 @@ from pathlib import Path
 import networkx as nx
 import yaml
 from rich.console import Console
+from rich.table import Table
 
 import hrmspec
 from hrmspec.backends import REGISTRY, get_backend
+from hrmspec.cost import DEFAULT_MFU, CostError, estimate, find_gpu, parse_count, parse_fraction, parse_positive, report
 from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 from hrmspec.errors import HrmspecError
 from hrmspec.graph import build_graph
@@ -52,6 +54,29 @@ def cmd_show(args) -> int:
 
         draw_schedule(G, args.png)
         print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_cost(args) -> int:
+    if args.tokens is None:
+        raise CostError("--tokens is required: the training tokens, e.g. --tokens 40B")
+    tokens = parse_count(args.tokens, "--tokens")
+    gpu = find_gpu(args.gpu)
+    mfu = parse_fraction(args.mfu, "--mfu") if args.mfu is not None else DEFAULT_MFU
+    gpus = int(parse_positive(args.gpus, "--gpus", integer=True))
+    price = parse_positive(args.price, "--price") if args.price is not None else None
+    seq_len = int(parse_positive(args.seq_len, "--seq-len", integer=True)) if args.seq_len is not None else None
+    spec = _load(args)
+    e = estimate(spec, tokens, gpu, mfu, gpus, price, seq_len)
+    if args.json:
+        print(json.dumps(e.to_dict()))
+        return 0
+    t = Table(title=f"Training cost of {spec.name}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    for row in report(e, gpu, spec.model.credit):
+        t.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     return 0
 
 
@@ -172,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
     p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("cost", help="training FLOPs, GPU-hours, wall time and dollars of a run of a spec")
+    _spec_args(p)
+    # values are read by the command, so a bad one is one line (exit 2), not argparse's usage text
+    p.add_argument("--tokens", help="training tokens, e.g. 40B, 500M, 1e9 (required)")
+    p.add_argument("--gpu", default="h100", help="a100 | h100 | h200 | b200 (default h100)")
+    p.add_argument("--mfu", default=None, help="model FLOPs utilization in (0, 1] (default 0.35; see docs/compare.md)")
+    p.add_argument("--gpus", default="1", help="GPUs training together: the wall time divides by it (default 1)")
+    p.add_argument("--price", default=None, help="dollars per GPU-hour (default: the GPU table's)")
+    p.add_argument("--seq-len", default=None,
+                   help="row length for attention FLOPs (default: train.seq_len, else model.max_seq_len)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("compile", help="compile a spec for a backend")
     _spec_args(p)

@@ -57,7 +57,7 @@ def test_compile_emit_writes_graph(tmp_path, capsys):
 
 
 COMMANDS = ["validate", "show", "compile", "check", "import-hf", "export-hf", "import-hrm", "export-hrm", "train",
-            "eval", "generate", "plot"]
+            "eval", "generate", "plot", "cost", "compare"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.training.compare_report import print_table, write_report
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.plot import plot_run
 from hrmspec.spec.arguments import spec_arguments, spec_from_arguments
+from hrmspec.spec.source import parse_override
 
 
 def cmd_train(args) -> int:
@@ -201,6 +203,43 @@ def _temperature(text: str) -> float:
     return v
 
 
+def cmd_compare(args) -> int:
+    from hrmspec.runtime.training.compare import Budget, CompareError, load_specs, plan_runs, read_data, run_compare
+
+    budget = Budget.parse(args.budget)
+    if args.n < 1 or args.evals < 0:
+        raise CompareError(f"--n must be >= 1 and --evals >= 0, found {args.n} and {args.evals}")
+    specs = load_specs(args.spec, dict(parse_override(o) for o in args.overrides))
+    plans = plan_runs(specs, budget, read_data(args.data), evals=args.evals, eval_n=args.n)
+    runs = run_compare(plans, budget, args.out, eval_n=args.n, progress_bar=not args.no_progress)
+    print_table(runs, str(budget))
+    md, png = write_report(Path(args.out), runs, str(budget), args.n)
+    print(f"wrote {Path(args.out) / 'compare.json'}, {md}, {png}")
+    failed = [r["spec"] for r in runs if r.get("status") != "done"]
+    if failed:
+        print(f"{len(failed)} of {len(runs)} specs failed ({', '.join(failed)}); their errors are in compare.json; "
+              "run the same command again to retry them")
+    return 1 if failed else 0
+
+
+def _register_compare(sub, name):
+    p = sub.add_parser(name, help="train several specs on the same data and budget; compare held-out accuracy")
+    p.add_argument("spec", nargs="+", help="spec files or shipped specs' names")
+    p.add_argument("--budget", required=True, metavar="KIND=X",
+                   help="flops=X (each spec's steps from its training FLOPs per step), tokens=X or steps=N; "
+                   "X like 1e15, 2.5T, 40M")
+    p.add_argument("--data", help="the data: section every spec trains on: a YAML file or inline YAML "
+                   "(default: the one the specs' data: sections agree on)")
+    p.add_argument("--out", required=True, help="folder: one run folder per spec, compare.json, .md and .png")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of every spec (e.g. --set train.batch_size=8)")
+    p.add_argument("--n", type=int, default=200, help="held-out samples each spec is scored on (default 200)")
+    p.add_argument("--evals", type=int, default=3,
+                   help="held-out evaluations during each run, for the accuracy-vs-FLOPs curve (default 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
+
+
 def _register_plot(sub, name):
     p = sub.add_parser(name, help="plot loss, accuracy and credit depth of a run to a PNG")
     p.add_argument("dir", help="a run directory")
@@ -210,7 +249,7 @@ def _register_plot(sub, name):
 
 COMMANDS: list[tuple[str, object]] = [
     ("train", _register_train), ("eval", _register_eval), ("generate", _register_generate), ("plot", _register_plot),
-    ("consolidate", _register_consolidate),
+    ("consolidate", _register_consolidate), ("compare", _register_compare),
 ]
 
 __all__ = ["COMMANDS", "argparse"]

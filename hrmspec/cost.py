@@ -1,0 +1,237 @@
+"""What training a spec costs: FLOPs from its graph, then GPU-hours, wall time and dollars.
+
+Per token, a training step costs the forward of every module call, plus the backward (2x the
+forward) of the calls the credit plan gives gradient, plus the head's forward and backward
+(`hrmspec.graph.analysis`). The credit depth ramps during warmup, so the cost per token is a step
+function of training progress p in [0, 1]; a run of T tokens costs
+
+    FLOPs = T * integral_0^1 train_flops_per_token(p) dp
+
+(the sum over the ramp's phases of their length times their cost), and a run of n steps of r tokens
+each costs r * sum_{s < n} train_flops_per_token(s / n), as the training loop advances the plan.
+Attention is counted at the training sequence length. Then
+
+    GPU-hours = FLOPs / (peak bf16 dense FLOP/s * MFU) / 3600,   hours = GPU-hours / GPUs,
+    dollars   = GPU-hours * $ per GPU-hour.
+
+The GPU table and the default MFU, with their sources, are in docs/compare.md. Nothing here imports
+torch: `hrmspec cost` prices a run on any machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+from hrmspec.errors import HrmspecError, close_match
+from hrmspec.graph.analysis import analyse, human
+from hrmspec.graph.build import build_graph
+from hrmspec.graph.credit_plan import credit_depth
+from hrmspec.spec.schema import CreditSpec, Spec
+
+
+class CostError(HrmspecError):
+    """A cost or budget argument that cannot be read (a GPU, a token count, an MFU)."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    label: str
+    peak_tflops: float  # bf16 tensor cores, dense (no 2:4 sparsity), per GPU
+    dollars_per_hour: float  # a typical on-demand cloud price per GPU-hour
+
+
+GPUS: dict[str, GPU] = {g.name: g for g in (
+    GPU("a100", "NVIDIA A100 SXM 80GB", 312.0, 1.50),
+    GPU("h100", "NVIDIA H100 SXM", 989.0, 2.00),
+    GPU("h200", "NVIDIA H200 SXM", 989.0, 3.00),
+    GPU("b200", "NVIDIA B200", 2250.0, 4.50),
+)}
+# A ~1B-parameter model's matmuls (d_model 1536) keep H100 tensor cores busy for about a third of
+# the time under FSDP; large dense models reach 40-55%. See docs/compare.md.
+DEFAULT_MFU = 0.35
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+def parse_count(text: str, what: str = "--tokens") -> float:
+    """A positive count written as 40B, 500M, 2.5T, 1e9 or 1_000_000 (k, M, B or G, T, P: powers of 1000)."""
+    s = str(text).strip().replace("_", "").replace(",", "")
+    scale = 1.0
+    if s and s[-1].lower() in _SUFFIX:
+        scale, s = _SUFFIX[s[-1].lower()], s[:-1]
+    try:
+        value = float(s) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        shown = str(text)[:40]
+        raise CostError(f"{what}: expected a positive count such as 40B, 500M or 1e9, found {shown!r}")
+    return value
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """A number in (0, 1], e.g. an MFU."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0.0 < v <= 1.0:
+        raise CostError(f"{what}: expected a number in (0, 1], found {str(text)[:40]!r}")
+    return v
+
+
+def parse_positive(text: str, what: str, integer: bool = False) -> float:
+    """A positive number (an integer when `integer`), e.g. a GPU count or a price."""
+    try:
+        v = int(text) if integer else float(text)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (0 < v < math.inf):
+        kind = "a positive integer" if integer else "a positive number"
+        raise CostError(f"{what}: expected {kind}, found {str(text)[:40]!r}")
+    return v
+
+
+def find_gpu(name: str) -> GPU:
+    gpu = GPUS.get(str(name).strip().lower())
+    if gpu is None:
+        hint = close_match(str(name).lower(), GPUS)
+        raise CostError(f"--gpu: unknown GPU {str(name)[:40]!r}; known: {', '.join(GPUS)}"
+                        + (f" ({hint})" if hint else ""))
+    return gpu
+
+
+def training_seq_len(spec: Spec) -> int:
+    """The row length attention is counted at: a grid's cells and puzzle positions; else the spec's
+    train.seq_len, or model.max_seq_len when the spec has no train: section."""
+    model = spec.model
+    if spec.objective.type == "grid":
+        return model.max_seq_len + (model.puzzle.positions if model.puzzle else 0)
+    seq_len = (spec.train or {}).get("seq_len")
+    if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
+        return seq_len
+    return model.max_seq_len
+
+
+def credit_phases(credit: CreditSpec) -> list[tuple[float, float]]:
+    """The intervals of training progress over which the credit plan stays the same: the depth
+    ramp's steps (depth `from + k` from p = warmup * k / (to - from) on), else all of [0, 1]."""
+    span = credit.depth_to - credit.depth_from if credit.mode == "depth" else 0
+    if span <= 0 or credit.warmup <= 0:
+        return [(0.0, 1.0)]
+    edges = [min(1.0, credit.warmup * k / span) for k in range(span + 1)] + [1.0]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class RunFlops:
+    """Training FLOPs per token of one spec as a function of training progress (credit plan, head and
+    attention at `seq_len` included), the forward FLOPs per token, and the parameters."""
+
+    def __init__(self, spec: Spec, seq_len: int | None = None):
+        self.spec = spec
+        self.seq_len = seq_len or training_seq_len(spec)
+        self._at: dict = {}
+        stats = analyse(build_graph(spec, 1.0), seq_len=self.seq_len)
+        self.params = stats.params
+        self.forward = stats.forward_flops_per_token
+
+    def at(self, progress: float) -> float:
+        """Training FLOPs per token of a step at `progress` (the plan changes only with the credit depth)."""
+        key = credit_depth(self.spec.model.credit, progress)
+        if key not in self._at:
+            stats = analyse(build_graph(self.spec, progress), seq_len=self.seq_len)
+            sup = self.spec.supervision
+            # q-learning's continue target is one more forward of the segment, without gradient
+            extra = stats.forward_flops_per_token if sup is not None and sup.halting is not None and \
+                sup.halting.type == "q_learning" else 0.0
+            self._at[key] = stats.train_flops_per_token + extra
+        return self._at[key]
+
+    @cached_property
+    def mean(self) -> float:
+        """Training FLOPs per token averaged over a whole run (the integral over progress)."""
+        return sum((b - a) * self.at((a + b) / 2) for a, b in credit_phases(self.spec.model.credit))
+
+    @property
+    def start(self) -> float:
+        return self.at(0.0)
+
+    @property
+    def end(self) -> float:
+        return self.at(1.0)
+
+    def per_step(self, steps: int) -> list[float]:
+        """Training FLOPs per token of each of `steps` optimizer steps, as the loop sets progress = s / steps."""
+        return [self.at(s / steps) for s in range(steps)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    spec: str
+    params: int
+    seq_len: int
+    tokens: float
+    flops_per_token: float  # the run's mean
+    flops_per_token_start: float
+    flops_per_token_end: float
+    forward_flops_per_token: float
+    flops: float
+    gpu: str
+    peak_tflops: float
+    mfu: float
+    gpus: int
+    gpu_hours: float
+    hours: float
+    price: float  # dollars per GPU-hour
+    dollars: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(spec: Spec, tokens: float, gpu: GPU, mfu: float = DEFAULT_MFU, gpus: int = 1,
+             price: float | None = None, seq_len: int | None = None) -> Estimate:
+    """The cost of training `spec` on `tokens` tokens with `gpus` GPUs of kind `gpu` at `mfu`."""
+    run = RunFlops(spec, seq_len)
+    flops = tokens * run.mean
+    gpu_hours = flops / (gpu.peak_tflops * 1e12 * mfu) / 3600
+    price = gpu.dollars_per_hour if price is None else price
+    return Estimate(spec.name, run.params, run.seq_len, tokens, run.mean, run.start, run.end, run.forward, flops,
+                    gpu.name, gpu.peak_tflops, mfu, gpus, gpu_hours, gpu_hours / gpus, price, gpu_hours * price)
+
+
+def report(e: Estimate, gpu: GPU, credit: CreditSpec) -> list[tuple[str, str]]:
+    """(quantity, value) rows of an estimate, for a table."""
+    rows = [
+        ("parameters", f"{e.params:,}"),
+        ("sequence length (attention)", str(e.seq_len)),
+        ("forward FLOPs per token", human(e.forward_flops_per_token)),
+    ]
+    if e.flops_per_token_start != e.flops_per_token_end:
+        ramp = f"depth {credit.depth_from} -> {credit.depth_to} over the first {credit.warmup:.0%}"
+        rows += [(f"training FLOPs per token at the start (depth {credit.depth_from})", human(e.flops_per_token_start)),
+                 (f"training FLOPs per token after warmup (depth {credit.depth_to})", human(e.flops_per_token_end)),
+                 (f"training FLOPs per token, run mean ({ramp})", human(e.flops_per_token))]
+    else:
+        rows.append(("training FLOPs per token", human(e.flops_per_token)))
+    return rows + [
+        ("tokens", f"{e.tokens:,.0f}"),
+        ("training FLOPs", f"{e.flops:.3e}"),
+        ("GPU", f"{gpu.label}: {e.peak_tflops:g} TFLOP/s bf16 dense, MFU {e.mfu:g}"),
+        ("GPU-hours", _amount(e.gpu_hours)),
+        (f"wall time on {e.gpus} GPU{'s' if e.gpus > 1 else ''}",
+         f"{_amount(e.hours)} h ({e.hours / 24:,.2f} days)" if e.hours >= 1 else f"{_amount(e.hours * 60)} min"),
+        ("cost", f"${_amount(e.dollars)} at ${e.price:g} per GPU-hour"),
+    ]
+
+
+def _amount(x: float) -> str:
+    """1344.9 -> '1,345', 42.03 -> '42.0', 0.0123 -> '0.0123': three significant digits at least."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+__all__ = ["DEFAULT_MFU", "GPUS", "GPU", "CostError", "Estimate", "RunFlops", "credit_phases", "estimate",
+           "find_gpu", "parse_count", "parse_fraction", "parse_positive", "report", "training_seq_len"]
