@@ -3,6 +3,7 @@ written here), each sample's result checked against scoring the same sample dire
 forward of that one sample with its prompt as the PrefixLM prefix, log-probabilities taken from the logits
 here, and greedy decoding with `generate`. Nothing reaches the network."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -237,7 +238,7 @@ def test_what_cannot_be_evaluated_is_one_line(run, tmp_path):
         lm.apply_chat_template([{"role": "user", "content": "q"}])
 
 
-def test_entry_point_and_command_hand_over_to_lm_eval(capsys):
+def test_entry_point_and_command_hand_over_to_lm_eval(capsys, monkeypatch):
     from importlib.metadata import entry_points
 
     # an lm-eval that discovers plugins holds the entry point as a placeholder, loaded when asked for
@@ -249,6 +250,12 @@ def test_entry_point_and_command_hand_over_to_lm_eval(capsys):
     assert main(["lm-eval", "--help"]) == 0
     assert "lm-eval run --model" in capsys.readouterr().out  # lm-eval's own help, not ours
     assert main(["lm-eval", "run", "--no-such-flag"]) == 2
+    capsys.readouterr()
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find(name, *a))
+    assert main(["lm-eval", "--tasks", "x"]) == 2
+    assert capsys.readouterr().err == "hrmspec: error: lm-eval is not installed: pip install 'hrmspec[eval]' (or " \
+        "lm-eval itself)\n"
 
 
 @pytest.mark.slow  # lm-eval's command line indexes its thousands of built-in task files first
