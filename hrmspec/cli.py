@@ -24,6 +24,7 @@ from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_fi
 from hrmspec.errors import HrmspecError
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.runtime.interop.lm_harness_command import register_lm_eval
 from hrmspec.runtime.training.commands import COMMANDS
 from hrmspec.show import show
 from hrmspec.spec.arguments import spec_arguments as _spec_args
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, register in COMMANDS:  # defined next to the code they run (training, evaluation)
         register(sub, name)
+    register_lm_eval(sub, "lm-eval")
     return parser
 
 
