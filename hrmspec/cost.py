@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from statistics import NormalDist
 
 from hrmspec.errors import HrmspecError, close_match
 from hrmspec.graph.analysis import analyse, human
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit_plan import credit_depth
-from hrmspec.spec.schema import CreditSpec, Spec
+from hrmspec.spec.schedule import sampled_loop
+from hrmspec.spec.schema import CreditSpec, SampleSpec, Spec
 
 
 class CostError(HrmspecError):
@@ -126,6 +128,28 @@ def credit_phases(credit: CreditSpec) -> list[tuple[float, float]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def count_distribution(sample: SampleSpec, points: int = 400) -> list[tuple[int, float]]:
+    """(count, probability) of a sampled loop's count (runtime/training/recurrence.py draws it).
+    lognormal_poisson: the Poisson pmf of count - 1 averaged over `points` quantiles of the log-normal
+    rate (a midpoint rule in probability); the mass above `max` sits at `max`."""
+    if sample.kind == "uniform":
+        n = sample.high - sample.low + 1
+        return [(min(c, sample.max), 1 / n) for c in range(sample.low, sample.high + 1)]
+    mu = math.log(sample.mean) - sample.sigma**2 / 2
+    normal = NormalDist()
+    rates = [math.exp(mu + sample.sigma * normal.inv_cdf((i + 0.5) / points)) for i in range(points)]
+    probs: dict[int, float] = {}
+    top = min(sample.max, int(max(rates) + 12 * math.sqrt(max(rates)) + 12))
+    for rate in rates:
+        pmf, total = math.exp(-rate), 0.0  # P(Poisson = 0)
+        for k in range(top):
+            probs[k + 1] = probs.get(k + 1, 0.0) + pmf / points
+            total += pmf
+            pmf *= rate / (k + 1)
+        probs[top] = probs.get(top, 0.0) + max(0.0, 1.0 - total) / points  # the tail, capped
+    return sorted((c, p) for c, p in probs.items() if p > 1e-12)
+
+
 class RunFlops:
     """Training FLOPs per token of one spec as a function of training progress (credit plan, head and
     attention at `seq_len` included), the forward FLOPs per token, and the parameters."""
@@ -134,21 +158,47 @@ class RunFlops:
         self.spec = spec
         self.seq_len = seq_len or training_seq_len(spec)
         self._at: dict = {}
+        self._exact: dict = {}
+        self.loop = sampled_loop(spec.model.schedule)
+        credit = spec.model.credit
+        # past this count every further iteration of a sampled loop adds the same cost (see _at_count)
+        self.linear = 3 + (credit.truncate if credit.mode == "truncate" else credit.last if credit.mode == "last"
+                           else credit.depth_to if credit.mode == "depth" else 0)
         stats = analyse(build_graph(spec, 1.0), seq_len=self.seq_len)
         self.params = stats.params
         self.forward = stats.forward_flops_per_token
+        if self.loop is not None:  # at the expected count: the forward is affine in it
+            one, two = (analyse(build_graph(spec, 1.0, recurrence=n), seq_len=self.seq_len).forward_flops_per_token
+                        for n in (1, 2))
+            self.forward = one + (sum(n * p for n, p in count_distribution(self.loop.sample)) - 1) * (two - one)
 
     def at(self, progress: float) -> float:
-        """Training FLOPs per token of a step at `progress` (the plan changes only with the credit depth)."""
+        """Training FLOPs per token of a step at `progress` (the plan changes only with the credit depth);
+        with a sampled loop, the expectation over its count."""
         key = credit_depth(self.spec.model.credit, progress)
         if key not in self._at:
-            stats = analyse(build_graph(self.spec, progress), seq_len=self.seq_len)
+            if self.loop is None:
+                self._at[key] = self._at_count(progress, None)
+            else:
+                self._at[key] = sum(p * self._at_count(progress, n) for n, p in count_distribution(self.loop.sample))
+        return self._at[key]
+
+    def _at_count(self, progress: float, count: int | None) -> float:
+        """Training FLOPs per token at `progress` with a sampled loop run `count` times. Past a few
+        iterations each more one adds the same cost (a no-grad iteration under truncate, a full one
+        otherwise), so counts beyond `self.linear` are extrapolated from the last two."""
+        if count is not None and count > self.linear:
+            a, b = self._at_count(progress, self.linear - 1), self._at_count(progress, self.linear)
+            return b + (count - self.linear) * (b - a)
+        key = (credit_depth(self.spec.model.credit, progress), count)
+        if key not in self._exact:
+            stats = analyse(build_graph(self.spec, progress, recurrence=count), seq_len=self.seq_len)
             sup = self.spec.supervision
             # q-learning's continue target is one more forward of the segment, without gradient
             extra = stats.forward_flops_per_token if sup is not None and sup.halting is not None and \
                 sup.halting.type == "q_learning" else 0.0
-            self._at[key] = stats.train_flops_per_token + extra
-        return self._at[key]
+            self._exact[key] = stats.train_flops_per_token + extra
+        return self._exact[key]
 
     @cached_property
     def mean(self) -> float:

@@ -250,3 +250,36 @@ def test_show_prices_the_sampled_loop(capsys):
     text = capsys.readouterr().out
     assert "Sampled loop: count ~ Poisson(LogNormal(ln 32" in text
     assert "33 (expected 33)" in text and "32 (evaluation)" in text and "64 (shown above)" in text
+
+
+# ------------------------------------------------------------------ pricing a sampled loop
+
+
+@pytest.mark.parametrize("sample", [SampleSpec("lognormal_poisson", mean=32.0, sigma=0.5),
+                                    SampleSpec("lognormal_poisson", mean=3.0, sigma=0.5, max=8),
+                                    SampleSpec("uniform", low=1, high=3)])
+def test_the_cost_models_count_law_is_the_samplers(sample):
+    from hrmspec.cost import count_distribution
+
+    law = count_distribution(sample)
+    assert abs(sum(p for _, p in law) - 1) < 1e-9 and all(1 <= c <= sample.max for c, _ in law)
+    draws = [draw_count(sample, 11, step) for step in range(4000)]
+    cdf = emp = 0.0
+    worst = 0.0
+    for c, p in law:  # Kolmogorov distance between the law and 4,000 draws (critical value at 1%: 0.026)
+        cdf += p
+        emp = sum(d <= c for d in draws) / len(draws)
+        worst = max(worst, abs(cdf - emp))
+    assert worst < 0.026
+
+
+def test_training_flops_of_a_sampled_spec_are_the_expectation_over_draws():
+    """RunFlops extrapolates past a few iterations; checked against the exact graph at every count drawn."""
+    from hrmspec.cost import RunFlops
+
+    s = load_spec_text(SPEC.replace("mean: 3, sigma: 0.5, max: 8", "mean: 12, sigma: 0.5, max: 40"))
+    run = RunFlops(s, seq_len=96)
+    draws = [draw_count(s.model.schedule[1].sample, 5, step) for step in range(3000)]
+    exact = {n: analyse(build_graph(s, 1.0, recurrence=n), seq_len=96).train_flops_per_token for n in set(draws)}
+    empirical = statistics.fmean(exact[n] for n in draws)
+    assert abs(run.mean - empirical) / empirical < 0.02
