@@ -22,11 +22,14 @@ from hrmspec.backends import REGISTRY, get_backend
 from hrmspec.cost import DEFAULT_MFU, CostError, estimate, find_gpu, parse_count, parse_fraction, parse_positive, report
 from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 from hrmspec.errors import HrmspecError
+from hrmspec.gpus import GPUS, get_gpu
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.graph.roofline import roofline
 from hrmspec.runtime.interop.lm_harness_command import register_lm_eval
 from hrmspec.runtime.training.commands import COMMANDS
-from hrmspec.show import show
+from hrmspec.show import roofline_table, show
+from hrmspec.spec.arguments import positive_int
 from hrmspec.spec.arguments import spec_arguments as _spec_args
 from hrmspec.spec.arguments import spec_from_arguments as _load
 
@@ -43,13 +46,23 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show(args) -> int:
+    gpu = get_gpu(args.roofline) if args.roofline else None  # an unknown name fails before anything prints
+    if args.json and gpu is None:
+        raise HrmspecError("--json prints the roofline: give --roofline GPU as well (" + ", ".join(GPUS) + ")")
     spec = _load(args)
     G = build_graph(spec, args.progress, recurrence=args.recurrence)
     seq_len = args.seq_len
     if seq_len is None:  # a grid's row is its cells and the puzzle positions; else 2048 tokens
         prefix = spec.model.puzzle.positions if spec.model.puzzle else 0
         seq_len = spec.model.max_seq_len + prefix if spec.objective.type == "grid" else 2048
+    if gpu is not None:
+        r = roofline(G, gpu, batch=args.batch, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+        if args.json:
+            print(json.dumps(r.as_dict(), indent=1))
+            return 0
     show(G, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+    if gpu is not None:
+        roofline_table(r, _wide_console())
     if args.png:
         from hrmspec.graph.draw import draw_schedule
 
@@ -121,9 +134,7 @@ def cmd_check(args) -> int:
     get_backend("triton")  # the kernels checked; without a GPU: the interpreter, chosen before triton is imported
     from hrmspec.check import ARCHS, check_kernels, ptxas_available, report
 
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: whole kernel names rather than 80 columns
-        console = Console(width=160)
+    console = _wide_console()
     plan = fuse_model(build_graph(spec))
     archs = tuple(args.arch or ARCHS)
     compile_ = not args.no_compile and ptxas_available()
@@ -197,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a sampled loop N times (default: its evaluation count)")
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
     p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")
+    p.add_argument("--roofline", metavar="GPU", help="also predict a training step on GPU (" + ", ".join(GPUS)
+                   + "): per kernel of the fusion plan its FLOPs, bytes, intensity, bound and time at the GPU's "
+                   "published peaks (docs/kernels.md#roofline)")
+    p.add_argument("--batch", type=positive_int, default=1, help="rows of --seq-len tokens per step, for --roofline "
+                   "(default 1)")
+    p.add_argument("--json", action="store_true", help="print the roofline as JSON instead of the tables")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("cost", help="training FLOPs, GPU-hours, wall time and dollars of a run of a spec")
@@ -258,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         register(sub, name)
     register_lm_eval(sub, "lm-eval")
     return parser
+
+
+def _wide_console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # a log or a pipe: whole kernel names
 
 
 def _backend_help() -> str:

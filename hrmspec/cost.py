@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from statistics import NormalDist
 
-from hrmspec.errors import HrmspecError, close_match
+from hrmspec.errors import HrmspecError
+from hrmspec.gpus import GPU, GPUS, GPUError, get_gpu
 from hrmspec.graph.analysis import analyse, human
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit_plan import credit_depth
@@ -37,20 +38,6 @@ class CostError(HrmspecError):
     """A cost or budget argument that cannot be read (a GPU, a token count, an MFU)."""
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    label: str
-    peak_tflops: float  # bf16 tensor cores, dense (no 2:4 sparsity), per GPU
-    dollars_per_hour: float  # a typical on-demand cloud price per GPU-hour
-
-
-GPUS: dict[str, GPU] = {g.name: g for g in (
-    GPU("a100", "NVIDIA A100 SXM 80GB", 312.0, 1.50),
-    GPU("h100", "NVIDIA H100 SXM", 989.0, 2.00),
-    GPU("h200", "NVIDIA H200 SXM", 989.0, 3.00),
-    GPU("b200", "NVIDIA B200", 2250.0, 4.50),
-)}
 # A ~1B-parameter model's matmuls (d_model 1536) keep H100 tensor cores busy for about a third of
 # the time under FSDP; large dense models reach 40-55%. See docs/compare.md.
 DEFAULT_MFU = 0.35
@@ -98,12 +85,10 @@ def parse_positive(text: str, what: str, integer: bool = False) -> float:
 
 
 def find_gpu(name: str) -> GPU:
-    gpu = GPUS.get(str(name).strip().lower())
-    if gpu is None:
-        hint = close_match(str(name).lower(), GPUS)
-        raise CostError(f"--gpu: unknown GPU {str(name)[:40]!r}; known: {', '.join(GPUS)}"
-                        + (f" ({hint})" if hint else ""))
-    return gpu
+    try:
+        return get_gpu(str(name)[:40])
+    except GPUError as e:
+        raise CostError(f"--gpu: {e}") from None
 
 
 def training_seq_len(spec: Spec) -> int:
@@ -247,10 +232,10 @@ def estimate(spec: Spec, tokens: float, gpu: GPU, mfu: float = DEFAULT_MFU, gpus
     """The cost of training `spec` on `tokens` tokens with `gpus` GPUs of kind `gpu` at `mfu`."""
     run = RunFlops(spec, seq_len)
     flops = tokens * run.mean
-    gpu_hours = flops / (gpu.peak_tflops * 1e12 * mfu) / 3600
+    gpu_hours = flops / (gpu.bf16_tflops * 1e12 * mfu) / 3600
     price = gpu.dollars_per_hour if price is None else price
     return Estimate(spec.name, run.params, run.seq_len, tokens, run.mean, run.start, run.end, run.forward, flops,
-                    gpu.name, gpu.peak_tflops, mfu, gpus, gpu_hours, gpu_hours / gpus, price, gpu_hours * price)
+                    gpu.key, gpu.bf16_tflops, mfu, gpus, gpu_hours, gpu_hours / gpus, price, gpu_hours * price)
 
 
 def report(e: Estimate, gpu: GPU, credit: CreditSpec) -> list[tuple[str, str]]:
@@ -270,7 +255,7 @@ def report(e: Estimate, gpu: GPU, credit: CreditSpec) -> list[tuple[str, str]]:
     return rows + [
         ("tokens", f"{e.tokens:,.0f}"),
         ("training FLOPs", f"{e.flops:.3e}"),
-        ("GPU", f"{gpu.label}: {e.peak_tflops:g} TFLOP/s bf16 dense, MFU {e.mfu:g}"),
+        ("GPU", f"{gpu.name}: {e.peak_tflops:g} TFLOP/s bf16 dense, MFU {e.mfu:g}"),
         ("GPU-hours", _amount(e.gpu_hours)),
         (f"wall time on {e.gpus} GPU{'s' if e.gpus > 1 else ''}",
          f"{_amount(e.hours)} h ({e.hours / 24:,.2f} days)" if e.hours >= 1 else f"{_amount(e.hours * 60)} min"),

@@ -11,6 +11,7 @@ from hrmspec.graph.body import Body
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit_plan import credit_table, loop_item
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.graph.roofline import Roofline
 from hrmspec.spec.schedule import sampled_loop
 
 
@@ -201,4 +202,45 @@ def traffic_table(G: nx.DiGraph, dtype_bytes: int = 2, console: Console | None =
     t.add_row("matmuls + attention (activations, not fused)", "", "", human(other, "B"), human(other, "B"), "")
     t.add_row("[bold]total[/bold]", "", "", human(op + other, "B"), human(fused + other, "B"),
               pct(op + other, fused + other))
+    console.print(t)
+
+
+def duration(seconds: float) -> str:
+    """0.000123 -> '123.0 us'."""
+    for factor, unit in ((1.0, "s"), (1e-3, "ms")):
+        if seconds >= factor:
+            return f"{seconds / factor:.2f} {unit}"
+    return f"{seconds / 1e-6:.1f} us"
+
+
+def roofline_table(r: Roofline, console: Console | None = None) -> None:
+    """Per kernel of a training step: FLOPs, bytes, intensity, bound and time on the roofline's GPU; the totals."""
+    console = console or Console()
+    g = r.gpu
+    ridge = g.peak_flops(True, r.dtype_bytes) / g.bandwidth
+    t = Table(title=f"Roofline on {g.name} ({g.bf16_tflops:g} TFLOP/s bf16 dense, {g.fp32_tflops:g} fp32, "
+              f"{g.hbm_tbps:g} TB/s; ridge {ridge:.0f} FLOP/B): {r.batch} x {r.seq_len} tokens per step, "
+              f"{r.dtype_bytes} B/elem")
+    for col in ("kernel", "dir", "launches", "FLOPs", "bytes", "FLOP/B", "bound", "per launch", "per step", "share"):
+        t.add_column(col, justify="left" if col in ("kernel", "dir", "bound") else "right",
+                     no_wrap=col == "kernel")
+    step = r.step_time
+    for k in r.kernels:
+        c = k.cost
+        bound = "[red]memory[/red]" if k.bound == "memory" else "compute"
+        t.add_row(c.name, c.direction, str(c.launches), human(c.flops), human(c.bytes, "B"),
+                  f"{c.intensity:.1f}" if c.flops else "-", bound, duration(k.time), duration(k.step_time),
+                  f"{k.step_time / step:.1%}")
+    console.print(t)
+    t = Table(title=f"Predicted step on {g.name} (peaks: a lower bound on time; source {g.source})")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("forward (every call)", duration(r.time("fwd")))
+    t.add_row("backward (grad calls and the loss)", duration(r.time("bwd")))
+    t.add_row("optimizer, gradient clip, EMA", duration(r.time("update")))
+    t.add_row("[bold]training step[/bold]", f"[bold]{duration(step)}[/bold]")
+    t.add_row("kernel launches (each costs a few us more, not counted)", f"{sum(k.cost.launches for k in r.kernels):,}")
+    t.add_row("tokens per second", f"{r.tokens / step:,.0f}")
+    t.add_row("model FLOPs per step (matmuls and attention)", human(r.model_flops))
+    t.add_row("model FLOPs utilisation at this time", f"{r.mfu:.1%}")
     console.print(t)

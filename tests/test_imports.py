@@ -203,11 +203,12 @@ def test_the_core_imports_no_backend_or_runtime():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fresh-interpreter check")
 def test_validate_and_show_start_without_torch(tmp_path):
-    """The commands that only read a spec never import torch (about a second of start-up)."""
+    """The commands that only read a spec never import torch (about a second of start-up), the roofline included."""
     import subprocess
 
     code = ("import sys; from hrmspec.cli import main; main(['validate', 'hrm-text-tiny']); "
             "main(['show', 'hrm-text-tiny', '--seq-len', '64']); "
+            "main(['show', 'hrm-text-tiny', '--seq-len', '64', '--roofline', 'h100', '--json']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

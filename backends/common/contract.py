@@ -6,6 +6,8 @@ calls nothing else:
     name                  the backend's name in the registry
     fuses                 True: a module call runs the fusion plan's regions, each one `row_program`
                           (kernel backends); False: the layers run op by op (the reference)
+    device_type           the device type its kernels take tensors on ("cpu", "cuda"); None: any
+                          (torch ops). What a run's device is checked against before it starts
     row_program           every row op: norms, residual adds, gates, activations, the plan's fused
                           regions, the norms a spec writes as expressions; rows [..., D], vectors [D],
                           per-row scalars [...] in, the program's outputs out, differentiable
@@ -44,6 +46,7 @@ class OpTable(Protocol):
 
     name: str
     fuses: bool
+    device_type: str | None
 
     def row_program(self, program: RowProgram, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
 
@@ -76,6 +79,7 @@ class TableBase:
 
     name: str
     fuses: bool
+    device_type: str | None = None  # torch ops run wherever their tensors are
 
     def row_program(self, program: RowProgram, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -39,6 +39,11 @@ class TritonTable(KernelTable):
     name = "triton"
     op_class = TritonRowOp
 
+    @property
+    def device_type(self) -> str:  # type: ignore[override]
+        """The interpreter takes CPU tensors; compiled kernels CUDA ones."""
+        return "cpu" if interpreting() else "cuda"
+
     def unsupported(self, tensors: list[Tensor], width: int) -> str | None:
         """Why generated kernels cannot run on these tensors, or None."""
         reason = beyond_limits(tensors, width, MAX_WIDTH)

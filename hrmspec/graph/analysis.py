@@ -52,8 +52,16 @@ class GraphStats:
     calls: list[dict] = field(default_factory=list)
 
 
-def _attended(mask: str, seq_len: int) -> float:
+def attended(mask: str, seq_len: int) -> float:
+    """Keys a query attends to on average in a row of `seq_len` tokens."""
     return float(seq_len) if mask == "bidirectional" else (seq_len + 1) / 2
+
+
+def loop_steps(G: nx.DiGraph) -> tuple[int, int]:
+    """(steps of the schedule's outer loop, how many of them the loss scores: every one with a per-step
+    objective, else the last)."""
+    steps = 1 + max((c["cycle"][0] for c in call_nodes(G) if c["cycle"]), default=0)
+    return steps, steps if G.graph["spec"].objective.steps != "last" else 1
 
 
 def module_flops(body: Body, model: ModelSpec, seq_len: int) -> float:
@@ -62,7 +70,7 @@ def module_flops(body: Body, model: ModelSpec, seq_len: int) -> float:
     for op in body.ops:
         total += op.flops
         if op.kind == "attention":
-            total += 4 * op.attrs["heads"] * op.attrs["head_dim"] * _attended(op.attrs["mask"], seq_len)
+            total += 4 * op.attrs["heads"] * op.attrs["head_dim"] * attended(op.attrs["mask"], seq_len)
     return total
 
 
@@ -105,8 +113,7 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
         parts["halting head"] = 2 * d + 2
     head_flops = 2 * d * V
     # per step of the loop: the halting head (model.halting); the LM head when every step is scored
-    steps = 1 + max((c["cycle"][0] for c in calls if c["cycle"]), default=0)
-    scored = steps if spec.objective.steps != "last" else 1
+    steps, scored = loop_steps(G)
     step_head = 2 * d * steps if model.halting is not None else 0
     if model.halting is not None:
         parts["halting head" if model.halting.type == "act" else "exit gate"] = d + 1

@@ -17,9 +17,20 @@ def spec_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text[:20]!r}")
+    return v
+
+
 def spec_from_arguments(args: argparse.Namespace) -> Spec:
     """The spec `args.spec` names, with its `--set` overrides applied."""
     return load_spec(args.spec, dict(parse_override(o) for o in args.overrides))
 
 
-__all__ = ["spec_arguments", "spec_from_arguments"]
+__all__ = ["positive_int", "spec_arguments", "spec_from_arguments"]

@@ -45,12 +45,16 @@ def generate(
     """Return (B, S + new) token ids: the prompts (B, S) followed by the decoded responses.
 
     `prefix_mask` (B, S) marks the instruction part of each prompt (default: the whole prompt).
-    Rows that produced `eos_id` are padded with it until every row is done. `all_steps`,
+    Rows that produced `eos_id` are padded with it until every row is done. The prompts are moved to
+    the model's device, and the ids returned live there. `all_steps`,
     `threshold` and `stats`: halting per step (see the module docstring).
     """
     B, S = input_ids.shape
+    device = model.embed.weight.device  # the prompts go where the model is; the ids come back from there
+    input_ids = input_ids.to(device)
     if prefix_mask is None:
         prefix_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    prefix_mask = prefix_mask.to(device)
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     cache = model.new_cache() if use_cache else None

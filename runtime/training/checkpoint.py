@@ -14,8 +14,10 @@ A checkpoint folder holds:
     spec.yaml              the resolved spec
     tokenizer.json         the tokenizer
 
-An FSDP run's checkpoint has each rank's shards (shards/, optimizer.json) in place of the model,
-EMA and optimizer files: see sharded.py. `model_tensors` reads the weights of either layout.
+Every tensor is written from the CPU, so a checkpoint does not depend on the device that trained it
+and loads on either side. An FSDP run's checkpoint has each rank's shards (shards/, optimizer.json)
+in place of the model, EMA and optimizer files: see sharded.py. `model_tensors` reads the weights of
+either layout.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ PREFIX = "step_"
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states of torch, numpy and python as tensors and plain numbers: what
-    `torch.load(weights_only=True)` reads back (a checkpoint never unpickles objects)."""
+    """The RNG states of torch (and of this process's CUDA device, once used), numpy and python as
+    tensors and plain numbers: what `torch.load(weights_only=True)` reads back (a checkpoint never
+    unpickles objects)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, words, py_gauss = random.getstate()
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
     return {
+        **cuda,
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
@@ -54,6 +59,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # a CPU-side resume of a CUDA run has no device RNG to set
+        torch.cuda.set_rng_state(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
@@ -176,9 +183,10 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
 
 def read_pt(path: Path) -> Any:
     """A `.pt` file of a checkpoint: tensors, containers and plain numbers only. `weights_only=True`
-    refuses anything else, so a checkpoint someone hands you cannot run code when it is read."""
+    refuses anything else, so a checkpoint someone hands you cannot run code when it is read. Read onto
+    the CPU whatever device wrote it; the trainer moves what it restores to its own device."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # a corrupt file, or one that holds pickled objects
         raise CheckpointError(f"corrupt or unsafe checkpoint file {path}: {_load_failure(e)}") from None
 

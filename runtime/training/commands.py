@@ -11,11 +11,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from hrmspec.backends import BACKENDS
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime.training.compare_report import print_table, write_report
+from hrmspec.runtime.training.config import DEVICE_NAMES, TrainError, check_device_name
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.plot import plot_run
-from hrmspec.spec.arguments import spec_arguments, spec_from_arguments
+from hrmspec.spec.arguments import positive_int, spec_arguments, spec_from_arguments
 from hrmspec.spec.source import parse_override
 
 
@@ -24,7 +26,7 @@ def cmd_train(args) -> int:
 
     spec = spec_from_arguments(args)
     last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, backend=args.backend, device=args.device)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {args.out}/checkpoints")
     return 0
@@ -34,7 +36,8 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.training.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
-                       all_steps=args.all_steps, threshold=args.threshold)
+                       all_steps=args.all_steps, threshold=args.threshold, backend=args.backend or "auto",
+                       device=args.device or "auto")
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -57,7 +60,7 @@ def cmd_generate(args) -> int:
 
     from hrmspec.runtime.training.heldout import load_run
 
-    model, tok, spec, _ = load_run(args.dir)
+    model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto")
     if tok is None:  # a grid run: the prompt is a puzzle
         return _solve_grid(model, spec, args)
     limit = spec.model.max_seq_len
@@ -94,7 +97,9 @@ def _solve_grid(model, spec, args) -> int:
     task = next(iter(GridConfig.from_dict(spec.data).tasks()))
     cells = parse_grid(args.prompt, task, spec.model.max_seq_len)
     side = round(len(cells) ** 0.5)
-    batch = {"input_ids": torch.tensor([cells]), "puzzle_ids": torch.zeros(1, dtype=torch.long)}
+    device = model.embed.weight.device
+    batch = {"input_ids": torch.tensor([cells], device=device), "puzzle_ids": torch.zeros(1, dtype=torch.long,
+                                                                                          device=device)}
     supervisor = Supervisor(model)
     logits, steps = supervisor.solve(batch, all_segments=args.all_segments)
     print(render(logits[0].argmax(-1).tolist(), side, task))
@@ -138,7 +143,25 @@ def _register_train(sub, name):
                    help="start afresh in an --out that holds a run: delete its checkpoints and metrics first")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _placement_arguments(p, "train.backend", "train.device")
     p.set_defaults(func=cmd_train)
+
+
+def _placement_arguments(p, backend_default: str = "auto", device_default: str = "auto") -> None:
+    """--backend and --device (runtime/training/placement.py); train's defaults are its train: section's."""
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
+                   help=f"the kernels the model runs: auto (Triton on CUDA, the reference on the CPU) or a backend; "
+                   f"default {backend_default}")
+    p.add_argument("--device", type=_device, default=None, metavar="DEVICE",
+                   help=f"{DEVICE_NAMES}: where the model, its batches and state live (auto: CUDA when there is "
+                   f"one; under torchrun cuda:LOCAL_RANK); default {device_default}")
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device_name(text, "--device")
+    except TrainError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _register_eval(sub, name):
@@ -149,6 +172,7 @@ def _register_eval(sub, name):
     p.add_argument("--all-segments", action="store_true",
                    help="with deep supervision: run every segment instead of stopping each row where its head says")
     _halting_arguments(p)
+    _placement_arguments(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -174,23 +198,14 @@ def _register_generate(sub, name):
     p.add_argument("prompt", help="the instruction; for a grid run the puzzle, row by row, '.' or 0 for an "
                    "empty cell (e.g. '1.3. .4.. ..1. 3...')")
     p.add_argument("--condition", default=None, help="a condition token, e.g. direct")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--all-segments", action="store_true",
                    help="a grid run: run every segment instead of stopping where the halting head says")
     _halting_arguments(p)
+    _placement_arguments(p)
     p.set_defaults(func=cmd_generate)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text[:20]!r}")
-    return v
 
 
 def _temperature(text: str) -> float:

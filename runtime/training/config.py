@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from hrmspec.backends import BACKENDS
 from hrmspec.errors import HrmspecError, close_match
+
+DEVICE_NAMES = "auto | cpu | cuda | cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
 
 
 class TrainError(HrmspecError):
@@ -26,7 +31,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0: off
     ema: float | None = 0.999  # decay of the parameter EMA; null: off
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA, fp32 on the CPU
+    backend: str = "auto"  # auto | reference | triton | cuda | opencl (runtime/training/placement.py)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: CUDA when torch sees a device (cuda:LOCAL_RANK)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
@@ -64,13 +71,32 @@ class TrainConfig:
             raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {cfg.optimizer!r}")
         if cfg.schedule not in ("cosine", "constant"):
             raise TrainError(f"train.schedule: expected cosine | constant, found {cfg.schedule!r}")
-        if cfg.dtype not in ("fp32", "bf16"):
-            raise TrainError(f"train.dtype: expected fp32 | bf16, found {cfg.dtype!r}")
+        if cfg.dtype not in ("auto", "fp32", "bf16"):
+            raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {cfg.dtype!r}")
+        check_backend_name(cfg.backend, "train.backend")
+        check_device_name(cfg.device, "train.device")
         return cfg
+
+
+def check_backend_name(name: object, key: str) -> str:
+    """`name` when it names a backend (or auto), else a TrainError saying what `key` takes."""
+    choices = ("auto", *BACKENDS)
+    if name not in choices:
+        hint = close_match(str(name), choices)
+        raise TrainError(f"{key}: expected {' | '.join(choices)}, found {name!r}" + (f" ({hint})" if hint else ""))
+    return str(name)
+
+
+def check_device_name(name: object, key: str) -> str:
+    """`name` when it is a device `key` takes (auto, cpu, cuda, cuda:N), else a TrainError. Whether the
+    device exists on this machine is asked when a run starts (placement.py), not here."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {name!r}")
+    return name
 
 
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["TrainConfig", "TrainError", "config_dict"]
+__all__ = ["DEVICE_NAMES", "TrainConfig", "TrainError", "check_backend_name", "check_device_name", "config_dict"]

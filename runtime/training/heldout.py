@@ -21,6 +21,7 @@ from hrmspec.runtime.training.config import TrainConfig
 from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
 from hrmspec.runtime.training.grids import GridConfig, load_grids
 from hrmspec.runtime.training.grids import solved as grid_solved
+from hrmspec.runtime.training.placement import resolve, to_device
 from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec.load import load_spec
 
@@ -132,9 +133,10 @@ def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments
     was_training = model.training
     model.eval()
     solved, used = [], []
+    device = model.embed.weight.device
     with ema_weights(model, ema):
         for start in range(0, count, batch_size):
-            batch = rows.batch(torch.arange(start, min(start + batch_size, count)))
+            batch = to_device(rows.batch(torch.arange(start, min(start + batch_size, count))), device)
             logits, steps = sup.solve(batch, all_segments=all_segments)
             solved += grid_solved(rows.tasks[start:start + len(steps)], batch["input_ids"], logits, rows.side)
             used += steps.tolist()
@@ -148,8 +150,9 @@ def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments
             "saved": 1.0 - sum(used) / (count * segments)}
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True):
-    """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default."""
+def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", device: str = "auto"):
+    """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default, on
+    `device` with `backend` (placement.py; whatever device trained it: checkpoints hold CPU tensors)."""
 
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
@@ -157,7 +160,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
             f"no checkpoint in {run_dir}/checkpoints: train first (hrmspec train SPEC --out {run_dir})"
         )
     spec = load_spec(last / "spec.yaml")
-    model = hrmspec.compile(spec)
+    place = resolve(backend, device)
+    model = hrmspec.compile(spec, backend=place.backend)
     ckpt.load_model_state(model, ckpt.model_tensors(last), last)  # single-file or sharded
     ema = ckpt.model_tensors(last, "ema") if use_ema else None
     if ema is not None:
@@ -165,17 +169,18 @@ def load_run(run_dir: str | Path, use_ema: bool = True):
             for name, p in model.named_parameters():
                 p.copy_(ema[name])
     tokenizer = None if spec.objective.type == "grid" else Tokenizer.load(last)
-    return model.eval(), tokenizer, spec, last
+    return model.to(place.device).eval(), tokenizer, spec, last
 
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
-                 all_segments: bool = False, all_steps: bool = False, threshold: float | None = None) -> dict:
+                 all_segments: bool = False, all_steps: bool = False, threshold: float | None = None,
+                 backend: str = "auto", device: str = "auto") -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says; `all_steps` and `threshold`: the
-    same for model.halting, per step of the loop, and its threshold."""
+    same for model.halting, per step of the loop, and its threshold. `backend` and `device`: see load_run."""
 
     run_dir = Path(run_dir)
-    model, tokenizer, spec, last = load_run(run_dir, use_ema)
+    model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
     data = dict(spec.data)
     if spec.objective.type == "grid":
         if tasks:

@@ -5,6 +5,11 @@ on response tokens (task completion), clip, step the optimizer, update the EMA. 
 every rank takes its slice of the same global batch and the loss is averaged over all response
 tokens of the global batch, so N processes follow the single-process loss curve.
 
+The run computes where its placement says (placement.py: train.device, train.backend, train.dtype):
+model, batches, EMA and optimizer state live on that device, one per local rank under torchrun.
+Weights are initialised on the CPU (the same draws on every device) and checkpoints hold CPU
+tensors, so a run resumes, and is evaluated, on either side.
+
 `train()` reads as the run does: a `Trainer` is set up (data, tokenizer, model, parallel wrapper,
 optimizer and EMA, each restored from the newest checkpoint with `--resume`), then `fit` runs
 `step` until the last one, logging, evaluating and checkpointing on the way.
@@ -18,7 +23,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
 from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, held_out_set
 from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
+from hrmspec.runtime.training.placement import Placement, local_rank, resolve, to_device
 from hrmspec.runtime.training.plot import metric_records
 from hrmspec.runtime.training.recurrence import draw_count
 from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
@@ -115,13 +120,17 @@ def train(
     progress_bar: bool = True,
     stop_after: int | None = None,
     overwrite: bool = False,
+    backend: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Train `spec`, writing checkpoints and metrics to `out`. Returns the final metrics.
 
     `stop_after` ends the run early at that step (after its checkpoint), as an interruption would.
     A new run into a folder holding another is refused unless `overwrite` (see runfolder.py).
+    `backend` and `device` replace train.backend and train.device for this run (`--backend`, `--device`).
     """
-    trainer = Trainer(spec, Path(out), resume=resume, fsdp=fsdp, overwrite=overwrite)
+    trainer = Trainer(spec, Path(out), resume=resume, fsdp=fsdp, overwrite=overwrite, backend=backend,
+                      device=device)
     try:
         return trainer.fit(progress_bar=progress_bar, stop_after=stop_after)
     finally:
@@ -131,10 +140,15 @@ def train(
 class Trainer:
     """One training run: everything `fit` needs, set up (or restored) in the order it depends on."""
 
-    def __init__(self, spec: Spec, out: Path, resume: bool = False, fsdp: bool = False, overwrite: bool = False):
+    def __init__(self, spec: Spec, out: Path, resume: bool = False, fsdp: bool = False, overwrite: bool = False,
+                 backend: str | None = None, device: str | None = None):
         self.spec, self.out = spec, out
         self.cfg = cfg = TrainConfig.from_dict(dict(spec.train))
-        self.rank, self.world = _dist()
+        keys = ("--backend" if backend else "train.backend", "--device" if device else "train.device")
+        self.placement: Placement = resolve(backend or cfg.backend, device or cfg.device, cfg.dtype, keys,
+                                            rank=local_rank())
+        self.device = self.placement.device
+        self.rank, self.world = _dist(self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.world:
@@ -182,14 +196,15 @@ class Trainer:
         copies = 4 + (1 if cfg.ema else 0)  # weights, gradients, two optimizer moments, the EMA
         check_memory(analyse(build_graph(spec)).params * 4 * copies,
                      f"training {spec.name} (fp32 weights, gradients, optimizer moments{', EMA' if cfg.ema else ''})")
-        self.model = hrmspec.compile(spec)
-        self.model.reset_parameters(seed=cfg.seed)
+        self.model = hrmspec.compile(spec, backend=self.placement.backend)
+        self.model.reset_parameters(seed=cfg.seed)  # on the CPU: the same weights whatever the device
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
         # grids are supervised segment by segment (one segment without a supervision: section)
         self.supervisor = Supervisor(self.model) if self.grid or spec.supervision is not None else None
         self.carry = None
         self.step, self.skipped, self.nan_run = 0, 0, 0
         state = self._restore_model(start) if start is not None else None
+        self.model.to(self.device)
         if self.rank == 0:
             if self.tokenizer is not None:
                 self.tokenizer.save(out)
@@ -216,13 +231,13 @@ class Trainer:
         if self.carry is None or self.world > 1:
             return {}
         c = self.carry
-        return {"carry": {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}}
+        return {"carry": to_device({"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}, "cpu")}
 
     def _restore_model(self, start: Path) -> dict:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
         if "carry" in state and self.supervisor is not None and self.world == 1:
-            c = state["carry"]
+            c = to_device(state["carry"], self.device)
             self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
         if not is_sharded(start):  # shards are read once the model is sharded (load_sharded)
             ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
@@ -241,7 +256,8 @@ class Trainer:
                 fully_shard(stack)
             return fully_shard(self.model)
         if self.world > 1:  # which parameters get gradient changes with the credit plan
-            return torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         return self.model
 
     def _param_groups(self) -> list[dict]:
@@ -264,6 +280,8 @@ class Trainer:
         t_log, tokens = time.perf_counter(), 0
         window: dict[str, float] = {}  # supervised segments' metrics since the last log line
         signals = StopSignals().__enter__()  # left in the finally below
+        if bar is not None:
+            bar.note(f"{self.spec.name} on {self.placement}")
         try:
             while self.step < cfg.steps:
                 lr = self._schedule()
@@ -316,7 +334,7 @@ class Trainer:
         """The signal that stops the run after this step (0: none), the same on every rank."""
         if self.world == 1:
             return received or 0
-        flag = torch.tensor([received or 0])
+        flag = torch.tensor([received or 0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)
 
@@ -351,8 +369,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if world > 1:
             batch = {k: v[self.rank::world] for k, v in batch.items()}
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
-        with autocast:
+        batch = to_device(batch, self.device)
+        with self.placement.autocast():
             if self.supervisor is not None:
                 loss_sum, count, tokens = self._segment(batch)
             else:
@@ -363,7 +381,7 @@ class Trainer:
                     steps = mean_steps(self.spec, outp.steps, outp.step_weights)[:, self.model.prefix_len:][counted]
                     self.segment_metrics = {"positions": float(counted.sum()), "position_steps": float(steps.sum())}
         n_global = count.clone()
-        total = torch.tensor([float(loss_sum.detach())])
+        total = torch.tensor([float(loss_sum.detach())], device=self.device)
         if world > 1:
             dist.all_reduce(n_global)
             dist.all_reduce(total)
@@ -399,7 +417,8 @@ class Trainer:
         self.carry, out = sup.step(self.carry, batch, training=True)
         loss_sum, self.segment_metrics = sup.loss(self.carry, out)
         rows = batch["input_ids"].shape[0]
-        return loss_sum, torch.tensor(float(rows)), rows * (batch["input_ids"].shape[1] + self.model.prefix_len)
+        return (loss_sum, torch.tensor(float(rows), device=self.device),
+                rows * (batch["input_ids"].shape[1] + self.model.prefix_len))
 
     def _write(self, record: dict, board) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -424,8 +443,8 @@ class Trainer:
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             dist.barrier()
         elif self.rank == 0:
-            model_state, optim_state, ema_state = (self.model.state_dict(), self.optimizer.state_dict(),
-                                                   self.ema.state_dict() if self.ema is not None else None)
+            model_state, ema_state = self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
+            optim_state = to_device(self.optimizer.state_dict(), "cpu")  # device-independent, as the weights
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
@@ -437,9 +456,12 @@ class Trainer:
             dist.barrier()  # the checkpoint is in place before any rank goes on (or exits)
 
 
-def _dist() -> tuple[int, int]:
+def _dist(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun the process group is made: NCCL between CUDA devices, gloo on CPUs."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's communicator and every default allocation on this rank's device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
