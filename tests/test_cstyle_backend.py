@@ -481,6 +481,7 @@ def test_random_programs_compile_for_sm80_and_sm90(program, width):
 
 # -- real GPU: CuPy ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.needs_gpu
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
 def test_builtin_forward_and_backward_on_cupy(name, dtype):
@@ -502,6 +503,7 @@ def test_builtin_forward_and_backward_on_cupy(name, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.needs_gpu
 def test_cupy_writes_views_in_place_without_copies():
     pytest.importorskip("cupy")
     from hrmspec.backends.cstyle.cuda import CudaRowKernel
