@@ -17,8 +17,11 @@ RMS_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative RMS error of h
 
 # the row kernels' BLOCK is the next power of two of the width; their warps change at 2048, 8192 and
 # 32768: a width on each side of a block size
-BLOCK_EDGES = (128, 1024, 2048, 4096)
+BLOCK_EDGES = (128, 1024, 2048, 4096)  # and the C-style kernels' threads per row change at 1024, 2048, 4096
 BLOCK_WIDTHS = (1, 2, 3, *sorted({w + d for w in BLOCK_EDGES for d in (-1, 0, 1)}))
+
+
+EDGES = ("none", "zero", "huge", "inf", "nan")  # what `edge_values` writes into a row
 
 
 def widths(largest: int = 4097) -> st.SearchStrategy[int]:
@@ -103,5 +106,57 @@ def edge_values(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch
     return x
 
 
-__all__ = ["BLOCK_WIDTHS", "EPS", "RMS_TOL", "around", "assert_same_nonfinite", "assert_within", "edge_values",
-           "elementwise_bound", "rel_rms", "widths"]
+def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, n: int = 1) -> None:
+    """A kernel's result (any device) against the CPU reference: inf and NaN where the reference has
+    them; fp32 within 1e-4 of the largest value; half types within `assert_within` (n: the length of
+    the reduction behind each element)."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (what, got.shape, ref.shape, got.dtype, ref.dtype)
+    got = got.detach().cpu()
+    finite = assert_same_nonfinite(got, ref, what)
+    got, ref = got[finite].float(), ref.detach()[finite].float()
+    if dtype == torch.float32:
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+    else:
+        assert_within(got, ref, dtype, n, what)
+
+
+def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: int, device="cpu",
+                 scale: float = 1.0, edge: str = "none") -> None:
+    """Forward outputs and every input gradient of a kernel backend's row op (on `device`) against the
+    evaluator + autograd (on the CPU). `edge` writes zero, huge or non-finite values into one row of
+    one row input (`edge_values`)."""
+    from hrmspec.ir import evaluate
+    from hrmspec.ir.strategies import random_inputs
+
+    inputs = random_inputs(program, rows, width, scale, seed, torch.float32)
+    gen = torch.Generator().manual_seed(seed + 3)
+    row_inputs = [i.name for i in program.inputs if i.kind == "row"]
+    if edge != "none" and row_inputs:
+        name = row_inputs[int(torch.randint(0, len(row_inputs), (1,), generator=gen))]
+        inputs[name] = edge_values(inputs[name], edge, gen)
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    leaves_k = {k: v.detach().to(device).requires_grad_() for k, v in inputs.items()}
+    leaves_r = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out_k = op(**leaves_k)
+    out_r = evaluate(program, leaves_r)
+    what = f"{program.name} {dtype} D={width} rows={rows} scale={scale:g} edge={edge}"
+    for k in out_r:
+        close(out_k[k], out_r[k], dtype, f"{what} {k}", width)
+    names = [k for k in out_r if out_r[k].requires_grad]
+    if not names:
+        return
+    gen = torch.Generator().manual_seed(seed + 7)
+    cot = [torch.randn(out_r[k].shape, generator=gen).to(dtype) for k in names]
+    g_k = torch.autograd.grad([out_k[k] for k in names], list(leaves_k.values()), [c.to(device) for c in cot],
+                              allow_unused=True)
+    g_r = torch.autograd.grad([out_r[k] for k in names], list(leaves_r.values()), cot, allow_unused=True)
+    for name, a, b in zip(leaves_k, g_k, g_r):
+        a = torch.zeros_like(inputs[name]) if a is None else a
+        b = torch.zeros_like(inputs[name]) if b is None else b
+        # a vector's gradient sums its rows: a reduction over them, not over the width
+        close(a, b, dtype, f"{what} d_{name}", rows if program.input(name).kind == "vector" else width)
+
+
+__all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "around", "assert_same_nonfinite", "assert_within",
+           "check_row_op", "close", "edge_values", "elementwise_bound", "rel_rms", "widths"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numerics import assert_same_nonfinite, assert_within, edge_values, widths
+from numerics import EDGES, check_row_op, close, widths
 
 triton = pytest.importorskip("triton")
 
@@ -27,9 +27,7 @@ from hrmspec.ir.kernel import kernel_name  # noqa: E402
 from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-TOL = {torch.float32: 1e-4}  # relative to the largest reference value; half types: numerics.assert_within
 PROGRAMS = builtin_programs()
-EDGES = ("none", "zero", "huge", "inf", "nan")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,51 +48,11 @@ def _op(program) -> TritonRowOp:
 
 
 def _close(got, ref, dtype, what, width=1):
-    """The kernel's result (any device) against the CPU reference: inf and NaN where the reference has
-    them; fp32 within 1e-4 of the largest value, half types within numerics.assert_within."""
-    assert got.shape == ref.shape and got.dtype == ref.dtype, (what, got.shape, ref.shape, got.dtype, ref.dtype)
-    got = got.detach().cpu()
-    finite = assert_same_nonfinite(got, ref, what)
-    got, ref = got[finite].float(), ref.detach()[finite].float()
-    if dtype in TOL:
-        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-        torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
-    else:
-        assert_within(got, ref, dtype, width, what)
+    close(got, ref, dtype, what, width)
 
 
 def _check_program(program, rows, width, dtype, seed, device, scale=1.0, edge="none"):
-    """Forward outputs and every input gradient of the Triton op (on `device`) against the evaluator +
-    autograd (on the CPU). `edge` writes zero, huge or non-finite values into one row of one row input."""
-    inputs = random_inputs(program, rows, width, scale, seed, torch.float32)
-    gen = torch.Generator().manual_seed(seed + 3)
-    row_inputs = [i.name for i in program.inputs if i.kind == "row"]
-    if edge != "none" and row_inputs:
-        name = row_inputs[int(torch.randint(0, len(row_inputs), (1,), generator=gen))]
-        inputs[name] = edge_values(inputs[name], edge, gen)
-    inputs = {k: v.to(dtype) for k, v in inputs.items()}
-    leaves_t = {k: v.detach().to(device).requires_grad_() for k, v in inputs.items()}
-    leaves_r = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out_t = _op(program)(**leaves_t)
-    out_r = evaluate(program, leaves_r)
-    what = f"{program.name} {dtype} D={width} rows={rows} scale={scale:g} edge={edge}"
-    for k in out_r:
-        _close(out_t[k], out_r[k], dtype, f"{what} {k}", width)
-    gen = torch.Generator().manual_seed(seed + 7)
-    cot = [torch.randn(out_r[k].shape, generator=gen).to(dtype) for k in out_r]
-    names = [k for k in out_r if out_r[k].requires_grad]
-    if not names:
-        return
-    cot = [c for k, c in zip(out_r, cot) if k in names]
-    g_t = torch.autograd.grad([out_t[k] for k in names], list(leaves_t.values()), [c.to(device) for c in cot],
-                              allow_unused=True)
-    g_r = torch.autograd.grad([out_r[k] for k in names], list(leaves_r.values()), cot, allow_unused=True)
-    for name, a, b in zip(leaves_t, g_t, g_r):
-        a = torch.zeros_like(inputs[name]) if a is None else a
-        b = torch.zeros_like(inputs[name]) if b is None else b
-        # a vector's gradient sums its rows: a reduction over them, not over the width
-        n = rows if program.input(name).kind == "vector" else width
-        _close(a, b, dtype, f"{what} d_{name}", n)
+    check_row_op(_op(program), program, rows, width, dtype, seed, device, scale, edge)
 
 
 # -- the printed source -------------------------------------------------------------------------------

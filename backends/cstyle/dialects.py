@@ -38,6 +38,14 @@ def _bf16_helpers(**names: str) -> dict[str, str]:
     return {k: v.format(**names) for k, v in _BF16.items()}
 
 
+# max and relu keep a NaN, as torch's do: fmax returns the other operand of a NaN
+_MAX = """\
+{fn} float hrm_max(const float a, const float b) {{
+  return (a != a || b != b) ? a + b : {fmax}(a, b);
+}}
+"""
+
+
 @dataclass(frozen=True)
 class Dialect:
     name: str  # cuda | opencl
@@ -115,6 +123,7 @@ static __device__ __forceinline__ float hrm_round_f16(const float f) {
 """,
         **_bf16_helpers(fn="static __device__ __forceinline__", u16="unsigned short", u32="unsigned int",
                         as_float="__uint_as_float", as_uint="__float_as_uint"),
+        "hrm_max": _MAX.format(fn="static __device__ __forceinline__", fmax="fmaxf"),
     },
     compile_options=("--fmad=false", "--prec-div=false"),
 )
@@ -154,6 +163,7 @@ static inline float hrm_round_f16(const float f) {
 }
 """,
         **_bf16_helpers(fn="static inline", u16="ushort", u32="uint", as_float="as_float", as_uint="as_uint"),
+        "hrm_max": _MAX.format(fn="static inline", fmax="fmax"),
     },
 )
 
