@@ -15,7 +15,7 @@ Hypothesis. Two profiles (`--hypothesis-profile NAME`):
            time-boxed to TIME_BOX["ci"] seconds (at least MIN_EXAMPLES examples run)
     deep   up to 2000 examples, 300 s per test (make test-deep)
 
-Every run draws with one seed, new each run, printed in the header and again after a failure;
+Every run draws with one seed, new each run, printed in the header and in the closing summary;
 `--hypothesis-seed N` replays that run's draws.
 """
 
@@ -154,8 +154,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         cut = [s for s in stats if s[2]]
         terminalreporter.write_line(f"hypothesis: {sum(s[1] for s in stats)} examples in {len(stats)} property "
                                     f"test runs; {len(cut)} stopped at the time box")
-    if exitstatus not in (0, 5):
-        terminalreporter.write_line(_seed_line(config))
+    terminalreporter.write_line(_seed_line(config))  # also under -q, which prints no header
 
 
 # -- shared fixtures -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from hrmspec.ir import rms_norm  # noqa: E402
 from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.spec import load_spec_text  # noqa: E402
 
+pytestmark = pytest.mark.gpu  # the checks and the whole-model runs use the kernel device
 EXPR_NORM = '    norm: {type: expr, expr: "x * rsqrt(mean(x*x) + eps) * (1 + w)", params: {w: zeros}}\n'
 
 
