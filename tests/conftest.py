@@ -12,7 +12,7 @@ instead of its kernel fails the test, whichever test warned first, unless the te
 Hypothesis. Two profiles (`--hypothesis-profile NAME`):
 
     ci     the default (make test, CI, a plain pytest): up to 100 examples per property, each test
-           time-boxed to TIME_BOX["ci"] seconds (at least MIN_EXAMPLES examples run)
+           time-boxed to TIME_BOX["ci"] seconds (at least MIN_EXAMPLES examples run); -v lists the counts
     deep   up to 2000 examples, 300 s per test (make test-deep)
 
 Every run draws with one seed, new each run, printed in the header and in the closing summary;
@@ -41,7 +41,7 @@ from hrmspec.backends.common.fallback import record_fallbacks  # noqa: E402
 settings.register_profile("ci", max_examples=100, deadline=None)
 settings.register_profile("deep", max_examples=2000, deadline=None)
 settings.load_profile("ci")  # --hypothesis-profile, read after this module, replaces it
-TIME_BOX = {"ci": 4.0, "deep": 300.0}  # seconds of examples per property test
+TIME_BOX = {"ci": 3.0, "deep": 300.0}  # seconds of examples per property test
 MIN_EXAMPLES = 5  # run even past the time box
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -154,6 +154,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         cut = [s for s in stats if s[2]]
         terminalreporter.write_line(f"hypothesis: {sum(s[1] for s in stats)} examples in {len(stats)} property "
                                     f"test runs; {len(cut)} stopped at the time box")
+        if config.option.verbose > 0:  # -v: each test's count
+            for nodeid, ran, skipped in stats:
+                terminalreporter.write_line(f"  {ran:5d} examples{' (time box)' if skipped else ''}  {nodeid}")
     terminalreporter.write_line(_seed_line(config))  # also under -q, which prints no header
 
 
