@@ -35,6 +35,7 @@ KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"
 
 import pytest  # noqa: E402
 from hypothesis import is_hypothesis_test, settings  # noqa: E402
+from hypothesis.errors import UnsatisfiedAssumption  # noqa: E402
 
 from hrmspec.backends.common.fallback import record_fallbacks  # noqa: E402
 
@@ -114,6 +115,8 @@ class TimeBox:
         self.ran += 1
         try:
             return self.inner(*args, **kwargs)
+        except UnsatisfiedAssumption:  # assume(): a rejected draw, not a failure
+            raise
         except BaseException:
             self.failed = True
             raise

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from numerics import around, assert_same_nonfinite, assert_within, edge_values
 
@@ -86,11 +86,22 @@ def test_odd_sizes_chunks_smaller_than_n(dtype, kernel_device):
     _check(37, 24, 1000, dtype, chunk_rows=8, block_v=256, device=kernel_device)
 
 
-@given(N=st.integers(0, 40), d=st.sampled_from((1, 16, 24)), V=st.sampled_from(VOCABS),
-       chunk=st.integers(1, 40), block_v=st.sampled_from((64, 256, None)), ignored=st.sampled_from((0.0, 0.3, 1.0)),
+@st.composite
+def rows_and_vocab(draw) -> tuple[int, int]:
+    """(N, V): up to 40 rows, up to 8 beside the largest tile (each row loops over the vocabulary)."""
+    V = draw(st.sampled_from(VOCABS))
+    return draw(st.integers(0, 40 if V < MAX_BLOCK_V // 2 else 8)), V
+
+
+@given(shape=rows_and_vocab(), d=st.sampled_from((1, 16, 24)), chunk=st.integers(1, 40),
+       block_v=st.sampled_from((64, 256, None)), ignored=st.sampled_from((0.0, 0.3, 1.0)),
        dtype=st.sampled_from((torch.float32, torch.float32, torch.bfloat16, torch.float16)),
        edge=st.sampled_from(("none", "none", "zero", "huge", "inf", "nan")), seed=st.integers(0, 1000))
-def test_matches_torch_cross_entropy(N, d, V, chunk, block_v, ignored, dtype, edge, seed, kernel_device):
+def test_matches_torch_cross_entropy(shape, d, chunk, block_v, ignored, dtype, edge, seed, kernel_device):
+    N, V = shape
+    # the logits of a chunk are stored in the input dtype, as any fp16 matmul's: a row of h times 1e4
+    # takes them past fp16's 65504, where the fp32 reference is still finite
+    assume(not (dtype == torch.float16 and edge == "huge"))
     _check(N, d, V, dtype, chunk_rows=chunk, block_v=block_v, device=kernel_device, seed=seed, ignored=ignored,
            edge=edge)
 
