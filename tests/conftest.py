@@ -71,6 +71,8 @@ def pytest_runtest_call(item):
     with record_fallbacks() as fell:
         try:
             result = yield
+        except TimeBoxSpent:  # the examples that ran passed
+            result = None
         finally:
             if box is not None:
                 box.close()
@@ -90,12 +92,19 @@ def fresh_fallback_warnings(monkeypatch):
 
 
 # -- hypothesis: the seed and the time box ---------------------------------------------------------------
+class TimeBoxSpent(BaseException):
+    """Raised instead of running an example once the box is spent: hypothesis treats an exception that
+    is not a test failure as the end of the run, so no more examples are drawn (skipping an example's
+    body instead would leave the draws it makes with `st.data()` undone, which hypothesis reports as
+    flaky data generation)."""
+
+
 class TimeBox:
     """Wraps a property test's body (`test.hypothesis.inner_test`): once its examples have run for
-    `seconds` (and at least MIN_EXAMPLES ran), later examples are drawn but not run, so a test stops
+    `seconds` (and at least MIN_EXAMPLES ran), the run ends before the next example, so a test stops
     within its box whatever an example costs. After a failure every example runs (shrinking)."""
 
-    stats: list[tuple[str, int, int]] = []  # (test id, examples run, examples past the box)
+    stats: list[tuple[str, int, int]] = []  # (test id, examples run, 1 if the box ended the run)
 
     def __init__(self, item, seconds: float):
         self.item, self.handle = item, item.obj.hypothesis
@@ -111,7 +120,7 @@ class TimeBox:
     def run(self, *args, **kwargs):
         if not self.failed and self.ran >= MIN_EXAMPLES and time.monotonic() - self.start > self.seconds:
             self.cut += 1
-            return None
+            raise TimeBoxSpent
         self.ran += 1
         try:
             return self.inner(*args, **kwargs)

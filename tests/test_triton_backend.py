@@ -47,10 +47,6 @@ def _op(program) -> TritonRowOp:
     return _ops[program.hash]
 
 
-def _close(got, ref, dtype, what, width=1):
-    close(got, ref, dtype, what, width)
-
-
 def _check_program(program, rows, width, dtype, seed, device, scale=1.0, edge="none"):
     check_row_op(_op(program), program, rows, width, dtype, seed, device, scale, edge)
 
@@ -148,6 +144,15 @@ def test_reductions_ignore_the_padding_lanes(kernel_device):
         _check_program(p, 2, width, torch.float32, seed=width, device=kernel_device)
 
 
+def test_max_and_relu_keep_nan(kernel_device):
+    # tl.max and tl.maximum drop a NaN operand (maxnum) unless told otherwise; torch keeps it
+    b = ProgramBuilder("nan_max")
+    x = b.row("x")
+    b.output("m", x.max())
+    b.output("y", x.relu() * (x - 1.0).max())
+    _check_program(b.build(), 3, 129, torch.float32, seed=5, device=kernel_device, edge="nan")
+
+
 def test_rounding_casts_match_the_evaluator(kernel_device):
     # values computed exactly in fp32 (an input, a product) round to the same half-type value
     b = ProgramBuilder("rounding")
@@ -172,13 +177,13 @@ def test_scalar_inputs_and_outputs_and_leading_dims(kernel_device):
     ref = evaluate(p, {"x": x, "s": s, "w": w})
     assert out["m"].shape == (2, 3) and out["y"].shape == (2, 3, 5)
     for k in ref:
-        _close(out[k], ref[k], torch.float32, k)
+        close(out[k], ref[k], torch.float32, k)
     (out["y"].sum() + out["m"].square().sum()).backward()  # expanded (stride 0) cotangents
     leaves_r = [t.clone().requires_grad_() for t in (x, s, w)]
     r = evaluate(p, dict(zip("xsw", leaves_r)))
     (r["y"].sum() + r["m"].square().sum()).backward()
     for a, c, n in zip(leaves, leaves_r, "xsw"):
-        _close(a.grad, c.grad, torch.float32, f"d_{n}")
+        close(a.grad, c.grad, torch.float32, f"d_{n}")
 
 
 def test_rows_wider_than_the_limit_are_an_error(kernel_device):
@@ -233,7 +238,7 @@ def _run_guarded(program, rows, width, dtype, device):
         else:
             inside[3:3 + rows] = True
         assert (buf[~inside] == OUT_SENTINEL).all(), f"{program.name}: {o.name} wrote outside its tensor"
-        _close(view.to(ref[o.name].dtype) if o.row_partial else view, ref[o.name], dtype, o.name)
+        close(view.to(ref[o.name].dtype) if o.row_partial else view, ref[o.name], dtype, o.name)
     for i in program.inputs:  # inputs are never written, not even their padding
         assert views[i.name].isfinite().all() and int(in_bufs[i.name].isnan().sum()) == \
             in_bufs[i.name].numel() - views[i.name].numel(), f"{program.name}: input {i.name} was written"
