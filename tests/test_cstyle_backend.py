@@ -209,7 +209,7 @@ def test_autograd_keeps_only_what_the_backward_reads():
         t.grad = None
     (ref["y"].sum() + 2 * ref["h"].sum()).backward()
     for a, b in zip(g_kernel, (x.grad, r.grad, w.grad)):
-        torch.testing.assertclose(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_wider_rows_use_more_threads():
