@@ -1,13 +1,14 @@
 # hrmspec — the two commands of the quick start, and a few more.
 #   make demo   install what is needed, then train the CPU demo (specs/hrm-text-tiny.yaml)
 #   make test   install what is needed (with the dev extras), then lint and run the test suite
+#   make test-deep   the whole suite, slow tests too, with the deep hypothesis profile
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 # torch first and pinned: this version has a CPU build; an unpinned torch pulls a CUDA build of several GB
 TORCH ?= torch==2.13.0
 OUT ?= runs/hrm-text-tiny
 
-.PHONY: install install-dev demo test test-all lint bench
+.PHONY: install install-dev demo test test-all test-deep lint bench
 
 install:
 	$(PIP) $(TORCH)
@@ -29,6 +30,10 @@ test: install-dev lint
 
 test-all: install-dev lint
 	$(PYTHON) -m pytest -q
+
+# every test, slow ones included, with the deep hypothesis profile (up to 2000 examples, 300 s per property)
+test-deep: install-dev lint
+	$(PYTHON) -m pytest -q --hypothesis-profile=deep
 
 bench: install-dev
 	$(PYTHON) benchmarks/report.py

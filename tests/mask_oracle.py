@@ -112,8 +112,10 @@ def block_reduce(dense: torch.Tensor, bm: int, bn: int):
     return blocks > 0, blocks == valid.view(B, nq, bm, nk, bn).sum((2, 4))
 
 
-def assert_sound(mask: Mask, q_len: int, states: torch.Tensor, bm: int, bn: int) -> None:
-    any_, all_ = block_reduce(mask.dense(q_len)[:, 0], bm, bn)
+def assert_sound(allowed: torch.Tensor, states: torch.Tensor, bm: int, bn: int) -> None:
+    """Block states (B or 1, nQ, nK) against the allowed pairs (B, 1, Sq, Sk): no block holding an
+    allowed pair is skipped, no block holding a masked pair is full."""
+    any_, all_ = block_reduce(allowed[:, 0], bm, bn)
     states = states.expand_as(any_)
     assert not (any_ & (states == SKIP)).any(), "a block with an allowed element was skipped"
     assert not (~all_ & (states == FULL)).any(), "a block with a masked element was marked full"

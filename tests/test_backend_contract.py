@@ -120,6 +120,7 @@ def test_tables_keep_the_contract(table):
 
 
 # -- fallbacks, per call ---------------------------------------------------------------------------------
+@pytest.mark.fallback
 def test_every_fallback_is_recorded_and_the_first_one_warned(monkeypatch):
     monkeypatch.setattr(fallback, "_warned", set())
     with fallback.record_fallbacks() as outer:
@@ -132,6 +133,18 @@ def test_every_fallback_is_recorded_and_the_first_one_warned(monkeypatch):
     assert outer == [fallback.Fallback("demo", "op", "why")] * 2 and inner == outer[1:]
 
 
+@pytest.mark.fallback
+def test_a_closed_recorder_stops_recording_even_beside_an_equal_one(monkeypatch):
+    # recorders are told apart by identity: an empty inner one closing must not close the outer one
+    monkeypatch.setattr(fallback, "_warned", {fallback.Fallback("demo", "op", "why")})  # recorded, not warned
+    with fallback.record_fallbacks() as outer:
+        with fallback.record_fallbacks() as inner:
+            pass
+        fallback.report_fallback("demo", "op", "why")
+    assert outer == [fallback.Fallback("demo", "op", "why")] and inner == []
+
+
+@pytest.mark.fallback
 def test_a_kernel_table_records_each_fallback_call():
     if REGISTRY["opencl"].missing():
         pytest.skip(REGISTRY["opencl"].missing())

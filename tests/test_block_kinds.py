@@ -19,14 +19,16 @@ NORM_SPECS = {kind: {"type": kind, "affine": True} if kind != "expr" else
 BACKENDS = ["opencl", "triton"]
 
 
-def _model(tiny_text, backend, **over):
+def _model(tiny_text, backend, device, **over):
+    """The reference model and the same weights on `backend`, both on `device` (so only the kernels differ)."""
     spec = load_spec_text(tiny_text, overrides={"model.d_model": 16, "model.heads": 2, "model.ffn": 24, **over})
     torch.manual_seed(0)
     ref = hrmspec.compile(spec)
     with torch.no_grad():
         for p in ref.parameters():  # weights away from their init, so a misbound one shows
             p.add_(0.2 * torch.randn_like(p))
-    other = hrmspec.compile(spec, backend=backend)
+    ref.to(device)
+    other = hrmspec.compile(spec, backend=backend).to(device)
     other.load_state_dict(ref.state_dict())
     return ref, other
 
@@ -35,6 +37,8 @@ def _same(ref, other, atol=2e-4):
     gen = torch.Generator().manual_seed(1)
     ids, labels = torch.randint(0, 61, (2, 7), generator=gen), torch.randint(0, 61, (2, 7), generator=gen)
     prefix = torch.arange(7)[None].expand(2, 7) < 3
+    device = ref.embed.weight.device
+    ids, labels, prefix = ids.to(device), labels.to(device), prefix.to(device)
     with record_fallbacks() as fell:
         b = other(ids, prefix_mask=prefix, labels=labels)
         b.loss.backward()
@@ -47,27 +51,32 @@ def _same(ref, other, atol=2e-4):
                                    msg=lambda m, n=n: f"{n}: {m}")
 
 
-def _backend(name):
+def _backend(name, kernel_device) -> torch.device:
+    """Skip without the backend; where its kernels run (PoCL: the CPU)."""
     if name == "opencl":
         pytest.importorskip("pyopencl")
-    else:
-        pytest.importorskip("triton")
+        return torch.device("cpu")
+    pytest.importorskip("triton")
+    return kernel_device
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mlp", sorted(MLPS))
-def test_every_mlp_kind_on_every_backend(tiny_text, backend, mlp, cl_ops):
-    _backend(backend)
-    _same(*_model(tiny_text, backend, **{"model.block.mlp": mlp, "model.modules.L.layers": 1,
+def test_every_mlp_kind_on_every_backend(tiny_text, backend, mlp, cl_ops, kernel_device):
+    device = _backend(backend, kernel_device)
+    _same(*_model(tiny_text, backend, device, **{"model.block.mlp": mlp, "model.modules.L.layers": 1,
                                           "model.modules.H.layers": 1}))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", sorted(NORMS))
-def test_every_norm_kind_on_every_backend_as_block_exit_and_final_norm(tiny_text, backend, norm, cl_ops):
-    _backend(backend)
+def test_every_norm_kind_on_every_backend_as_block_exit_and_final_norm(tiny_text, backend, norm, cl_ops,
+                                                                       kernel_device):
+    device = _backend(backend, kernel_device)
     n = NORM_SPECS[norm]
-    ref, other = _model(tiny_text, backend, **{
+    ref, other = _model(tiny_text, backend, device, **{
         "model.block.norm": {**n, "place": "sandwich"}, "model.modules.L.layers": 1, "model.modules.H.layers": 1,
         "model.modules.L.exit_norm": n, "model.final_norm": n, "model.head": "untied"})
     body = other.plan.bodies[("L", 2)]

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from mask_oracle import loop_mask
 
 pytest.importorskip("triton")
 
@@ -23,6 +24,7 @@ from hrmspec.ir import rms_norm  # noqa: E402
 from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.spec import load_spec_text  # noqa: E402
 
+pytestmark = pytest.mark.gpu  # the checks and the whole-model runs use the kernel device
 EXPR_NORM = '    norm: {type: expr, expr: "x * rsqrt(mean(x*x) + eps) * (1 + w)", params: {w: zeros}}\n'
 
 
@@ -75,12 +77,13 @@ def test_a_wrong_kernel_fails_the_check_with_exit_1(expr_spec, capsys, monkeypat
     assert f"{failed} of {len(plan.kernels)} kernels failed" in out and out.count(" FAIL") == failed
 
 
-def test_a_row_too_wide_is_a_reported_fallback():
+@pytest.mark.fallback
+def test_a_row_too_wide_is_a_reported_fallback(kernel_device, fresh_fallback_warnings):
     program = rms_norm(affine=False)
     wide = KernelInfo("hrm_rms_norm_fwd_wide", "fwd", program, program, MAX_WIDTH + 1)
     [c] = check_kernels([wide], compile=False)
     assert c.ok and c.error is None and "reference op" in c.fallback
-    x = torch.randn(2, MAX_WIDTH + 1)
+    x = torch.randn(2, MAX_WIDTH + 1, device=kernel_device)
     with pytest.warns(UserWarning, match="exceed"), record_fallbacks() as fell:
         y = get_backend("triton").rms_norm(x, 1e-6)
     assert [(f.backend, f.op) for f in fell] == [("triton", "rms_norm")] and "exceed" in fell[0].reason
@@ -112,37 +115,40 @@ def test_the_triton_backend_has_the_reference_op_table():
 @pytest.mark.parametrize("kind", ["causal", "prefix_lm", "bidirectional"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
-def test_the_template_runs_every_mask_from_its_fields(kind, packed, window):
+def test_the_template_runs_every_mask_from_its_fields(kind, packed, window, kernel_device):
     prefix = torch.zeros(2, 7, dtype=torch.bool)
     prefix[0, :3] = prefix[0, 4:6] = True
     prefix[1, :1] = True
     docs = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [3, 3, 3, 3, 3, 3, 3]]) if packed else None
-    mask = Mask(kind, prefix, docs, window)
+    mask = Mask(kind, *(None if t is None else t.to(kernel_device) for t in (prefix, docs)), window)
     q, k, v = (torch.randn(2, 2, 7, 8) for _ in range(3))
     with record_fallbacks() as fell:  # no fallback: the template takes every mask kind, documents, a window
-        out = get_backend("triton").attention(q, k, v, mask)
+        out = get_backend("triton").attention(*(t.to(kernel_device) for t in (q, k, v)), mask)
     assert not fell, fell
-    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense()))
+    allowed = loop_mask(kind, 2, 7, prefix, docs, window)  # brute force, padding (doc -1) included
+    torch.testing.assert_close(out.cpu(), torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
 
 
-def test_decoding_with_a_cache_runs_the_reference_attention_with_a_warning():
+@pytest.mark.fallback
+def test_decoding_with_a_cache_runs_the_reference_attention_with_a_warning(kernel_device, fresh_fallback_warnings):
     mask = Mask("causal", q_offset=5)  # 2 new queries after 5 cached keys
     q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
     with pytest.warns(UserWarning, match="query and key lengths differ"), record_fallbacks() as fell:
-        out = get_backend("triton").attention(q, k, v, mask)
+        out = get_backend("triton").attention(*(t.to(kernel_device) for t in (q, k, v)), mask).cpu()
     assert [f.op for f in fell] == ["attention"]
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(2))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=loop_mask("causal", 1, 2, q_offset=5))
     torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("norm", ["rms", "expr"])
-def test_triton_backend_runs_a_whole_model_like_the_reference(tiny_text, norm):
+def test_triton_backend_runs_a_whole_model_like_the_reference(tiny_text, norm, kernel_device):
     text = tiny_text if norm == "rms" else tiny_text.replace("  modules:\n", "  block:\n" + EXPR_NORM + "  modules:\n")
     over = {"model.modules.L.layers": 1, "model.modules.H.layers": 1}
     spec = load_spec_text(text, overrides=over)
     torch.manual_seed(0)
-    ref = hrmspec.compile(spec, backend="reference")
-    tri = hrmspec.compile(spec, backend="triton")
+    # both on the kernel device: the difference is the generated kernels, not CPU against GPU matmuls
+    ref = hrmspec.compile(spec, backend="reference").to(kernel_device)
+    tri = hrmspec.compile(spec, backend="triton").to(kernel_device)
     tri.load_state_dict(ref.state_dict())
     if norm == "expr":  # non-zero offsets, so the norm weights matter
         with torch.no_grad():
@@ -155,6 +161,7 @@ def test_triton_backend_runs_a_whole_model_like_the_reference(tiny_text, norm):
     prefix = torch.zeros(2, 7, dtype=torch.bool)
     prefix[:, :3] = prefix[0, 4] = True
     docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0] * 7])  # two samples packed into the first row
+    ids, labels, prefix, docs = (t.to(kernel_device) for t in (ids, labels, prefix, docs))
     out_r = ref(ids, prefix_mask=prefix, doc_ids=docs, labels=labels)
     with record_fallbacks() as fell:
         out_t = tri(ids, prefix_mask=prefix, doc_ids=docs, labels=labels, return_logits=False)  # as in training

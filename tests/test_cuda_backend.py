@@ -115,6 +115,7 @@ def test_op_table_has_every_op_of_the_reference():
         assert torch.equal(a, b)
 
 
+@pytest.mark.fallback
 def test_cpu_tensors_fall_back_with_a_warning(monkeypatch):
     table = CudaTable(reference)
     monkeypatch.setattr(fallback, "_warned", set())
@@ -344,6 +345,7 @@ def _tiny_models(tiny_text):
 
 
 @pytest.mark.gpu
+@pytest.mark.needs_gpu
 def test_cuda_backend_runs_a_whole_model_like_the_reference(tiny_text):
     # both on the same device: the difference is the generated row kernels, not CPU against GPU matmuls
     ref, cu = _tiny_models(tiny_text)
@@ -365,8 +367,10 @@ def test_cuda_backend_runs_a_whole_model_like_the_reference(tiny_text):
             torch.testing.assert_close(p_c.grad, p_r.grad, rtol=1e-4, atol=1e-5 * float(p_r.grad.abs().max()))
 
 
+@pytest.mark.fallback
 @pytest.mark.gpu
-def test_cuda_fallback_on_the_device_is_reported():
+@pytest.mark.needs_gpu
+def test_cuda_fallback_on_the_device_is_reported(fresh_fallback_warnings):
     pytest.importorskip("cupy")
     ops = get_backend("cuda")
     x = torch.randn(3, 8, dtype=torch.float64, device="cuda")

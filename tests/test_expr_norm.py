@@ -159,7 +159,8 @@ def test_a_learnable_offset_norm_trains():
     assert all(w.detach().any() for w in ws.values())
 
 
-def test_expression_norm_on_the_triton_backend_equals_the_reference(tmp_path, monkeypatch):
+@pytest.mark.gpu
+def test_expression_norm_on_the_triton_backend_equals_the_reference(tmp_path, monkeypatch, kernel_device):
     pytest.importorskip("triton")
     monkeypatch.setenv("HRMSPEC_CACHE", str(tmp_path))
     spec = NormSpec(type="expr", eps=1e-6, expr=GEMMA, params=(("w", "normal"),))
@@ -167,17 +168,18 @@ def test_expression_norm_on_the_triton_backend_equals_the_reference(tmp_path, mo
     program = norm_program(spec)
     w = torch.randn(24) * 0.1
     x = torch.randn(2, 5, 24)
-    (xr, wr), (xt, wt) = [(x.clone().requires_grad_(), w.clone().requires_grad_()) for _ in range(2)]
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xt, wt = x.to(kernel_device).requires_grad_(), w.to(kernel_device).requires_grad_()
     with record_fallbacks() as fell:
         yt = get_backend("triton").row_program(program, {"x": xt, "w": wt})["y"]
     assert not fell, fell  # a generated kernel, not a reported fallback
     yr = get_backend("reference").row_program(program, {"x": xr, "w": wr})["y"]
-    torch.testing.assert_close(yt, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(yt.cpu(), yr, rtol=1e-5, atol=1e-5)
     cot = torch.randn_like(yr)
     yr.backward(cot)
-    yt.backward(cot)
-    torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(wt.grad, wr.grad, rtol=1e-4, atol=1e-5)
+    yt.backward(cot.to(kernel_device))
+    torch.testing.assert_close(xt.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wt.grad.cpu(), wr.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_show_counts_expression_norm_parameters():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from mask_oracle import loop_mask
 from safetensors.torch import load_file, save_file
 
 import hrmspec
@@ -70,7 +71,7 @@ def hf_configs(draw) -> dict:
 @st.composite
 def batches(draw, vocab: int, min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, S) and a prefix mask marking each row's first p tokens (p may be 0 or S)."""
-    B, S = draw(st.integers(1, 2)), draw(st.integers(min_len, 9))
+    B, S = draw(st.integers(1, 3)), draw(st.integers(min_len, 16))
     ids = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=B * S, max_size=B * S))).view(B, S)
     lengths = draw(st.lists(st.integers(0, S), min_size=B, max_size=B))
     prefix = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
@@ -108,7 +109,6 @@ def token_types(prefix: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- HF -> ours
 
 
-@settings(max_examples=12, deadline=None)
 @given(cfg=hf_configs(), data=st.data(), attn=st.sampled_from(["sdpa", "eager"]), seed=st.integers(0, 2**16))
 def test_hf_to_ours_logits(cfg, data, attn, seed):
     ids, prefix = data.draw(batches(cfg["vocab_size"]))
@@ -173,7 +173,6 @@ def hrm_specs(draw) -> str:
     return yaml.safe_dump({"name": "drawn", "model": model}, sort_keys=False)
 
 
-@settings(max_examples=12, deadline=None)
 @given(text=hrm_specs(), data=st.data(), seed=st.integers(0, 2**16))
 def test_ours_to_hf_logits(text, data, seed):
     spec = load_spec_text(text)
@@ -213,7 +212,6 @@ def hf_greedy_loop(hf, ids: torch.Tensor, prefix: torch.Tensor, n: int) -> torch
     return out
 
 
-@settings(max_examples=8, deadline=None)
 @given(cfg=hf_configs(), data=st.data(), n=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_greedy_generation_matches(cfg, data, n, seed):
     ids, prefix = data.draw(batches(cfg["vocab_size"]))
@@ -248,7 +246,6 @@ def test_greedy_generation_matches(cfg, data, n, seed):
 # --------------------------------------------------------------------------- gradients and credit
 
 
-@settings(max_examples=10, deadline=None)
 @given(cfg=hf_configs(), data=st.data(), seed=st.integers(0, 2**16))
 def test_loss_gradients_match_with_credit(cfg, data, seed):
     ids, prefix = data.draw(batches(cfg["vocab_size"], min_len=2))
@@ -279,6 +276,66 @@ def test_loss_gradients_match_with_credit(cfg, data, seed):
         want = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(ours_grads[name], want, **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
         checked += 1
+    assert checked == sum(p.requires_grad for p in hf.parameters())
+
+
+# --------------------------------------------------------------------------- packed documents
+
+
+@st.composite
+def packed_rows(draw, vocab: int, kind: str):
+    """Rows of packed samples: documents of random lengths, each an instruction (prefix) then a response,
+    positions restarting at every document, padding (doc -1) at the end; labels on responses only.
+    The attention mask is the brute-force loop of tests/mask_oracle.py, independent of hrmspec.mask."""
+    B, S = draw(st.integers(1, 2)), draw(st.integers(2, 16))
+    ids = torch.tensor(draw(st.lists(st.integers(0, vocab - 1), min_size=B * S, max_size=B * S))).view(B, S)
+    prefix = torch.zeros(B, S, dtype=torch.bool)
+    doc = torch.full((B, S), -1)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    for b in range(B):
+        end, t, d = S - draw(st.integers(0, S // 3)), 0, 0
+        while t < end:
+            n = draw(st.integers(1, end - t))
+            prefix[b, t:t + draw(st.integers(0, n))] = True
+            doc[b, t:t + n], pos[b, t:t + n] = d, torch.arange(n)
+            t, d = t + n, d + 1
+    labels = torch.full((B, S), -100)  # position t predicts the next token of its document's response
+    for b in range(B):
+        for t in range(S - 1):
+            if doc[b, t] >= 0 and doc[b, t + 1] == doc[b, t] and not prefix[b, t + 1]:
+                labels[b, t] = ids[b, t + 1]
+    allowed = loop_mask(kind, B, S, prefix, doc)
+    return ids, prefix, doc, pos, labels, allowed
+
+
+@given(cfg=hf_configs(), data=st.data(), seed=st.integers(0, 2**16))
+def test_packed_documents_match_transformers_given_the_brute_force_mask(cfg, data, seed):
+    """Several samples per row with per-document positions and trailing padding: logits, loss and every
+    gradient (under the drawn L_bp_cycles credit) equal transformers' given the 4-D mask built by loops."""
+    kind = "prefix_lm" if cfg["prefix_lm"] else "causal"
+    ids, prefix, doc, pos, labels, allowed = data.draw(packed_rows(cfg["vocab_size"], kind))
+    hf = hf_model(cfg, seed).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = hf_to_ours(hf, tmp).train()
+    assert ours.spec.model.module("L").block.attention.mask == kind
+    hf_labels = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)  # HF shifts back
+    out = ours(ids, prefix_mask=prefix, doc_ids=doc, position_ids=pos, labels=labels)
+    ref = hf(ids, attention_mask=allowed, position_ids=pos, labels=hf_labels if (labels != -100).any() else None,
+             use_cache=False)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    if (labels == -100).all():
+        return
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    out.loss.backward()
+    ref.loss.backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ours.named_parameters()}
+    ours_grads = to_hf_tensors(ours.spec, grads, layout="module")
+    checked = 0
+    for name, p in hf.named_parameters():
+        if p.requires_grad:  # z_L_init is frozen in HF, a buffer here
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(ours_grads[name], want, **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
+            checked += 1
     assert checked == sum(p.requires_grad for p in hf.parameters())
 
 

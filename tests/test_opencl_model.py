@@ -34,7 +34,8 @@ def test_opencl_backend_runs_a_whole_model_like_the_reference(tiny_text, cl_ops)
             torch.testing.assert_close(p_o.grad, p_r.grad, rtol=1e-4, atol=1e-5 * float(p_r.grad.abs().max()))
 
 
-def test_opencl_fallback_is_reported(cl_ops):
+@pytest.mark.fallback
+def test_opencl_fallback_is_reported(cl_ops, fresh_fallback_warnings):
     x = torch.randn(3, 8, dtype=torch.float64)
     with pytest.warns(UserWarning, match="opencl backend: rms_norm: torch.float64"), record_fallbacks() as fell:
         y = cl_ops.rms_norm(x, 1e-6)

@@ -76,17 +76,20 @@ def test_a_call_is_the_token_mlp_layer_written_by_hand(d, s, p, seed):
     torch.testing.assert_close(got, net_by_hand(model, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["opencl", "triton"])
-def test_kernel_backends_compute_what_the_reference_does(backend):
+def test_kernel_backends_compute_what_the_reference_does(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")  # PoCL runs on the CPU
     spec = spec_for()
     torch.manual_seed(0)
     ref = hrmspec.compile(spec)
     with torch.no_grad():  # zero-initialised parameters (the puzzle vectors) moved, so a misbound one shows;
         for prm in ref.parameters():  # small steps: eight calls with norms over 8 positions amplify rounding
             prm.add_(0.02 * torch.randn_like(prm))
-    other = hrmspec.compile(spec, backend=backend)
+    ref.to(device)
+    other = hrmspec.compile(spec, backend=backend).to(device)
     other.load_state_dict(ref.state_dict())
-    ids, pid = torch.randint(1, 6, (3, 6)), torch.tensor([0, 1, 1])
+    ids, pid = torch.randint(1, 6, (3, 6), device=device), torch.tensor([0, 1, 1], device=device)
     outs = []
     for m in (ref, other):
         with record_fallbacks() as fell:

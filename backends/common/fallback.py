@@ -46,8 +46,8 @@ def record_fallbacks() -> Iterator[list[Fallback]]:
     try:
         yield fell
     finally:
-        with _lock:
-            _recorders.remove(fell)
+        with _lock:  # by identity: an enclosing recorder may hold an equal list
+            del _recorders[next(i for i, r in enumerate(_recorders) if r is fell)]
 
 
 def report_fallback(backend: str, op: str, reason: str, stacklevel: int = 4) -> None:

@@ -105,6 +105,8 @@ def row_views(program: RowProgram, inputs: dict[str, torch.Tensor], lead: tuple[
         t, shape = results[o.name], (*lead, width) if o.kind == "row" else lead
         if tuple(t.shape) != tuple(shape):
             raise KernelError(f"{p.name}: output '{o.name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if n_rows == 0:  # nothing to launch; a zero-size dim has no strides that split (B, 0, D) into rows
+        return RowViews(0, 1, width, n_lead, {}, results)
     rows_in = [n for n in p.kinds_of("row")]
     rows_out = [o.name for o in p.outputs if o.kind == "row"]
 

@@ -38,6 +38,14 @@ def _bf16_helpers(**names: str) -> dict[str, str]:
     return {k: v.format(**names) for k, v in _BF16.items()}
 
 
+# max and relu keep a NaN, as torch's do: fmax returns the other operand of a NaN
+_MAX = """\
+{fn} float hrm_max(const float a, const float b) {{
+  return (a != a || b != b) ? a + b : {fmax}(a, b);
+}}
+"""
+
+
 @dataclass(frozen=True)
 class Dialect:
     name: str  # cuda | opencl
@@ -115,6 +123,7 @@ static __device__ __forceinline__ float hrm_round_f16(const float f) {
 """,
         **_bf16_helpers(fn="static __device__ __forceinline__", u16="unsigned short", u32="unsigned int",
                         as_float="__uint_as_float", as_uint="__float_as_uint"),
+        "hrm_max": _MAX.format(fn="static __device__ __forceinline__", fmax="fmaxf"),
     },
     compile_options=("--fmad=false", "--prec-div=false"),
 )
@@ -140,7 +149,8 @@ OPENCL = Dialect(
     load={"f32": "{ptr}[{i}]", "f16": "vload_half({i}, {ptr})", "bf16": "hrm_bf16_to_f32({ptr}[{i}])"},
     store={"f32": "{ptr}[{i}] = {v};", "f16": "vstore_half_rte({v}, {i}, {ptr});",
            "bf16": "{ptr}[{i}] = hrm_f32_to_bf16({v});"},
-    math={"exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh", "fmax": "fmax", "pow": "pow"},
+    math={"exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "hrm_tanh", "fmax": "fmax",
+          "pow": "pow"},
     inf="INFINITY",
     nan="NAN",
     reciprocal="1.0f / {0}",
@@ -154,6 +164,14 @@ static inline float hrm_round_f16(const float f) {
 }
 """,
         **_bf16_helpers(fn="static inline", u16="ushort", u32="uint", as_float="as_float", as_uint="as_uint"),
+        "hrm_max": _MAX.format(fn="static inline", fmax="fmax"),
+        # OpenCL's tanh may miss 1 by an ulp where tanh rounds to 1 (PoCL: 1 - 2^-24 at 3.6e7); gelu's
+        # derivative multiplies 1 - tanh^2 by ~a^3, so that ulp made it ~24 instead of 1 at a = 1541
+        "hrm_tanh": """\
+static inline float hrm_tanh(const float x) {
+  return fabs(x) > 9.1f ? copysign(1.0f, x) : tanh(x);
+}
+""",
     },
 )
 

@@ -66,7 +66,7 @@ C = ExprTable(
         "sigmoid": "1.0f / (1.0f + {exp}(-{0}))",
         "silu": "{0} / (1.0f + {exp}(-{0}))",  # a sigmoid(a) = a / (1 + e^-a)
         "tanh": "{tanh}({0})",
-        "relu": "{fmax}({0}, 0.0f)",
+        "relu": "hrm_max({0}, 0.0f)",  # relu(NaN) = NaN, as torch's
         "where": "{0} ? {1} : {2}",
     },
     cast={
@@ -94,7 +94,7 @@ C = ExprTable(
     own_names=r"_.*|[ta]\d+|.*_(ptr|offset|stride|istride)",
 )
 # reduction -> (identity, how two partials combine)
-REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "{fmax}({0}, {1})")}
+REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "hrm_max({0}, {1})")}
 
 
 def names(d: Dialect) -> dict[str, str]:

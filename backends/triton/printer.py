@@ -32,7 +32,7 @@ TRITON = ExprTable(
         "sigmoid": "tl.sigmoid({0})",
         "silu": "{0} * tl.sigmoid({0})",
         "tanh": "_tanh({0})",  # there is no tl.tanh: a helper below
-        "relu": "tl.maximum({0}, 0.0)",
+        "relu": "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)",  # relu(NaN) = NaN, as torch
         "where": "tl.where({0}, {1}, {2})",
     },
     cast={
@@ -75,8 +75,14 @@ def _round_bf16(a):
     bits = (bits >> 16) << 16
     return tl.where(a != a, a, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
 ''',
+    "_max_nan": '''@triton.jit
+def _max_nan(a, axis: tl.constexpr):
+    # the max, NaN if any lane is NaN (as torch's max): tl.max combines with maxnum, which drops NaN
+    m = tl.max(a, axis=axis)
+    return tl.where(tl.max((a != a).to(tl.int32), axis=axis) > 0, float("nan"), m)
+''',
 }
-REDUCE_FOR_OP = {"sum": ("tl.sum", "0.0"), "mean": ("tl.sum", "0.0"), "max": ("tl.max", 'float("-inf")')}
+REDUCE_FOR_OP = {"sum": ("tl.sum", "0.0"), "mean": ("tl.sum", "0.0"), "max": ("_max_nan", 'float("-inf")')}
 TORCH_TO_TL = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
 
 

@@ -74,22 +74,21 @@ class TritonTable(KernelTable):
 
 @functools.lru_cache(maxsize=1)
 def _flash_attention():
-    """The flash-attention template's entry point, or None while it is not importable."""
+    """(the flash-attention template's entry point, None), or (None, why it does not import)."""
     try:
         from hrmspec.backends.triton.attention import flash_attention
-    except ImportError:
-        return None
-    return flash_attention
+    except ImportError as e:
+        return None, f"the flash-attention template does not import ({e})"
+    return flash_attention, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, table: TritonTable) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v on (B, h, S, hd): the template, with the Mask's fields
     as its inputs; the reference attention where the template cannot run."""
     reference, _unsupported, _fallback = table.reference, table.unsupported, table.fallback  # what it falls back to
-    flash = _flash_attention()
-    if flash is None:
-        return reference.attention(q, k, v, mask)  # the template is not part of this build: nothing to report
-    reason = _unsupported([q, k, v], 0)
+    flash, reason = _flash_attention()
+    if reason is None:
+        reason = _unsupported([q, k, v], 0)
     if reason is None and (q.shape != k.shape or mask.q_offset):
         reason = "query and key lengths differ (decoding with a cache)"
     elif reason is None and q.shape[-1] > 128:

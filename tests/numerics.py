@@ -1,0 +1,163 @@
+"""How kernel tests compare a result with its reference, and the shapes and values they draw.
+
+Half-precision storage is held to an elementwise bound derived from the dtype's epsilon and the
+reduction length, beside the relative RMS error: an RMS alone lets one wrong element in thousands
+pass. Non-finite values are compared as a pattern: the reference says where inf and NaN belong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+RMS_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative RMS error of half-precision storage
+
+# the row kernels' BLOCK is the next power of two of the width; their warps change at 2048, 8192 and
+# 32768: a width on each side of a block size
+BLOCK_EDGES = (128, 1024, 2048, 4096)  # and the C-style kernels' threads per row change at 1024, 2048, 4096
+BLOCK_WIDTHS = (1, 2, 3, *sorted({w + d for w in BLOCK_EDGES for d in (-1, 0, 1)}))
+
+
+EDGES = ("none", "zero", "huge", "inf", "nan")  # what `edge_values` writes into a row
+
+
+def widths(largest: int = 4097) -> st.SearchStrategy[int]:
+    """A row width: one beside a block size, or any up to `largest`."""
+    return st.sampled_from([w for w in BLOCK_WIDTHS if w <= largest]) | st.integers(1, largest)
+
+
+def around(*sizes: int, low: int = 1) -> tuple[int, ...]:
+    """Each size, one less and one more (at least `low`), sorted."""
+    return tuple(sorted({max(low, s + d) for s in sizes for d in (-1, 0, 1)}))
+
+
+def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6))
+
+
+def elementwise_bound(ref: torch.Tensor, dtype: torch.dtype, n: int, roundings: float = 4.0) -> torch.Tensor:
+    """|kernel - reference| allowed per element for a result stored in `dtype` whose value is a
+    reduction over `n` terms (computed in fp32 from `dtype` inputs):
+
+        roundings * eps * (|ref| + sqrt(n) * rms(ref))
+
+    Each storage rounding (the output, and intermediates a kernel keeps in `dtype`) moves a value by at
+    most eps relative (eps: a truncating store, as the interpreter's; eps / 2 rounding to nearest);
+    `roundings` counts them. A reduction over n terms each rounded relative to its own size adds
+    about sqrt(n) * eps of the terms' scale, which for a softmax-weighted mean is up to sqrt(n) times
+    the result's RMS (the second term). One wrong element off by the result's RMS exceeds this for
+    reductions up to a few hundred terms (tests/test_numerics.py); an RMS check lets it pass."""
+    eps = EPS[dtype]
+    rms = ref.pow(2).mean().sqrt() if ref.numel() else ref.new_zeros(())
+    return roundings * eps * (ref.abs() + math.sqrt(max(1, n)) * rms)
+
+
+def assert_within(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n: int, what: str,
+                  roundings: float = 4.0) -> None:
+    """`got` (stored in `dtype`) against the fp32 `ref`: the relative RMS error and the elementwise
+    bound of `elementwise_bound`; the first offending element is named."""
+    got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
+    assert got.shape == ref.shape, (what, got.shape, ref.shape)
+    if not ref.numel():
+        return
+    rms = rel_rms(got, ref)
+    assert rms < RMS_TOL[dtype], f"{what}: relative RMS error {rms:.2e} >= {RMS_TOL[dtype]:.0e}"
+    bound = elementwise_bound(ref, dtype, n, roundings)
+    bad = (got - ref).abs() > bound
+    if bad.any():
+        i = tuple(int(j) for j in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} element(s) outside {roundings:g} eps (|ref| + sqrt({n}) "
+                             f"rms) (relative RMS {rms:.2e}); first at {i}: got {float(got[i]):.6g}, "
+                             f"reference {float(ref[i]):.6g}, bound {float(bound[i]):.3g}")
+
+
+def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, what: str) -> torch.Tensor:
+    """NaN, +inf and -inf exactly where the reference has them; returns the mask of finite elements."""
+    got, ref = got.detach().cpu(), ref.detach().cpu()
+    for name, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        g, r = test(got), test(ref)
+        if not torch.equal(g, r):
+            i = tuple(int(j) for j in (g != r).nonzero()[0])
+            raise AssertionError(f"{what}: {name} at {int(g.sum())} element(s), the reference at {int(r.sum())}; "
+                                 f"first difference at {i}: got {float(got[i])}, reference {float(ref[i])}")
+    return torch.isfinite(ref)
+
+
+def edge_values(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """x (rows, D) with an edge case written into it: `zero` rows, `huge` magnitudes (1e4 times),
+    `inf` or `nan` at a few elements of one row. Other rows keep their values."""
+    x = x.clone()
+    rows = x.shape[0]
+    if not rows or kind == "none":
+        return x
+    r = int(torch.randint(0, rows, (1,), generator=generator))
+    if kind == "zero":
+        x[r] = 0
+    elif kind == "huge":
+        x[r] = x[r] * 1e4
+    elif kind in ("inf", "nan"):
+        cols = torch.randint(0, x.shape[-1], (2,), generator=generator)
+        x[r, cols[0]] = float("nan") if kind == "nan" else float("inf")
+        x[r, cols[1]] = float("nan") if kind == "nan" else float("-inf")
+    else:
+        raise ValueError(kind)
+    return x
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, n: int = 1) -> None:
+    """A kernel's result (any device) against the CPU reference: inf and NaN where the reference has
+    them; fp32 within 1e-4 of the largest value; half types within `assert_within` (n: the length of
+    the reduction behind each element)."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (what, got.shape, ref.shape, got.dtype, ref.dtype)
+    got = got.detach().cpu()
+    finite = assert_same_nonfinite(got, ref, what)
+    got, ref = got[finite].float(), ref.detach()[finite].float()
+    if dtype == torch.float32:
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+    else:
+        assert_within(got, ref, dtype, n, what)
+
+
+def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: int, device="cpu",
+                 scale: float = 1.0, edge: str = "none") -> None:
+    """Forward outputs and every input gradient of a kernel backend's row op (on `device`) against the
+    evaluator + autograd (on the CPU). `edge` writes zero, huge or non-finite values into one row of
+    one row input (`edge_values`)."""
+    from hrmspec.ir import evaluate
+    from hrmspec.ir.strategies import random_inputs
+
+    inputs = random_inputs(program, rows, width, scale, seed, torch.float32)
+    gen = torch.Generator().manual_seed(seed + 3)
+    row_inputs = [i.name for i in program.inputs if i.kind == "row"]
+    if edge != "none" and row_inputs:
+        name = row_inputs[int(torch.randint(0, len(row_inputs), (1,), generator=gen))]
+        inputs[name] = edge_values(inputs[name], edge, gen)
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    leaves_k = {k: v.detach().to(device).requires_grad_() for k, v in inputs.items()}
+    leaves_r = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out_k = op(**leaves_k)
+    out_r = evaluate(program, leaves_r)
+    what = f"{program.name} {dtype} D={width} rows={rows} scale={scale:g} edge={edge}"
+    for k in out_r:
+        close(out_k[k], out_r[k], dtype, f"{what} {k}", width)
+    names = [k for k in out_r if out_r[k].requires_grad]
+    if not names:
+        return
+    gen = torch.Generator().manual_seed(seed + 7)
+    cot = [torch.randn(out_r[k].shape, generator=gen).to(dtype) for k in names]
+    g_k = torch.autograd.grad([out_k[k] for k in names], list(leaves_k.values()), [c.to(device) for c in cot],
+                              allow_unused=True)
+    g_r = torch.autograd.grad([out_r[k] for k in names], list(leaves_r.values()), cot, allow_unused=True)
+    for name, a, b in zip(leaves_k, g_k, g_r):
+        a = torch.zeros_like(inputs[name]) if a is None else a
+        b = torch.zeros_like(inputs[name]) if b is None else b
+        # a vector's gradient sums its rows: a reduction over them, not over the width
+        close(a, b, dtype, f"{what} d_{name}", rows if program.input(name).kind == "vector" else width)
+
+
+__all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "around", "assert_same_nonfinite", "assert_within",
+           "check_row_op", "close", "edge_values", "elementwise_bound", "rel_rms", "widths"]
