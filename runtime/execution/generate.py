@@ -7,8 +7,14 @@ prompt as prefix — which `generate(..., use_cache=False)` does, as a check.
 
 With `model.halting` each position stops where its head says (`all_steps=True`: every step); a
 token that stopped early fills the cache slots of later steps by the KV policy of
-runtime/execution/step_halting.py, so both ways still agree. `stats` (a dict) receives the steps
-run: "positions" (the prompt's and each token fed back), "steps" (their sum) and "max_steps".
+runtime/execution/step_halting.py, so both ways still agree. With `exit` (any spec with one
+top-level loop) each position leaves the loop where that criterion says, by the same policy
+(runtime/execution/adaptive.py; the criteria that read the latent agree both ways too).
+
+`stats` (a dict) receives the steps run: "positions" (the prompt's and each token fed back, not
+the padding after a row's eos), "steps" (their sum), "max_steps" and "depths" ({"prompt",
+"decoded"}: how many positions ran each number of steps, indexed by it); and always "tokens"
+(those decoded, eos included).
 """
 
 from __future__ import annotations
@@ -41,13 +47,19 @@ def generate(
     all_steps: bool = False,
     threshold: float | None = None,
     stats: dict | None = None,
+    exit=None,
+    max_steps: int | None = None,
+    warm_start: bool = False,
+    init_scale: float = 1.0,
 ) -> torch.Tensor:
     """Return (B, S + new) token ids: the prompts (B, S) followed by the decoded responses.
 
     `prefix_mask` (B, S) marks the instruction part of each prompt (default: the whole prompt).
     Rows that produced `eos_id` are padded with it until every row is done. The prompts are moved to
     the model's device, and the ids returned live there. `all_steps`,
-    `threshold` and `stats`: halting per step (see the module docstring).
+    `threshold` and `stats`: halting per step (see the module docstring). `exit` (a criterion or its
+    text, e.g. "kl:1e-3"), `max_steps` and `warm_start`: adaptive depth (runtime/execution/adaptive.py).
+    `init_scale` scales the draw of random initial states (0: zeros).
     """
     B, S = input_ids.shape
     device = model.embed.weight.device  # the prompts go where the model is; the ids come back from there
@@ -57,21 +69,35 @@ def generate(
     prefix_mask = prefix_mask.to(device)
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    cache = model.new_cache() if use_cache else None
-    halting = {"all_steps": all_steps, "threshold": threshold}
+    if exit is None:
+        forward, options = model, {"all_steps": all_steps, "threshold": threshold, "init_scale": init_scale}
+        cache = model.new_cache() if use_cache else None
+        most = len(model.loop.steps) if model.loop is not None else None
+    else:
+        from hrmspec.runtime.execution.adaptive import AdaptiveDepth  # it builds on the compiled model
 
-    def run(new: int, *args, **kwargs) -> torch.Tensor:
-        """The logits of the last position; the steps of the `new` last positions into `stats`."""
-        out = model(*args, **kwargs, **halting)
+        forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {}
+        cache = forward.new_cache() if use_cache else None
+        most = forward.max_steps
+
+    def run(new: int, part: str, *args, **kwargs) -> torch.Tensor:
+        """The logits of the last position; the steps of the `new` last positions into `stats` (under `part`)."""
+        out = forward(*args, **kwargs, **options)
         if stats is not None and out.steps is not None:
-            stats["positions"] = stats.get("positions", 0) + B * new
-            stats["steps"] = stats.get("steps", 0) + int(out.steps[:, -new:].sum())
-            stats["max_steps"] = len(model.loop.steps)
+            steps = out.steps[~done, -new:]  # not the padding after eos
+            stats["positions"] = stats.get("positions", 0) + steps.numel()
+            stats["steps"] = stats.get("steps", 0) + int(steps.sum())
+            stats["max_steps"] = most
+            depths = stats.setdefault("depths", {"prompt": [0] * (most + 1), "decoded": [0] * (most + 1)})
+            for d, n in enumerate(torch.bincount(steps.flatten(), minlength=most + 1).tolist()):
+                depths[part][d] += n
         return out.logits[:, -1]
 
-    logits = run(S, ids, prefix_mask=prefix_mask, cache=cache)
+    logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache)
     for step in range(max_new_tokens):
         nxt = _pick(logits, temperature, top_k, generator)
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + int((~done).sum())
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
@@ -79,9 +105,9 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         if use_cache:
-            logits = run(1, nxt[:, None], cache=cache)
+            logits = run(1, "decoded", nxt[:, None], cache=cache)
         else:
             response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
             full_prefix = torch.cat([prefix_mask, response], dim=1)
-            logits = run(1, ids, prefix_mask=full_prefix)
+            logits = run(1, "decoded", ids, prefix_mask=full_prefix)
     return ids

@@ -119,7 +119,7 @@ class StepSlot(KVSlot):
     """One attention op of one call inside the loop: applies the KV policy (see the module docstring) to
     the call's new keys and values, then extends the KV cache's slot, if there is one."""
 
-    def __init__(self, loop: _Loop, key: tuple[int, int], inner: KVSlot | None):
+    def __init__(self, loop: StepLoop, key: tuple[int, int], inner: KVSlot | None):
         super().__init__()
         self.loop, self.key, self.inner = loop, key, inner
 
@@ -138,8 +138,9 @@ class StepSlot(KVSlot):
         return loop.pick(k), loop.pick(v)
 
 
-class _Loop:
-    """One forward through the loop: the states, which rows and positions still compute, the KV policy's keys."""
+class StepLoop:
+    """One forward through the loop: the states, which rows and positions still compute, the KV policy's keys.
+    Also the driver of exits at inference (runtime/execution/adaptive.py), which sets `running` itself."""
 
     def __init__(self, model, z: dict, ctx, context_of, cache):
         self.model, self.z, self.cache, self.ctx, self.context_of = model, z, cache, ctx, context_of
@@ -313,7 +314,7 @@ def run_loop(model, z: dict, ctx, context_of, cache, labels: torch.Tensor | None
         rule = _Act
     else:
         rule = _ExitTraining if labels is not None else _Exit
-    loop = _Loop(model, z, ctx, context_of, cache)
+    loop = StepLoop(model, z, ctx, context_of, cache)
     for call in layout.prelude:
         loop.call(call, None)
     h = z[m.output]
@@ -351,5 +352,5 @@ def _token_losses(model, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_losses(logits[None], labels[None], model.spec.objective.loss)[0]
 
 
-__all__ = ["LoopLayout", "LoopResult", "StepSlot", "act_update", "check_finite", "exit_gate_loss", "exit_log_probs",
-           "loop_layout", "mean_steps", "run_loop"]
+__all__ = ["LoopLayout", "LoopResult", "StepLoop", "StepSlot", "act_update", "check_finite", "exit_gate_loss",
+           "exit_log_probs", "loop_layout", "mean_steps", "run_loop"]

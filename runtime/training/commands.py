@@ -37,7 +37,7 @@ def cmd_eval(args) -> int:
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
                        all_steps=args.all_steps, threshold=args.threshold, backend=args.backend or "auto",
-                       device=args.device or "auto")
+                       device=args.device or "auto", **_depth_options(args))
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -51,6 +51,10 @@ def cmd_eval(args) -> int:
         print(_steps_line(res["segments"], res["max_segments"], "segments per puzzle", "segments"))
     if "steps" in res:  # halting per step of the loop
         print(_steps_line(res["steps"], res["max_steps"]))
+    if "full_depth" in res:  # adaptive depth, against full depth
+        from hrmspec.runtime.training.adaptive_eval import report_lines
+
+        print("\n".join(report_lines(res)))
     print(f"wrote {args.dir}/eval.json")
     return 0
 
@@ -61,6 +65,11 @@ def cmd_generate(args) -> int:
     from hrmspec.runtime.training.heldout import load_run
 
     model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto")
+    depth = _depth_options(args)
+    if depth:  # a criterion or a spec adaptive depth cannot run: refused before anything is decoded
+        from hrmspec.runtime.training.adaptive_eval import depth_options
+
+        depth = depth_options(model, **depth)
     if tok is None:  # a grid run: the prompt is a puzzle
         return _solve_grid(model, spec, args)
     limit = spec.model.max_seq_len
@@ -73,12 +82,16 @@ def cmd_generate(args) -> int:
                         f"model.max_seq_len {limit}; shorten the prompt or lower --max-new-tokens")
     stats: dict = {}
     out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
-                         all_steps=args.all_steps, threshold=args.threshold, stats=stats)
+                         all_steps=args.all_steps, threshold=args.threshold, stats=stats, **depth)
     row = out[0, ids.shape[1] :].tolist()
     if tok.eos_id in row:
         row = row[: row.index(tok.eos_id)]
     print(tok.decode(row, skip_special=True))
-    if stats.get("positions"):
+    if depth:  # adaptive depth: the steps each position ran
+        from hrmspec.runtime.training.adaptive_eval import depth_lines, depth_summary
+
+        print("\n".join(depth_lines(depth_summary(stats))))
+    elif stats.get("positions"):
         print(_steps_line(stats["steps"] / stats["positions"], stats["max_steps"]))
     return 0
 
@@ -173,6 +186,7 @@ def _register_eval(sub, name):
                    help="with deep supervision: run every segment instead of stopping each row where its head says")
     _halting_arguments(p)
     _placement_arguments(p)
+    _depth_arguments(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -183,6 +197,24 @@ def _halting_arguments(p) -> None:
     p.add_argument("--threshold", type=_probability, default=None,
                    help="with model.halting: the cumulative probability at which a position stops (act's "
                    "1 - epsilon, the exit gate's q), instead of the spec's")
+
+
+def _depth_arguments(p) -> None:
+    p.add_argument("--exit", metavar="CRITERION", default=None,
+                   help="adaptive depth: each position leaves the loop when CRITERION says: kl:EPS, entropy:EPS, "
+                   "latent:EPS, cosine:EPS, argmax:N, or none (full depth); eval also runs full depth to compare")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="adaptive depth: the most steps of the loop (default: its evaluation count)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="adaptive depth: start each decoded token's loop states from the previous token's")
+
+
+def _depth_options(args) -> dict:
+    """generate's exit, max_steps and warm_start ({} without them); --max-steps or --warm-start alone: --exit none."""
+    if args.exit is None and args.max_steps is None and not args.warm_start:
+        return {}
+    exit = "none" if args.exit is None else args.exit
+    return {"exit": exit, "max_steps": args.max_steps, "warm_start": args.warm_start}
 
 
 def _probability(text: str) -> float:
@@ -205,6 +237,7 @@ def _register_generate(sub, name):
                    help="a grid run: run every segment instead of stopping where the halting head says")
     _halting_arguments(p)
     _placement_arguments(p)
+    _depth_arguments(p)
     p.set_defaults(func=cmd_generate)
 
 

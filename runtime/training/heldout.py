@@ -7,6 +7,7 @@ is an exact match of the response. A sample counts as correct when its score is 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +69,8 @@ def ema_weights(model: torch.nn.Module, ema):
 def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
                    **halting) -> list[str]:
     """Greedy responses to token-id prompts; prompts of equal length are decoded as one batch. `halting`:
-    generate's all_steps, threshold and stats (a spec with model.halting)."""
+    generate's all_steps, threshold and stats (a spec with model.halting; the stats also get "seconds", the
+    time decoding took), or its exit, max_steps and warm_start (adaptive depth)."""
     answers: list[str] = [""] * len(prompts)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -77,7 +79,10 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([prompts[i] for i in chunk])
+            start = time.perf_counter()
             out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **halting)
+            if halting.get("stats") is not None:  # decoding time alone, for tokens/s
+                halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - start
             for row, i in zip(out[:, ids.shape[1] :].tolist(), chunk):
                 if tokenizer.eos_id in row:
                     row = row[: row.index(tokenizer.eos_id)]
@@ -86,10 +91,12 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 
 def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None,
-                   all_steps: bool = False, threshold: float | None = None) -> dict:
+                   all_steps: bool = False, threshold: float | None = None, stats: dict | None = None,
+                   **depth) -> dict:
     """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}; with model.halting also "steps"
     (mean steps per position decoded), "max_steps" and "saved" (the fraction of steps halting spared).
-    `all_steps` runs every step; `threshold` replaces the spec's halting threshold."""
+    `all_steps` runs every step; `threshold` replaces the spec's halting threshold. `stats` receives
+    generate's (and the decoding time); `depth`: generate's exit, max_steps and warm_start."""
 
     split = _eval_split(dcfg, root)
     samples = split.samples[:n]
@@ -98,10 +105,10 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     prompts = [tokenizer.encode(format_sample(s)[0]) for s in samples]
     was_training = model.training
     model.eval()
-    stats: dict = {}
+    stats = {} if stats is None else stats
     with ema_weights(model, ema):
         answers = decode_answers(model, tokenizer, prompts, max_new_tokens, all_steps=all_steps, threshold=threshold,
-                                 stats=stats)
+                                 stats=stats, **depth)
     model.train(was_training)
     correct: dict[str, list[float]] = defaultdict(list)
     for s, a in zip(samples, answers):
@@ -174,13 +181,20 @@ def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", d
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
                  all_segments: bool = False, all_steps: bool = False, threshold: float | None = None,
-                 backend: str = "auto", device: str = "auto") -> dict:
+                 backend: str = "auto", device: str = "auto", exit=None, max_steps: int | None = None,
+                 warm_start: bool = False) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says; `all_steps` and `threshold`: the
-    same for model.halting, per step of the loop, and its threshold. `backend` and `device`: see load_run."""
+    same for model.halting, per step of the loop, and its threshold. `backend` and `device`: see load_run.
+    `exit`, `max_steps`, `warm_start`: adaptive depth, evaluated against full depth
+    (runtime/training/adaptive_eval.py)."""
 
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
+    if exit is not None:
+        from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
+
+        depth = depth_options(model, exit, max_steps, warm_start)  # a spec it cannot run: refused before decoding
     data = dict(spec.data)
     if spec.objective.type == "grid":
         if tasks:
@@ -196,8 +210,11 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         data["tasks"] = tasks
     dcfg = DataConfig.from_dict(data)
     cfg = TrainConfig.from_dict(dict(spec.train))
-    res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
-                         all_steps=all_steps, threshold=threshold)
+    if exit is not None:
+        res = compare_depths(model, tokenizer, dcfg, n, cfg.max_new_tokens, run_dir, depth)
+    else:
+        res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
+                             all_steps=all_steps, threshold=threshold)
     res["checkpoint"] = str(last)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
     return res

@@ -1,0 +1,100 @@
+"""Adaptive depth against full depth on the held-out samples: accuracy, steps per position, tokens/s.
+
+`hrmspec eval RUN --exit CRITERION` decodes the same samples twice, with the same draws of any random
+initial state: at full depth (every position runs the cap, no warm start: the model as trained, at that
+count) and with the exit (runtime/execution/adaptive.py). Both results go into eval.json, the exit's at
+the top level as a plain evaluation's are, full depth's under "full_depth":
+
+    accuracy, tasks, n       as `evaluate_model` reports them
+    depth                    steps per position: "mean" of "max_steps", "prompt" and "decoded" means (the
+                             prompt's positions, the tokens fed back), "min", "median", "max", "histogram"
+    tokens, seconds, tokens_per_s   tokens decoded (eos included) over the time decoding took
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hrmspec.runtime.execution.adaptive import AdaptiveDepth, Never
+from hrmspec.runtime.training.heldout import evaluate_model
+
+
+def depth_options(model, exit, max_steps: int | None = None, warm_start: bool = False) -> dict:
+    """generate's keyword arguments for an exit criterion (or its text), checked against the model: an
+    AdaptiveError for a criterion or a spec that cannot run, before anything is decoded."""
+    probe = AdaptiveDepth(model, exit, max_steps, warm_start)
+    return {"exit": probe.criterion, "max_steps": probe.max_steps, "warm_start": warm_start}
+
+
+def compare_depths(model, tokenizer, dcfg, n: int, max_new_tokens: int, root, depth: dict, seed: int = 0) -> dict:
+    """The exit's evaluation with full depth's beside it (see the module docstring); `depth` from depth_options."""
+    runs = {}
+    for name, options in (("full_depth", {**depth, "exit": Never(), "warm_start": False}), ("exit", depth)):
+        stats: dict = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=max_new_tokens, root=root, stats=stats,
+                                 **options)
+        runs[name] = {"tasks": res["tasks"], "accuracy": res["accuracy"], "n": res["n"],
+                      "depth": depth_summary(stats), **speed(stats)}
+    return {**runs["exit"], "exit": str(depth["exit"]), "warm_start": depth["warm_start"],
+            "full_depth": runs["full_depth"]}
+
+
+def speed(stats: dict) -> dict:
+    tokens, seconds = stats.get("tokens", 0), stats.get("seconds", 0.0)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else None}
+
+
+def depth_summary(stats: dict) -> dict | None:
+    """The steps per position of generate's `stats` (None if nothing was decoded)."""
+    if not stats.get("positions"):
+        return None
+    prompt, decoded = stats["depths"]["prompt"], stats["depths"]["decoded"]
+    hist = [a + b for a, b in zip(prompt, decoded)]
+    used = [d for d, count in enumerate(hist) if count]
+    half, seen, median = sum(hist) / 2, 0, used[0]
+    for d in used:
+        seen += hist[d]
+        if seen >= half:
+            median = d
+            break
+    return {"mean": _mean(hist), "max_steps": stats["max_steps"], "prompt": _mean(prompt), "decoded": _mean(decoded),
+            "min": used[0], "median": median, "max": used[-1],
+            "histogram": {str(d): hist[d] for d in used}}
+
+
+def _mean(hist: list[int]) -> float | None:
+    total = sum(hist)
+    return sum(d * count for d, count in enumerate(hist)) / total if total else None
+
+
+def depth_lines(summary: dict | None) -> list[str]:
+    """The steps per position, printed: the means, the spread, and how many positions ran each depth."""
+    if summary is None:
+        return ["no positions decoded"]
+    s = summary
+    parts = [f"prompt {s['prompt']:.2f}"] + ([f"decoded tokens {s['decoded']:.2f}"] if s["decoded"] is not None else [])
+    return [f"steps per position: mean {s['mean']:.2f} of {s['max_steps']} ({', '.join(parts)}); "
+            f"min {s['min']}, median {s['median']}, max {s['max']}",
+            "positions by steps: " + ", ".join(f"{d}: {count}" for d, count in s["histogram"].items())]
+
+
+def report_lines(res: dict) -> list[str]:
+    """What `hrmspec eval --exit` prints below its accuracy table."""
+    full = res["full_depth"]
+    most = full["depth"]["max_steps"] if full["depth"] else "?"
+    warm = " with a warm start" if res["warm_start"] else ""
+    lines = [f"exit {res['exit']}{warm}: accuracy {100 * res['accuracy']:.1f}% against {100 * full['accuracy']:.1f}% "
+             f"at full depth ({most} steps)"]
+    if len(res["tasks"]) > 1:
+        lines += [f"  {t}: {100 * r['accuracy']:.1f}% against {100 * full['tasks'][t]['accuracy']:.1f}%"
+                  for t, r in res["tasks"].items()]
+    lines += depth_lines(res["depth"])
+    if res["tokens_per_s"] and full["tokens_per_s"]:
+        lines.append(f"tokens/s: {res['tokens_per_s']:.1f} with the exit, {full['tokens_per_s']:.1f} at full depth "
+                     f"({res['tokens']} and {full['tokens']} tokens decoded)")
+    return lines
+
+
+__all__ = ["compare_depths", "depth_lines", "depth_options", "depth_summary", "report_lines", "speed"]
