@@ -79,10 +79,10 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([prompts[i] for i in chunk])
-            start = time.perf_counter()
+            began = time.perf_counter()
             out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **halting)
             if halting.get("stats") is not None:  # decoding time alone, for tokens/s
-                halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - start
+                halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - began
             for row, i in zip(out[:, ids.shape[1] :].tolist(), chunk):
                 if tokenizer.eos_id in row:
                     row = row[: row.index(tokenizer.eos_id)]
