@@ -6,6 +6,7 @@ start's rule, the specs it refuses, and the CLI (eval.json against full depth, o
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from test_recurrent_depth import SPEC as MICRO_HUGINN
 
 import hrmspec
 from hrmspec.cli import main
+from hrmspec.graph.build import unroll
 from hrmspec.runtime.execution.adaptive import (
     AdaptiveDepth,
     AdaptiveError,
@@ -24,12 +26,14 @@ from hrmspec.runtime.execution.adaptive import (
     Entropy,
     Latent,
     Never,
+    check_loop,
     loop_stages,
     parse_exit,
 )
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec import load_spec, load_spec_text
+from hrmspec.spec.schema import Repeat
 
 T = 6  # the loop's evaluation count: the cap
 # test_recurrent_depth's micro Huginn, with pre-norm layers (a layer whose weights are zero adds nothing, so a
@@ -232,8 +236,23 @@ def test_the_shipped_looped_specs_decode_at_full_depth_as_generate_does(name, se
     torch.manual_seed(2)
     stats = {}
     assert torch.equal(model.generate(ids, 4, exit="none", stats=stats), want)
-    most = loop_stages(model.spec).steps
+    most = loop_stages(model).steps
     assert stats["steps"] == stats["positions"] * len(most) and stats["tokens"] == 2 * 4
+
+
+@settings(max_examples=10, deadline=None)
+@given(name=st.sampled_from(["huginn-tiny", "hrm-text-tiny", "looped-transformer"]), count=st.integers(1, 12))
+def test_the_stages_are_the_schedule_unrolled_at_the_cap(name, count):
+    """The driver's calls (the plan's, the loop's first iteration repeated) are the compiler's unrolling of the
+    schedule with the loop run `count` times, split at the loop."""
+    model = hrmspec.compile(load_spec(name, overrides={"model.d_model": 32, "model.heads": 2}))
+    schedule = model.spec.model.schedule
+    k = next(i for i, item in enumerate(schedule) if isinstance(item, Repeat))
+    want = tuple(unroll(schedule[:k] + (replace(schedule[k], count=count),) + schedule[k + 1:]))
+    stages = loop_stages(model, count)
+    assert stages.calls == want and len(stages.steps) == count
+    assert stages.before + tuple(c for step in stages.steps for c in step) + stages.after == want
+    assert all(c.cycle[0] == t for t, step in enumerate(stages.steps) for c in step)
 
 
 def test_a_token_that_exits_leaves_its_last_keys_in_the_later_steps_slots():
@@ -260,10 +279,10 @@ def test_decoding_with_the_cache_equals_rerunning_the_sequence(exit):
     """Inside one forward a position that exited lends later steps its latest keys, as the cache does across
     forwards: decoding token by token equals re-running the whole sequence each time, tokens and steps."""
     model = contracting(4)
-    ids = prompts(3, 6, seed=4)
+    ids = prompts(2, 5, seed=4)
     cached, again = {}, {}
-    a = model.generate(ids, 6, exit=exit, init_scale=0.0, stats=cached)
-    b = model.generate(ids, 6, exit=exit, init_scale=0.0, stats=again, use_cache=False)
+    a = model.generate(ids, 4, exit=exit, init_scale=0.0, stats=cached)
+    b = model.generate(ids, 4, exit=exit, init_scale=0.0, stats=again, use_cache=False)
     assert torch.equal(a, b) and cached == again
     assert len([d for d, n in enumerate(cached["depths"]["decoded"]) if n]) > 1  # tokens exited at several depths
 
@@ -271,17 +290,17 @@ def test_decoding_with_the_cache_equals_rerunning_the_sequence(exit):
 def test_each_row_of_a_batch_exits_at_its_own_depth():
     """Rows decoded together take the tokens and depths they take alone, and one forward mixes depths."""
     model = contracting(5)
-    ids = prompts(4, 6, seed=5)
+    ids = prompts(3, 5, seed=5)
     runs = []
-    for rows in [slice(0, 4)] + [slice(i, i + 1) for i in range(4)]:
+    for rows in [slice(0, 3)] + [slice(i, i + 1) for i in range(3)]:
         forward = AdaptiveDepth(model, "entropy:1e-3", init_scale=0.0)
         with torch.no_grad():
-            tokens, _, steps = decode(forward, ids[rows], 5, forward.new_cache())
+            tokens, _, steps = decode(forward, ids[rows], 4, forward.new_cache())
         runs.append((tokens, torch.cat(steps, 1)))
     (tokens, steps), alone = runs[0], runs[1:]
     assert torch.equal(tokens, torch.cat([t for t, _ in alone]))
     assert torch.equal(steps, torch.cat([s for _, s in alone]))
-    assert any(len(set(steps[:, p].tolist())) > 1 for p in range(6, steps.shape[1]))  # mixed in one forward
+    assert any(len(set(steps[:, p].tolist())) > 1 for p in range(5, steps.shape[1]))  # mixed in one forward
 
 
 def test_a_warm_start_begins_each_token_at_the_previous_tokens_exit_state():
@@ -325,7 +344,7 @@ TWO_LOOPS = SPEC.replace('    - "h = C(s)"', '    - repeat: 2\n      do: ["h = C
 def test_specs_it_cannot_run_are_one_line(spec, message):
     spec = load_spec_text(spec, "two.yaml", SIZES) if "\n" in spec else load_spec(spec)
     with pytest.raises(AdaptiveError) as e:
-        loop_stages(spec)
+        check_loop(spec)
     assert str(e.value) == f"{spec.name}: {message}"
 
 

@@ -40,12 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from hrmspec.errors import HrmspecError, close_match
-from hrmspec.graph.build import unroll
-from hrmspec.runtime.execution.compiled import KVCache, ModelOutput
-from hrmspec.runtime.execution.stack import KVSlot
+from hrmspec.runtime.execution.stack import KVCache, KVSlot
 from hrmspec.runtime.execution.step_halting import StepLoop
 from hrmspec.spec.grammar import INPUT
-from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT, flatten, unrolled_calls
+from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT, flatten
 from hrmspec.spec.schema import Repeat
 
 
@@ -208,33 +206,41 @@ class LoopStages:
     injects: bool  # the loop reads the input x or a state it does not assign
 
 
-def loop_stages(spec, count: int | None = None) -> LoopStages:
-    """The stages of a spec whose schedule has one top-level repeat, with the loop run `count` times
+def loop_stages(model, count: int | None = None) -> LoopStages:
+    """The stages of a compiled spec whose schedule has one top-level repeat, with the loop run `count` times
     (default: its evaluation count); an AdaptiveError saying why a spec does not fit."""
-    m = spec.model
-    refuse = _refusal(spec)
-    if refuse:
-        raise AdaptiveError(f"{spec.name}: {refuse}")
-    k = next(i for i, item in enumerate(m.schedule) if isinstance(item, Repeat))
-    loop = m.schedule[k]
+    spec = model.spec
+    check_loop(spec)
+    k, loop = next((i, item) for i, item in enumerate(spec.model.schedule) if isinstance(item, Repeat))
     count = loop.count if count is None else count
     if not 1 <= count <= MAX_REPEAT:
         raise AdaptiveError(f"--max-steps {count}: expected 1 to {MAX_REPEAT} steps of the loop")
-    schedule = m.schedule[:k] + (replace(loop, count=count),) + m.schedule[k + 1:]
-    if unrolled_calls(schedule) > MAX_CALLS:
-        raise AdaptiveError(f"--max-steps {count}: {spec.name}'s schedule would make {unrolled_calls(schedule):,} "
-                            f"module calls, more than {MAX_CALLS:,}; lower --max-steps")
-    calls = tuple(unroll(schedule))
+    # the plan's calls, with the loop's first iteration repeated `count` times and every call renumbered
+    before = [c for c in model.calls if c.top < k]
+    once = [c for c in model.calls if c.top == k and c.cycle[0] == 0]
+    after = [c for c in model.calls if c.top > k]
+    total = len(before) + count * len(once) + len(after)
+    if total > MAX_CALLS:
+        raise AdaptiveError(f"--max-steps {count}: {spec.name}'s schedule would make {total:,} module calls, "
+                            f"more than {MAX_CALLS:,}; lower --max-steps")
+    steps = [[replace(c, cycle=(t, *c.cycle[1:])) for c in once] for t in range(count)]
+    calls = tuple(replace(c, index=i) for i, c in enumerate(before + [c for step in steps for c in step] + after))
+    n, m = len(before), len(once)
+    by_step = tuple(calls[n + t * m: n + (t + 1) * m] for t in range(count))
     body = flatten(loop.body)
     states = tuple(dict.fromkeys(st.target for st in body))
     injects = any(name not in states for st in body for name in st.inputs)
-    return LoopStages(calls, tuple(c for c in calls if c.top < k),
-                      tuple(tuple(c for c in calls if c.top == k and c.cycle[0] == t) for t in range(count)),
-                      tuple(c for c in calls if c.top > k), states, injects)
+    return LoopStages(calls, calls[:n], by_step, calls[n + count * m:], states, injects)
+
+
+def check_loop(spec) -> None:
+    """An AdaptiveError saying why the exit driver cannot run a spec, if it cannot."""
+    refuse = _refusal(spec)
+    if refuse:
+        raise AdaptiveError(f"{spec.name}: {refuse}")
 
 
 def _refusal(spec) -> str:
-    """Why the exit driver cannot run a spec ('' if it can)."""
     m = spec.model
     loops = sum(isinstance(item, Repeat) for item in m.schedule)
     if m.halting is not None:
@@ -269,15 +275,25 @@ class _PeekSlot(KVSlot):
         return torch.cat([pick(self.inner.k), k], dim=2), torch.cat([pick(self.inner.v), v], dim=2)
 
 
+@dataclass
+class DepthOutput:
+    """What a forward with exits returns (the fields of a ModelOutput it has)."""
+
+    logits: torch.Tensor  # (B, S, vocab)
+    steps: torch.Tensor  # (B, S) int: the loop's steps each position ran, its exit step
+    hidden: torch.Tensor  # (B, S, d): the output state
+    states: dict[str, torch.Tensor]  # every state after the schedule (the loop's at each position's exit)
+
+
 class AdaptiveDepth:
     """A model's forward with an exit per position from its loop (see the module docstring):
-    `AdaptiveDepth(model, "kl:1e-3")(ids, prefix_mask=..., cache=...)` returns a ModelOutput whose `steps`
+    `AdaptiveDepth(model, "kl:1e-3")(ids, prefix_mask=..., cache=...)` returns a DepthOutput whose `steps`
     (B, S) are the steps each position ran. `generate(..., exit=...)` decodes with it."""
 
     def __init__(self, model, exit: str | Criterion, max_steps: int | None = None, warm_start: bool = False,
                  init_scale: float = 1.0):
         self.model, self.criterion = model, parse_exit(exit)
-        self.stages = loop_stages(model.spec, max_steps if max_steps is not None else model.recurrence)
+        self.stages = loop_stages(model, max_steps if max_steps is not None else model.recurrence)
         if warm_start and not self.stages.injects:
             raise AdaptiveError(
                 f"--warm-start: {model.spec.name}'s loop reads only the states it assigns "
@@ -296,7 +312,7 @@ class AdaptiveDepth:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, prefix_mask: torch.Tensor | None = None,
-                 cache: KVCache | None = None) -> ModelOutput:
+                 cache: KVCache | None = None) -> DepthOutput:
         model, stages, crit = self.model, self.stages, self.criterion
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -335,8 +351,7 @@ class AdaptiveDepth:
             self.warm = {s: z[s][:, -1:] for s in stages.states}
         self._run(stages.after, z, ctx, cache)
         hidden = z[model.spec.model.output]
-        return ModelOutput(logits=model.logits_of(hidden), steps=depth, hidden=hidden,
-                           states={s.name: z[s.name] for s in model.spec.model.states})
+        return DepthOutput(model.logits_of(hidden), depth, hidden, {s.name: z[s.name] for s in model.spec.model.states})
 
     def _run(self, calls, z: dict, ctx, cache: KVCache | None) -> None:
         """The stages outside the loop, on every position."""
@@ -357,4 +372,5 @@ class AdaptiveDepth:
         return model.logits_of(seen[model.spec.model.output])
 
 
-__all__ = ["CRITERIA", "AdaptiveDepth", "AdaptiveError", "Criterion", "LoopStages", "loop_stages", "parse_exit"]
+__all__ = ["CRITERIA", "AdaptiveDepth", "AdaptiveError", "Criterion", "DepthOutput", "LoopStages", "check_loop",
+           "loop_stages", "parse_exit"]

@@ -32,7 +32,7 @@ from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.hrm_interface import act_step, initial_carry
-from hrmspec.runtime.execution.stack import KVSlot, ModuleStack, register_at
+from hrmspec.runtime.execution.stack import KVCache, ModuleStack, register_at
 from hrmspec.runtime.execution.step_halting import loop_layout, run_loop
 from hrmspec.runtime.interop.export import save_hf
 from hrmspec.spec.grammar import INPUT
@@ -53,17 +53,6 @@ class ModelOutput:
     steps: torch.Tensor | None = None  # (B, P + S) int: the loop's steps each position ran
     step_weights: torch.Tensor | None = None  # (B, P + S, T) fp32: each step's weight in the output (or loss)
     ponder: torch.Tensor | None = None  # act: the mean ponder cost N + R over the counted positions
-
-
-class KVCache:
-    """One KVSlot per (module call, attention op): each call of a module attends to its own past."""
-
-    def __init__(self, slots_per_call: list[int]):
-        self.slots = [[KVSlot() for _ in range(n)] for n in slots_per_call]
-
-    @property
-    def length(self) -> int:
-        return next(slot.length for call in self.slots for slot in call)  # any call with attention
 
 
 class CompiledModel(nn.Module):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from hrmspec.runtime.execution.adaptive import AdaptiveDepth
+
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
     """Next token per row from logits (B, vocab): greedy at temperature 0, else sampled."""
@@ -74,8 +76,6 @@ def generate(
         cache = model.new_cache() if use_cache else None
         most = len(model.loop.steps) if model.loop is not None else None
     else:
-        from hrmspec.runtime.execution.adaptive import AdaptiveDepth  # it builds on the compiled model
-
         forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {}
         cache = forward.new_cache() if use_cache else None
         most = forward.max_steps

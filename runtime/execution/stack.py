@@ -127,6 +127,17 @@ class KVSlot:
         return k, v
 
 
+class KVCache:
+    """One KVSlot per (module call, attention op): each call of a module attends to its own past."""
+
+    def __init__(self, slots_per_call: list[int]):
+        self.slots = [[KVSlot() for _ in range(n)] for n in slots_per_call]
+
+    @property
+    def length(self) -> int:
+        return next(slot.length for call in self.slots for slot in call)  # any call with attention
+
+
 def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:
     """Register `param` at a dotted path under `root`, making plain container modules on the way."""
     *parts, leaf = path.split(".")
@@ -150,4 +161,4 @@ def _last_reads(body) -> list[tuple[str, ...]]:
             for i, op in enumerate(body.ops)]
 
 
-__all__ = ["KVSlot", "LengthError", "ModuleStack", "register_at"]
+__all__ = ["KVCache", "KVSlot", "LengthError", "ModuleStack", "register_at"]

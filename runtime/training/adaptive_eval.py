@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from hrmspec.runtime.execution.adaptive import AdaptiveDepth, Never
-from hrmspec.runtime.training.heldout import evaluate_model
 
 
 def depth_options(model, exit, max_steps: int | None = None, warm_start: bool = False) -> dict:
@@ -26,14 +25,16 @@ def depth_options(model, exit, max_steps: int | None = None, warm_start: bool = 
     return {"exit": probe.criterion, "max_steps": probe.max_steps, "warm_start": warm_start}
 
 
-def compare_depths(model, tokenizer, dcfg, n: int, max_new_tokens: int, root, depth: dict, seed: int = 0) -> dict:
-    """The exit's evaluation with full depth's beside it (see the module docstring); `depth` from depth_options."""
+def compare_depths(evaluate, model, tokenizer, dcfg, n: int, max_new_tokens: int, root, depth: dict,
+                   seed: int = 0) -> dict:
+    """The exit's evaluation with full depth's beside it (see the module docstring): `evaluate` is heldout's
+    `evaluate_model` (which calls this module), `depth` from depth_options."""
     runs = {}
     for name, options in (("full_depth", {**depth, "exit": Never(), "warm_start": False}), ("exit", depth)):
         stats: dict = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=max_new_tokens, root=root, stats=stats,
+            res = evaluate(model, tokenizer, dcfg, n=n, max_new_tokens=max_new_tokens, root=root, stats=stats,
                                  **options)
         runs[name] = {"tasks": res["tasks"], "accuracy": res["accuracy"], "n": res["n"],
                       "depth": depth_summary(stats), **speed(stats)}

@@ -18,6 +18,7 @@ import hrmspec
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
 from hrmspec.runtime.training.config import TrainConfig
 from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
 from hrmspec.runtime.training.grids import GridConfig, load_grids
@@ -79,10 +80,10 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([prompts[i] for i in chunk])
-            start = time.perf_counter()
+            began = time.perf_counter()
             out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **halting)
             if halting.get("stats") is not None:  # decoding time alone, for tokens/s
-                halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - start
+                halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - began
             for row, i in zip(out[:, ids.shape[1] :].tolist(), chunk):
                 if tokenizer.eos_id in row:
                     row = row[: row.index(tokenizer.eos_id)]
@@ -192,8 +193,6 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
     if exit is not None:
-        from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
-
         depth = depth_options(model, exit, max_steps, warm_start)  # a spec it cannot run: refused before decoding
     data = dict(spec.data)
     if spec.objective.type == "grid":
@@ -211,7 +210,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
     dcfg = DataConfig.from_dict(data)
     cfg = TrainConfig.from_dict(dict(spec.train))
     if exit is not None:
-        res = compare_depths(model, tokenizer, dcfg, n, cfg.max_new_tokens, run_dir, depth)
+        res = compare_depths(evaluate_model, model, tokenizer, dcfg, n, cfg.max_new_tokens, run_dir, depth)
     else:
         res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
                              all_steps=all_steps, threshold=threshold)
