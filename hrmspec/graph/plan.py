@@ -39,9 +39,10 @@ class ExecutionPlan:
     def body(self, call: Call) -> Body:
         return self.bodies[(call.module, len(call.inputs))]
 
-    def at_recurrence(self, count: int) -> tuple[tuple[Call, ...], CreditPlan]:
-        """The calls and credit plan with the schedule's sampled loop run `count` times."""
-        calls = tuple(unroll(with_recurrence(self.spec.model.schedule, count)))
+    def at_recurrence(self, count: int, item: int | None = None) -> tuple[tuple[Call, ...], CreditPlan]:
+        """The calls and credit plan with the schedule's sampled loop (or its top-level repeat at index
+        `item`) run `count` times."""
+        calls = tuple(unroll(with_recurrence(self.spec.model.schedule, count, item)))
         return calls, CreditPlan(calls, self.spec.model.credit)
 
 

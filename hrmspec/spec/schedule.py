@@ -94,10 +94,12 @@ def sampled_loop(schedule: tuple) -> Repeat | None:
     return next((item for item in schedule if isinstance(item, Repeat) and item.sample is not None), None)
 
 
-def with_recurrence(schedule: tuple, count: int) -> tuple:
-    """The schedule with its sampled loop run `count` times (unchanged without a sampled loop)."""
-    return tuple(replace(item, count=count) if isinstance(item, Repeat) and item.sample is not None else item
-                 for item in schedule)
+def with_recurrence(schedule: tuple, count: int, item: int | None = None) -> tuple:
+    """The schedule with its sampled loop (or the top-level repeat at index `item`) run `count` times;
+    unchanged without one."""
+    return tuple(replace(x, count=count) if isinstance(x, Repeat) and (x.sample is not None if item is None
+                                                                       else i == item) else x
+                 for i, x in enumerate(schedule))
 
 
 def flatten(schedule: tuple) -> list[Statement]:

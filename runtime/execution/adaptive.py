@@ -34,7 +34,7 @@ warm-started token would never see its own input.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -215,17 +215,13 @@ def loop_stages(model, count: int | None = None) -> LoopStages:
     count = loop.count if count is None else count
     if not 1 <= count <= MAX_REPEAT:
         raise AdaptiveError(f"--max-steps {count}: expected 1 to {MAX_REPEAT} steps of the loop")
-    # the plan's calls, with the loop's first iteration repeated `count` times and every call renumbered
-    before = [c for c in model.calls if c.top < k]
-    once = [c for c in model.calls if c.top == k and c.cycle[0] == 0]
-    after = [c for c in model.calls if c.top > k]
-    total = len(before) + count * len(once) + len(after)
+    once = sum(1 for c in model.calls if c.top == k and c.cycle[0] == 0)  # calls of one iteration
+    total = len(model.calls) + (count - loop.count) * once
     if total > MAX_CALLS:
         raise AdaptiveError(f"--max-steps {count}: {spec.name}'s schedule would make {total:,} module calls, "
                             f"more than {MAX_CALLS:,}; lower --max-steps")
-    steps = [[replace(c, cycle=(t, *c.cycle[1:])) for c in once] for t in range(count)]
-    calls = tuple(replace(c, index=i) for i, c in enumerate(before + [c for step in steps for c in step] + after))
-    n, m = len(before), len(once)
+    calls, _ = model.plan.at_recurrence(count, item=k)  # the compiler's own unrolling at this count
+    n, m = sum(1 for c in calls if c.top < k), once
     by_step = tuple(calls[n + t * m: n + (t + 1) * m] for t in range(count))
     body = flatten(loop.body)
     states = tuple(dict.fromkeys(st.target for st in body))
