@@ -1,6 +1,7 @@
 """Backends: one folder per target, one op table each, and the registry every caller reads.
 
     reference/   torch ops: the definition of every op (naive.py) and its table (table.py)
+    inductor/    the reference ops, each module call's runs between attention ops compiled by torch.compile
     triton/      RowPrograms printed as Triton kernels, the flash-attention template, linear-CE kernels
     cstyle/      RowPrograms printed as C: CUDA C through CuPy (cuda) and OpenCL C on PoCL (opencl)
     common/      what backends share: the op-table contract, the kernel table and its fallbacks, the
@@ -92,6 +93,20 @@ def _reference():
     return ReferenceTable()
 
 
+def _inductor():
+    from hrmspec.backends.inductor.table import InductorTable
+
+    return InductorTable()
+
+
+def _cxx_missing() -> str:
+    """Why Inductor cannot build C++ kernels here ('' when it can: a GPU build uses Triton instead)."""
+    import shutil
+
+    cxx = os.environ.get("CXX", "g++")
+    return "" if shutil.which(cxx) or shutil.which("clang++") else f"no C++ compiler ({cxx}) is on the PATH"
+
+
 def _triton():
     if "triton" not in sys.modules:
         import torch
@@ -134,6 +149,9 @@ def _c_printer(dialect: str) -> Callable[[str | None], Any]:
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("reference", "torch ops, op by op: the definition of every op", "", lambda: "", "", _reference),
+    Backend("inductor", "reference ops, the runs between attention ops compiled by torch.compile (Inductor)",
+            "a C++ compiler for Inductor's CPU kernels (apt install g++)", _cxx_missing,
+            "or use --backend reference", _inductor),
     Backend("triton", "generated Triton kernels (the interpreter on a CPU), flash attention, the loss's softmax",
             "the triton package (pip install triton)", _not_installed("triton", "it"),
             "or use --backend reference", _triton,

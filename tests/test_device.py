@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY
 
+from hrmspec.backends import REGISTRY
 from hrmspec.backends.common.fallback import record_fallbacks
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
@@ -49,14 +50,17 @@ def reference_run(pico, tmp_path_factory):
 def _backend_available(name: str, request) -> None:
     if name == "opencl":
         request.getfixturevalue("cl_ops")  # skips without an OpenCL device
+    elif name == "inductor":
+        if REGISTRY["inductor"].missing():
+            pytest.skip(REGISTRY["inductor"].missing())
     else:
         pytest.importorskip(name)
 
 
-@pytest.mark.parametrize("backend", ["opencl", "triton"])
+@pytest.mark.parametrize("backend", ["opencl", "triton", "inductor"])
 def test_kernel_backends_train_like_the_reference(pico, reference_run, tmp_path, backend, request):
-    """A few optimizer steps on generated kernels (PoCL, Triton's interpreter) give the reference's losses
-    and weights, every row op on a kernel."""
+    """A few optimizer steps on generated kernels (PoCL, Triton's interpreter, Inductor's C++) give the
+    reference's losses and weights, every row op on a kernel."""
     _backend_available(backend, request)
     with record_fallbacks() as fell:
         train(pico(), tmp_path, progress_bar=False, backend=backend)

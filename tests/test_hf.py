@@ -39,7 +39,9 @@ from transformers import AutoModelForCausalLM, HrmTextConfig, HrmTextForCausalLM
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+# fp32 through up to 16 layer applications, summed in another order on each side (SDPA vs the blocked
+# attention): a few units of 1e-5 relative (seen: 3.0e-5 at hidden size 2, seed 878205688 of the ci profile)
+TOL = dict(rtol=1e-4, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
 
 

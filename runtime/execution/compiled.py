@@ -194,9 +194,11 @@ class CompiledModel(nn.Module):
             rope[theta] = self.ops.rope_tables(position_ids, m.head_dim, theta, dtype)
         return Context(mask=masks, rope=rope)
 
-    def embed_inputs(self, input_ids: torch.Tensor, puzzle_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, puzzle_ids: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, P + S, d): the puzzle vectors (zero-padded to P x d) in front of the token embeddings,
-        plus the learned positions (both scaled by 1/sqrt(2), which keeps the variance), times embed_scale."""
+        plus the learned positions at `position_ids` (B, P + S) (default 0, 1, ...; both scaled by
+        1/sqrt(2), which keeps the variance), times embed_scale."""
         m = self.spec.model
         x = self.embed(input_ids)
         if self.prefix_len:
@@ -206,7 +208,8 @@ class CompiledModel(nn.Module):
             p = torch.nn.functional.pad(p, (0, self.prefix_len * m.d_model - p.shape[-1]))
             x = torch.cat([p.view(-1, self.prefix_len, m.d_model), x], dim=1)
         if m.positions == "learned":
-            x = 0.707106781 * (x + self.positions.weight[: x.shape[1]].to(x.dtype))
+            table = self.positions.weight.to(x.dtype)
+            x = 0.707106781 * (x + (table[: x.shape[1]] if position_ids is None else table[position_ids]))
         return x * self.embed_scale
 
     def initial_states(self, x: torch.Tensor, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -268,7 +271,9 @@ class CompiledModel(nn.Module):
             position_ids = None if position_ids is None else torch.cat(
                 [torch.arange(P, device=position_ids.device).expand(B, P), position_ids + P], 1)
         ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
-        x = self.embed_inputs(input_ids, puzzle_ids)  # (B, P + S, d)
+        if position_ids is None and past:  # decoding with a cache: these tokens come after the cached ones
+            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        x = self.embed_inputs(input_ids, puzzle_ids, position_ids)  # (B, P + S, d)
         z = {INPUT: x, **self.initial_states(x, init_scale), **(states or {})}
         if self.loop is not None:  # halting per step of the loop, or a loss over every step
 

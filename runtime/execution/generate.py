@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from hrmspec.runtime.execution.adaptive import AdaptiveDepth
+from hrmspec.runtime.execution.decode import StaticCache, decode_step, left_padded
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
@@ -33,6 +34,18 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torc
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def _choose(logits: torch.Tensor, done: torch.Tensor, temperature: float, top_k: int | None,
+            gen: torch.Generator | None, eos_id: int | None, stats: dict | None) -> torch.Tensor:
+    """The next token per row; rows already `done` get eos, rows producing eos are marked done (in place)."""
+    nxt = _pick(logits, temperature, top_k, gen)
+    if stats is not None:
+        stats["tokens"] = stats.get("tokens", 0) + int((~done).sum())
+    if eos_id is not None:
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        done |= nxt == eos_id
+    return nxt
 
 
 @torch.no_grad()
@@ -53,10 +66,16 @@ def generate(
     max_steps: int | None = None,
     warm_start: bool = False,
     init_scale: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    compile: bool = False,  # noqa: A002 - the torch verb
 ) -> torch.Tensor:
     """Return (B, S + new) token ids: the prompts (B, S) followed by the decoded responses.
 
     `prefix_mask` (B, S) marks the instruction part of each prompt (default: the whole prompt).
+    `attention_mask` (B, S) marks the real tokens of prompts of different lengths, left-padded to one
+    length (1: token, 0: padding, as transformers has it). A schedule with a fixed unrolling decodes on
+    a static cache, one step function per token (runtime/execution/decode.py); `compile=True` compiles
+    that step with torch.compile.
     Rows that produced `eos_id` are padded with it until every row is done. The prompts are moved to
     the model's device, and the ids returned live there. `all_steps`,
     `threshold` and `stats`: halting per step (see the module docstring). `exit` (a criterion or its
@@ -69,6 +88,15 @@ def generate(
     if prefix_mask is None:
         prefix_mask = torch.ones_like(input_ids, dtype=torch.bool)
     prefix_mask = prefix_mask.to(device)
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    if padded and not left_padded(attention_mask):
+        raise ValueError("generate: pad prompts on the left (attention_mask 0 before each row's first token)")
+    if exit is None and model.loop is None and use_cache:
+        return _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k,
+                              eos_id, generator, stats, init_scale, compile)
+    if padded:
+        raise ValueError("generate: prompts of different lengths (attention_mask) decode on the static cache, which "
+                         "takes a schedule with a fixed unrolling and no exit rule: decode them one length at a time")
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     if exit is None:
@@ -95,12 +123,7 @@ def generate(
 
     logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache)
     for step in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_k, generator)
-        if stats is not None:
-            stats["tokens"] = stats.get("tokens", 0) + int((~done).sum())
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
+        nxt = _choose(logits, done, temperature, top_k, generator, eos_id, stats)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
@@ -111,3 +134,34 @@ def generate(
             full_prefix = torch.cat([prefix_mask, response], dim=1)
             logits = run(1, "decoded", ids, prefix_mask=full_prefix)
     return ids
+
+
+def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k, eos_id,
+                   generator, stats, init_scale, compile_step) -> torch.Tensor:
+    """generate on the static cache (runtime/execution/decode.py), prompts left-padded by `attention_mask`."""
+    B, S = input_ids.shape
+    device = input_ids.device
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
+    doc = torch.where(real, 0, -1)  # padding: a document of its own, which no real token sees
+    cache = model.new_cache()
+    out = model(input_ids, prefix_mask=prefix_mask & real, doc_ids=doc, position_ids=positions, cache=cache,
+                init_scale=init_scale)
+    logits = out.logits[:, -1]
+    static = StaticCache.from_prefill(cache, real, S + max_new_tokens)
+    calls, _ = model.schedule_at(model.recurrence)
+    step = decode_step
+    if compile_step:
+        step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    pos = positions[:, -1]
+    tokens = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        nxt = _choose(logits, done, temperature, top_k, generator, eos_id, stats)
+        tokens.append(nxt[:, None])
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            break
+        pos = pos + 1
+        slot = torch.tensor([S + i], device=device)
+        logits = step(model, calls, nxt, pos, slot, static, init_scale)
+    return torch.cat(tokens, dim=1)

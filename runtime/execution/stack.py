@@ -20,11 +20,14 @@ written out by hand would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from hrmspec.errors import HrmspecError
 from hrmspec.runtime.execution.context import Context
+from hrmspec.runtime.execution.decode import attend_cached
 
 
 class LengthError(HrmspecError):
@@ -42,7 +45,8 @@ class ModuleStack(nn.Module):
         self._where: dict[str, tuple[nn.Module, str]] = {}
         for p in self.param_specs:
             self._where[p.path] = register_at(self, p.path, nn.Parameter(torch.empty(p.shape)))
-        self._drops = {arity: _last_reads(body) for arity, body in bodies.items()}
+        self._segments = {arity: segments(body, self.ops) for arity, body in bodies.items()}
+        self._compiled: dict[Segment, object] = {}  # a segment -> what runs it (compiled once, on first use)
         self.attention_ops = max(sum(o.kind == "attention" for o in b.ops) for b in bodies.values())
 
     def weight(self, path: str) -> torch.Tensor:
@@ -54,47 +58,52 @@ class ModuleStack(nn.Module):
                 ) -> torch.Tensor:
         """The call on the states it sums (`terms`: one tensor (B, S, d) or a list of them)."""
         terms = [terms] if isinstance(terms, torch.Tensor) else list(terms)
-        body = self.bodies[len(terms)]
-        env = dict(zip(body.inputs, terms))
+        arity = len(terms)
+        env = dict(zip(self.bodies[arity].inputs, terms))
         layer = 0  # the KV slot of the next attention op
-        for op, drop in zip(body.ops, self._drops[len(terms)]):
-            if op.kind == "row":
-                args = {i: env[t] for i, t in op.rows.items()} | {i: self.weight(w) for i, w in op.weights.items()}
-                outs = self.ops.row_program(op.program, args)
-                env.update((t, outs[o]) for o, t in op.results.items())
-            elif op.kind == "linear":
-                x = env[op.reads[0]]
-                x = x.flatten(-2) if body.tensors[op.reads[0]].heads else x
-                W = self.weight(op.params[0].path)
-                bias = self.weight(op.params[1].path) if op.attrs["bias"] else None
-                if bias is not None and bias.shape[0] < W.shape[0]:  # a bias on the first rows only (q and k)
-                    bias = torch.nn.functional.pad(bias, (0, W.shape[0] - bias.shape[0]))
-                y = self.ops.linear(x, W, bias)
-                parts = y.split([body.tensors[t].size for t in op.writes], dim=-1) if len(op.writes) > 1 else (y,)
-                for t, part in zip(op.writes, parts):
-                    heads = body.tensors[t].heads
-                    env[t] = part.unflatten(-1, (heads, -1)) if heads else part
-            elif op.kind == "rope":
-                cos, sin = ctx.rope[op.attrs["theta"]]
-                env[op.writes[0]], env[op.writes[1]] = self.ops.rope_qk(env[op.reads[0]], env[op.reads[1]], cos, sin)
-            elif op.kind == "attention":
-                slot = None if cache is None else cache[layer]
-                env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
-                layer += 1
-            elif op.kind == "concat":  # cat(...) injection: the states side by side, for the adapter
-                env[op.writes[0]] = torch.cat([env[t] for t in op.reads], dim=-1)
-            elif op.kind == "transpose":
-                x, want = env[op.reads[0]], body.tensors[op.writes[0]].size
-                if x.shape[-2] != want:
-                    raise LengthError(f"module {self.name} mixes the positions of fixed-length rows (a token_mlp): "
-                                      f"rows of {x.shape[-2]} positions where the spec says {want}; "
-                                      "feed rows of model.max_seq_len tokens")
-                env[op.writes[0]] = x.transpose(-1, -2).contiguous()
-            else:
-                raise RuntimeError(f"module {self.name}: op {op.name} has an unknown kind '{op.kind}'")
-            for t in drop:
+        for seg in self._segments[arity]:
+            if seg.attention is None:  # compiled (on a backend that compiles) in training; evaluation's
+                self._run_segment(seg, env, ctx.rope, compiled=self.training)  # shapes vary call by call
+                continue
+            op = seg.attention
+            slot = None if cache is None else cache[layer]
+            env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
+            layer += 1
+            for t in seg.drops[0]:
                 del env[t]
-        return env[body.output]
+        return env[self.bodies[arity].output]
+
+    def decode(self, terms: list[torch.Tensor], rope: dict, kv: list, slot: torch.Tensor, mask: torch.Tensor
+               ) -> torch.Tensor:
+        """The call on one token per row (runtime/execution/decode.py): the same segments, attention on the
+        static cache `kv` (one (K, V) per attention op), written at `slot`, reading the slots `mask` allows."""
+        arity = len(terms)
+        env = dict(zip(self.bodies[arity].inputs, terms))
+        layer = 0
+        for seg in self._segments[arity]:
+            if seg.attention is None:
+                self._run_segment(seg, env, rope, compiled=False)  # the decode step is compiled whole, if at all
+                continue
+            env[seg.attention.writes[0]] = attend_cached(*(env[t] for t in seg.attention.reads), kv[layer], slot,
+                                                         mask)
+            layer += 1
+        return env[self.bodies[arity].output]
+
+    def _run_segment(self, seg: Segment, env: dict[str, torch.Tensor], rope: dict, compiled: bool = True) -> None:
+        """The segment's ops on `env`, in place: on a backend that compiles segments
+        (`ops.compile_segment`, backends/inductor), as one compiled function of explicit tensors."""
+        weights = [self.weight(p) for p in seg.weights]
+        tables = [t for theta in seg.thetas for t in rope[theta]]
+        inputs = [env.pop(t) if t in seg.consumed else env[t] for t in seg.reads]
+        if not compiled:
+            env.update(zip(seg.writes, seg.run(inputs, weights, tables)))
+            return
+        run = self._compiled.get(seg)
+        if run is None:
+            compile_segment = getattr(self.ops, "compile_segment", None)
+            run = self._compiled[seg] = (compile_segment(seg.run, seg.label) if compile_segment
+                                         else seg.run)
+        env.update(zip(seg.writes, run(inputs, weights, tables)))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, mask: str,
                cache: KVSlot | None) -> torch.Tensor:
@@ -150,6 +159,114 @@ def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Mod
     return owner, leaf
 
 
+@dataclass(eq=False)
+class Segment:
+    """A run of a body's ops between two attention ops, or one attention op: the unit a module call
+    runs, and the unit a compiling backend compiles (everything but attention, which keeps its own
+    kernel and KV cache). `run` is a function of explicit tensors only, so a compiler sees plain
+    tensor code: `reads` in, `writes` (what later ops or the caller read) out."""
+
+    label: str
+    ops: tuple  # the body's ops (none of them attention), or () for an attention segment
+    attention: object | None  # the attention op of an attention segment
+    reads: tuple[str, ...]  # tensors of the call's environment the segment reads
+    consumed: frozenset  # of those, the ones nothing after the segment reads (taken out of the environment)
+    writes: tuple[str, ...]  # tensors it leaves for later ops (or the call's output)
+    weights: tuple[str, ...]  # parameter paths, in the order `run` takes them
+    thetas: tuple[float, ...]  # the rotary tables it reads (cos, sin per theta)
+    drops: tuple[tuple[str, ...], ...]  # per op, the tensors no later op reads
+    body: object = None
+    table: object = None  # the op table its ops run on
+
+    def run(self, inputs: list[torch.Tensor], weights: list[torch.Tensor], rope: list[torch.Tensor]
+            ) -> list[torch.Tensor]:
+        env = dict(zip(self.reads, inputs))
+        weight = dict(zip(self.weights, weights))
+        tables = {theta: (rope[2 * i], rope[2 * i + 1]) for i, theta in enumerate(self.thetas)}
+        for op, drop in zip(self.ops, self.drops):
+            apply_op(op, self.body, env, weight, tables, self.table)
+            for t in drop:
+                del env[t]
+        return [env[t] for t in self.writes]
+
+
+def apply_op(op, body, env: dict[str, torch.Tensor], weight: dict[str, torch.Tensor], rope: dict, ops) -> None:
+    """One body op that is not attention, reading and writing `env` (see the module docstring)."""
+    if op.kind == "row":
+        args = {i: env[t] for i, t in op.rows.items()} | {i: weight[w] for i, w in op.weights.items()}
+        outs = ops.row_program(op.program, args)
+        env.update((t, outs[o]) for o, t in op.results.items())
+    elif op.kind == "linear":
+        x = env[op.reads[0]]
+        x = x.flatten(-2) if body.tensors[op.reads[0]].heads else x
+        W = weight[op.params[0].path]
+        bias = weight[op.params[1].path] if op.attrs["bias"] else None
+        if bias is not None and bias.shape[0] < W.shape[0]:  # a bias on the first rows only (q and k)
+            bias = torch.nn.functional.pad(bias, (0, W.shape[0] - bias.shape[0]))
+        y = ops.linear(x, W, bias)
+        parts = y.split([body.tensors[t].size for t in op.writes], dim=-1) if len(op.writes) > 1 else (y,)
+        for t, part in zip(op.writes, parts):
+            heads = body.tensors[t].heads
+            env[t] = part.unflatten(-1, (heads, -1)) if heads else part
+    elif op.kind == "rope":
+        cos, sin = rope[op.attrs["theta"]]
+        env[op.writes[0]], env[op.writes[1]] = ops.rope_qk(env[op.reads[0]], env[op.reads[1]], cos, sin)
+    elif op.kind == "concat":  # cat(...) injection: the states side by side, for the adapter
+        env[op.writes[0]] = torch.cat([env[t] for t in op.reads], dim=-1)
+    elif op.kind == "transpose":
+        x, want = env[op.reads[0]], body.tensors[op.writes[0]].size
+        if x.shape[-2] != want:
+            raise LengthError(f"module {body.module} mixes the positions of fixed-length rows (a token_mlp): "
+                              f"rows of {x.shape[-2]} positions where the spec says {want}; "
+                              "feed rows of model.max_seq_len tokens")
+        env[op.writes[0]] = x.transpose(-1, -2).contiguous()
+    else:
+        raise RuntimeError(f"module {body.module}: op {op.name} has an unknown kind '{op.kind}'")
+
+
+def segments(body, ops) -> list[Segment]:
+    """`body` cut at its attention ops: the segments a call runs, in order."""
+    drops = _last_reads(body)
+    held = set(body.inputs) | {t for op in body.ops for t in op.writes}  # not the rotary tables (context)
+    later: list[set[str]] = []  # later[i]: what ops after i read, plus the output
+    seen = {body.output}
+    for op in reversed(body.ops):
+        later.append(set(seen))
+        seen |= set(op.reads)
+    later.reverse()
+    out, run = [], []
+
+    def close() -> None:  # the run of ops collected so far becomes a segment
+        if not run:
+            return
+        idx = [i for i, _ in run]
+        reads, written = [], set()
+        for _, op in run:
+            reads += [t for t in op.reads if t in held and t not in written and t not in reads]
+            written |= set(op.writes)
+        after = later[idx[-1]]
+        out.append(Segment(
+            label=f"{body.module}.{body.arity}.ops{len(out)}", ops=tuple(op for _, op in run), attention=None,
+            reads=tuple(reads),
+            consumed=frozenset(t for t in reads if t not in after),
+            writes=tuple(t for t in dict.fromkeys(t for _, op in run for t in op.writes) if t in after),
+            weights=tuple(dict.fromkeys(p.path for _, op in run for p in op.params)),
+            thetas=tuple(dict.fromkeys(op.attrs["theta"] for _, op in run if op.kind == "rope")),
+            drops=tuple(drops[i] for i in idx), body=body, table=ops))
+        run.clear()
+
+    for i, op in enumerate(body.ops):
+        if op.kind == "attention":
+            close()
+            out.append(Segment(label=f"{body.module}.{body.arity}.attention{len(out)}", ops=(), attention=op,
+                               reads=op.reads, consumed=frozenset(),
+                               writes=op.writes, weights=(), thetas=(), drops=(drops[i],), body=body, table=ops))
+        else:
+            run.append((i, op))
+    close()
+    return out
+
+
 def _last_reads(body) -> list[tuple[str, ...]]:
     """For each op of `body`, the tensors no later op reads (the call's output is kept)."""
     held = set(body.inputs) | {t for op in body.ops for t in op.writes}  # not the rotary tables (context)
@@ -161,4 +278,4 @@ def _last_reads(body) -> list[tuple[str, ...]]:
             for i, op in enumerate(body.ops)]
 
 
-__all__ = ["KVCache", "KVSlot", "LengthError", "ModuleStack", "register_at"]
+__all__ = ["KVCache", "KVSlot", "LengthError", "ModuleStack", "Segment", "apply_op", "register_at", "segments"]

@@ -1,0 +1,89 @@
+"""The decode loop: a preallocated KV cache and one step function per token.
+
+`generate` runs here for a schedule with a fixed unrolling (no per-step halting, no exit rule):
+
+    prefill   the prompts (B, S), left-padded to one length, in one forward with the ordinary KV
+              cache: padding has document id -1 (it sees, and is seen by, nothing real) and each
+              row's positions start at its first real token. The keys and values are then copied
+              into the static cache: per (module call, attention op) K and V of (B, h, S + new, hd)
+    step      one token per row: its embedding, the calls of the schedule in order, each call's
+              ops segment by segment (the same `Segment.run` a forward runs) and each attention
+              op writing its key and value into the cache at the step's slot and reading every
+              slot marked `valid`: the row's real prompt tokens and the tokens decoded so far
+
+A decoded token sits after every key already in the cache, so the mask rule (`hrmspec.mask`:
+a response token sees the keys before it in its document) reduces to the `valid` slots. Nothing in
+a step depends on the step's index but two tensors (the slot and the positions), so the step is
+the same function of the same shapes every token: with `compile=True` torch.compile turns it into
+one compiled program, built once per (batch, length) and reused for every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hrmspec.spec.grammar import INPUT
+
+
+class StaticCache:
+    """Keys and values of every (module call, attention op) for T positions, allocated once."""
+
+    def __init__(self, slots: list[list[tuple[torch.Tensor, torch.Tensor]]], valid: torch.Tensor):
+        self.slots = slots  # slots[call][op] = (K, V), each (B, h, T, hd)
+        self.valid = valid  # (B, T) bool: the keys a new token may read
+
+    @classmethod
+    def from_prefill(cls, cache, attention_mask: torch.Tensor, total: int) -> StaticCache:
+        """The prompts' keys and values (an ordinary `KVCache` after the prefill) in buffers of `total`
+        positions; `attention_mask` (B, S) marks the real prompt tokens."""
+        B, S = attention_mask.shape
+        slots = []
+        for call in cache.slots:
+            row = []
+            for slot in call:
+                k = slot.k.new_zeros(*slot.k.shape[:2], total, slot.k.shape[-1])
+                v = torch.zeros_like(k)
+                k[:, :, :S], v[:, :, :S] = slot.k, slot.v
+                row.append((k, v))
+            slots.append(row)
+        valid = torch.zeros(B, total, dtype=torch.bool, device=attention_mask.device)
+        valid[:, :S] = attention_mask.bool()
+        return cls(slots, valid)
+
+
+def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                cache: StaticCache, init_scale: float = 1.0) -> torch.Tensor:
+    """Logits (B, vocab) of the next token after `tokens` (B,) at `positions` (B,), written to cache
+    slot `slot` (a 1-element long tensor)."""
+    m = model.spec.model
+    x = model.embed_inputs(tokens[:, None], position_ids=positions[:, None])
+    z = {INPUT: x, **model.initial_states(x, init_scale)}
+    cache.valid.index_fill_(1, slot, True)
+    mask = cache.valid[:, None, None, :]  # (B, 1, 1, T)
+    rope = {theta: model.ops.rope_tables(positions[:, None], m.head_dim, theta, x.dtype)
+            for theta in {mod.block.attention.rope_theta for mod in m.modules} - {None}}
+    for call in calls:
+        stack = model.stacks[call.module]
+        terms = [z[name] for name in call.inputs]
+        z[call.target] = stack.decode(terms, rope, cache.slots[call.index], slot, mask)
+    return model.logits_of(z[m.output][:, -1])
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                  slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row (B, 1, h, hd): its key and value written at `slot`, attention over the valid slots."""
+    K, V = kv
+    K.index_copy_(2, slot, k.transpose(1, 2))
+    V.index_copy_(2, slot, v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def left_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row's real tokens end at the last position (padding only on the left)."""
+    m = attention_mask.bool()
+    return bool(m[:, -1].all()) and bool((m[:, 1:] >= m[:, :-1]).all())
+
+
+__all__ = ["StaticCache", "attend_cached", "decode_step", "left_padded"]

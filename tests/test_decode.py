@@ -1,0 +1,109 @@
+"""The decode loop on the static cache (runtime/execution/decode.py): the same tokens as re-running the
+whole sequence every step, prompts of different lengths in one left-padded batch giving each row what it
+gives alone, learned positions, the compiled step, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hrmspec
+from hrmspec.backends import REGISTRY
+
+SMALL = {"model.vocab": 64, "model.d_model": 32, "model.heads": 2, "model.ffn": 64, "model.max_seq_len": 64,
+         "model.modules": {"L": {"layers": 1}, "H": {"layers": 1}}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = hrmspec.compile("hrm-text-tiny", overrides=SMALL).eval()
+    m.reset_parameters(seed=3)
+    with torch.no_grad():  # sharper logits than at init: greedy choices without near ties
+        m.embed.weight.mul_(8.0)
+    return m
+
+
+def full_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence through the model for every new token."""
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        prefix = torch.zeros_like(ids, dtype=torch.bool)
+        prefix[:, : len(prompt)] = True
+        logits = model(ids, prefix_mask=prefix).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    real = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        real[row, width - len(p):] = 1
+    return ids, real
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), n=st.integers(1, 6), seed=st.integers(0, 999),
+       pad=st.integers(0, 63))
+def test_left_padded_prompts_decode_as_each_alone(model, lengths, n, seed, pad):
+    """Each row of a batch of prompts of different lengths decodes to what the full-sequence loop gives it
+    alone, whatever token the padding holds."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in lengths]
+    ids, real = left_pad(prompts, pad)
+    with torch.no_grad():
+        out = model.generate(ids, n, attention_mask=real)
+    assert out.shape == (len(prompts), ids.shape[1] + n)
+    for row, p in enumerate(prompts):
+        assert out[row, ids.shape[1]:].tolist() == full_greedy(model, p, n), (row, p)
+
+
+def test_the_static_cache_decodes_as_the_recompute_loop_with_eos(model):
+    """Equal-length prompts: the static cache, the uncached recompute and an independent loop agree, and a row
+    stops at an eos chosen by the test (not read off the output) and is padded with it after."""
+    prompts = [[5, 9, 2, 7], [1, 1, 3, 60], [33, 4, 4, 8]]
+    ids = torch.tensor(prompts)
+    want = [full_greedy(model, p, 8) for p in prompts]
+    eos = want[1][2]  # row 1 stops after its 3rd token; the others stop where (if ever) they produce it
+    with torch.no_grad():
+        fast = model.generate(ids, 8, eos_id=eos)
+        slow = model.generate(ids, 8, eos_id=eos, use_cache=False)
+    assert torch.equal(fast, slow)
+    for row, tokens in enumerate(want):
+        cut = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        got = fast[row, 4:].tolist()
+        assert got[:cut] == tokens[:cut] and all(t == eos for t in got[cut:]), (row, got, tokens)
+    assert fast.shape[1] <= 4 + 8
+
+
+def test_learned_positions_decode_at_their_positions():
+    """A spec with a learned position table: each decoded token embeds its own position, not position 0."""
+    m = hrmspec.compile("hrm-text-tiny", overrides={**SMALL, "model.positions": "learned"}).eval()
+    m.reset_parameters(seed=1)
+    with torch.no_grad():
+        m.positions.weight.mul_(20.0)  # positions that decide the argmax
+        prompts = [[3, 4, 5], [9, 9, 1]]
+        got = m.generate(torch.tensor(prompts), 5)
+        slow = m.generate(torch.tensor(prompts), 5, use_cache=False)
+    for row, p in enumerate(prompts):
+        assert got[row, 3:].tolist() == full_greedy(m, p, 5)
+    assert torch.equal(slow, got)
+
+
+@pytest.mark.skipif(bool(REGISTRY["inductor"].missing()), reason=REGISTRY["inductor"].missing())
+def test_the_compiled_step_decodes_the_same_tokens(model):
+    ids, real = left_pad([[4, 5, 6, 7, 8], [9, 10]])
+    with torch.no_grad():
+        eager = model.generate(ids, 6, attention_mask=real)
+        compiled = model.generate(ids, 6, attention_mask=real, compile=True)
+    assert torch.equal(compiled, eager)
+
+
+def test_padding_on_the_right_is_refused(model):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
