@@ -10,13 +10,28 @@ OUT ?= runs/hrm-text-tiny
 
 .PHONY: install install-dev demo test test-all test-deep lint bench
 
-install:
+# pip runs again only when pyproject.toml changed since the last install into this Python from this
+# checkout (a stamp per interpreter under .make/), or when hrmspec does not import from here; `rm -rf .make`
+# forces it. A fresh clone has no stamp, so it installs.
+PY_ID := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
+HERE_OK := $(shell $(PYTHON) -c 'import os, sys, hrmspec; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(hrmspec.__file__))) != os.getcwd())' 2>/dev/null && echo yes)
+ifneq ($(HERE_OK),yes)
+$(shell rm -f .make/installed-$(PY_ID) .make/installed-dev-$(PY_ID))
+endif
+
+install: .make/installed-$(PY_ID)
+
+install-dev: .make/installed-dev-$(PY_ID)
+
+.make/installed-$(PY_ID): pyproject.toml
 	$(PIP) $(TORCH)
 	$(PIP) -e .
+	@mkdir -p .make && touch $@
 
-install-dev:
+.make/installed-dev-$(PY_ID): pyproject.toml
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[dev]'
+	@mkdir -p .make && touch $@ .make/installed-$(PY_ID)
 
 demo: install
 	$(PYTHON) -m hrmspec train specs/hrm-text-tiny.yaml --out $(OUT) --overwrite
