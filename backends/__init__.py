@@ -96,7 +96,7 @@ def _reference():
 def _inductor():
     from hrmspec.backends.inductor.table import InductorTable
 
-    return InductorTable()
+    return InductorTable(get_backend("reference"))  # whose ops it runs, and compiles
 
 
 def _cxx_missing() -> str:

@@ -21,7 +21,8 @@ from hrmspec.emit import TARGETS
 from hrmspec.ir import library
 
 BACKENDS_DIR = Path(hrmspec.backends.__file__).parent
-PACKAGES = ("reference", "triton", "cstyle")  # the backend packages; common is shared, __init__ the registry
+# the backend packages; common is shared, __init__ the registry
+PACKAGES = ("reference", "inductor", "triton", "cstyle")
 
 
 def _imported(path: Path) -> list[tuple[int, str]]:
@@ -79,7 +80,7 @@ def test_importing_the_registry_imports_no_torch():
 
 # -- the registry ---------------------------------------------------------------------------------------
 def test_every_caller_reads_the_registry():
-    assert BACKENDS == tuple(REGISTRY) == ("reference", "triton", "opencl", "cuda")
+    assert BACKENDS == tuple(REGISTRY) == ("reference", "inductor", "triton", "opencl", "cuda")
     assert set(TARGETS) == {name for name, b in REGISTRY.items() if b.emit is not None} == {"triton", "opencl", "cuda"}
     assert {t: (TARGETS[t].suffix, REGISTRY[t].emit.storage) for t in TARGETS} == {
         "triton": (".py", None), "opencl": (".cl", "f32"), "cuda": (".cu", "bf16")}

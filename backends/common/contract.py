@@ -108,4 +108,34 @@ class TableBase:
         return f"<{self.name} op table>"
 
 
-__all__ = ["GELU", "IGNORE_INDEX", "SIGMOID_GATE", "SWIGLU", "OpTable", "TableBase", "rms_norm_program"]
+class OnReference(TableBase):
+    """A table that runs every op on `reference` (another table, given at construction: a backend imports
+    no other backend) unless it overrides it: the kernel tables' base, and the inductor backend's."""
+
+    def __init__(self, reference: OpTable):
+        self.reference = reference
+
+    def row_program(self, program: RowProgram, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.reference.row_program(program, inputs)
+
+    def rope_qk(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return self.reference.rope_qk(q, k, cos, sin)
+
+    def rope_tables(self, position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+        return self.reference.rope_tables(position_ids, head_dim, theta, dtype)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
+        return self.reference.attention(q, k, v, mask)
+
+    def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                             ) -> tuple[Tensor, Tensor]:
+        return self.reference.linear_cross_entropy(h, W, labels, ignore_index)
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+                      ) -> tuple[Tensor, Tensor]:
+        return self.reference.cross_entropy(logits, labels, ignore_index)
+
+
+__all__ = ["GELU", "IGNORE_INDEX", "SIGMOID_GATE", "SWIGLU", "OnReference", "OpTable", "TableBase",
+           "rms_norm_program"]

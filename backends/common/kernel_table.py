@@ -19,16 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from hrmspec.backends.common.contract import IGNORE_INDEX, OpTable, TableBase
+from hrmspec.backends.common.contract import OnReference, OpTable
 from hrmspec.backends.common.fallback import report_fallback
 from hrmspec.backends.common.limits import WIDE_ROW, beyond_limits
 from hrmspec.backends.common.rowops import RopeFunction, RowOp
 from hrmspec.ir import RowProgram, library
 from hrmspec.ir.opset import REDUCE
-from hrmspec.mask import Mask
 
 ROPE = library.rope()
 
@@ -49,7 +47,7 @@ def flattens(program: RowProgram, inputs: Mapping[str, Tensor]) -> bool:
     return len(shape) > 2 and shape[-1] * shape[-2] <= WIDE_ROW
 
 
-class KernelTable(TableBase):
+class KernelTable(OnReference):
     """Row ops on `op_class` kernels, the rest on `reference` (see the module docstring)."""
 
     fuses = True
@@ -58,7 +56,7 @@ class KernelTable(TableBase):
     launcher = ""  # what launches the kernels, as a fallback's reason names it
 
     def __init__(self, reference: OpTable):
-        self.reference = reference
+        super().__init__(reference)  # what it has no kernels for runs there
         self._ops: dict[str, RowOp] = {}  # program hash -> op, built once
 
     def unsupported(self, tensors: list[Tensor], width: int) -> str | None:
@@ -102,22 +100,6 @@ class KernelTable(TableBase):
             self.fallback("rope", reason)
             return self.reference.rope_qk(q, k, cos, sin)
         return RopeFunction.apply(self.op(ROPE), q, k, cos, sin)
-
-    # -- what a kernel backend runs on the reference unless it has kernels for it -----------------------
-    def rope_tables(self, position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor]:
-        return self.reference.rope_tables(position_ids, head_dim, theta, dtype)
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
-        return self.reference.attention(q, k, v, mask)
-
-    def linear_cross_entropy(self, h: Tensor, W: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
-                             ) -> tuple[Tensor, Tensor]:
-        return self.reference.linear_cross_entropy(h, W, labels, ignore_index)
-
-    def cross_entropy(self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
-                      ) -> tuple[Tensor, Tensor]:
-        return self.reference.cross_entropy(logits, labels, ignore_index)
 
 
 __all__ = ["ROPE", "KernelTable", "flattens"]

@@ -21,20 +21,22 @@ from collections.abc import Callable
 
 import torch
 
-from hrmspec.backends.reference.table import ReferenceTable
+from hrmspec.backends.common.contract import OnReference, OpTable
 
 # Each segment gets its own code object, so its compiled variants (shapes, dtypes, grad modes)
 # live in their own cache; this many per segment before it is run uncompiled (with a warning).
 VARIANTS_PER_SEGMENT = 16
 
 
-class InductorTable(ReferenceTable):
-    """The reference ops; `compile_segment` compiles the runs of ops between attention ops."""
+class InductorTable(OnReference):
+    """The reference's ops (given at construction: a backend imports no other backend), and
+    `compile_segment`, which compiles the runs of ops between attention ops."""
 
     name = "inductor"
     fuses = False  # a module call runs op by op; Inductor does the fusing
 
-    def __init__(self):
+    def __init__(self, reference: OpTable):
+        super().__init__(reference)
         if torch._dynamo.config.recompile_limit < VARIANTS_PER_SEGMENT:
             torch._dynamo.config.recompile_limit = VARIANTS_PER_SEGMENT
 

@@ -24,7 +24,7 @@ sum is taken by the kind of the op, not of the adjoint (it folds to g * D).
 Local derivatives (g is the adjoint of the result y):
     mul  (g b, g a)         div   (g / b, -g y / b)      exp  g y        log    g / a
     sqrt g / (2 y)          rsqrt -g y^3 / 2             tanh g (1 - y^2) sigmoid g y (1 - y)
-    silu g s (1 + a (1-s))  relu  where(a > 0, g, 0)     pow  g c a^(c-1) where (., where(c, g, 0), where(c, 0, g))
+    silu g s (1 + a (1-s))  relu  where(a <= 0, 0, g)     pow  g c a^(c-1) where (., where(c, g, 0), where(c, 0, g))
     sum  g                  mean  g / D                  max  g m / sum(m), m = [a == y] (ties share, as amax)
 Comparisons and casts to bool have no gradient; rounding casts (f16, bf16) pass it straight through.
 """
@@ -55,7 +55,8 @@ VJP: dict[str, Callable[[ProgramBuilder, Node, list[Value], Value, Value], tuple
     "sigmoid": lambda b, n, a, y, g: (g * (y * (1.0 - y)),),
     "silu": lambda b, n, a, y, g: (g * _dsilu(a[0]),),
     "tanh": lambda b, n, a, y, g: (g * (1.0 - y * y),),
-    "relu": lambda b, n, a, y, g: ((a[0] > 0.0).where(g, 0.0),),
+    # torch's rule: 0 where a <= 0, else g, so a NaN input passes g on (and a NaN g) as autograd does
+    "relu": lambda b, n, a, y, g: ((a[0] <= 0.0).where(0.0, g),),
     "square": lambda b, n, a, y, g: (2.0 * (g * a[0]),),
     "pow": lambda b, n, a, y, g: (n.arg * (g * a[0] ** (n.arg - 1.0)),),
     "where": lambda b, n, a, y, g: (None, a[0].where(g, 0.0), a[0].where(0.0, g)),
