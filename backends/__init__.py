@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,8 +102,6 @@ def _inductor():
 
 def _cxx_missing() -> str:
     """Why Inductor cannot build C++ kernels here ('' when it can: a GPU build uses Triton instead)."""
-    import shutil
-
     cxx = os.environ.get("CXX", "g++")
     return "" if shutil.which(cxx) or shutil.which("clang++") else f"no C++ compiler ({cxx}) is on the PATH"
 

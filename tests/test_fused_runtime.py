@@ -59,10 +59,11 @@ def test_a_call_frees_what_no_later_op_reads(tiny_text, name):
         s = _stack(spec, reference, fused, (2,))
         body = s.bodies[2]
         live = set(body.inputs)
-        for op, drop in zip(body.ops, s._drops[2]):
-            assert {t for t in op.reads if not t.startswith("rope.")} <= live, op.name
-            live |= set(op.writes)
-            live -= set(drop)
+        for seg in s._segments[2]:  # the ops in order, each with what it frees
+            for op, drop in zip(seg.ops or (seg.attention,), seg.drops):
+                assert {t for t in op.reads if not t.startswith("rope.")} <= live, op.name
+                live |= set(op.writes)
+                live -= set(drop)
         assert live == {body.output}
 
 

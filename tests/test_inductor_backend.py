@@ -82,6 +82,7 @@ def test_training_steps_match_the_reference_and_compile_once_per_segment():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # graphs other tests compiled
     ref, fast = _pair(progress=0.0)
     calls = {(c.module, flag) for c, flag in zip(ref.calls, ref.grad_flags)}
     assert len(ref.calls) == 8 and len(calls) == 4  # both modules run with and without gradient
