@@ -154,7 +154,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise TrainError(f"train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
                              f"({self.world})")
-        torch.manual_seed(cfg.seed)
+        ckpt.seed_rngs(cfg.seed)
         if out.exists() and not out.is_dir():
             raise TrainError(f"--out {out} is a file, not a folder")
         try:
