@@ -226,18 +226,24 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
 
     def _carry_state(self) -> dict:
-        """The supervised rows' carry, so a resumed run continues every sample where it stood (one
-        process only: under torchrun each rank's carry is its own, and a resumed run starts afresh)."""
-        if self.carry is None or self.world > 1:
+        """The supervised rows' carry, so a resumed run continues every sample where it stood. Under torchrun
+        each rank holds its own rows: collective, every rank's carry stacked in rank order ("carry_ranks")."""
+        if self.carry is None:
             return {}
         c = self.carry
-        return {"carry": to_device({"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}, "cpu")}
+        carry = {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}
+        if self.world == 1:
+            return {"carry": to_device(carry, "cpu")}
+        return {"carry": to_device(_map(lambda t: _gather_ranks(t, self.world), carry), "cpu"),
+                "carry_ranks": self.world}
 
     def _restore_model(self, start: Path) -> dict:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
-        if "carry" in state and self.supervisor is not None and self.world == 1:
-            c = to_device(state["carry"], self.device)
+        # the carry holds each rank's rows: under another number of processes the rows start afresh
+        if "carry" in state and self.supervisor is not None and state.get("carry_ranks", 1) == self.world:
+            c = state["carry"] if self.world == 1 else _map(lambda t: t[self.rank], state["carry"])
+            c = to_device(c, self.device)
             self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
         if not is_sharded(start):  # shards are read once the model is sharded (load_sharded)
             ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
@@ -445,11 +451,12 @@ class Trainer:
         elif self.rank == 0:
             model_state, ema_state = self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
             optim_state = to_device(self.optimizer.state_dict(), "cpu")  # device-independent, as the weights
+        carry = self._carry_state()  # every rank: a collective under torchrun
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
                 {"data": self.batches.state_dict(), "skipped": self.skipped,
-                 "ema_steps": self.ema.steps if self.ema else 0, **self._carry_state()},
+                 "ema_steps": self.ema.steps if self.ema else 0, **carry},
                 keep=self.cfg.keep, staged=staged,
             )
         if self.sharded:
@@ -504,6 +511,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [rec for rec in metric_records(path) if rec.get("step", 0) <= step]
     path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+
+
+def _map(fn, tree: dict) -> dict:
+    """`tree` (tensors in nested dicts) with `fn` applied to every tensor."""
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def _gather_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's `t` (the same shape on each), stacked in rank order: (world, *t.shape)."""
+    sent = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # collectives take no bool everywhere
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent)
+    return torch.stack(parts).to(t.dtype)
 
 
 def _scalar(t: torch.Tensor) -> float:
