@@ -280,7 +280,7 @@ class Trainer:
         """Steps until `train.steps` (or `stop_after`), logging, evaluating and checkpointing."""
         cfg, lead = self.cfg, self.rank == 0
         self.metrics = open(self.out / "metrics.jsonl", "a") if lead else None
-        board = _tensorboard(self.out) if lead else None
+        board = _tensorboard(self.out, self.step) if lead else None
         bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
         t_log, tokens = time.perf_counter(), 0
@@ -547,13 +547,15 @@ def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -
             shadow.copy_(distribute_tensor(ema_state[name], shadow.device_mesh, shadow.placements))
 
 
-def _tensorboard(out: Path):
-    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed."""
+def _tensorboard(out: Path, start: int):
+    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed. A run resumed from step
+    `start` purges the events logged after it (a run that died past its last checkpoint), as metrics.jsonl
+    drops its lines: the steps it does again are shown once."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
 
 
 
