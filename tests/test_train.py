@@ -53,6 +53,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL process `pid` and every process under it, wherever each is. Not its process group: torchrun
+    starts each rank in a session of its own, so killing torchrun's group would leave the ranks training."""
+    import signal
+    from pathlib import Path
+
+    def children(of: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if ppid == of:
+                found.append(int(stat.parent.name))
+        return found
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            os.kill(p, signal.SIGSTOP)  # frozen before its children are listed: it starts no more
+        except ProcessLookupError:
+            continue
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        os.kill(p, signal.SIGKILL)
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(spec(), full, progress_bar=False)
