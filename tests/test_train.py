@@ -167,14 +167,35 @@ def test_bad_train_config_and_small_vocab(tmp_path):
         train(spec(**{"model.vocab": 100}), tmp_path, progress_bar=False)
 
 
-def test_eval_scores_with_task_checker(tmp_path):
-    from hrmspec.runtime.training.heldout import evaluate_run
+def test_eval_scores_with_task_checker(tmp_path, monkeypatch):
+    from dataclasses import replace
 
-    train(spec(), tmp_path, progress_bar=False)
+    from hrmspec.runtime.execution.compiled import CompiledModel
+    from hrmspec.runtime.training.data import DataConfig, format_sample
+    from hrmspec.runtime.training.heldout import evaluate_run, held_out_set
+    from hrmspec.runtime.training.tokenizer import Tokenizer
+
+    run_spec = spec(**{"train.max_new_tokens": 40})
+    train(run_spec, tmp_path, progress_bar=False)
+    tok = Tokenizer.load(ckpt.latest_checkpoint(tmp_path))
+    samples = held_out_set(DataConfig.from_dict(run_spec.data)).samples[:8]
+    # a model forced to answer: samples 0, 2, 3 and 6 with their gold response, the others with it and a digit
+    # more; each answer ends with eos (its response text does), and what follows the eos must be ignored
+    right = {0, 2, 3, 6}
+    answers = {tuple(tok.encode(format_sample(x)[0])): tok.encode(format_sample(
+        x if i in right else replace(x, response=x.response + "7"))[1]) for i, x in enumerate(samples)}
+    assert len(answers) == 8 and all(a[-1] == tok.eos_id for a in answers.values())
+
+    def forced(self, ids, max_new_tokens, eos_id=None, **_):
+        assert eos_id == tok.eos_id
+        rows = [(answers[tuple(row)] + tok.encode("9" * max_new_tokens))[:max_new_tokens] for row in ids.tolist()]
+        return torch.cat([ids, torch.tensor(rows)], dim=1)
+
+    monkeypatch.setattr(CompiledModel, "generate", forced)
     res = evaluate_run(tmp_path, n=8)
-    assert res["n"] == 8 and 0.0 <= res["accuracy"] <= 1.0
-    assert set(res["tasks"]) == {"basic_arithmetic"}
-    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
+    assert res["accuracy"] == 0.5 and res["n"] == 8
+    assert res["tasks"] == {"basic_arithmetic": {"accuracy": 0.5, "n": 8}}
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == res["tasks"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
