@@ -239,6 +239,22 @@ def test_export_trained_run_to_transformers(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def greedy_answer(run, prompt: str, new: int) -> str:
+    """The answer of the run's newest checkpoint (EMA weights) to `prompt` by the greedy loop: the full forward
+    re-run on the growing sequence, cut at the first eos."""
+    from greedy_oracle import greedy_loop
+
+    from hrmspec.runtime.training.data import Sample, format_sample
+    from hrmspec.runtime.training.heldout import load_run
+
+    model, tok, *_ = load_run(run)
+    ids = torch.tensor([tok.encode(format_sample(Sample(instruction=prompt, response=""))[0])])
+    stream, gap = greedy_loop(model, ids, new)
+    assert gap > 1e-4  # no near tie: generate's argmax is the loop's
+    tokens = stream[0, ids.shape[1]:].tolist()
+    return tok.decode(tokens[:tokens.index(tok.eos_id)] if tok.eos_id in tokens else tokens, skip_special=True)
+
+
 def test_cli_train_eval_generate_plot(tmp_path, capsys):
     from hrmspec.cli import main
 
@@ -251,7 +267,7 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
     assert main(["eval", str(run), "--n", "4"]) == 0
     assert "basic_arithmetic" in capsys.readouterr().out
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "4"]) == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out == greedy_answer(run, "Calculate 12 + 30.", 4) + "\n"
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "90"]) == 2
     assert "more than model.max_seq_len 96" in capsys.readouterr().err
     assert main(["generate", str(run), "9" * 100_000]) == 2
