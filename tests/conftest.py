@@ -248,6 +248,16 @@ model:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: a micro model's ops are too small to share, and on a loaded machine
+    a second thread only waits at every op (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_text():
     return TINY
 

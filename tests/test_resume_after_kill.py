@@ -165,15 +165,6 @@ def test_sigkill_mid_interval_under_ddp_then_resume_is_the_uninterrupted_run_bit
     check_resume_after_kill(spec_text, tmp_path, processes=2)
 
 
-@pytest.fixture
-def one_thread():
-    """Training in this process on one thread (as the runs above): a second one only waits on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_steps_done_again_are_shown_once_in_metrics_and_tensorboard(tmp_path, monkeypatch, one_thread):
     """In one process: a run that dies past its last checkpoint logged steps that the resumed run logs again;
     metrics.jsonl drops the old lines and TensorBoard's writer is told to purge the old events (tensorboard

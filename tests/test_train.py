@@ -167,7 +167,7 @@ def test_bad_train_config_and_small_vocab(tmp_path):
         train(spec(**{"model.vocab": 100}), tmp_path, progress_bar=False)
 
 
-def test_eval_scores_with_task_checker(tmp_path, monkeypatch):
+def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
     from dataclasses import replace
 
     from hrmspec.runtime.execution.compiled import CompiledModel
@@ -255,7 +255,7 @@ def greedy_answer(run, prompt: str, new: int) -> str:
     return tok.decode(tokens[:tokens.index(tok.eos_id)] if tok.eos_id in tokens else tokens, skip_special=True)
 
 
-def test_cli_train_eval_generate_plot(tmp_path, capsys):
+def test_cli_train_eval_generate_plot(tmp_path, capsys, one_thread):
     from hrmspec.cli import main
 
     spec_file, run = tmp_path / "micro.yaml", tmp_path / "run"
