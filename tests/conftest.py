@@ -55,13 +55,60 @@ def kernel_device() -> torch.device:
     return torch.device(KERNEL_DEVICE)
 
 
+# -- what a test needs from outside hrmspec -------------------------------------------------------------
+def opencl_absent() -> str | None:
+    """Why OpenCL kernels cannot run here (pyopencl does not import, no OpenCL platform, none of the name
+    hrmspec picks with a device), or None. Only the external dependency is probed: hrmspec's own OpenCL code
+    runs inside the tests, where its errors fail them instead of turning into skips."""
+    try:
+        import pyopencl as cl
+    except ImportError as e:
+        return f"pyopencl does not import ({e})"
+    from hrmspec.backends.cstyle.opencl import PLATFORM
+
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as e:  # the ICD loader found no platform at all
+        return f"no OpenCL platform ({str(e).splitlines()[0]})"
+    want = os.environ.get("HRMSPEC_OPENCL_PLATFORM") or PLATFORM
+    for p in platforms:
+        if want.lower() in p.name.lower():
+            try:
+                if p.get_devices():
+                    return None
+            except cl.Error:  # DEVICE_NOT_FOUND
+                pass
+    return f"no OpenCL platform named like {want!r} with a device (found: {[p.name for p in platforms]})"
+
+
+def nvrtc_absent() -> str | None:
+    """Why NVRTC cannot compile here (cuda-bindings does not import, the NVRTC library does not load), or None;
+    asked of cuda-bindings directly, so that hrmspec's NVRTC code fails its tests rather than skipping them."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:
+        return f"cuda-bindings does not import ({e})"
+    try:
+        nvrtc.nvrtcVersion()
+    except RuntimeError as e:  # cuda-bindings loads the library on the first call
+        return f"the NVRTC library does not load ({str(e).splitlines()[0]})"
+    return None
+
+
+NEEDS = {"needs_gpu": lambda: None if torch.cuda.is_available() else "needs a CUDA device",
+         "needs_opencl": opencl_absent, "needs_nvrtc": nvrtc_absent}
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    absent: dict[str, str | None] = {}
     for item in items:
-        if "needs_gpu" in item.keywords:
-            item.add_marker(skip)
+        for mark, probe in NEEDS.items():
+            # a test that takes the opencl op table (the cl_ops fixture) needs OpenCL, marked or not
+            if mark in item.keywords or (mark == "needs_opencl" and "cl_ops" in getattr(item, "fixturenames", ())):
+                if mark not in absent:  # probed once, and only when a collected test needs it
+                    absent[mark] = probe()
+                if absent[mark]:
+                    item.add_marker(pytest.mark.skip(reason=absent[mark]))
 
 
 # -- fallbacks, per call ---------------------------------------------------------------------------------
@@ -201,19 +248,26 @@ model:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: a micro model's ops are too small to share, and on a loaded machine
+    a second thread only waits at every op (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_text():
     return TINY
 
 
 @pytest.fixture(scope="session")
 def cl_ops():
-    """The opencl backend's op table, or a skip when this machine has no OpenCL device."""
-    pytest.importorskip("pyopencl")
+    """The opencl backend's op table, its device found; tests that take it are marked `needs_opencl` (which
+    skips them where OpenCL is absent), so any error here is hrmspec's and fails them."""
     from hrmspec.backends import get_backend
     from hrmspec.backends.cstyle.opencl import find_device
 
-    try:
-        find_device()
-    except Exception as e:  # no OpenCL platform on this machine
-        pytest.skip(f"no OpenCL device: {e}")
+    find_device()
     return get_backend("opencl")

@@ -8,6 +8,7 @@ pass. Non-finite values are compared as a pattern: the reference says where inf 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from hypothesis import strategies as st
@@ -161,3 +162,22 @@ def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: i
 
 __all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "around", "assert_same_nonfinite", "assert_within",
            "check_row_op", "close", "edge_values", "elementwise_bound", "rel_rms", "widths"]
+
+
+def compare_grads(ref: torch.nn.Module, other: torch.nn.Module, rtol: float,
+                  atol: float | Callable[[torch.Tensor], float]) -> int:
+    """After a backward through each: every parameter of `other` has a gradient exactly where the same
+    parameter of `ref` has one, and within (rtol, atol) of it (`atol` may be a function of ref's gradient).
+    Returns how many gradients were compared, for the caller to hold against the parameters it expects to
+    receive one: a loop that skips what has no gradient passes on its own when none has."""
+    compared = 0
+    for (name, p), (other_name, q) in zip(ref.named_parameters(), other.named_parameters(), strict=True):
+        assert name == other_name, (name, other_name)
+        assert (p.grad is None) == (q.grad is None), f"{name}: a gradient on one side only"
+        if p.grad is None:
+            continue
+        tol = atol(p.grad) if callable(atol) else atol
+        torch.testing.assert_close(q.grad.to(p.grad.device), p.grad, rtol=rtol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        compared += 1
+    return compared

@@ -13,6 +13,7 @@ import torch
 import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from known_answers import KnownAnswers
 from test_recurrent_depth import SPEC as MICRO_HUGINN
 
 import hrmspec
@@ -31,6 +32,7 @@ from hrmspec.runtime.execution.adaptive import (
     parse_exit,
 )
 from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.training.data import DataConfig, load_split
 from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec import load_spec, load_spec_text
 from hrmspec.spec.schema import Repeat
@@ -376,7 +378,11 @@ def run(tmp_path_factory):
     return root
 
 
-def test_eval_reports_the_exit_against_full_depth(run, capsys):
+def test_eval_reports_the_exit_against_full_depth(run, capsys, monkeypatch):
+    held_out = load_split(DataConfig.from_dict(load_spec_text(SPEC, "micro.yaml", SIZES).data), "eval").samples
+    # answers fixed in advance: at full depth samples 0-2 answered right, with the exit only sample 0
+    known = KnownAnswers(held_out, lambda i, model, options: i < (3 if isinstance(options["exit"], Never) else 1))
+    known.install(monkeypatch)
     assert main(["eval", str(run / "run"), "--n", "4", "--exit", "kl:1e-2", "--max-steps", "8"]) == 0
     out = capsys.readouterr().out
     res = json.loads((run / "run" / "eval.json").read_text())
@@ -388,7 +394,10 @@ def test_eval_reports_the_exit_against_full_depth(run, capsys):
     hist = res["depth"]["histogram"]
     assert sum(int(d) * n for d, n in hist.items()) / sum(hist.values()) == pytest.approx(res["depth"]["mean"])
     assert res["tokens"] > 0 and res["tokens_per_s"] > 0 and full["tokens_per_s"] > 0
-    assert 0 <= res["accuracy"] <= 1 and 0 <= full["accuracy"] <= 1
+    assert sorted(i for call in known.answered for i in call) == [0, 0, 1, 1, 2, 2, 3, 3]  # both depths, 4 each
+    assert (res["accuracy"], full["accuracy"]) == (0.25, 0.75)
+    assert res["tasks"] == {"basic_arithmetic": {"accuracy": 0.25, "n": 4}}
+    assert full["tasks"] == {"basic_arithmetic": {"accuracy": 0.75, "n": 4}}
     assert f"exit kl:0.01: accuracy {100 * res['accuracy']:.1f}% against {100 * full['accuracy']:.1f}% at full " \
            "depth (8 steps)" in out
     assert f"steps per position: mean {res['depth']['mean']:.2f} of 8" in out and "tokens/s:" in out

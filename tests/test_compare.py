@@ -4,12 +4,14 @@ import json
 
 import pytest
 import yaml
+from known_answers import KnownAnswers
 
 from hrmspec.cli import main
 from hrmspec.cost import RunFlops
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training import compare
 from hrmspec.runtime.training.compare import Budget, CompareError, plan_runs, read_data, run_compare
+from hrmspec.runtime.training.data import read_jsonl
 from hrmspec.runtime.training.loop import train
 from hrmspec.runtime.training.plot import metric_records
 from hrmspec.spec import load_spec
@@ -122,6 +124,11 @@ def test_budgets_and_data_that_cannot_be_shared_are_refused(workdir, monkeypatch
 
 
 def test_compare_trains_resumes_records_a_failure_and_skips_what_finished(workdir, monkeypatch, capsys):
+    held_out, _ = read_jsonl(workdir / "eval.jsonl")
+    # answers fixed in advance: the HRM answers the first held-out sample right, the Transformer the first three
+    known = KnownAnswers(held_out, lambda i, model, options: i < {"hrm": 1, "transformer": 3}[model.spec.name])
+    known.install(monkeypatch)
+    accuracy = {"hrm": 0.25, "transformer": 0.75}
     budget = Budget.parse("flops=" + repr(four_hrm_steps(workdir)))
     bad = load_spec(workdir / "hrm.yaml", {"name": "too-small", "model.vocab": 100})
     chosen = [*specs(workdir, "hrm", "transformer"), bad]
@@ -138,11 +145,12 @@ def test_compare_trains_resumes_records_a_failure_and_skips_what_finished(workdi
         assert r["params"] == p.params > 0 and r["steps"] == p.steps and r["tokens"] == p.tokens
         assert abs(r["train_flops"] - budget.value) <= max(p.step_flops)
         assert r["flops_per_token"] == pytest.approx(r["train_flops"] / r["tokens"])
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 4 and set(r["tasks"]) == {"data"}
+        assert r["accuracy"] == accuracy[r["spec"]] and r["n"] == 4 and r["tasks"] == {"data": accuracy[r["spec"]]}
         assert r["wall_s"] >= r["train_s"] > 0
         # one evaluation on the way (at half the steps, rounded up), then the final one
         assert [c["step"] for c in r["curve"]] == [-(-p.steps // 2), p.steps]
         assert r["curve"][-1] == {"step": p.steps, "flops": r["train_flops"], "accuracy": r["accuracy"]}
+        assert r["curve"][0]["accuracy"] == accuracy[r["spec"]]  # the evaluation on the way scores the same answers
     # the interrupted run went on from its checkpoint at step 2: every step logged once
     logged = [rec["step"] for rec in metric_records(out / "hrm" / "metrics.jsonl") if "loss" in rec]
     assert logged == [1, 2, 3, 4]

@@ -9,13 +9,12 @@ with HRMSPEC_UPDATE_GOLDEN=1 and review the diff.
 """
 
 import hashlib
-import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from golden_file import check_golden
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import EDGES, check_row_op, close, widths
@@ -29,33 +28,6 @@ from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs
 WIDTHS = (1, 3, 127, 1000)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROGRAMS = builtin_programs()
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE_GOLDEN = os.environ.get("HRMSPEC_UPDATE_GOLDEN", "0") not in ("", "0")
-
-
-def _opencl_error() -> str | None:
-    try:
-        from hrmspec.backends.cstyle.opencl import context
-
-        context()
-    except Exception as e:  # no pyopencl, no platform: the reason is the skip message
-        return str(e).splitlines()[0]
-    return None
-
-
-def _nvrtc_error() -> str | None:
-    try:
-        from hrmspec.backends.cstyle.nvrtc import nvrtc_version
-
-        nvrtc_version()
-    except Exception as e:
-        return str(e).splitlines()[0]
-    return None
-
-
-_OPENCL, _NVRTC = _opencl_error(), _nvrtc_error()
-needs_opencl = pytest.mark.skipif(_OPENCL is not None, reason=f"no OpenCL device: {_OPENCL}")
-needs_nvrtc = pytest.mark.skipif(_NVRTC is not None, reason=f"no NVRTC: {_NVRTC}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,16 +117,11 @@ def test_golden_rms_norm_source(dialect, dtype, direction):
     prog = p if direction == "fwd" else grad(p)
     name = kernel_name(prog, direction, p.name)
     src = render_source(prog, name, dialect, _dtypes(prog, dtype), block_size(4096))
-    path = GOLDEN / f"cstyle_rms_norm_{direction}_{dtype}{dialect.suffix}"
-    if UPDATE_GOLDEN:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(src)
-    assert path.exists(), f"{path} is missing; generate it with HRMSPEC_UPDATE_GOLDEN=1"
-    assert src == path.read_text(), f"{path.name} changed; if intended, regenerate with HRMSPEC_UPDATE_GOLDEN=1"
+    check_golden(f"cstyle_rms_norm_{direction}_{dtype}{dialect.suffix}", src)
 
 
 # -- numerics on PoCL -----------------------------------------------------------------------------------
-@needs_opencl
+@pytest.mark.needs_opencl
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
 def test_builtin_forward_and_backward_on_pocl(name, dtype):
@@ -162,7 +129,7 @@ def test_builtin_forward_and_backward_on_pocl(name, dtype):
         _check_program(_op(PROGRAMS[name]), PROGRAMS[name], 3, width, dtype, seed=width)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 @given(name=st.sampled_from(sorted(PROGRAMS)), width=widths(), rows=st.integers(0, 4),
        dtype=st.sampled_from(list(DTYPES.values())), scale=st.sampled_from((1e-3, 0.1, 1.0, 4.0, 1e3)),
        edge=st.sampled_from(EDGES), seed=st.integers(0, 2**16))
@@ -172,14 +139,14 @@ def test_builtins_at_drawn_scales_and_row_counts(name, width, rows, dtype, scale
     _check_program(_op(PROGRAMS[name]), PROGRAMS[name], rows, width, dtype, seed, scale, edge)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 @given(program=row_programs(max_ops=5, ops=SMOOTH_OPS), width=widths(), rows=st.integers(0, 3),
        dtype=st.sampled_from(list(DTYPES.values())), edge=st.sampled_from(EDGES), seed=st.integers(0, 2**16))
 def test_random_programs_forward_and_backward_on_pocl(program, width, rows, dtype, edge, seed):
     _check_program(_op(program), program, rows, width, dtype, seed, edge=edge)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_max_and_relu_keep_nan_and_gelu_saturates():
     # fmax drops a NaN operand, torch keeps it; OpenCL's tanh may miss 1 by an ulp where gelu's backward
     # multiplies 1 - tanh^2 by ~a^3 (the gradient was ~24x at a = 1541)
@@ -193,7 +160,7 @@ def test_max_and_relu_keep_nan_and_gelu_saturates():
         _check_program(_op(PROGRAMS[name]), PROGRAMS[name], 4, 33, torch.float32, seed=0, scale=1000.0)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_autograd_keeps_only_what_the_backward_reads():
     """add + norm keeps the stored sum h (and the weight), not the two terms it was summed from."""
     program = builtin_programs()["add_rms_norm"]
@@ -212,6 +179,7 @@ def test_autograd_keeps_only_what_the_backward_reads():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.needs_opencl
 def test_wider_rows_use_more_threads():
     # D > 1024 gives 128 and 256 threads per row: longer trees, partials from every thread
     p = rms_norm()
@@ -220,7 +188,7 @@ def test_wider_rows_use_more_threads():
         _check_program(_op(p), p, 2, width, torch.float32, seed=width)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_reductions_see_only_the_row():
     # threads past D hold the identity, not data: exp(0) = 1 and 0 > any negative row would show up
     b = ProgramBuilder("padding")
@@ -234,7 +202,7 @@ def test_reductions_see_only_the_row():
         _check_program(_op(p), p, 2, width, torch.float32, seed=width)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_rounding_casts_match_the_evaluator():
     b = ProgramBuilder("rounding")
     x, w = b.row("x"), b.vector("w")
@@ -244,7 +212,7 @@ def test_rounding_casts_match_the_evaluator():
         _check_program(_op(p), p, 3, width, torch.float32, seed=width, scale=10.0)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_scalar_inputs_and_outputs_and_leading_dims():
     b = ProgramBuilder("mixed")
     x, s, w = b.row("x"), b.scalar("s"), b.vector("w")
@@ -268,7 +236,7 @@ def test_scalar_inputs_and_outputs_and_leading_dims():
         close(a.grad, c.grad, torch.float32, f"d_{n}")
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_input_names_that_are_c_words_or_kernel_names():
     b = ProgramBuilder("names")
     h, t1, e, w = b.row("half"), b.row("t1"), b.scalar("exp"), b.vector("red")
@@ -280,7 +248,7 @@ def test_input_names_that_are_c_words_or_kernel_names():
     _check_program(_op(p), p, 2, 5, torch.float32, seed=0)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_bad_inputs_and_outputs_are_errors():
     from hrmspec.backends.cstyle.opencl import OpenCLRowKernel
 
@@ -295,13 +263,43 @@ def test_bad_inputs_and_outputs_are_errors():
     assert kernel({"x": torch.zeros(0, 6), "w": w})["y"].shape == (0, 6)
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 def test_missing_platform_is_a_clear_error(monkeypatch):
     from hrmspec.backends.cstyle.opencl import find_device
 
     monkeypatch.setenv("HRMSPEC_OPENCL_PLATFORM", "No Such Platform")
     with pytest.raises(KernelError, match="No Such Platform.*found: .*Portable Computing Language"):
         find_device()
+
+
+def test_a_platform_without_devices_is_passed_over(monkeypatch):
+    # an installed driver whose hardware is absent answers clGetDeviceIDs with DEVICE_NOT_FOUND, an error:
+    # the platform counts as one without devices, and the one asked for is still found
+    from types import SimpleNamespace
+
+    from hrmspec.backends.cstyle import opencl
+
+    class Error(Exception):
+        pass
+
+    class Platform:
+        def __init__(self, name, devices):
+            self.name, self.devices = name, devices
+
+        def get_devices(self):
+            if self.devices is None:
+                raise Error("clGetDeviceIDs failed: DEVICE_NOT_FOUND")
+            return self.devices
+
+    cpu = SimpleNamespace(type="cpu")
+    fake = SimpleNamespace(Error=Error, device_type=SimpleNamespace(CPU="cpu"),
+                           get_platforms=lambda: [Platform("NVIDIA CUDA", None), Platform(opencl.PLATFORM, [cpu])])
+    monkeypatch.setattr(opencl, "_cl", lambda: fake)
+    monkeypatch.delenv("HRMSPEC_OPENCL_PLATFORM", raising=False)
+    assert opencl.find_device() is cpu
+    with pytest.raises(KernelError, match=r"'NVIDIA'.*found: NVIDIA CUDA \(0 devices\), Portable Computing Language "
+                                          r"\(1 device\)"):
+        opencl.find_device("NVIDIA")
 
 
 # -- guard buffers: nothing outside the tensors is read or written --------------------------------------
@@ -348,7 +346,7 @@ def _run_guarded(program, rows, width, dtype):
             in_bufs[i.name].numel() - views[i.name].numel(), f"{program.name}: input {i.name} was written"
 
 
-@needs_opencl
+@pytest.mark.needs_opencl
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "mixed"])
 def test_guard_buffers_forward_and_backward(name, dtype):
@@ -405,7 +403,7 @@ def _assert_no_spills(infos):
         assert 0 < info.registers <= 255 and info.spill_stores == info.spill_loads == info.stack == 0, str(info)
 
 
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 def test_builtins_compile_for_sm80_and_sm90_without_spills():
     from hrmspec.backends.cstyle.nvrtc import cuobjdump_usage
 
@@ -418,7 +416,7 @@ def test_builtins_compile_for_sm80_and_sm90_without_spills():
             assert usage[info.name]["REG"] == info.registers and usage[info.name]["LOCAL"] == 0
 
 
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 def test_row_index_division_compiles_without_a_call_frame():
     # a division is a subroutine call: in this three-reduction backward (LayerNorm's: centre, variance,
     # then the mean of the gradient) ptxas spilled around it on sm_80 and sm_90. The printer divides
@@ -431,7 +429,7 @@ def test_row_index_division_compiles_without_a_call_frame():
     _assert_no_spills(_compile([b.build()], 8192, "f32"))  # 256 threads, fp32: 1 / D without a division
 
 
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 def test_division_compiles_without_a_call_frame():
     # IEEE division's slow path is a subroutine call; on sm_90 it took a 16-byte stack frame (spills)
     # in this backward at 128 threads: the dialect divides within 2 ulp, as Triton does
@@ -441,7 +439,7 @@ def test_division_compiles_without_a_call_frame():
     _assert_no_spills(_compile([b.build()], 4096))
 
 
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 def test_half_type_conversions_compile():
     # fp16 goes through PTX cvt, bf16 and the rounding casts through integer helpers
     b = ProgramBuilder("rounding_cuda")
@@ -452,14 +450,14 @@ def test_half_type_conversions_compile():
 
 
 @pytest.mark.slow
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_builtins_compile_without_spills_with_256_threads(dtype):
     _assert_no_spills(_compile(PROGRAMS.values(), 8192, dtype))
 
 
 @pytest.mark.slow
-@needs_nvrtc
+@pytest.mark.needs_nvrtc
 @settings(max_examples=10, deadline=None)
 @given(program=row_programs(max_ops=6), width=st.sampled_from((1, 1000, 4096, 8192)))
 def test_random_programs_compile_for_sm80_and_sm90(program, width):

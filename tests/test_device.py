@@ -47,21 +47,14 @@ def reference_run(pico, tmp_path_factory):
     return run
 
 
-def _backend_available(name: str, request) -> None:
-    if name == "opencl":
-        request.getfixturevalue("cl_ops")  # skips without an OpenCL device
-    elif name == "inductor":
-        if REGISTRY["inductor"].missing():
-            pytest.skip(REGISTRY["inductor"].missing())
-    else:
-        pytest.importorskip(name)
-
-
-@pytest.mark.parametrize("backend", ["opencl", "triton", "inductor"])
-def test_kernel_backends_train_like_the_reference(pico, reference_run, tmp_path, backend, request):
+@pytest.mark.parametrize("backend", [pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton", "inductor"])
+def test_kernel_backends_train_like_the_reference(pico, reference_run, tmp_path, backend):
     """A few optimizer steps on generated kernels (PoCL, Triton's interpreter, Inductor's C++) give the
     reference's losses and weights, every row op on a kernel."""
-    _backend_available(backend, request)
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if backend == "inductor" and REGISTRY["inductor"].missing():
+        pytest.skip(REGISTRY["inductor"].missing())
     with record_fallbacks() as fell:
         train(pico(), tmp_path, progress_bar=False, backend=backend)
     assert not fell, fell

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from greedy_oracle import greedy_loop, stopped_at
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -138,7 +139,7 @@ def test_packed_row_equals_samples_run_alone(lengths):
         start += len(t)
 
 
-def test_generate_cache_matches_recompute(tiny_text):
+def test_generate_cache_matches_recompute_and_the_greedy_loop(tiny_text, one_thread):
     torch.manual_seed(4)
     model = compile_text(tiny_text).eval()
     prompt = torch.randint(0, 61, (3, 6))
@@ -146,20 +147,29 @@ def test_generate_cache_matches_recompute(tiny_text):
     prefix[:, -1] = False  # the last prompt token starts the response (causal)
     a = model.generate(prompt, 8, prefix_mask=prefix)
     b = model.generate(prompt, 8, prefix_mask=prefix, use_cache=False)
+    want, gap = greedy_loop(model, prompt, 8, prefix)
+    assert gap > 1e-4  # no near tie: the argmax is the same under any summation order
     assert a.shape == (3, 14)
-    assert torch.equal(a, b)
-    assert torch.equal(a[:, :6], prompt)
+    assert torch.equal(a, want) and torch.equal(b, want)
 
 
-def test_generate_stops_at_eos(tiny_text):
+def test_generate_stops_at_eos_where_the_greedy_loop_says(tiny_text, one_thread):
     torch.manual_seed(5)
     model = compile_text(tiny_text).eval()
-    prompt = torch.randint(0, 61, (2, 4))
-    first = model.generate(prompt, 1)[:, -1]
-    eos = int(first[0])
-    out = model.generate(prompt, 6, eos_id=eos)
-    assert int(out[0, 4]) == eos
-    assert (out[0, 4:] == eos).all()  # the finished row is padded with eos
+    prompt = torch.randint(0, 61, (3, 4))
+    stream, gap = greedy_loop(model, prompt, 6)
+    assert gap > 1e-4
+    # eos ids chosen from the loop's stream, one per way of stopping it gives (rows stopping at different
+    # steps or not at all), two of them, and an id it never emits
+    ways: dict[tuple, int] = {}
+    for eos in sorted(set(stream[:, 4:].flatten().tolist())):
+        ways.setdefault(tuple(stopped_at(stream, 4, eos)[:, 4:].eq(eos).sum(1).tolist()), eos)
+    assert len(ways) >= 2
+    never = next(t for t in range(61) if t not in stream[:, 4:])
+    for i, eos in enumerate([*list(ways.values())[:2], never]):
+        want = stopped_at(stream, 4, eos)
+        for use_cache in (True, False) if i == 0 else (True,):  # cache against recompute: the test above
+            assert torch.equal(model.generate(prompt, 6, eos_id=eos, use_cache=use_cache), want), (eos, use_cache)
 
 
 def test_loss_ignores_masked_labels(tiny_text):

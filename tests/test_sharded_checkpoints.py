@@ -3,7 +3,6 @@ resumes to the same losses, any number of processes reads them, and they convert
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from test_train import SPEC, free_port, losses, spec
+from test_train import SPEC, free_port, kill_tree, losses, spec
 
 from hrmspec.errors import CheckpointError
 from hrmspec.runtime.files import read_tensors
@@ -64,14 +63,14 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(fsdp_run, tmp_path):
     spec_file, full = fsdp_run
     part = tmp_path / "part"
     proc = subprocess.Popen(torchrun(spec_file, part), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     try:
         while not (part / "checkpoints" / "step_00000004" / "trainer.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its 2nd checkpoint"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are (a save included)
+        kill_tree(proc.pid)  # torchrun and both ranks, wherever they are (a save included)
         proc.wait()
     killed_at = int(ckpt.latest_checkpoint(part).name.split("_")[1])
     assert 4 <= killed_at < STEPS

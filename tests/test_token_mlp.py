@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import compare_grads
 
 import hrmspec
 from hrmspec.backends.common.fallback import record_fallbacks
@@ -77,8 +78,10 @@ def test_a_call_is_the_token_mlp_layer_written_by_hand(d, s, p, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["opencl", "triton"])
+@pytest.mark.parametrize("backend", [pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton"])
 def test_kernel_backends_compute_what_the_reference_does(backend, kernel_device):
+    if backend == "triton":
+        pytest.importorskip("triton")
     device = kernel_device if backend == "triton" else torch.device("cpu")  # PoCL runs on the CPU
     spec = spec_for()
     torch.manual_seed(0)
@@ -90,18 +93,16 @@ def test_kernel_backends_compute_what_the_reference_does(backend, kernel_device)
     other = hrmspec.compile(spec, backend=backend).to(device)
     other.load_state_dict(ref.state_dict())
     ids, pid = torch.randint(1, 6, (3, 6), device=device), torch.tensor([0, 1, 1], device=device)
-    outs = []
+    logits = []
     for m in (ref, other):
         with record_fallbacks() as fell:
             out = m(ids, puzzle_ids=pid)
             out.logits.float().square().mean().backward()
-        outs.append((out.logits, {n: q.grad for n, q in m.named_parameters() if q.grad is not None}))
+        logits.append(out.logits)
         if m is other:
             assert not fell, f"fell back: {fell}"
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=2e-4, atol=2e-4)
-    assert outs[0][1].keys() == outs[1][1].keys()
-    for name, g in outs[0][1].items():
-        torch.testing.assert_close(outs[1][1][name], g, rtol=2e-3, atol=2e-4, msg=name)
+    torch.testing.assert_close(logits[1], logits[0], rtol=2e-4, atol=2e-4)
+    assert compare_grads(ref, other, rtol=2e-3, atol=2e-4) == len(list(ref.parameters()))  # every one has a gradient
 
 
 def test_trm_mlp_width_and_parameter_count_follow_trm():

@@ -53,6 +53,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL process `pid` and every process under it, wherever each is. Not its process group: torchrun
+    starts each rank in a session of its own, so killing torchrun's group would leave the ranks training."""
+    import signal
+    from pathlib import Path
+
+    def children(of: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            if ppid == of:
+                found.append(int(stat.parent.name))
+        return found
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            os.kill(p, signal.SIGSTOP)  # frozen before its children are listed: it starts no more
+        except ProcessLookupError:
+            continue
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        os.kill(p, signal.SIGKILL)
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(spec(), full, progress_bar=False)
@@ -137,14 +167,35 @@ def test_bad_train_config_and_small_vocab(tmp_path):
         train(spec(**{"model.vocab": 100}), tmp_path, progress_bar=False)
 
 
-def test_eval_scores_with_task_checker(tmp_path):
-    from hrmspec.runtime.training.heldout import evaluate_run
+def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
+    from dataclasses import replace
 
-    train(spec(), tmp_path, progress_bar=False)
+    from hrmspec.runtime.execution.compiled import CompiledModel
+    from hrmspec.runtime.training.data import DataConfig, format_sample
+    from hrmspec.runtime.training.heldout import evaluate_run, held_out_set
+    from hrmspec.runtime.training.tokenizer import Tokenizer
+
+    run_spec = spec(**{"train.max_new_tokens": 40})
+    train(run_spec, tmp_path, progress_bar=False)
+    tok = Tokenizer.load(ckpt.latest_checkpoint(tmp_path))
+    samples = held_out_set(DataConfig.from_dict(run_spec.data)).samples[:8]
+    # a model forced to answer: samples 0, 2, 3 and 6 with their gold response, the others with it and a digit
+    # more; each answer ends with eos (its response text does), and what follows the eos must be ignored
+    right = {0, 2, 3, 6}
+    answers = {tuple(tok.encode(format_sample(x)[0])): tok.encode(format_sample(
+        x if i in right else replace(x, response=x.response + "7"))[1]) for i, x in enumerate(samples)}
+    assert len(answers) == 8 and all(a[-1] == tok.eos_id for a in answers.values())
+
+    def forced(self, ids, max_new_tokens, eos_id=None, **_):
+        assert eos_id == tok.eos_id
+        rows = [(answers[tuple(row)] + tok.encode("9" * max_new_tokens))[:max_new_tokens] for row in ids.tolist()]
+        return torch.cat([ids, torch.tensor(rows)], dim=1)
+
+    monkeypatch.setattr(CompiledModel, "generate", forced)
     res = evaluate_run(tmp_path, n=8)
-    assert res["n"] == 8 and 0.0 <= res["accuracy"] <= 1.0
-    assert set(res["tasks"]) == {"basic_arithmetic"}
-    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
+    assert res["accuracy"] == 0.5 and res["n"] == 8
+    assert res["tasks"] == {"basic_arithmetic": {"accuracy": 0.5, "n": 8}}
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == res["tasks"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -188,7 +239,23 @@ def test_export_trained_run_to_transformers(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_train_eval_generate_plot(tmp_path, capsys):
+def greedy_answer(run, prompt: str, new: int) -> str:
+    """The answer of the run's newest checkpoint (EMA weights) to `prompt` by the greedy loop: the full forward
+    re-run on the growing sequence, cut at the first eos."""
+    from greedy_oracle import greedy_loop
+
+    from hrmspec.runtime.training.data import Sample, format_sample
+    from hrmspec.runtime.training.heldout import load_run
+
+    model, tok, *_ = load_run(run)
+    ids = torch.tensor([tok.encode(format_sample(Sample(instruction=prompt, response=""))[0])])
+    stream, gap = greedy_loop(model, ids, new)
+    assert gap > 1e-4  # no near tie: generate's argmax is the loop's
+    tokens = stream[0, ids.shape[1]:].tolist()
+    return tok.decode(tokens[:tokens.index(tok.eos_id)] if tok.eos_id in tokens else tokens, skip_special=True)
+
+
+def test_cli_train_eval_generate_plot(tmp_path, capsys, one_thread):
     from hrmspec.cli import main
 
     spec_file, run = tmp_path / "micro.yaml", tmp_path / "run"
@@ -200,7 +267,7 @@ def test_cli_train_eval_generate_plot(tmp_path, capsys):
     assert main(["eval", str(run), "--n", "4"]) == 0
     assert "basic_arithmetic" in capsys.readouterr().out
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "4"]) == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out == greedy_answer(run, "Calculate 12 + 30.", 4) + "\n"
     assert main(["generate", str(run), "Calculate 12 + 30.", "--max-new-tokens", "90"]) == 2
     assert "more than model.max_seq_len 96" in capsys.readouterr().err
     assert main(["generate", str(run), "9" * 100_000]) == 2

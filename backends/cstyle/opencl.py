@@ -52,7 +52,10 @@ def find_device(platform: str | None = None):
         raise KernelError(f"no OpenCL platform is installed ({e}); pip install pocl-binary-distribution") from e
     seen = []
     for p in platforms:
-        devices = sorted(p.get_devices(), key=lambda d: d.type != cl.device_type.CPU)
+        try:
+            devices = sorted(p.get_devices(), key=lambda d: d.type != cl.device_type.CPU)
+        except cl.Error:  # DEVICE_NOT_FOUND: an installed driver whose hardware is not there
+            devices = []
         seen.append(f"{p.name} ({len(devices)} device{'s' if len(devices) != 1 else ''})")
         if want.lower() in p.name.lower() and devices:
             return devices[0]

@@ -41,6 +41,14 @@ from hrmspec.runtime.training.sharded import is_sharded, read_sharded
 PREFIX = "step_"
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every RNG a checkpoint saves (torch's, on each device; numpy's; python's) with the run's seed:
+    two runs with one seed draw the same numbers, so a resumed run continues the uninterrupted one's."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The RNG states of torch (and of this process's CUDA device, once used), numpy and python as
     tensors and plain numbers: what `torch.load(weights_only=True)` reads back (a checkpoint never

@@ -154,7 +154,7 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise TrainError(f"train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
                              f"({self.world})")
-        torch.manual_seed(cfg.seed)
+        ckpt.seed_rngs(cfg.seed)
         if out.exists() and not out.is_dir():
             raise TrainError(f"--out {out} is a file, not a folder")
         try:
@@ -226,18 +226,24 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
 
     def _carry_state(self) -> dict:
-        """The supervised rows' carry, so a resumed run continues every sample where it stood (one
-        process only: under torchrun each rank's carry is its own, and a resumed run starts afresh)."""
-        if self.carry is None or self.world > 1:
+        """The supervised rows' carry, so a resumed run continues every sample where it stood. Under torchrun
+        each rank holds its own rows: collective, every rank's carry stacked in rank order ("carry_ranks")."""
+        if self.carry is None:
             return {}
         c = self.carry
-        return {"carry": to_device({"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}, "cpu")}
+        carry = {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}
+        if self.world == 1:
+            return {"carry": to_device(carry, "cpu")}
+        return {"carry": to_device(_map(lambda t: _gather_ranks(t, self.world), carry), "cpu"),
+                "carry_ranks": self.world}
 
     def _restore_model(self, start: Path) -> dict:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
-        if "carry" in state and self.supervisor is not None and self.world == 1:
-            c = to_device(state["carry"], self.device)
+        # the carry holds each rank's rows: under another number of processes the rows start afresh
+        if "carry" in state and self.supervisor is not None and state.get("carry_ranks", 1) == self.world:
+            c = state["carry"] if self.world == 1 else _map(lambda t: t[self.rank], state["carry"])
+            c = to_device(c, self.device)
             self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
         if not is_sharded(start):  # shards are read once the model is sharded (load_sharded)
             ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
@@ -274,7 +280,7 @@ class Trainer:
         """Steps until `train.steps` (or `stop_after`), logging, evaluating and checkpointing."""
         cfg, lead = self.cfg, self.rank == 0
         self.metrics = open(self.out / "metrics.jsonl", "a") if lead else None
-        board = _tensorboard(self.out) if lead else None
+        board = _tensorboard(self.out, self.step) if lead else None
         bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
         t_log, tokens = time.perf_counter(), 0
@@ -445,11 +451,12 @@ class Trainer:
         elif self.rank == 0:
             model_state, ema_state = self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
             optim_state = to_device(self.optimizer.state_dict(), "cpu")  # device-independent, as the weights
+        carry = self._carry_state()  # every rank: a collective under torchrun
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.out, self.step, model_state, self.spec.raw, self.tokenizer, optim_state, ema_state,
                 {"data": self.batches.state_dict(), "skipped": self.skipped,
-                 "ema_steps": self.ema.steps if self.ema else 0, **self._carry_state()},
+                 "ema_steps": self.ema.steps if self.ema else 0, **carry},
                 keep=self.cfg.keep, staged=staged,
             )
         if self.sharded:
@@ -506,6 +513,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
 
 
+def _map(fn, tree: dict) -> dict:
+    """`tree` (tensors in nested dicts) with `fn` applied to every tensor."""
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def _gather_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's `t` (the same shape on each), stacked in rank order: (world, *t.shape)."""
+    sent = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()  # collectives take no bool everywhere
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent)
+    return torch.stack(parts).to(t.dtype)
+
+
 def _scalar(t: torch.Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
@@ -527,13 +547,15 @@ def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -
             shadow.copy_(distribute_tensor(ema_state[name], shadow.device_mesh, shadow.placements))
 
 
-def _tensorboard(out: Path):
-    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed."""
+def _tensorboard(out: Path, start: int):
+    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed. A run resumed from step
+    `start` purges the events logged after it (a run that died past its last checkpoint), as metrics.jsonl
+    drops its lines: the steps it does again are shown once."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
 
 
 

@@ -25,7 +25,8 @@ from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainError
 
 LOCK = ".lock"
-RUN_FILES = ("metrics.jsonl", "eval.json")  # besides checkpoints/: what a run writes and --overwrite deletes
+RUN_FILES = ("metrics.jsonl", "eval.json")  # what a run writes and --overwrite deletes, with RUN_FOLDERS
+RUN_FOLDERS = ("checkpoints", "tensorboard")  # the event files too: the new run's steps are not shown twice
 
 
 class TrainInterrupted(TrainError):
@@ -71,7 +72,8 @@ def check_new_run(out: Path, overwrite: bool) -> None:
         what = f"checkpoints up to {found[-1].name}" if found else "a metrics.jsonl"
         raise TrainError(f"{out} already holds a run ({what}): continue it with --resume, or start afresh with "
                          "--overwrite (deletes its checkpoints and metrics)")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for folder in RUN_FOLDERS:
+        shutil.rmtree(out / folder, ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
 
