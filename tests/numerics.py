@@ -35,11 +35,14 @@ def around(*sizes: int, low: int = 1) -> tuple[int, ...]:
     return tuple(sorted({max(low, s + d) for s in sizes for d in (-1, 0, 1)}))
 
 
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-6))
+def rel_rms(got: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
+    """RMS of the error over the RMS of the reference, or over `floor` when that is larger (a result that
+    is zero in exact arithmetic is rounding noise on both sides: measure it against its terms' scale)."""
+    return float((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(floor))
 
 
-def elementwise_bound(ref: torch.Tensor, dtype: torch.dtype, n: int, roundings: float = 4.0) -> torch.Tensor:
+def elementwise_bound(ref: torch.Tensor, dtype: torch.dtype, n: int, roundings: float = 4.0,
+                      floor: float = 0.0) -> torch.Tensor:
     """|kernel - reference| allowed per element for a result stored in `dtype` whose value is a
     reduction over `n` terms (computed in fp32 from `dtype` inputs):
 
@@ -52,21 +55,22 @@ def elementwise_bound(ref: torch.Tensor, dtype: torch.dtype, n: int, roundings: 
     the result's RMS (the second term). One wrong element off by the result's RMS exceeds this for
     reductions up to a few hundred terms (tests/test_numerics.py); an RMS check lets it pass."""
     eps = EPS[dtype]
-    rms = ref.pow(2).mean().sqrt() if ref.numel() else ref.new_zeros(())
+    rms = ref.pow(2).mean().sqrt().clamp_min(floor) if ref.numel() else ref.new_zeros(())
     return roundings * eps * (ref.abs() + math.sqrt(max(1, n)) * rms)
 
 
 def assert_within(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n: int, what: str,
-                  roundings: float = 4.0) -> None:
+                  roundings: float = 4.0, floor: float = 1e-6) -> None:
     """`got` (stored in `dtype`) against the fp32 `ref`: the relative RMS error and the elementwise
-    bound of `elementwise_bound`; the first offending element is named."""
+    bound of `elementwise_bound`; the first offending element is named. `floor`: the scale of the terms a
+    result is summed from, for a result that may be zero (see rel_rms)."""
     got, ref = got.detach().float().cpu(), ref.detach().float().cpu()
     assert got.shape == ref.shape, (what, got.shape, ref.shape)
     if not ref.numel():
         return
-    rms = rel_rms(got, ref)
+    rms = rel_rms(got, ref, floor)
     assert rms < RMS_TOL[dtype], f"{what}: relative RMS error {rms:.2e} >= {RMS_TOL[dtype]:.0e}"
-    bound = elementwise_bound(ref, dtype, n, roundings)
+    bound = elementwise_bound(ref, dtype, n, roundings, floor)
     bad = (got - ref).abs() > bound
     if bad.any():
         i = tuple(int(j) for j in bad.nonzero()[0])
