@@ -122,10 +122,15 @@ def check_resume_after_kill(spec_text: str, tmp_path, processes: int) -> None:
     driver, spec_file = tmp_path / "driver.py", tmp_path / "spec.yaml"
     driver.write_text(DRIVER)
     spec_file.write_text(spec_text)
-    run(command(launcher(processes), spec_file, full, "--no-progress"))
-
-    kill_mid_interval(command(launcher(processes, driver), spec_file, part, "--no-progress"), part,
-                      tmp_path / "killed.log")
+    with open(tmp_path / "full.log", "wb") as log:  # the uninterrupted run, beside the others (one thread each)
+        reference = subprocess.Popen(command(launcher(processes), spec_file, full, "--no-progress"), env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        kill_mid_interval(command(launcher(processes, driver), spec_file, part, "--no-progress"), part,
+                          tmp_path / "killed.log")
+    finally:
+        if reference.wait(timeout=600):
+            pytest.fail(f"the uninterrupted run failed: {(tmp_path / 'full.log').read_text()[-3000:]}")
     assert [p.name for p in ckpt.list_checkpoints(part)] == [f"step_{SAVE_EVERY:08d}"]  # killed mid-interval
     before = logged_steps(part / "metrics.jsonl")
     assert before[:KILL_AFTER] == list(range(1, KILL_AFTER + 1)) and before[-1] < 2 * SAVE_EVERY, before
