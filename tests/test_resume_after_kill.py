@@ -161,7 +161,7 @@ def test_sigkill_mid_interval_then_resume_is_the_uninterrupted_run_bit_for_bit(t
     check_resume_after_kill(SPEC, tmp_path, processes=1)
 
 
-@pytest.mark.slow
+# about 35 s each on 2 cores (three torchrun launches): in CI's budget, and the only check of a DDP resume
 @pytest.mark.parametrize("spec_text", [SPEC, GRID_SPEC], ids=["hrm-text", "grid-carry"])
 def test_sigkill_mid_interval_under_ddp_then_resume_is_the_uninterrupted_run_bit_for_bit(tmp_path, spec_text):
     """Two processes: the gradients and the loss are all-reduced sums of two ranks' terms, a + b, exact in either
