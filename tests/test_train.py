@@ -186,9 +186,11 @@ def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
         x if i in right else replace(x, response=x.response + "7"))[1]) for i, x in enumerate(samples)}
     assert len(answers) == 8 and all(a[-1] == tok.eos_id for a in answers.values())
 
-    def forced(self, ids, max_new_tokens, eos_id=None, **_):
+    def forced(self, ids, max_new_tokens, eos_id=None, attention_mask=None, **_):
         assert eos_id == tok.eos_id
-        rows = [(answers[tuple(row)] + tok.encode("9" * max_new_tokens))[:max_new_tokens] for row in ids.tolist()]
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = [(answers[tuple(row[keep].tolist())] + tok.encode("9" * max_new_tokens))[:max_new_tokens]
+                for row, keep in zip(ids, real)]  # prompts of different lengths come left-padded
         return torch.cat([ids, torch.tensor(rows)], dim=1)
 
     monkeypatch.setattr(CompiledModel, "generate", forced)
