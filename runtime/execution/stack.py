@@ -58,52 +58,50 @@ class ModuleStack(nn.Module):
                 ) -> torch.Tensor:
         """The call on the states it sums (`terms`: one tensor (B, S, d) or a list of them)."""
         terms = [terms] if isinstance(terms, torch.Tensor) else list(terms)
-        arity = len(terms)
-        env = dict(zip(self.bodies[arity].inputs, terms))
-        layer = 0  # the KV slot of the next attention op
-        for seg in self._segments[arity]:
-            if seg.attention is None:  # compiled (on a backend that compiles) in training; evaluation's
-                self._run_segment(seg, env, ctx.rope, compiled=self.training)  # shapes vary call by call
-                continue
-            op = seg.attention
-            slot = None if cache is None else cache[layer]
-            env[op.writes[0]] = self.attend(*(env[t] for t in op.reads), ctx, op.attrs["mask"], slot)
-            layer += 1
-            for t in seg.drops[0]:
-                del env[t]
-        return env[self.bodies[arity].output]
+
+        def attention(op, layer: int, q, k, v):
+            return self.attend(q, k, v, ctx, op.attrs["mask"], None if cache is None else cache[layer])
+
+        # compiled (on a backend that compiles) in training; evaluation's shapes vary call by call
+        return self._call(terms, ctx.rope, attention, compiled=self.training)
 
     def decode(self, terms: list[torch.Tensor], rope: dict, kv: list, slot: torch.Tensor, mask: torch.Tensor
                ) -> torch.Tensor:
         """The call on one token per row (runtime/execution/decode.py): the same segments, attention on the
         static cache `kv` (one (K, V) per attention op), written at `slot`, reading the slots `mask` allows."""
-        arity = len(terms)
-        env = dict(zip(self.bodies[arity].inputs, terms))
-        layer = 0
-        for seg in self._segments[arity]:
-            if seg.attention is None:
-                self._run_segment(seg, env, rope, compiled=False)  # the decode step is compiled whole, if at all
-                continue
-            env[seg.attention.writes[0]] = attend_cached(*(env[t] for t in seg.attention.reads), kv[layer], slot,
-                                                         mask)
-            layer += 1
-        return env[self.bodies[arity].output]
+        return self._call(terms, rope, lambda op, layer, q, k, v: attend_cached(q, k, v, kv[layer], slot, mask),
+                          compiled=False)  # the decode step is compiled whole, if at all
 
-    def _run_segment(self, seg: Segment, env: dict[str, torch.Tensor], rope: dict, compiled: bool = True) -> None:
+    def _call(self, terms: list[torch.Tensor], rope: dict, attention, compiled: bool) -> torch.Tensor:
+        """The body's segments in order; `attention(op, layer, q, k, v)` runs each attention op."""
+        body = self.bodies[len(terms)]
+        env = dict(zip(body.inputs, terms))
+        layer = 0  # the KV slot of the next attention op
+        for seg in self._segments[len(terms)]:
+            if seg.attention is None:
+                self._run_segment(seg, env, rope, compiled)
+                continue
+            env[seg.attention.writes[0]] = attention(seg.attention, layer, *(env[t] for t in seg.attention.reads))
+            layer += 1
+            for t in seg.drops[0]:
+                del env[t]
+        return env[body.output]
+
+    def _run_segment(self, seg: Segment, env: dict[str, torch.Tensor], rope: dict, compiled: bool) -> None:
         """The segment's ops on `env`, in place: on a backend that compiles segments
         (`ops.compile_segment`, backends/inductor), as one compiled function of explicit tensors."""
         weights = [self.weight(p) for p in seg.weights]
         tables = [t for theta in seg.thetas for t in rope[theta]]
         inputs = [env.pop(t) if t in seg.consumed else env[t] for t in seg.reads]
-        if not compiled:
-            env.update(zip(seg.writes, seg.run(inputs, weights, tables)))
-            return
-        run = self._compiled.get(seg)
-        if run is None:
-            compile_segment = getattr(self.ops, "compile_segment", None)
-            run = self._compiled[seg] = (compile_segment(seg.run, seg.label) if compile_segment
-                                         else seg.run)
+        run = self._runner(seg) if compiled else seg.run
         env.update(zip(seg.writes, run(inputs, weights, tables)))
+
+    def _runner(self, seg: Segment):
+        """What runs `seg`: compiled once on first use by a backend that compiles, else its ops."""
+        if seg not in self._compiled:
+            compile_segment = getattr(self.ops, "compile_segment", None)
+            self._compiled[seg] = compile_segment(seg.run, seg.label) if compile_segment else seg.run
+        return self._compiled[seg]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context, mask: str,
                cache: KVSlot | None) -> torch.Tensor:
@@ -226,8 +224,8 @@ def apply_op(op, body, env: dict[str, torch.Tensor], weight: dict[str, torch.Ten
 
 def segments(body, ops) -> list[Segment]:
     """`body` cut at its attention ops: the segments a call runs, in order."""
-    drops = _last_reads(body)
     held = set(body.inputs) | {t for op in body.ops for t in op.writes}  # not the rotary tables (context)
+    drops = _last_reads(body, held)
     later: list[set[str]] = []  # later[i]: what ops after i read, plus the output
     seen = {body.output}
     for op in reversed(body.ops):
@@ -267,9 +265,8 @@ def segments(body, ops) -> list[Segment]:
     return out
 
 
-def _last_reads(body) -> list[tuple[str, ...]]:
-    """For each op of `body`, the tensors no later op reads (the call's output is kept)."""
-    held = set(body.inputs) | {t for op in body.ops for t in op.writes}  # not the rotary tables (context)
+def _last_reads(body, held: set[str]) -> list[tuple[str, ...]]:
+    """For each op of `body`, the tensors of `held` (the call's own) no later op reads; the output is kept."""
     last: dict[str, int] = {}
     for i, op in enumerate(body.ops):
         for t in op.reads:
