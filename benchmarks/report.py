@@ -88,7 +88,8 @@ def environment(threads: list[int]) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"threads {', '.join(map(str, threads))}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"threads {', '.join(map(str, threads))}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
         f"load average {load} (1, 5, 15 min) when the run ended; {time.strftime('%Y-%m-%d')}"
     )
 

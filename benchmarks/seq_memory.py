@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see conftest.py: spinning threads measure contention
+# OMP_WAIT_POLICY is left as the user has it (unset: OpenMP's spinning waits), the setting a training
+# run gets; PASSIVE makes a step 1.5x slower on AVX2 cores (docs/kernels.md), so time on an idle machine.
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -52,6 +54,9 @@ from hrmspec.graph.plan import execution_plan  # noqa: E402
 from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.runtime.execution import CompiledModel  # noqa: E402
 from hrmspec.spec.load import load_spec  # noqa: E402
+
+if WAIT_POLICY is None:  # loss_memory and report default it to PASSIVE for their own runs: not for this one
+    os.environ.pop("OMP_WAIT_POLICY", None)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("dense", "blocked")
@@ -266,6 +271,7 @@ def tables(points: list[dict], timing: dict, args, env: str, load: str) -> str:
     if timing:
         lines += ["", f"**Machine load when the timings started** (`uptime`): {load}. Timings on a shared, busy "
                   "machine are not reliable; the ones here are to be read with that load."]
+    lines += ["", f"Environment: {env}."]
     return "\n".join(lines)
 
 

@@ -42,16 +42,21 @@ def compile(  # noqa: A001 - the verb is the API
     backend: str = "reference",
     overrides: dict[str, Any] | None = None,
     progress: float = 1.0,
+    *,
+    copies: int = 1,
+    copies_are: str = "fp32 weights",
 ):
     """Load `spec` (a path, a shipped spec's name or a Spec), build its graph and return a
     `CompiledModel` on `backend`. `overrides` maps dotted keys to values exactly like
-    `--set` (e.g. {"model.d_model": 256}). `progress` sets the credit plan's training progress."""
+    `--set` (e.g. {"model.d_model": 256}). `progress` sets the credit plan's training progress.
+    Before any weight is allocated, `copies` fp32 copies of the parameters (`copies_are` says what
+    they are: training adds gradients, optimizer moments, the EMA) must fit in available memory."""
     from hrmspec.runtime.execution import CompiledModel  # torch: loaded by those who run models
 
     loaded = load_spec(spec, overrides)
     ops = get_backend(backend)
     graph = build_graph(loaded, progress)
-    check_memory(analyse(graph).params * 4, f"the fp32 weights of {loaded.name}")
+    check_memory(analyse(graph).params * 4 * copies, f"the {copies_are} of {loaded.name}")
     plan = execution_plan(graph, fused=ops.fuses)
     model = CompiledModel(plan, ops, graph, backend=backend)
     model.set_progress(progress)

@@ -140,5 +140,5 @@ def test_a_model_larger_than_the_machine_is_refused_before_allocating(monkeypatc
         hrmspec.compile("hrm-text-1b")
     assert main(["train", "hrm-text-tiny", "--out", str(tmp_path / "run"), "--set", "model.d_model=1024"]) == 2
     err = capsys.readouterr().err
-    assert "training hrm-text-tiny (fp32 weights, gradients, optimizer moments, EMA) need" in err
+    assert "the fp32 weights, gradients, optimizer moments, EMA of hrm-text-tiny need" in err
     assert not (tmp_path / "run" / "checkpoints").exists()

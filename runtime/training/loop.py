@@ -31,10 +31,7 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import hrmspec
-from hrmspec.compile import check_memory
 from hrmspec.errors import CheckpointError
-from hrmspec.graph.analysis import analyse
-from hrmspec.graph.build import build_graph
 from hrmspec.runtime.execution.step_halting import mean_steps
 from hrmspec.runtime.execution.supervision import Carry, Supervisor
 from hrmspec.runtime.files import read_tensors
@@ -193,10 +190,10 @@ class Trainer:
                 held_out_set(self.data_cfg, Path(spec.source).parent)
             except DataError as e:
                 raise TrainError(f"the held-out set: {e}") from None
-        copies = 4 + (1 if cfg.ema else 0)  # weights, gradients, two optimizer moments, the EMA
-        check_memory(analyse(build_graph(spec)).params * 4 * copies,
-                     f"training {spec.name} (fp32 weights, gradients, optimizer moments{', EMA' if cfg.ema else ''})")
-        self.model = hrmspec.compile(spec, backend=self.placement.backend)
+        # weights, gradients, two optimizer moments, the EMA: refused before anything is allocated
+        self.model = hrmspec.compile(spec, backend=self.placement.backend, copies=4 + (1 if cfg.ema else 0),
+                                     copies_are="fp32 weights, gradients, optimizer moments"
+                                     + (", EMA" if cfg.ema else ""))
         self.model.reset_parameters(seed=cfg.seed)  # on the CPU: the same weights whatever the device
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
         # grids are supervised segment by segment (one segment without a supervision: section)
