@@ -308,14 +308,19 @@ class AdaptiveDepth:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, prefix_mask: torch.Tensor | None = None,
-                 cache: KVCache | None = None) -> DepthOutput:
+                 cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> DepthOutput:
+        """`doc_ids` and `position_ids` as for the model's forward (with a cache, `doc_ids` covers the cached
+        keys too: (B, past + S))."""
         model, stages, crit = self.model, self.stages, self.criterion
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         if self.warm_start and cache is None:
             raise ValueError("a warm start carries the loop's states from token to token: decode with a KV cache")
-        ctx = model.context(B, S, prefix_mask, None, None, past)
-        x = model.embed_inputs(input_ids)
+        if position_ids is None:  # these tokens come after the cached ones
+            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        ctx = model.context(B, S, prefix_mask, doc_ids, position_ids, past)
+        x = model.embed_inputs(input_ids, position_ids=position_ids)
         z = {INPUT: x, **model.initial_states(x, self.init_scale)}
         self._run(stages.before, z, ctx, cache)
         if self.warm_start and past:
@@ -323,9 +328,9 @@ class AdaptiveDepth:
                 raise ValueError("a warm start decodes one token at a time after a prompt of the same forward")
             z.update(self.warm)
 
-        def context_of(rows: torch.Tensor):
-            pick = None if prefix_mask is None else prefix_mask.index_select(0, rows)
-            return model.context(len(rows), S, pick, None, None, past)
+        def context_of(rows: torch.Tensor):  # the masks and rotary tables of some rows
+            pick = [None if t is None else t.index_select(0, rows) for t in (prefix_mask, doc_ids, position_ids)]
+            return model.context(len(rows), S, *pick, past)
 
         loop = StepLoop(model, z, ctx, context_of, cache)
         crit.start()

@@ -182,8 +182,8 @@ class CompiledModel(nn.Module):
         m, device = self.spec.model, self.embed.weight.device
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
-        if past:  # decoding with a cache: queries are positions past.., and see every cached key
-            prefix_mask = doc_ids = None
+        if past:  # decoding with a cache: queries are positions past.. and come after every cached key; only
+            prefix_mask = None  # documents still apply (doc_ids (B, past + S): -1 on a left-padded prompt's padding)
         prefix = None if prefix_mask is None else prefix_mask.to(device=device, dtype=torch.bool)
         doc = None if doc_ids is None else doc_ids.to(device)
         kinds = {mod.block.attention.mask for mod in m.modules}

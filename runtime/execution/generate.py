@@ -73,9 +73,11 @@ def generate(
 
     `prefix_mask` (B, S) marks the instruction part of each prompt (default: the whole prompt).
     `attention_mask` (B, S) marks the real tokens of prompts of different lengths, left-padded to one
-    length (1: token, 0: padding, as transformers has it). A schedule with a fixed unrolling decodes on
-    a static cache, one step function per token (runtime/execution/decode.py); `compile=True` compiles
-    that step with torch.compile.
+    length (1: token, 0: padding, as transformers has it): the padding is a document of its own that no
+    real token sees, and each row's positions start at its first token, so every row decodes as it
+    would alone, with halting or an exit rule too. A schedule with a fixed unrolling decodes on a static
+    cache, one step function per token (runtime/execution/decode.py); `compile=True` compiles that
+    step with torch.compile.
     Rows that produced `eos_id` are padded with it until every row is done. The prompts are moved to
     the model's device, and the ids returned live there. `all_steps`,
     `threshold` and `stats`: halting per step (see the module docstring). `exit` (a criterion or its
@@ -94,9 +96,6 @@ def generate(
     if exit is None and model.loop is None and use_cache:
         return _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k,
                               eos_id, generator, stats, init_scale, compile)
-    if padded:
-        raise ValueError("generate: prompts of different lengths (attention_mask) decode on the static cache, which "
-                         "takes a schedule with a fixed unrolling and no exit rule: decode them one length at a time")
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     if exit is None:
@@ -107,33 +106,56 @@ def generate(
         forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {}
         cache = forward.new_cache() if use_cache else None
         most = forward.max_steps
+    real = attention_mask.to(device).bool() if padded else torch.ones_like(ids, dtype=torch.bool)
+    prompt = _padding(real) if padded else {}
+    prefix_mask = prefix_mask & real
 
     def run(new: int, part: str, *args, **kwargs) -> torch.Tensor:
         """The logits of the last position; the steps of the `new` last positions into `stats` (under `part`)."""
         out = forward(*args, **kwargs, **options)
         if stats is not None and out.steps is not None:
-            steps = out.steps[~done, -new:]  # not the padding after eos
+            counted = ~done[:, None] & (real[:, -new:] if part == "prompt" else True)  # not padding, not after eos
+            steps = out.steps[:, -new:][counted]
             stats["positions"] = stats.get("positions", 0) + steps.numel()
             stats["steps"] = stats.get("steps", 0) + int(steps.sum())
             stats["max_steps"] = most
             depths = stats.setdefault("depths", {"prompt": [0] * (most + 1), "decoded": [0] * (most + 1)})
-            for d, n in enumerate(torch.bincount(steps.flatten(), minlength=most + 1).tolist()):
+            for d, n in enumerate(torch.bincount(steps, minlength=most + 1).tolist()):
                 depths[part][d] += n
         return out.logits[:, -1]
 
-    logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache)
+    logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache, **prompt)
     for step in range(max_new_tokens):
         nxt = _choose(logits, done, temperature, top_k, generator, eos_id, stats)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
+        decoded = ids.shape[1] - S
         if use_cache:
-            logits = run(1, "decoded", nxt[:, None], cache=cache)
+            logits = run(1, "decoded", nxt[:, None], cache=cache, **_continued(prompt, decoded, last_only=True))
         else:
-            response = torch.zeros(B, ids.shape[1] - S, dtype=torch.bool, device=ids.device)
+            response = torch.zeros(B, decoded, dtype=torch.bool, device=ids.device)
             full_prefix = torch.cat([prefix_mask, response], dim=1)
-            logits = run(1, "decoded", ids, prefix_mask=full_prefix)
+            logits = run(1, "decoded", ids, prefix_mask=full_prefix, **_continued(prompt, decoded, last_only=False))
     return ids
+
+
+def _padding(real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """doc_ids and position_ids of left-padded prompts, `real` (B, S) marking their tokens: the padding is a
+    document of its own (-1), which no real token sees, and each row counts positions from its first token."""
+    return {"doc_ids": torch.where(real, 0, -1), "position_ids": (real.long().cumsum(1) - 1).clamp(min=0)}
+
+
+def _continued(prompt: dict[str, torch.Tensor], decoded: int, last_only: bool) -> dict[str, torch.Tensor]:
+    """doc_ids and position_ids (`_padding`'s, or {} for prompts without padding) of the prompts followed by
+    `decoded` tokens: document 0, positions on from each row's last prompt token. `last_only` (decoding
+    with a KV cache): the last token's position; doc_ids cover every key, cached ones included."""
+    if not prompt:
+        return {}
+    pos = prompt["position_ids"]
+    tail = pos[:, -1:] + torch.arange(1, decoded + 1, device=pos.device)
+    return {"doc_ids": torch.cat([prompt["doc_ids"], torch.zeros_like(tail)], 1),
+            "position_ids": tail[:, -1:] if last_only else torch.cat([pos, tail], 1)}
 
 
 def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k, eos_id,
@@ -142,11 +164,10 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
     B, S = input_ids.shape
     device = input_ids.device
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
-    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
-    doc = torch.where(real, 0, -1)  # padding: a document of its own, which no real token sees
+    padding = _padding(real)
+    positions = padding["position_ids"]
     cache = model.new_cache()
-    out = model(input_ids, prefix_mask=prefix_mask & real, doc_ids=doc, position_ids=positions, cache=cache,
-                init_scale=init_scale)
+    out = model(input_ids, prefix_mask=prefix_mask & real, cache=cache, init_scale=init_scale, **padding)
     logits = out.logits[:, -1]
     static = StaticCache.from_prefill(cache, real, S + max_new_tokens)
     calls, _ = model.schedule_at(model.recurrence)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from hrmspec.errors import HrmspecError
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
-from hrmspec.runtime.training.heldout import load_run
+from hrmspec.runtime.training.heldout import decode_responses, load_run
 from hrmspec.runtime.training.packing import pack
 from hrmspec.runtime.training.tokenizer import TokenizerError
 
@@ -140,7 +140,7 @@ class HrmspecLM(LM):
         return self._cached("loglikelihood_rolling", requests, totals)
 
     def generate_until(self, requests) -> list[str]:
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)  # (prompt length, new tokens) -> requests
+        groups: dict[int, list[int]] = defaultdict(list)  # new tokens -> requests (their prompts fit beside them)
         prompts, stops = [], []
         for n, req in enumerate(requests):
             context, kwargs = req.args
@@ -152,18 +152,13 @@ class HrmspecLM(LM):
             ids = self.prompt_ids(context, self.max_length - 1)
             new = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - len(ids))
             prompts.append(ids)
-            groups[len(ids), new].append(n)
+            groups[new].append(n)
         texts = [""] * len(requests)
-        eos = self.tokenizer.eos_id
-        for (_, new), members in tqdm(groups.items(), desc="hrmspec generate_until", unit="group"):
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                ids = torch.tensor([prompts[n] for n in chunk], device=self._device)
-                out = self.model.generate(ids, new, eos_id=eos).tolist()
-                for n, row in zip(chunk, out):
-                    row = row[ids.shape[1]:]
-                    row = row[:row.index(eos)] if eos in row else row
-                    texts[n] = cut_at_stops(self.tokenizer.decode(row, skip_special=True), stops[n])
+        for new, members in tqdm(groups.items(), desc="hrmspec generate_until", unit="group"):
+            rows = decode_responses(self.model, [prompts[n] for n in members], new, self.tokenizer.eos_id,
+                                    self.batch_size)
+            for n, row in zip(members, rows):
+                texts[n] = cut_at_stops(self.tokenizer.decode(row, skip_special=True), stops[n])
         return self._cached("generate_until", requests, texts)
 
     def _cached(self, kind: str, requests, results: list) -> list:

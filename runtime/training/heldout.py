@@ -67,23 +67,16 @@ def ema_weights(model: torch.nn.Module, ema):
 
 
 @torch.no_grad()
-def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
-                   **halting) -> list[str]:
-    """Greedy responses to token-id prompts. A schedule with a fixed unrolling and no exit rule decodes
-    prompts of neighbouring lengths as one left-padded batch (generate's attention_mask); otherwise prompts of
-    equal length form a batch. `halting`: generate's all_steps, threshold and stats (a spec with
-    model.halting; the stats also get "seconds", the time decoding took), or its exit, max_steps and
-    warm_start (adaptive depth)."""
-    answers: list[str] = [""] * len(prompts)
-    if model.loop is None and halting.get("exit") is None:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    else:
-        by_len: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(prompts):
-            by_len[len(p)].append(i)
-        chunks = [idx[i : i + batch_size] for idx in by_len.values() for i in range(0, len(idx), batch_size)]
-    for chunk in chunks:
+def decode_responses(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+                     batch_size: int = 64, **options) -> list[list[int]]:
+    """Greedy response tokens (up to eos, not included) to token-id prompts, decoded in batches of prompts of
+    neighbouring lengths, left-padded to one length (generate's attention_mask). `options`: generate's
+    all_steps, threshold and stats (a spec with model.halting; the stats also get "seconds", the time
+    decoding took), or its exit, max_steps and warm_start (adaptive depth)."""
+    responses: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         real = torch.zeros(len(chunk), width, dtype=torch.bool)
@@ -92,14 +85,19 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             real[row, width - len(prompts[i]):] = True
         began = time.perf_counter()
         mask = None if bool(real.all()) else real
-        out = model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, attention_mask=mask, **halting)
-        if halting.get("stats") is not None:  # decoding time alone, for tokens/s
-            halting["stats"]["seconds"] = halting["stats"].get("seconds", 0.0) + time.perf_counter() - began
+        out = model.generate(ids, max_new_tokens, eos_id=eos_id, attention_mask=mask, **options)
+        if options.get("stats") is not None:  # decoding time alone, for tokens/s
+            options["stats"]["seconds"] = options["stats"].get("seconds", 0.0) + time.perf_counter() - began
         for row, i in zip(out[:, width:].tolist(), chunk):
-            if tokenizer.eos_id in row:
-                row = row[: row.index(tokenizer.eos_id)]
-            answers[i] = tokenizer.decode(row, skip_special=True)
-    return answers
+            responses[i] = row[: row.index(eos_id)] if eos_id in row else row
+    return responses
+
+
+def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
+                   **options) -> list[str]:
+    """`decode_responses` as text."""
+    rows = decode_responses(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size, **options)
+    return [tokenizer.decode(row, skip_special=True) for row in rows]
 
 
 def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None,

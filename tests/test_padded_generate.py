@@ -1,0 +1,88 @@
+"""Prompts of different lengths in one left-padded batch, for specs whose depth varies per position:
+halting heads (ut: ACT, ouro: the exit gate) and exit rules (huginn-tiny under `exit`). Each row decodes to
+the tokens it decodes alone, each of its positions running the steps it runs alone, with the KV cache
+and without; the padding's steps are not counted. Models in fp64, so no exit decision sits on a rounding
+difference between a batch and a single row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hrmspec
+
+SMALL = {"model.vocab": 64, "model.d_model": 32, "model.heads": 2, "model.ffn": 64, "model.max_seq_len": 64}
+SPECS = {
+    "ut": {},
+    "ouro": {"model.modules.net.layers": 1},
+    "huginn-tiny": {},
+}
+CASES = [  # (spec, generate's options)
+    ("ut", {}),
+    ("ouro", {}),
+    ("ouro", {"threshold": 0.9}),
+    ("huginn-tiny", {"exit": "kl:5e-2", "max_steps": 6}),
+    ("huginn-tiny", {"exit": "argmax:2", "max_steps": 6, "warm_start": True}),
+    ("huginn-tiny", {"exit": "latent:0.3", "max_steps": 6}),
+]
+PROMPTS = [[5, 9, 13, 2, 7, 7, 31, 4], [11, 3], [40, 41, 42, 43, 44], [17]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, over in SPECS.items():
+        m = hrmspec.compile(name, overrides={**SMALL, **over})
+        m.reset_parameters(seed=5)
+        with torch.no_grad():  # sharper logits than at init: greedy choices without near ties
+            m.embed.weight.mul_(6.0)
+        out[name] = m.double().eval()
+    return out
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    real = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        real[row, width - len(p):] = 1
+    return ids, real
+
+
+def alone(model, prompt: list[int], n: int, options: dict) -> tuple[list[int], dict]:
+    """The tokens one prompt decodes to in a batch of its own, and generate's stats."""
+    stats: dict = {}
+    out = model.generate(torch.tensor([prompt]), n, stats=stats, init_scale=0.0, **options)
+    return out[0, len(prompt):].tolist(), stats
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "recompute"])
+@pytest.mark.parametrize(("spec", "options"), CASES, ids=[f"{s}-{'-'.join(map(str, o.values())) or 'spec'}"
+                                                           for s, o in CASES])
+def test_a_padded_batch_decodes_each_row_as_alone(models, spec, options, use_cache):
+    if options.get("warm_start") and not use_cache:
+        pytest.skip("a warm start decodes with the KV cache")
+    model, n = models[spec], 5
+    ids, real = left_pad(PROMPTS, pad=63)
+    stats: dict = {}
+    out = model.generate(ids, n, attention_mask=real, stats=stats, init_scale=0.0, use_cache=use_cache, **options)
+    # (an exit rule that reads logits peeks at them differently with and without the cache: compare like with like)
+    want = [alone(model, p, n, {**options, "use_cache": use_cache}) for p in PROMPTS]
+    for row, (tokens, _) in enumerate(want):
+        assert out[row, ids.shape[1]:].tolist() == tokens, (spec, row)
+    # the steps each real position ran, summed over the rows alone: the padding's are not counted
+    for key in ("positions", "steps"):
+        assert stats[key] == sum(s[key] for _, s in want), key
+    for part in ("prompt", "decoded"):
+        assert stats["depths"][part] == [sum(d) for d in zip(*(s["depths"][part] for _, s in want))], part
+    assert stats["positions"] == sum(map(len, PROMPTS)) + len(PROMPTS) * (n - 1)
+    depths = stats["depths"]["prompt"] + stats["depths"]["decoded"]
+    assert sum(1 for d in depths if d) > 1 or options.get("exit") is None, "every position ran one depth"
+
+
+def test_the_padding_token_does_not_matter(models):
+    ids, real = left_pad(PROMPTS, pad=0)
+    a = models["ouro"].generate(ids, 4, attention_mask=real, init_scale=0.0)
+    b = models["ouro"].generate(ids.masked_fill(real == 0, 50), 4, attention_mask=real, init_scale=0.0)
+    assert torch.equal(a[:, ids.shape[1]:], b[:, ids.shape[1]:])
