@@ -33,3 +33,15 @@ def stopped_at(stream: torch.Tensor, prompt_len: int, eos: int) -> torch.Tensor:
         ends.append(hits[0] + 1 if hits else len(row))
         row[ends[-1]:] = eos
     return torch.cat([stream[:, :prompt_len], response[:, :max(ends)]], dim=1)
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch, each ending at the last column: (ids, attention_mask),
+    the padding holding `pad`."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    real = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        real[row, width - len(p):] = 1
+    return ids, real

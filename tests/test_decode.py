@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy_oracle import left_pad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,16 +35,6 @@ def full_greedy(model, prompt: list[int], n: int) -> list[int]:
         logits = model(ids, prefix_mask=prefix).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[0, len(prompt):].tolist()
-
-
-def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad)
-    real = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        real[row, width - len(p):] = 1
-    return ids, real
 
 
 @settings(max_examples=8, deadline=None)

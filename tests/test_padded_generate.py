@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy_oracle import left_pad
 
 import hrmspec
 
@@ -38,16 +39,6 @@ def models():
             m.embed.weight.mul_(6.0)
         out[name] = m.double().eval()
     return out
-
-
-def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad)
-    real = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        real[row, width - len(p):] = 1
-    return ids, real
 
 
 def alone(model, prompt: list[int], n: int, options: dict) -> tuple[list[int], dict]:
