@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -44,6 +45,9 @@ class TrainConfig:
     tokenizer: str | None = None  # an existing tokenizer.json (else one is trained on the data)
     threads: int = 0  # torch threads; 0: leave torch's default
     max_new_tokens: int = 32  # evaluation decoding budget
+    # the puzzle table (model.puzzle) by HRM's sparse sign-SGD: {type: sign_sgd, lr, weight_decay}, the lr on
+    # the main schedule; null: it trains with the main optimizer (runtime/training/optim.py: SparseSignSGD)
+    puzzle_optimizer: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -73,6 +77,8 @@ class TrainConfig:
             raise TrainError(f"train.schedule: expected cosine | constant, found {cfg.schedule!r}")
         if cfg.dtype not in ("auto", "fp32", "bf16"):
             raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {cfg.dtype!r}")
+        if cfg.puzzle_optimizer is not None:
+            cfg.puzzle_optimizer = _puzzle_optimizer(cfg.puzzle_optimizer)
         check_backend_name(cfg.backend, "train.backend")
         check_device_name(cfg.device, "train.device")
         return cfg
@@ -93,6 +99,30 @@ def check_device_name(name: object, key: str) -> str:
     if not isinstance(name, str) or not _DEVICE.fullmatch(name):
         raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {name!r}")
     return name
+
+
+def _puzzle_optimizer(d: object) -> dict:
+    """train.puzzle_optimizer checked: {"type": "sign_sgd", "lr": > 0, "weight_decay": >= 0}."""
+    key = "train.puzzle_optimizer"
+    if not isinstance(d, dict):
+        raise TrainError(f"{key}: expected {{type: sign_sgd, lr: ..., weight_decay: ...}} or null, found {d!r}")
+    unknown = sorted(set(d) - {"type", "lr", "weight_decay"})
+    if unknown:
+        raise TrainError(f"{key}.{unknown[0]}: unknown key; known: type, lr, weight_decay")
+    if d.get("type") != "sign_sgd":
+        raise TrainError(f"{key}.type: expected sign_sgd (HRM's sparse sign-SGD), found {d.get('type')!r}")
+    out = {"type": "sign_sgd"}
+    for name, low in (("lr", None), ("weight_decay", 0.0)):
+        v = d.get(name, 0.0 if name == "weight_decay" else None)
+        try:
+            v = float(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or (v <= 0 if low is None else v < low):
+            raise TrainError(f"{key}.{name}: expected a number {'> 0' if low is None else '>= 0'}, "
+                             f"found {d.get(name)!r}")
+        out[name] = v
+    return out
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -40,7 +40,7 @@ from hrmspec.runtime.training.config import TrainConfig, TrainError
 from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
 from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
 from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, held_out_set
-from hrmspec.runtime.training.optim import EMA, lr_at, make_optimizer
+from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
 from hrmspec.runtime.training.packing import Batches, pack
 from hrmspec.runtime.training.placement import Placement, local_rank, resolve, to_device
 from hrmspec.runtime.training.plot import metric_records
@@ -151,6 +151,8 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise TrainError(f"train.batch_size ({cfg.batch_size}) must be divisible by the number of processes "
                              f"({self.world})")
+        if cfg.puzzle_optimizer is not None and spec.model.puzzle is None:
+            raise TrainError(f"train.puzzle_optimizer: {spec.name} has no puzzle table (model.puzzle); remove it")
         ckpt.seed_rngs(cfg.seed)
         if out.exists() and not out.is_dir():
             raise TrainError(f"--out {out} is a file, not a folder")
@@ -212,6 +214,10 @@ class Trainer:
         if self.supervisor is not None:
             self.supervisor.run = self.net  # segments run through the data-parallel wrapper
         self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
+        self.puzzle_optimizer = None  # HRM's sparse sign-SGD on the puzzle table (stateless: not checkpointed)
+        if cfg.puzzle_optimizer is not None:
+            po = cfg.puzzle_optimizer
+            self.puzzle_optimizer = SparseSignSGD([self.model.puzzle.weight], po["lr"], po["weight_decay"])
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
         if start is not None and is_sharded(start):  # any number of ranks (or one process) reads shards
             load_sharded(start, self.model, self.optimizer, self.ema)
@@ -264,10 +270,12 @@ class Trainer:
         return self.model
 
     def _param_groups(self) -> list[dict]:
-        """Weight decay on matrices; none on vectors (norms, biases, states) and the embedding. The
-        parameters as they are after sharding (DTensors under FSDP)."""
+        """Weight decay on matrices; none on vectors (norms, biases, states) and the embedding; not the puzzle
+        table under train.puzzle_optimizer. The parameters as they are after sharding (DTensors under FSDP)."""
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
+            if n == "puzzle.weight" and self.cfg.puzzle_optimizer is not None:
+                continue  # its own optimizer (train.puzzle_optimizer)
             (no_decay if p.ndim < 2 or n.startswith("embed") else decay).append(p)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -361,9 +369,14 @@ class Trainer:
         loop = sampled_loop(self.spec.model.schedule)
         if loop is not None:  # the same draw on every rank, and after a resume (recurrence.py)
             self.model.set_recurrence(draw_count(loop.sample, cfg.seed, self.step))
-        lr = lr_at(self.step, cfg.steps, cfg.lr, int(cfg.warmup * cfg.steps), cfg.schedule, cfg.min_lr_ratio)
+        warmup = int(cfg.warmup * cfg.steps)
+        lr = lr_at(self.step, cfg.steps, cfg.lr, warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self.puzzle_optimizer is not None:  # its own base rate on the same schedule, as HRM's
+            base = cfg.puzzle_optimizer["lr"]
+            for g in self.puzzle_optimizer.param_groups:
+                g["lr"] = lr_at(self.step, cfg.steps, base, warmup, cfg.schedule, cfg.min_lr_ratio)
         return lr
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, int] | None:
@@ -393,7 +406,7 @@ class Trainer:
         loss_value = float(total) / max(float(n_global), 1.0)
         if not math.isfinite(loss_value):
             self.nan_run, self.skipped = self.nan_run + 1, self.skipped + 1
-            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             if self.nan_run >= cfg.max_nan_steps:
                 raise TrainError(
                     f"loss was not finite for {self.nan_run} steps in a row (at step {self.step}); the last good "
@@ -403,9 +416,13 @@ class Trainer:
             return None
         self.nan_run = 0
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip else 1e30)
+        # clipped: what the main optimizer steps (sign-SGD takes only the gradient's sign)
+        main = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(main, cfg.grad_clip if cfg.grad_clip else 1e30)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.puzzle_optimizer is not None:
+            self.puzzle_optimizer.step()
+        self.model.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1

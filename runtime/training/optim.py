@@ -50,6 +50,41 @@ class AdamATan2(torch.optim.Optimizer):
         return loss
 
 
+class SparseSignSGD(torch.optim.Optimizer):
+    """HRM's optimizer for the puzzle table: the rows a step's batch used move by -lr * sign(grad), after
+    decoupled weight decay p <- p * (1 - lr * wd); every other row stays as it is. With thousands of
+    identifiers and a few per batch the gradient is very sparse, and then Adam is about sign-SGD on the
+    rows used, with momentum that would keep moving rows no batch has seen for a while.
+
+    The rows used are those with a gradient that is not all zero: under DDP the gradient is already summed
+    over the ranks, so these are the rows of the global batch, as HRM's all-gather of the identifiers gives.
+    A DTensor (FSDP2) is updated shard by shard. No state: nothing to checkpoint but the learning rate,
+    which the schedule sets every step."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        if not lr > 0 or weight_decay < 0:
+            raise ValueError(f"invalid sparse sign-SGD hyper-parameters lr={lr}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = (p.to_local(), p.grad.to_local()) if hasattr(p, "to_local") else (p, p.grad)
+                rows = g.reshape(g.shape[0], -1).ne(0).any(1).nonzero().squeeze(1)
+                if rows.numel():
+                    used = w.index_select(0, rows).mul_(1 - lr * wd).add_(g.index_select(0, rows).sign(), alpha=-lr)
+                    w.index_copy_(0, rows, used)
+        return loss
+
+
 def make_optimizer(name: str, params, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adam_atan2":
         return AdamATan2(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
