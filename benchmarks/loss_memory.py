@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see conftest.py: spinning threads measure contention
+if __name__ == "__main__":  # its own timings (see conftest.py: spinning threads measure contention);
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # not for the scripts that import it
 
 import argparse  # noqa: E402
 import gc  # noqa: E402

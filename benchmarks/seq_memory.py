@@ -23,40 +23,34 @@ measured in the same run on the same model and batch:
 
 from __future__ import annotations
 
-import os
-
 # OMP_WAIT_POLICY is left as the user has it (unset: OpenMP's spinning waits), the setting a training
 # run gets; PASSIVE makes a step 1.5x slower on AVX2 cores (docs/kernels.md), so time on an idle machine.
-WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import torch
+import torch.nn.functional as F
+from loss_memory import alternate, answer_probe, paired_ratio
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from report import MiB, _status_kib, environment
+from workloads import SPEC, Workload, make_batch, saved_activation_bytes, train_step_hrmspec
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from loss_memory import alternate, answer_probe, paired_ratio  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from report import MiB, _status_kib, environment  # noqa: E402
-from workloads import SPEC, Workload, make_batch, saved_activation_bytes, train_step_hrmspec  # noqa: E402
-
-from hrmspec.backends import get_backend  # noqa: E402
-from hrmspec.backends.reference.attention import BLOCK_K, BLOCK_Q, blocked_attention, default_engine  # noqa: E402
-from hrmspec.backends.reference.table import ReferenceTable  # noqa: E402
-from hrmspec.graph.build import build_graph  # noqa: E402
-from hrmspec.graph.plan import execution_plan  # noqa: E402
-from hrmspec.mask import Mask  # noqa: E402
-from hrmspec.runtime.execution import CompiledModel  # noqa: E402
-from hrmspec.spec.load import load_spec  # noqa: E402
-
-if WAIT_POLICY is None:  # loss_memory and report default it to PASSIVE for their own runs: not for this one
-    os.environ.pop("OMP_WAIT_POLICY", None)
+from hrmspec.backends import get_backend
+from hrmspec.backends.reference.attention import BLOCK_K, BLOCK_Q, blocked_attention, default_engine
+from hrmspec.backends.reference.table import ReferenceTable
+from hrmspec.graph.build import build_graph
+from hrmspec.graph.plan import execution_plan
+from hrmspec.mask import Mask
+from hrmspec.runtime.execution import CompiledModel
+from hrmspec.spec.load import load_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("dense", "blocked")
