@@ -5,6 +5,11 @@ device tensors (the `kernel_device` fixture); without one they run in Triton's i
 tensors. The same tests, the same draws: `pytest -m gpu` on a GPU machine is the GPU tier, with no
 edit. `HRMSPEC_TEST_DEVICE=cpu` (or `TRITON_INTERPRET=1`) keeps the interpreter on a GPU machine.
 
+CPU tests stay on the CPU. On a machine with CUDA, a test not marked `gpu` (or `needs_gpu`) sees no
+CUDA device, in this process and in those it starts: a run with `train.device: auto` trains on the
+CPU in fp32 as on CI, where its tolerances and bit-for-bit checks were set. The GPU tier is the
+`gpu`-marked tests.
+
 Fallbacks. Every test runs inside `record_fallbacks()`: a kernel backend that ran the reference op
 instead of its kernel fails the test, whichever test warned first, unless the test is marked
 `fallback` (it is about a fallback, and checks it).
@@ -53,6 +58,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def kernel_device() -> torch.device:
     """Where the Triton kernels run: the CUDA device, or the CPU (the interpreter)."""
     return torch.device(KERNEL_DEVICE)
+
+
+_CUDA = torch.cuda.is_available()  # asked once, before any test hides it
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_marked(request, monkeypatch):
+    """A test not marked gpu or needs_gpu sees no CUDA device (see the module docstring)."""
+    if _CUDA and not any(request.node.get_closest_marker(m) for m in ("gpu", "needs_gpu")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the processes it starts (torchrun, the CLI)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this one: device auto is the CPU
+    yield
 
 
 # -- what a test needs from outside hrmspec -------------------------------------------------------------
