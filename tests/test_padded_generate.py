@@ -79,3 +79,25 @@ def test_the_padding_token_does_not_matter(models):
     a = models["ouro"].generate(ids, 4, attention_mask=real, init_scale=0.0)
     b = models["ouro"].generate(ids.masked_fill(real == 0, 50), 4, attention_mask=real, init_scale=0.0)
     assert torch.equal(a[:, ids.shape[1]:], b[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize(("spec", "options"), [("hrm-text-tiny", {}), ("ut", {}), ("ouro", {}),
+                                               ("huginn-tiny", {"exit": "latent:0.3", "max_steps": 6})])
+def test_the_head_runs_on_the_last_position_only(models, spec, options, monkeypatch):
+    """A prefill of B x S tokens never makes (B, S, vocab) logits: the head reads one position per row
+    (criteria that read logits peek at every position; `latent` does not)."""
+    model = models.get(spec) or hrmspec.compile(spec, overrides=SMALL).eval()
+    shapes = []
+    head = model.logits_of
+
+    def recorded(h):
+        shapes.append(tuple(h.shape))
+        return head(h)
+
+    monkeypatch.setattr(model, "logits_of", recorded)
+    ids, real = left_pad(PROMPTS, pad=63)
+    out = model.generate(ids.clone(), 3, attention_mask=real, init_scale=0.0, **options)
+    assert out.shape == (len(PROMPTS), ids.shape[1] + 3)
+    assert shapes, "the head never ran: nothing was checked"
+    positions = [s[1] if len(s) == 3 else 1 for s in shapes]
+    assert max(positions) == 1, shapes

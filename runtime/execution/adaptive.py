@@ -309,9 +309,9 @@ class AdaptiveDepth:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, prefix_mask: torch.Tensor | None = None,
                  cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None) -> DepthOutput:
+                 position_ids: torch.Tensor | None = None, last_only: bool = False) -> DepthOutput:
         """`doc_ids` and `position_ids` as for the model's forward (with a cache, `doc_ids` covers the cached
-        keys too: (B, past + S))."""
+        keys too: (B, past + S)). `last_only`: the logits of the last position only, (B, 1, vocab)."""
         model, stages, crit = self.model, self.stages, self.criterion
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -352,7 +352,8 @@ class AdaptiveDepth:
             self.warm = {s: z[s][:, -1:] for s in stages.states}
         self._run(stages.after, z, ctx, cache)
         hidden = z[model.spec.model.output]
-        return DepthOutput(model.logits_of(hidden), depth, hidden, {s.name: z[s.name] for s in model.spec.model.states})
+        logits = model.logits_of(hidden[:, -1:] if last_only else hidden)
+        return DepthOutput(logits, depth, hidden, {s.name: z[s.name] for s in model.spec.model.states})
 
     def _run(self, calls, z: dict, ctx, cache: KVCache | None) -> None:
         """The stages outside the loop, on every position."""

@@ -313,7 +313,8 @@ class CompiledModel(nn.Module):
 
     def head_output(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ModelOutput:
         """The head on output states (B, P + S, d): logits, or with labels and `return_logits=False` only
-        the loss sum and count (in row chunks)."""
+        the loss sum and count (in row chunks); without labels, `return_logits=False` computes nothing (the
+        caller takes what it needs of `hidden`)."""
         h = hidden[:, self.prefix_len:]  # the tokens' positions predict; the puzzle positions do not
         if labels is not None and not return_logits:
             if self.plan.final_norm is not None:
@@ -323,6 +324,8 @@ class CompiledModel(nn.Module):
             W = self.head_weight()
             out.loss_sum, out.n_tokens = self.ops.linear_cross_entropy(flat, W.to(flat.dtype), labels.reshape(-1))
             return out
+        if labels is None and not return_logits:  # the output states only (generate takes the last position's)
+            return ModelOutput(logits=None)
         out = ModelOutput(logits=self.logits_of(h))  # (B, S, vocab)
         if labels is not None:
             out.loss_sum, out.n_tokens = self.ops.cross_entropy(out.logits, labels)

@@ -98,12 +98,13 @@ def generate(
                               eos_id, generator, stats, init_scale, compile)
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    if exit is None:
-        forward, options = model, {"all_steps": all_steps, "threshold": threshold, "init_scale": init_scale}
+    if exit is None:  # the model's output states; the head on the last position only
+        forward, options = model, {"all_steps": all_steps, "threshold": threshold, "init_scale": init_scale,
+                                   "return_logits": False}
         cache = model.new_cache() if use_cache else None
         most = len(model.loop.steps) if model.loop is not None else None
     else:
-        forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {}
+        forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {"last_only": True}
         cache = forward.new_cache() if use_cache else None
         most = forward.max_steps
     real = attention_mask.to(device).bool() if padded else torch.ones_like(ids, dtype=torch.bool)
@@ -122,7 +123,7 @@ def generate(
             depths = stats.setdefault("depths", {"prompt": [0] * (most + 1), "decoded": [0] * (most + 1)})
             for d, n in enumerate(torch.bincount(steps, minlength=most + 1).tolist()):
                 depths[part][d] += n
-        return out.logits[:, -1]
+        return out.logits[:, -1] if out.logits is not None else model.logits_of(out.hidden[:, -1])
 
     logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache, **prompt)
     for step in range(max_new_tokens):
@@ -167,8 +168,9 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
     padding = _padding(real)
     positions = padding["position_ids"]
     cache = model.new_cache()
-    out = model(input_ids, prefix_mask=prefix_mask & real, cache=cache, init_scale=init_scale, **padding)
-    logits = out.logits[:, -1]
+    out = model(input_ids, prefix_mask=prefix_mask & real, cache=cache, init_scale=init_scale, return_logits=False,
+                **padding)
+    logits = model.logits_of(out.hidden[:, -1])  # the last position's only: no (B, S, vocab) logits
     static = StaticCache.from_prefill(cache, real, S + max_new_tokens)
     calls, _ = model.schedule_at(model.recurrence)
     step = decode_step
