@@ -101,3 +101,32 @@ def test_the_head_runs_on_the_last_position_only(models, spec, options, monkeypa
     assert shapes, "the head never ran: nothing was checked"
     positions = [s[1] if len(s) == 3 else 1 for s in shapes]
     assert max(positions) == 1, shapes
+
+
+def test_eval_batches_fit_the_logits_an_exit_criterion_peeks_at(models, monkeypatch):
+    """Under an exit criterion that reads logits, held-out decoding puts fewer rows in a batch when rows x
+    width x vocab would pass its budget, and decodes the same responses; other criteria keep full batches."""
+    from hrmspec.runtime.training import heldout
+
+    model = models["huginn-tiny"]
+    prompts = [p * k for p in PROMPTS for k in (1, 2)]  # 1-16 tokens
+    batches = []
+    generate = model.generate
+
+    def recorded(ids, *args, **kwargs):
+        batches.append(ids.shape)
+        return generate(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    options = {"exit": "kl:5e-2", "max_steps": 6, "init_scale": 0.0}
+    full = heldout.decode_responses(model, prompts, 4, None, **options)
+    assert [b[0] for b in batches] == [len(prompts)]
+    batches.clear()
+    width, vocab = max(map(len, prompts)), model.spec.model.vocab
+    monkeypatch.setattr(heldout, "PEEK_BYTES", 3 * width * vocab * heldout.PEEK_COPIES * 4)  # three widest rows
+    assert heldout.decode_responses(model, prompts, 4, None, **options) == full
+    assert max(b[0] for b in batches) <= 3 * width // min(b[1] for b in batches) and len(batches) > 1, batches
+    assert all(b[0] * b[1] <= 3 * width for b in batches), batches  # rows x width within the budget
+    batches.clear()
+    heldout.decode_responses(model, prompts, 4, None, exit="latent:0.3", max_steps=6, init_scale=0.0)
+    assert [b[0] for b in batches] == [len(prompts)]  # latent reads the states, not logits

@@ -16,6 +16,7 @@ import torch
 
 import hrmspec
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.execution.adaptive import parse_exit
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
@@ -66,17 +67,31 @@ def ema_weights(model: torch.nn.Module, ema):
                 p.copy_(saved[n])
 
 
+# An exit criterion that reads logits (kl, entropy, argmax) makes the logits of every position of the rows
+# still running at each step of a prompt's loop, and kl keeps the previous step's log-probabilities: about
+# PEEK_COPIES fp32 tensors of rows x width x vocab. A batch holds at most PEEK_BYTES of them.
+PEEK_BYTES = 1 << 30
+PEEK_COPIES = 4
+
+
 @torch.no_grad()
 def decode_responses(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
                      batch_size: int = 64, **options) -> list[list[int]]:
     """Greedy response tokens (up to eos, not included) to token-id prompts, decoded in batches of prompts of
-    neighbouring lengths, left-padded to one length (generate's attention_mask). `options`: generate's
+    neighbouring lengths, left-padded to one length (generate's attention_mask), up to `batch_size` a batch
+    (fewer under an exit criterion that reads logits at a large vocabulary, see PEEK_BYTES). `options`: generate's
     all_steps, threshold and stats (a spec with model.halting; the stats also get "seconds", the time
     decoding took), or its exit, max_steps and warm_start (adaptive depth)."""
     responses: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    peeks = options.get("exit") is not None and parse_exit(options["exit"]).reads == "logits"
+    start = 0
+    while start < len(order):
+        rows = min(batch_size, len(order) - start)
+        if peeks:  # rows x width x vocab of logits per step: fewer rows when they would exceed PEEK_BYTES
+            width = len(prompts[order[start + rows - 1]])
+            rows = max(1, min(rows, PEEK_BYTES // (width * model.spec.model.vocab * PEEK_COPIES * 4)))
+        chunk, start = order[start : start + rows], start + rows
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         real = torch.zeros(len(chunk), width, dtype=torch.bool)
