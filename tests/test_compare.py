@@ -244,3 +244,32 @@ def test_a_signal_records_the_spec_as_interrupted_and_stops_the_command(workdir,
     assert e.value.exit_code == 143
     (entry,) = json.loads((workdir / "out" / "compare.json").read_text())["runs"]  # the second never started
     assert entry["status"] == "interrupted" and entry["spec"] == "hrm"
+
+
+def test_seeds_run_each_spec_under_its_own_seeds_and_the_report_averages_them(workdir, monkeypatch, capsys):
+    held_out, _ = read_jsonl(workdir / "eval.jsonl")
+    # seed 0 answers the first held-out sample right, seed 1 the first three: accuracies 1/4 and 3/4
+    known = KnownAnswers(held_out, lambda i, model, options: i < {0: 1, 1: 3}[model.spec.train["seed"]])
+    known.install(monkeypatch)
+    trained = []
+    monkeypatch.setattr(compare, "train",
+                        lambda spec, *a, **k: trained.append(spec.train["seed"]) or train(spec, *a, **k))
+    out = workdir / "out"
+    args = ["compare", str(workdir / "hrm.yaml"), "--budget", "steps=2", "--data", str(workdir / "data.yaml"),
+            "--out", str(out), "--n", "4", "--evals", "0", "--seeds", "2", "--no-progress"]
+    assert main(args) == 0
+    assert trained == [0, 1]
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert [(r["run"], r["seed"], r["folder"], r["accuracy"]) for r in runs] == [
+        ("hrm (seed 0)", 0, "hrm/seed0", 0.25), ("hrm (seed 1)", 1, "hrm/seed1", 0.75)]
+    # the two runs started from different weights
+    first, second = (ckpt.model_tensors(ckpt.latest_checkpoint(out / "hrm" / f"seed{k}")) for k in (0, 1))
+    assert any(not (first[n] == second[n]).all() for n in first)
+    md = (out / "compare.md").read_text()
+    assert "| hrm (seed 0) |" in md and "| hrm (seed 1) |" in md
+    assert "| hrm | 2 of 2 | 50.0% | 25.0% | 75.0% |" in md  # the mean and the range
+    capsys.readouterr()
+    assert main(args) == 0 and trained == [0, 1]  # both finished: skipped by run, not by spec
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    with pytest.raises(CompareError, match="--seeds: expected 1 to 64 runs per spec, found 0"):
+        plan_runs(specs(workdir, "hrm"), Budget("steps", 2), seeds=0)

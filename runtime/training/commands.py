@@ -258,14 +258,15 @@ def cmd_compare(args) -> int:
     if args.n < 1 or args.evals < 0:
         raise CompareError(f"--n must be >= 1 and --evals >= 0, found {args.n} and {args.evals}")
     specs = load_specs(args.spec, dict(parse_override(o) for o in args.overrides))
-    plans = plan_runs(specs, budget, read_data(args.data), evals=args.evals, eval_n=args.n)
+    plans = plan_runs(specs, budget, read_data(args.data), evals=args.evals, eval_n=args.n, seeds=args.seeds)
     runs = run_compare(plans, budget, args.out, eval_n=args.n, progress_bar=not args.no_progress)
     print_table(runs, str(budget))
     md, png = write_report(Path(args.out), runs, str(budget), args.n)
     print(f"wrote {Path(args.out) / 'compare.json'}, {md}, {png}")
-    failed = [r["spec"] for r in runs if r.get("status") != "done"]
+    failed = [r.get("run") or r["spec"] for r in runs if r.get("status") != "done"]
     if failed:
-        print(f"{len(failed)} of {len(runs)} specs failed ({', '.join(failed)}); their errors are in compare.json; "
+        what = "runs" if args.seeds > 1 else "specs"
+        print(f"{len(failed)} of {len(runs)} {what} failed ({', '.join(failed)}); their errors are in compare.json; "
               "run the same command again to retry them")
     return 1 if failed else 0
 
@@ -282,6 +283,9 @@ def _register_compare(sub, name):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every spec (e.g. --set train.batch_size=8)")
     p.add_argument("--n", type=int, default=200, help="held-out samples each spec is scored on (default 200)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train each spec N times, train.seed = its own, +1, ... (default 1); the report gives every "
+                   "run and each spec's mean and range")
     p.add_argument("--evals", type=int, default=3,
                    help="held-out evaluations during each run, for the accuracy-vs-FLOPs curve (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

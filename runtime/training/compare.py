@@ -42,6 +42,7 @@ from hrmspec.spec.schema import Spec
 
 RESULTS = "compare.json"
 BUDGETS = ("flops", "tokens", "steps")
+MAX_SEEDS = 64
 
 
 class CompareError(HrmspecError):
@@ -85,6 +86,12 @@ class Plan:
     forward: float = 0.0  # forward FLOPs per token
     step_flops: list[float] = field(default_factory=list)  # training FLOPs of each step
     error: str | None = None  # the spec cannot be planned (its train: section, say)
+    seed: int | None = None  # train.seed of this run when the comparison runs each spec under several
+
+    @property
+    def key(self) -> str:
+        """What names this run in compare.json: the spec, and its seed when there are several."""
+        return self.name if self.seed is None else f"{self.name} (seed {self.seed})"
 
     @property
     def tokens(self) -> int:
@@ -177,9 +184,12 @@ def steps_for(budget: Budget, run: RunFlops, row_tokens: int) -> int:
 
 
 def plan_runs(specs: list[Spec], budget: Budget, data: dict | None = None, evals: int = 3,
-              eval_n: int = 200) -> list[Plan]:
-    """One plan per spec. Raises CompareError for what concerns them all (names, objectives, data); a
-    spec that cannot be planned on its own carries its error and is recorded as failed."""
+              eval_n: int = 200, seeds: int = 1) -> list[Plan]:
+    """One plan per spec, or `seeds` per spec (train.seed = its own, +1, ...: weights and batch order), each in
+    <spec>/seed<k>/. Raises CompareError for what concerns them all (names, objectives, data); a spec that
+    cannot be planned on its own carries its error and is recorded as failed."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise CompareError(f"--seeds: expected 1 to {MAX_SEEDS} runs per spec, found {seeds!r}")
     common = shared_data(specs, data)
     try:  # a data: section none could train on is refused before any training
         (GridConfig if specs[0].objective.type == "grid" else DataConfig).from_dict(common)
@@ -193,14 +203,19 @@ def plan_runs(specs: list[Spec], budget: Budget, data: dict | None = None, evals
             raise CompareError(f"two specs are named {s.name!r} (or {seen[folder]!r}, the same folder): give each "
                                "its own name: in its file")
         seen[folder] = s.name
-        plans.append(_plan(s, folder, budget, common, evals, eval_n))
+        if seeds == 1:
+            plans.append(_plan(s, folder, budget, common, evals, eval_n))
+            continue
+        base = s.train.get("seed", 0) if isinstance(s.train.get("seed", 0), int) else 0
+        plans += [_plan(s, f"{folder}/seed{base + k}", budget, common, evals, eval_n, base + k) for k in range(seeds)]
     return plans
 
 
-def _plan(spec: Spec, folder: str, budget: Budget, data: dict, evals: int, eval_n: int) -> Plan:
-    plan = Plan(spec.name, folder, spec)
+def _plan(spec: Spec, folder: str, budget: Budget, data: dict, evals: int, eval_n: int,
+          seed: int | None = None) -> Plan:
+    plan = Plan(spec.name, folder, spec, seed=seed)
     try:
-        spec = load_spec(spec, {"data": data})
+        spec = load_spec(spec, {"data": data} if seed is None else {"data": data, "train.seed": seed})
         cfg = TrainConfig.from_dict(dict(spec.train))
         run = RunFlops(spec, cfg.seq_len if spec.objective.type != "grid" else None)
         plan.batch_size, plan.seq_len = cfg.batch_size, run.seq_len
@@ -218,11 +233,12 @@ def _plan(spec: Spec, folder: str, budget: Budget, data: dict, evals: int, eval_
 
 
 def read_results(out: Path) -> tuple[dict, int | None]:
-    """The entries of DIR/compare.json as written last time, by spec, and the held-out size they were
+    """The entries of DIR/compare.json as written last time, by run (`Plan.key`), and the held-out size they were
     scored on (nothing when there is none or it cannot be read)."""
     try:
         doc = json.loads((out / RESULTS).read_text(encoding="utf-8"))
-        return {r["spec"]: r for r in doc["runs"] if isinstance(r, dict) and "spec" in r}, doc.get("held_out")
+        return ({r.get("run", r["spec"]): r for r in doc["runs"] if isinstance(r, dict) and "spec" in r},
+                doc.get("held_out"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None
 
@@ -273,14 +289,14 @@ def run_compare(plans: list[Plan], budget: Budget, out: str | Path, eval_n: int 
     except OSError as e:
         raise CompareError(f"cannot create the folder {out}: {e.strerror}") from None
     before, scored_on = read_results(out)
-    results = {p.name: before[p.name] for p in plans if p.name in before}
+    results = {p.key: before[p.key] for p in plans if p.key in before}
 
     def record(plan: Plan, entry: dict) -> None:
-        results[plan.name] = entry
-        write_results(out, budget, eval_n, [results[p.name] for p in plans if p.name in results])
+        results[plan.key] = entry
+        write_results(out, budget, eval_n, [results[p.key] for p in plans if p.key in results])
 
     for i, plan in enumerate(plans, start=1):
-        head, prev = f"[{i}/{len(plans)}] {plan.name}", before.get(plan.name)
+        head, prev = f"[{i}/{len(plans)}] {plan.key}", before.get(plan.key)
         if plan.error is not None:
             say(f"{head}: failed: {plan.error}")
             record(plan, entry(plan, "failed", error=plan.error))
@@ -305,7 +321,7 @@ def run_compare(plans: list[Plan], budget: Budget, out: str | Path, eval_n: int 
             message = str(e) if isinstance(e, HrmspecError) else f"{type(e).__name__}: {e}"
             say(f"{head}: failed: {message}")
             record(plan, entry(plan, "failed", error=message, train_s=spent + time.perf_counter() - start))
-    return [results[p.name] for p in plans if p.name in results]
+    return [results[p.key] for p in plans if p.key in results]
 
 
 def run_one(plan: Plan, out: Path, eval_n: int, progress_bar: bool, done: int = 0, spent: float = 0.0) -> dict:
@@ -338,7 +354,8 @@ def entry(plan: Plan, status: str, result: dict | None = None, error: str | None
     result = result or {}
     tokens = plan.tokens
     return {
-        "spec": plan.name, "folder": plan.folder, "source": plan.spec.source, "status": status,
+        "spec": plan.name, "run": plan.key, "seed": plan.seed, "folder": plan.folder, "source": plan.spec.source,
+        "status": status,
         "params": plan.params, "steps": plan.steps, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
         "tokens": tokens, "train_flops": plan.train_flops,
         "flops_per_token": plan.train_flops / tokens if tokens else None, "forward_flops_per_token": plan.forward,

@@ -1,5 +1,6 @@
 """The report of `hrmspec compare`: a table (printed and DIR/compare.md) and DIR/compare.png, held-out
-accuracy against training FLOPs, one line per spec."""
+accuracy against training FLOPs, one line per run. With several seeds per spec, a second table gives
+each spec's mean accuracy over its finished runs and their range."""
 
 from __future__ import annotations
 
@@ -33,32 +34,66 @@ def rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         if r.get("status") != "done":
             first = ((r.get("error") or "").splitlines() or [""])[0]
             last = f"{r.get('status', 'failed')}: {first[:80]}"
-            row = [r["spec"], f"{r['params']:,}" if r.get("params") else "-", "-", str(r.get("steps") or "-"), "-",
+            row = [_name(r), f"{r['params']:,}" if r.get("params") else "-", "-", str(r.get("steps") or "-"), "-",
                    "-", _clock(r.get("wall_s")), last]
         else:
-            row = [r["spec"], f"{r['params']:,}", human(r["flops_per_token"]), str(r["steps"]), human(r["tokens"]),
+            row = [_name(r), f"{r['params']:,}", human(r["flops_per_token"]), str(r["steps"]), human(r["tokens"]),
                    f"{r['train_flops']:.3g}", _clock(r["wall_s"]), _pct(r["accuracy"])]
         body.append(row + ([_pct((r.get("tasks") or {}).get(t)) for t in tasks] if len(tasks) > 1 else []))
     return header, body
 
 
+def _name(r: dict) -> str:
+    return r.get("run") or r["spec"]
+
+
+def seeded(runs: list[dict]) -> bool:
+    """Whether the comparison ran some spec under several seeds."""
+    return any(r.get("seed") is not None for r in runs)
+
+
+def summary(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The header and one row per spec: its finished runs, the mean accuracy and its range, per task too."""
+    tasks = sorted({t for r in runs for t in r.get("tasks") or {}})
+    header = ["spec", "runs", "accuracy: mean", "min", "max"] + (tasks if len(tasks) > 1 else [])
+    body = []
+    for spec in dict.fromkeys(r["spec"] for r in runs):
+        done = [r for r in runs if r["spec"] == spec and r.get("status") == "done"]
+        acc = [r["accuracy"] for r in done]
+        row = [spec, f"{len(done)} of {sum(r['spec'] == spec for r in runs)}",
+               _pct(sum(acc) / len(acc) if acc else None), _pct(min(acc, default=None)), _pct(max(acc, default=None))]
+        for t in tasks if len(tasks) > 1 else []:
+            per = [(r.get("tasks") or {}).get(t) for r in done]
+            per = [v for v in per if v is not None]
+            row.append(_pct(sum(per) / len(per) if per else None))
+        body.append(row)
+    return header, body
+
+
 def print_table(runs: list[dict], budget: str, console: Console | None = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 160)
-    header, body = rows(runs)
-    t = Table(title=f"Held-out accuracy at a budget of {budget}")
-    for col in header:
-        t.add_column(col, justify="left" if col == "spec" else "right")
-    for row in body:
-        t.add_row(*row)
-    console.print(t)
+    tables = [(f"Held-out accuracy at a budget of {budget}", rows(runs))]
+    if seeded(runs):
+        tables.append(("Mean over the seeds", summary(runs)))
+    for title, (header, body) in tables:
+        t = Table(title=title)
+        for col in header:
+            t.add_column(col, justify="left" if col == "spec" else "right")
+        for row in body:
+            t.add_row(*row)
+        console.print(t)
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" if c == "spec" else "---:" for c in header) + "|",
+            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body)]
 
 
 def markdown(runs: list[dict], budget: str, held_out: int) -> str:
-    header, body = rows(runs)
     lines = [f"Budget {budget}; accuracy on {held_out} held-out samples per spec (the same for all).", "",
-             "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if c == "spec" else "---:" for c in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+             *_markdown_table(*rows(runs))]
+    if seeded(runs):
+        lines += ["", "Mean over the seeds (finished runs):", "", *_markdown_table(*summary(runs))]
     return "\n".join(lines) + "\n"
 
 
@@ -70,13 +105,15 @@ def plot(runs: list[dict], path: Path, budget: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for r in runs:
+    drawn, colors = False, {}
+    for r in runs:  # one line per run, one colour per spec (labelled once)
         points = [p for p in r.get("curve") or [] if p.get("flops") and p.get("accuracy") is not None]
         if r.get("status") != "done" or not points:
             continue
         x, y = [p["flops"] for p in points], [100 * p["accuracy"] for p in points]
-        (line,) = ax.plot(x, y, marker="o", markersize=4, label=f"{r['spec']} ({human(r['params'])} params)")
+        label = None if r["spec"] in colors else f"{r['spec']} ({human(r['params'])} params)"
+        (line,) = ax.plot(x, y, marker="o", markersize=4, label=label, color=colors.get(r["spec"]))
+        colors.setdefault(r["spec"], line.get_color())
         ax.plot(x[-1:], y[-1:], marker="*", markersize=13, color=line.get_color(), linestyle="none")
         drawn = True
     if drawn:
@@ -102,4 +139,4 @@ def write_report(out: Path, runs: list[dict], budget: str, held_out: int) -> tup
     return md, plot(runs, out / "compare.png", budget)
 
 
-__all__ = ["markdown", "plot", "print_table", "rows", "write_report"]
+__all__ = ["markdown", "plot", "print_table", "rows", "seeded", "summary", "write_report"]
