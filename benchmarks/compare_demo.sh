@@ -11,3 +11,6 @@ python -m hrmspec compare hrm-text-tiny huginn-tiny transformer \
   --set train.batch_size=32 --set train.seq_len=64 --set train.lr=3.0e-3 --set train.warmup=0.02 \
   --set train.weight_decay=0.1 --set train.ema=0.995 --set train.max_new_tokens=10 --set train.log_every=25 \
   --set train.save_every=300 --set model.vocab=320 --no-progress
+# the tables and the plot of docs/results.md
+cp "$OUT/compare.md" benchmarks/results/compare_demo.md
+cp "$OUT/compare.png" benchmarks/results/compare_demo.png
