@@ -59,13 +59,10 @@ class TrainConfig:
                 raise TrainError(f"train.{key}: unknown key{hint}; known: {', '.join(names)}")
         for name in ("lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema"):
             v = d.get(name)
-            if isinstance(v, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-                try:
-                    d[name] = float(v)
-                except ValueError:
-                    raise TrainError(f"train.{name}: expected a number, found {v!r}") from None
-            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if v is not None and _number(v) is None:
                 raise TrainError(f"train.{name}: expected a number, found {v!r}")
+            if isinstance(v, str):
+                d[name] = _number(v)
         cfg = cls(**d)
         for name in ("steps", "batch_size", "seq_len"):
             v = getattr(cfg, name)
@@ -101,6 +98,17 @@ def check_device_name(name: object, key: str) -> str:
     return name
 
 
+def _number(v: object) -> float | None:
+    """A YAML value as a number: ints and floats, and strings (YAML 1.1 reads 3e-3, without a dot, as a
+    string); None for anything else, booleans included."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return None
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return None
+
+
 def _puzzle_optimizer(d: object) -> dict:
     """train.puzzle_optimizer checked: {"type": "sign_sgd", "lr": > 0, "weight_decay": >= 0}."""
     key = "train.puzzle_optimizer"
@@ -113,11 +121,7 @@ def _puzzle_optimizer(d: object) -> dict:
         raise TrainError(f"{key}.type: expected sign_sgd (HRM's sparse sign-SGD), found {d.get('type')!r}")
     out = {"type": "sign_sgd"}
     for name, low in (("lr", None), ("weight_decay", 0.0)):
-        v = d.get(name, 0.0 if name == "weight_decay" else None)
-        try:
-            v = float(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
-        except ValueError:
-            v = None
+        v = _number(d.get(name, 0.0 if name == "weight_decay" else None))
         if v is None or not math.isfinite(v) or (v <= 0 if low is None else v < low):
             raise TrainError(f"{key}.{name}: expected a number {'> 0' if low is None else '>= 0'}, "
                              f"found {d.get(name)!r}")

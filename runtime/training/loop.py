@@ -214,6 +214,8 @@ class Trainer:
         if self.supervisor is not None:
             self.supervisor.run = self.net  # segments run through the data-parallel wrapper
         self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
+        # clipped: what the main optimizer steps (sign-SGD takes only the gradient's sign)
+        self.clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.puzzle_optimizer = None  # HRM's sparse sign-SGD on the puzzle table (stateless: not checkpointed)
         if cfg.puzzle_optimizer is not None:
             po = cfg.puzzle_optimizer
@@ -416,9 +418,7 @@ class Trainer:
             return None
         self.nan_run = 0
         loss.backward()
-        # clipped: what the main optimizer steps (sign-SGD takes only the gradient's sign)
-        main = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(main, cfg.grad_clip if cfg.grad_clip else 1e30)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, cfg.grad_clip if cfg.grad_clip else 1e30)
         self.optimizer.step()
         if self.puzzle_optimizer is not None:
             self.puzzle_optimizer.step()

@@ -12,6 +12,14 @@ import math
 import torch
 
 
+def _closure_loss(closure) -> torch.Tensor | None:
+    """torch's optimizer protocol: the loss a `closure` recomputes (with gradients) before the step, if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamATan2(torch.optim.Optimizer):
     """p <- p * (1 - lr * wd) - lr * a * atan2(m_hat, b * sqrt(v_hat)), with bias-corrected moments."""
 
@@ -23,10 +31,7 @@ class AdamATan2(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), wd, a, b = group["lr"], group["betas"], group["weight_decay"], group["a"], group["b"]
             for p in group["params"]:
@@ -68,10 +73,7 @@ class SparseSignSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
