@@ -200,6 +200,19 @@ def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == res["tasks"]
 
 
+# A gloo process that exits with its process group alive can abort (SIGABRT) in the group's worker threads:
+# the trainer destroys the group it made.
+DDP_DRIVER = """
+import sys
+import torch.distributed as dist
+from hrmspec.cli import main
+code = main(sys.argv[1:])
+if dist.is_initialized():
+    sys.exit("the process group outlived the run")
+sys.exit(code)
+"""
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_single_process(tmp_path, mode):
     spec_file = tmp_path / "micro.yaml"
@@ -208,9 +221,10 @@ def test_two_processes_match_single_process(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "hrmspec", "train", str(spec_file), "--no-progress", "--set", "train.steps=4"]
     subprocess.run(base + ["--out", str(single)], check=True, env=env, timeout=600, capture_output=True)
+    driver = tmp_path / "driver.py"  # the CLI, then a check that the run let go of its process group
+    driver.write_text(DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "hrmspec",
-           "train", str(spec_file), "--no-progress", "--set", "train.steps=4", "--out", str(double)]
+           str(driver), "train", str(spec_file), "--no-progress", "--set", "train.steps=4", "--out", str(double)]
     cmd += ["--fsdp"] if mode == "fsdp" else []
     r = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

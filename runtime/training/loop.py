@@ -145,7 +145,19 @@ class Trainer:
         self.placement: Placement = resolve(backend or cfg.backend, device or cfg.device, cfg.dtype, keys,
                                             rank=local_rank())
         self.device = self.placement.device
+        self.lock, self.owns_group = None, not dist.is_initialized()
         self.rank, self.world = _dist(self.device)
+        self.owns_group = self.owns_group and dist.is_initialized()
+        try:
+            self._prepare(out, resume, overwrite)
+            self._setup(resume, fsdp)
+        except BaseException:
+            self.release()
+            raise
+
+    def _prepare(self, out: Path, resume: bool, overwrite: bool) -> None:
+        """The checks that need no data or model, then the run folder, made and locked."""
+        cfg, spec = self.cfg, self.spec
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.world:
@@ -161,18 +173,17 @@ class Trainer:
         except OSError as e:
             raise TrainError(f"cannot create the run folder {out}: {e.strerror}") from None
         self.lock = RunLock(out) if self.rank == 0 else None
-        try:
-            if not resume and self.rank == 0:
-                check_new_run(out, overwrite)
-            self._setup(resume, fsdp)
-        except BaseException:
-            self.release()
-            raise
+        if not resume and self.rank == 0:
+            check_new_run(out, overwrite)
 
     def release(self) -> None:
-        """Let go of the run folder (another trainer may take it)."""
+        """Let go of the run folder (another trainer may take it) and of the process group this trainer made.
+        A gloo process that exits with its group alive can abort in the group's worker threads (SIGABRT)."""
         if self.lock is not None:
             self.lock.release()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
 
     def _setup(self, resume: bool, fsdp: bool) -> None:
         spec, out, cfg = self.spec, self.out, self.cfg
