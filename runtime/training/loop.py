@@ -177,12 +177,12 @@ class Trainer:
             check_new_run(out, overwrite)
 
     def release(self) -> None:
-        """Let go of the run folder (another trainer may take it) and of the process group this trainer made.
-        A gloo process that exits with its group alive can abort in the group's worker threads (SIGABRT)."""
+        """Let go of the run folder (another trainer may take it) and of the process group this trainer made
+        (a gloo process that exits with its group alive can abort in the group's worker threads)."""
         if self.lock is not None:
             self.lock.release()
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group()
             self.owns_group = False
 
     def _setup(self, resume: bool, fsdp: bool) -> None:
@@ -497,6 +497,19 @@ def _dist(device: torch.device) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+SETTLE_S = 0.5  # how long gloo's worker threads get to drop the last collectives they ran
+
+
+def _leave_group() -> None:
+    """Destroy the process group, once gloo's worker threads have let go of their work. A thread drops a
+    collective it ran after the caller has its result, and freeing the collective's tensors takes the
+    interpreter lock. The group's destructor waits for those threads while it holds that lock (when the
+    last reference goes, in DDP's reducer or at exit), so a thread still holding work then never returns:
+    the process hangs, or aborts at interpreter exit. Sleeping releases the lock for the threads to finish."""
+    time.sleep(SETTLE_S)
+    dist.destroy_process_group()
 
 
 RESUME_FIXED = ("model", "objective", "supervision")  # what a resumed run may not change (train: and data: may)
