@@ -411,11 +411,40 @@ def test_generate_prints_the_steps_per_position(run, capsys):
     assert lines[-1].startswith("positions by steps: ")
 
 
+def test_eval_compile_decodes_with_the_compiled_step(run, monkeypatch):
+    """`eval --compile`: the held-out prompts decode through the compiled step, one program for the batch
+    (counted by a backend that runs what dynamo captured), to the answers eager decoding gives."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hrmspec.runtime.execution import decode
+    from hrmspec.runtime.training import heldout
+
+    counter, real_compile, real_decode = CompileCounter(), torch.compile, heldout.decode_answers
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **options, backend=counter))
+    answers = []
+    monkeypatch.setattr(heldout, "decode_answers", lambda *a, **options: answers.append(
+        (options.get("compile", False), real_decode(*a, **options))) or answers[-1][1])
+    decode.compiled_step.cache_clear()
+    torch._dynamo.reset()
+    try:
+        for flag in ([], ["--compile"]):
+            torch.manual_seed(0)  # the random initial states: the same draws both ways
+            assert main(["eval", str(run / "run"), "--n", "4", *flag]) == 0
+    finally:
+        decode.compiled_step.cache_clear()
+        torch._dynamo.reset()
+    (eager_flag, eager), (compiled_flag, compiled) = answers
+    assert (eager_flag, compiled_flag) == (False, True) and counter.frame_count == 1
+    assert compiled == eager and len(eager) == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "RUN", "hi", "--exit", "klx:1"], "--exit 'klx:1': unknown criterion 'klx'"),
     (["eval", "RUN", "--exit", "latent:-2"], "--exit 'latent:-2': expected a threshold > 0"),
     (["eval", "FLAT", "--exit", "kl"], "its schedule has no repeat block: there is no loop to exit from"),
     (["generate", "FLAT", "hi", "--max-steps", "4"], "its schedule has no repeat block"),
+    (["eval", "RUN", "--exit", "kl", "--compile"], "--compile: compiled decoding runs a schedule with a fixed "
+     "unrolling on the KV cache; for micro-huginn an exit criterion (kl) gives each position its own depth"),
 ])
 def test_cli_errors_are_one_line_exit_2(run, capsys, args, message):
     args = [str(run / "run") if a == "RUN" else str(run / "flat") if a == "FLAT" else a for a in args]

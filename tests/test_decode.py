@@ -94,6 +94,51 @@ def test_the_compiled_step_decodes_the_same_tokens(model):
     assert torch.equal(compiled, eager)
 
 
+def test_compiled_decoding_builds_one_program_per_batch_size_and_bucket(monkeypatch):
+    """Batches of neighbouring prompt lengths share one compiled step: the cache is rounded up to a bucket,
+    and programs are kept from one `generate` to the next. Counted with a backend that records every program
+    dynamo builds (and runs it as captured), so the tokens must also equal eager decoding."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hrmspec.runtime.execution import decode
+    from hrmspec.runtime.training.heldout import decode_responses
+
+    m = hrmspec.compile("hrm-text-tiny", overrides={**SMALL, "model.max_seq_len": 160}).eval()
+    m.reset_parameters(seed=5)
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **options, backend=counter))
+    decode.compiled_step.cache_clear()
+    torch._dynamo.reset()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in range(2, 42, 2)]  # 20 prompts
+        with torch.no_grad():
+            eager = decode_responses(m, prompts, 8, None, batch_size=8)
+            compiled = decode_responses(m, prompts, 8, None, batch_size=8, compile=True)
+            assert compiled == eager
+            assert counter.frame_count == 2  # batches of 8, 8 and 4 rows, every width + 8 within one bucket
+            longer = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in (60, 70, 80)]
+            assert decode_responses(m, longer, 8, None, batch_size=8, compile=True) == \
+                decode_responses(m, longer, 8, None, batch_size=8)
+            assert counter.frame_count == 3  # 88 positions: the next bucket
+    finally:
+        decode.compiled_step.cache_clear()
+        torch._dynamo.reset()
+
+
+def test_compiled_decoding_refuses_a_depth_per_position(model):
+    """The compiled step runs the static cache's fixed unrolling: halting per step, an exit criterion and
+    decoding without a cache are refused, naming why, instead of decoding uncompiled."""
+    ids = torch.tensor([[1, 2, 3]])
+    ut = hrmspec.compile("ut", overrides={"model.vocab": 64, "model.d_model": 32, "model.heads": 2,
+                                          "model.ffn": 64, "model.max_seq_len": 64}).eval()
+    for m, options, why in ((ut, {}, "the loop halts per step"),
+                            (model, {"use_cache": False}, "use_cache=False"),
+                            (model, {"exit": "kl:1e-3"}, r"an exit criterion \(kl:1e-3\)")):
+        with pytest.raises(ValueError, match=f"compiled decoding runs a schedule with a fixed unrolling.*{why}"):
+            m.generate(ids, 2, compile=True, **options)
+
+
 def test_padding_on_the_right_is_refused(model):
     ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
     with pytest.raises(ValueError, match="pad prompts on the left"):

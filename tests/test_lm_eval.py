@@ -23,12 +23,15 @@ from lm_eval.tasks import TaskManager
 from test_grids import GRID_SPEC
 from test_train import SPEC
 
+import hrmspec
 from hrmspec.cli import main
 from hrmspec.runtime.interop.lm_harness import HrmspecLM, LmEvalError
+from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.data import Sample, format_sample
 from hrmspec.runtime.training.heldout import load_run
 from hrmspec.runtime.training.loop import train
-from hrmspec.spec import load_spec_text
+from hrmspec.runtime.training.tokenizer import Tokenizer
+from hrmspec.spec import load_spec, load_spec_text
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -216,6 +219,27 @@ def test_prompt_layout_and_a_long_context(run):
     assert len(plain.prompt_ids(question, 96)) == 92
     request = Instance("generate_until", {}, (question, {"until": [], "max_gen_toks": 500}), 0)
     assert plain.generate_until([request]) == [greedy(plain.model, tok, question, new=500)]
+
+
+def test_compile_decodes_generate_until_with_the_compiled_step(run, tmp_path, monkeypatch):
+    """compile=true hands generate_until's batches to the compiled decode step; a spec whose depth is not
+    fixed (here ACT halting) is refused when the model is made, with the reason."""
+    from hrmspec.runtime.interop import lm_harness
+
+    seen = []
+    real = lm_harness.decode_responses
+    monkeypatch.setattr(lm_harness, "decode_responses", lambda *a, **options: seen.append(options) or real(*a))
+    request = Instance("generate_until", {}, ("Calculate 1 + 1.", {"until": [], "max_gen_toks": 4}), 0)
+    for flag in (True, False):
+        lm = HrmspecLM(path=str(run), compile=flag)
+        assert lm.generate_until([request]) == [greedy(lm.model, lm.tokenizer, "Calculate 1 + 1.", new=4)]
+    assert seen == [{"compile": True}, {}]
+    ut = load_spec("ut", overrides={"model.vocab": 320, "model.d_model": 16, "model.heads": 2, "model.ffn": 32,
+                                    "model.max_seq_len": 96})
+    ckpt.save_checkpoint(tmp_path / "ut", 1, hrmspec.compile(ut).state_dict(), ut.raw,
+                         Tokenizer.load(ckpt.latest_checkpoint(run)))
+    with pytest.raises(LmEvalError, match=r"compile=True: compiled decoding .* the loop halts per step"):
+        HrmspecLM(path=str(tmp_path / "ut"), compile=True)
 
 
 def test_what_cannot_be_evaluated_is_one_line(run, tmp_path):

@@ -216,19 +216,28 @@ class CompiledModel(nn.Module):
         """Every state's value before the schedule, for input embeddings x (B, P + S, d). A random state
         is drawn afresh, truncated normal at 3 std with std `s.std * init_scale` (0: zeros)."""
         z = {}
+        drawn = self.random_states(x, init_scale)
         for s in self.spec.model.states:
             if s.init == "embed":
                 z[s.name] = x
             elif s.init == "random":
-                std = s.std * init_scale
-                draw = torch.zeros_like(x)
-                if std > 0:
-                    torch.nn.init.trunc_normal_(draw, 0.0, std, -3 * std, 3 * std)
-                z[s.name] = draw
+                z[s.name] = drawn[s.name]
             elif s.init == "learned":
                 z[s.name] = self.state_params[s.name].to(x.dtype).expand_as(x)
             else:
                 z[s.name] = getattr(self, f"init_{s.name}").to(x.dtype).expand_as(x)
+        return z
+
+    def random_states(self, x: torch.Tensor, init_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """The states drawn at random (`init: random`), shaped and typed as x, in the spec's order: what
+        `initial_states` draws, and what the compiled decode step takes drawn outside its program."""
+        z = {}
+        for s in self.spec.model.states:
+            if s.init == "random":
+                std = s.std * init_scale
+                z[s.name] = torch.zeros_like(x)
+                if std > 0:
+                    torch.nn.init.trunc_normal_(z[s.name], 0.0, std, -3 * std, 3 * std)
         return z
 
     def forward(

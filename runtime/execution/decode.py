@@ -15,15 +15,21 @@ A decoded token sits after every key already in the cache, so the mask rule (`hr
 a response token sees the keys before it in its document) reduces to the `valid` slots. Nothing in
 a step depends on the step's index but two tensors (the slot and the positions), so the step is
 the same function of the same shapes every token: with `compile=True` torch.compile turns it into
-one compiled program, built once per (batch, length) and reused for every token.
+one compiled program, reused for every token. Compiled, the cache is allocated for a whole number of
+BUCKET positions (the slots past the last token are never valid), so batches of neighbouring prompt
+lengths, as `eval` makes them, share one program: it is built once per (batch, bucket).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from hrmspec.spec.grammar import INPUT
+
+BUCKET = 64  # compiled decoding: cache lengths are rounded up to a multiple of this
 
 
 class StaticCache:
@@ -53,12 +59,13 @@ class StaticCache:
 
 
 def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                cache: StaticCache, init_scale: float = 1.0) -> torch.Tensor:
+                cache: StaticCache, drawn: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (B, vocab) of the next token after `tokens` (B,) at `positions` (B,), written to cache
-    slot `slot` (a 1-element long tensor)."""
+    slot `slot` (a 1-element long tensor). `drawn`: the random initial states (`model.random_states`,
+    (B, 1, d) each), drawn by the caller, so the step itself draws nothing."""
     m = model.spec.model
     x = model.embed_inputs(tokens[:, None], position_ids=positions[:, None])
-    z = {INPUT: x, **model.initial_states(x, init_scale)}
+    z = {INPUT: x, **model.initial_states(x, 0.0), **drawn}
     cache.valid.index_fill_(1, slot, True)
     mask = cache.valid[:, None, None, :]  # (B, 1, 1, T)
     rope = {theta: model.ops.rope_tables(positions[:, None], m.head_dim, theta, x.dtype)
@@ -68,6 +75,18 @@ def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slo
         terms = [z[name] for name in call.inputs]
         z[call.target] = stack.decode(terms, rope, cache.slots[call.index], slot, mask)
     return model.logits_of(z[m.output][:, -1])
+
+
+@functools.cache
+def compiled_step():
+    """`decode_step` under torch.compile, made once per process: the programs it builds (one per batch size
+    and cache bucket) serve every later `generate(..., compile=True)`."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+
+def cache_length(total: int, compiled: bool) -> int:
+    """Positions to allocate for `total` tokens: `total` eager, the next multiple of BUCKET compiled."""
+    return -(-total // BUCKET) * BUCKET if compiled else total
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
@@ -86,4 +105,5 @@ def left_padded(attention_mask: torch.Tensor) -> bool:
     return bool(m[:, -1].all()) and bool((m[:, 1:] >= m[:, :-1]).all())
 
 
-__all__ = ["StaticCache", "attend_cached", "decode_step", "left_padded"]
+__all__ = ["BUCKET", "StaticCache", "attend_cached", "cache_length", "compiled_step", "decode_step",
+           "left_padded"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from hrmspec.runtime.execution.adaptive import AdaptiveDepth
-from hrmspec.runtime.execution.decode import StaticCache, decode_step, left_padded
+from hrmspec.runtime.execution.decode import StaticCache, cache_length, compiled_step, decode_step, left_padded
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
@@ -93,7 +93,10 @@ def generate(
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
     if padded and not left_padded(attention_mask):
         raise ValueError("generate: pad prompts on the left (attention_mask 0 before each row's first token)")
-    if exit is None and model.loop is None and use_cache:
+    static = exit is None and model.loop is None and use_cache
+    if compile and not static:
+        raise ValueError(compile_refusal(model, exit, use_cache))
+    if static:
         return _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k,
                               eos_id, generator, stats, init_scale, compile)
     ids = input_ids
@@ -141,6 +144,18 @@ def generate(
     return ids
 
 
+def compile_refusal(model, exit=None, use_cache: bool = True) -> str | None:
+    """Why `generate(..., compile=True)` cannot decode with `model` under these options (None: it can). The
+    compiled step is the static cache's: a fixed unrolling, every position at full depth."""
+    why = ("the loop halts per step (model.halting)" if model.loop is not None else
+           f"an exit criterion ({exit}) gives each position its own depth" if exit is not None else
+           None if use_cache else "use_cache=False re-runs the whole sequence")
+    if why is None:
+        return None
+    return (f"compiled decoding runs a schedule with a fixed unrolling on the KV cache; for {model.spec.name} {why}: "
+            "decode without compile")
+
+
 def _padding(real: torch.Tensor) -> dict[str, torch.Tensor]:
     """doc_ids and position_ids of left-padded prompts, `real` (B, S) marking their tokens: the padding is a
     document of its own (-1), which no real token sees, and each row counts positions from its first token."""
@@ -171,11 +186,9 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
     out = model(input_ids, prefix_mask=prefix_mask & real, cache=cache, init_scale=init_scale, return_logits=False,
                 **padding)
     logits = model.logits_of(out.hidden[:, -1])  # the last position's only: no (B, S, vocab) logits
-    static = StaticCache.from_prefill(cache, real, S + max_new_tokens)
+    static = StaticCache.from_prefill(cache, real, cache_length(S + max_new_tokens, compile_step))
     calls, _ = model.schedule_at(model.recurrence)
-    step = decode_step
-    if compile_step:
-        step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    step = compiled_step() if compile_step else decode_step
     pos = positions[:, -1]
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -186,5 +199,6 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
             break
         pos = pos + 1
         slot = torch.tensor([S + i], device=device)
-        logits = step(model, calls, nxt, pos, slot, static, init_scale)
+        like = model.embed.weight.new_empty(B, 1, model.spec.model.d_model)
+        logits = step(model, calls, nxt, pos, slot, static, model.random_states(like, init_scale))
     return torch.cat(tokens, dim=1)

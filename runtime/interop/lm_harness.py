@@ -38,6 +38,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from hrmspec.errors import HrmspecError
+from hrmspec.runtime.execution.generate import compile_refusal
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.heldout import decode_responses, load_run
 from hrmspec.runtime.training.packing import pack
@@ -65,15 +66,16 @@ class Scored:
 class HrmspecLM(LM):
     """The newest checkpoint of a run folder. Model arguments: ``path`` (the run), ``condition`` (a
     condition token put before every instruction, e.g. ``direct``), ``score_eos``, ``ema`` (default true:
-    the EMA weights, as `hrmspec eval` uses), and lm-eval's ``batch_size`` and ``device``."""
+    the EMA weights, as `hrmspec eval` uses), ``compile`` (generate_until decodes with the compiled decode
+    step, as `hrmspec eval --compile`), and lm-eval's ``batch_size`` and ``device``."""
 
     def __init__(self, path: str | None = None, condition: str | None = None, score_eos: bool = False,
                  ema: bool = True, batch_size: int | str | None = None, max_batch_size: int | None = None,
-                 device: str | None = None, **unknown) -> None:
+                 device: str | None = None, compile: bool = False, **unknown) -> None:  # noqa: A002
         super().__init__()
         if unknown:
             raise LmEvalError(f"unknown model argument(s) {', '.join(sorted(unknown))}; hrmspec takes path, "
-                              "condition, score_eos, ema")
+                              "condition, score_eos, ema, compile")
         if not path:
             raise LmEvalError("no run folder: pass --model_args path=RUN_DIR")
         model, tokenizer, spec, last = load_run(Path(path), use_ema=bool(ema))
@@ -85,6 +87,10 @@ class HrmspecLM(LM):
         self.batch_size = _batch_size(batch_size, max_batch_size)
         self._device = _device(device)
         self.model = model.to(self._device).eval()
+        self.compile = bool(compile)
+        why = compile_refusal(self.model) if self.compile else None
+        if why:
+            raise LmEvalError(f"compile=True: {why}")
         self.score_eos = bool(score_eos)
         self.head = [tokenizer.im_start_id]  # the markers before the instruction's own tokens
         self.condition = condition or None
@@ -156,7 +162,7 @@ class HrmspecLM(LM):
         texts = [""] * len(requests)
         for new, members in tqdm(groups.items(), desc="hrmspec generate_until", unit="group"):
             rows = decode_responses(self.model, [prompts[n] for n in members], new, self.tokenizer.eos_id,
-                                    self.batch_size)
+                                    self.batch_size, **({"compile": True} if self.compile else {}))
             for n, row in zip(members, rows):
                 texts[n] = cut_at_stops(self.tokenizer.decode(row, skip_special=True), stops[n])
         return self._cached("generate_until", requests, texts)

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 import hrmspec
-from hrmspec.errors import CheckpointError
+from hrmspec.errors import CheckpointError, HrmspecError
 from hrmspec.runtime.execution.adaptive import parse_exit
+from hrmspec.runtime.execution.generate import compile_refusal
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
@@ -117,11 +118,12 @@ def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
 
 def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None,
                    all_steps: bool = False, threshold: float | None = None, stats: dict | None = None,
-                   **depth) -> dict:
+                   compile: bool = False, **depth) -> dict:  # noqa: A002 - generate's option
     """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}; with model.halting also "steps"
     (mean steps per position decoded), "max_steps" and "saved" (the fraction of steps halting spared).
     `all_steps` runs every step; `threshold` replaces the spec's halting threshold. `stats` receives
-    generate's (and the decoding time); `depth`: generate's exit, max_steps and warm_start."""
+    generate's (and the decoding time); `compile`: generate's compiled decode step; `depth`: generate's exit,
+    max_steps and warm_start."""
 
     split = _eval_split(dcfg, root)
     samples = split.samples[:n]
@@ -133,7 +135,7 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     stats = {} if stats is None else stats
     with ema_weights(model, ema):
         answers = decode_answers(model, tokenizer, prompts, max_new_tokens, all_steps=all_steps, threshold=threshold,
-                                 stats=stats, **depth)
+                                 stats=stats, **({"compile": True} if compile else {}), **depth)
     model.train(was_training)
     correct: dict[str, list[float]] = defaultdict(list)
     for s, a in zip(samples, answers):
@@ -207,15 +209,21 @@ def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", d
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
                  all_segments: bool = False, all_steps: bool = False, threshold: float | None = None,
                  backend: str = "auto", device: str = "auto", exit=None, max_steps: int | None = None,
-                 warm_start: bool = False) -> dict:
+                 warm_start: bool = False, compile: bool = False) -> dict:  # noqa: A002 - generate's option
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says; `all_steps` and `threshold`: the
     same for model.halting, per step of the loop, and its threshold. `backend` and `device`: see load_run.
     `exit`, `max_steps`, `warm_start`: adaptive depth, evaluated against full depth
-    (runtime/training/adaptive_eval.py)."""
+    (runtime/training/adaptive_eval.py). `compile`: decode with the compiled step (runtime/execution/decode.py),
+    for a spec with a fixed unrolling."""
 
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
+    why = compile_refusal(model, exit) if compile else None
+    if compile and spec.objective.type == "grid":
+        why = "a grid run solves puzzles in one forward per segment; there is nothing to decode"
+    if why:  # refused before anything is decoded
+        raise HrmspecError(f"--compile: {why}")
     if exit is not None:
         depth = depth_options(model, exit, max_steps, warm_start)  # a spec it cannot run: refused before decoding
     data = dict(spec.data)
@@ -237,7 +245,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         res = compare_depths(evaluate_model, model, tokenizer, dcfg, n, cfg.max_new_tokens, run_dir, depth)
     else:
         res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
-                             all_steps=all_steps, threshold=threshold)
+                             all_steps=all_steps, threshold=threshold, compile=compile)
     res["checkpoint"] = str(last)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
     return res
