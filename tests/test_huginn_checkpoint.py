@@ -197,3 +197,26 @@ def test_the_shipped_spec_is_the_released_model():
     assert ours.model.modules == theirs.model.modules and ours.model.schedule == theirs.model.schedule
     assert ours.model.states[1].std == pytest.approx(theirs.model.states[1].std, rel=1e-4)
     assert ours.model.credit == theirs.model.credit and ours.model.head == theirs.model.head
+
+
+def test_a_trained_huginn_tiny_exports_to_the_official_layout(tmp_path):
+    """huginn-tiny as trained (every weight moved from its initial value, ln_f included) writes Huginn's
+    layout, and reading it back gives the same model: ln_f is one module the schedule calls twice, so there
+    are never two copies to disagree."""
+    from hrmspec.runtime.interop.huginn import huginn_reasons
+
+    model = hrmspec.compile("huginn-tiny")
+    assert huginn_reasons(model.spec) == []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model.save_hf(tmp_path / "out")
+    assert "transformer.ln_f.weight" in load_file(tmp_path / "out" / "model.safetensors")
+    again = hrmspec.from_hf(tmp_path / "out")
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, 320, (2, 7), generator=gen)
+    with torch.no_grad():  # the shipped spec writes sqrt(128) to 6 digits, the config gives it exactly
+        torch.testing.assert_close(again(ids, num_steps=3, init_scale=0.0).logits,
+                                   model(ids, num_steps=3, init_scale=0.0).logits, rtol=1e-4, atol=1e-4)

@@ -7,8 +7,9 @@ a point in the spec space, written out in specs/huginn.yaml:
     e = prelude(e)                        e: the token embedding x sqrt(n_embd)
     repeat: {sample: lognormal_poisson, mean: mean_recurrence, sigma: 0.5}
         s = core(cat(s, e))               the linear `adapter` on [s; e], then the core blocks
-    s = latent_norm(s)                    ln_f on the latent (the official model reuses ln_f's weights)
-    h = coda(s)                           then ln_f again (final_norm) and the tied head
+    s = ln_f(s)                           ln_f on the latent
+    h = coda(s)
+    h = ln_f(h)                           the same ln_f again, then the tied head
 
 Every block is a SandwichBlock (`place: pre_post`: norm_1 before attention, norm_2 after its
 residual add, norm_3 / norm_4 around the MLP), with a bias on q and k (`qk_bias`), rotary embeddings
@@ -26,7 +27,7 @@ std sqrt(2 / (5 n_embd)) times the embedding scale sqrt(n_embd): `init: random, 
     ....attn.proj.weight                           attn.o.weight
     ....mlp.fc.weight, mlp.proj.weight             mlp.gate_up.weight, mlp.down.weight
     adapter.weight                                 stacks.core.adapter.weight
-    ln_f.weight                                    final_norm.weight and stacks.latent_norm.exit_norm.weight
+    ln_f.weight                                    stacks.ln_f.exit_norm.weight (one module, called twice)
 """
 
 from __future__ import annotations
@@ -87,12 +88,10 @@ def spec_from_huginn_config(config: Mapping[str, Any], name: str = "huginn", sou
                       "attention": {"type": "plain", "rope_theta": c.number("rope_base"), "mask": "causal",
                                     "qk_bias": c.boolean("qk_bias")},
                       "mlp": "swiglu"},
-            "final_norm": True,
             "modules": {
                 "prelude": {"layers": c.integer("n_layers_in_prelude"), "exit_norm": "none"},
                 "core": {"layers": c.integer("n_layers_in_recurrent_block"), "exit_norm": "none"},
-                "latent_norm": {"layers": 0, "exit_norm": {"type": "rms", "eps": c.number("norm_eps"),
-                                                           "affine": True}},
+                "ln_f": {"layers": 0, "exit_norm": {"type": "rms", "eps": c.number("norm_eps"), "affine": True}},
                 "coda": {"layers": c.integer("n_layers_in_coda"), "exit_norm": "none"},
             },
             "states": {"e": {"init": "embed"}, "s": {"init": "random", "std": math.sqrt(2 / 5)},
@@ -101,8 +100,9 @@ def spec_from_huginn_config(config: Mapping[str, Any], name: str = "huginn", sou
                 "e = prelude(e)",
                 {"repeat": {"sample": "lognormal_poisson", "mean": c.integer("mean_recurrence"), "sigma": 0.5},
                  "do": ["s = core(cat(s, e))"]},
-                "s = latent_norm(s)",
+                "s = ln_f(s)",
                 "h = coda(s)",
+                "h = ln_f(h)",
             ],
             "output": "h",
             "head": "tied" if c.boolean("tie_embeddings") else "untied",
@@ -117,19 +117,18 @@ def huginn_reasons(spec: Spec) -> list[str]:
     """Why `spec` is not a Huginn model (empty: it is one)."""
     m, why = spec.model, []
     names = [mod.name for mod in m.modules]
-    if sorted(names) != sorted(["prelude", "core", "latent_norm", "coda"]):
-        return [f"modules {names}, not prelude, core, latent_norm and coda"]
+    if sorted(names) != sorted(["prelude", "core", "ln_f", "coda"]):
+        return [f"modules {names}, not prelude, core, ln_f and coda"]
     sched = m.schedule
-    shape = [str(sched[0]) if len(sched) > 0 else "", isinstance(sched[1], Repeat) if len(sched) > 1 else False,
-             str(sched[2]) if len(sched) > 2 else "", str(sched[3]) if len(sched) > 3 else ""]
-    if len(sched) != 4 or shape != ["e = prelude(e)", True, "s = latent_norm(s)", "h = coda(s)"] or \
+    shape = [isinstance(st, Repeat) or str(st) for st in sched]
+    if shape != ["e = prelude(e)", True, "s = ln_f(s)", "h = coda(s)", "h = ln_f(h)"] or \
             [str(st) for st in sched[1].body] != ["s = core(cat(s, e))"]:
-        why.append("the schedule is not prelude, a loop of core(cat(s, e)), latent_norm, coda")
+        why.append("the schedule is not prelude, a loop of core(cat(s, e)), ln_f, coda, ln_f")
     for mod in m.modules:
         b = mod.block
-        if mod.name == "latent_norm":
+        if mod.name == "ln_f":
             if mod.layers or mod.exit_norm is None or not mod.exit_norm.affine or mod.exit_norm.type != "rms":
-                why.append("latent_norm is not an affine RMSNorm alone")
+                why.append("ln_f is not an affine RMSNorm alone")
             continue
         if mod.exit_norm is not None:
             why.append(f"module {mod.name} has an exit norm")
@@ -140,8 +139,8 @@ def huginn_reasons(spec: Spec) -> list[str]:
             why.append(f"module {mod.name}'s attention is not plain causal rotary attention without biases")
         if b.mlp != "swiglu":
             why.append(f"module {mod.name}'s MLP is not a SwiGLU")
-    if m.final_norm is None or not m.final_norm.affine:
-        why.append("no affine final norm")
+    if m.final_norm is not None:
+        why.append("a final norm after ln_f")
     if m.head != "tied":
         why.append("the head is not tied to the embedding")
     return why
@@ -193,9 +192,7 @@ def from_huginn_tensors(spec: Spec, tensors: Mapping[str, torch.Tensor], source:
                 ours[mine + "attn.qkvg.bias"] = torch.cat([bias.reshape(-1), torch.zeros(d, dtype=bias.dtype)]
                                                           )[rows][: 2 * d]
     ours["stacks.core.adapter.weight"] = get("transformer.adapter.weight")
-    ln_f = get("transformer.ln_f.weight")
-    ours["final_norm.weight"] = ln_f
-    ours["stacks.latent_norm.exit_norm.weight"] = ln_f
+    ours["stacks.ln_f.exit_norm.weight"] = get("transformer.ln_f.weight")
     if m.head == "untied":
         ours["head.weight"] = get("lm_head.weight")
     ours.update({f"init_{st.name}": torch.zeros(d) for st in m.states if st.init == "zeros"})  # h's zero start
@@ -206,20 +203,16 @@ def from_huginn_tensors(spec: Spec, tensors: Mapping[str, torch.Tensor], source:
 
 
 def to_huginn_tensors(model) -> dict[str, torch.Tensor]:
-    """Our state dict -> the official tensors; CheckpointError if the spec is not a Huginn model or its
-    two copies of ln_f differ (the official layout holds one)."""
+    """Our state dict -> the official tensors; CheckpointError if the spec is not a Huginn model."""
     spec = model.spec
     why = huginn_reasons(spec)
     if why:
         raise CheckpointError(f"{spec.name} is not a Huginn model: " + "; ".join(why))
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if not torch.equal(sd["final_norm.weight"], sd["stacks.latent_norm.exit_norm.weight"]):
-        raise CheckpointError(f"{spec.name}: final_norm and latent_norm hold different weights; Huginn's layout "
-                              "has one ln_f for both")
     d, heads = spec.model.d_model, spec.model.heads
     back = _qk_rows(d, heads, inverse=True)
     out = {"transformer.wte.weight": sd["embed.weight"], "transformer.adapter.weight": sd["stacks.core.adapter.weight"],
-           "transformer.ln_f.weight": sd["final_norm.weight"]}
+           "transformer.ln_f.weight": sd["stacks.ln_f.exit_norm.weight"]}
     for mod in spec.model.modules:
         if mod.name not in STAGES:
             continue
