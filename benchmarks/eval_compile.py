@@ -10,8 +10,9 @@ prompts both ways: 500 random prompts of 12-30 tokens, 32 new tokens each (the d
 `train.max_new_tokens`), greedy, no eos, untrained weights at the specs' shipped sizes (huginn-tiny at its
 evaluation depth, random initial states drawn as eager draws them).
 
-- cold: the first compiled evaluation in a fresh process, compilation included (TorchInductor's disk cache
-  is pointed at an empty folder, so nothing is reused from an earlier run);
+- each spec is measured in a process of its own (the compiled step's programs, and the sizes dynamo has
+  learned to treat as variables, live for a process), with TorchInductor's disk cache in an empty folder;
+- cold: the first compiled evaluation, compilation included;
 - warm: the same in another fresh process that finds the programs in that disk cache (a second `eval`);
 - eager and compiled: the faster of two runs after that, alternating;
 - programs: how many the evaluation built (dynamo's count of compiled frames).
@@ -29,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))  # a cold compile
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor-"))  # never the user's cache
 
 import torch  # noqa: E402  (after the cache folder is chosen)
 from report import environment  # noqa: E402
@@ -63,44 +64,49 @@ def first_evaluation(name: str) -> float:
         return decode(model, prompts(), True)[0]
 
 
-def warm(name: str) -> float:
-    """`first_evaluation` in another process with this one's Inductor cache folder."""
-    out = subprocess.run([sys.executable, __file__, "--first", name], capture_output=True, text=True, check=True,
-                         env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"]})
-    return float(out.stdout.split()[-1])
+def child(args: list[str], cache: str) -> str:
+    """The last line this script prints when run with `args` in a fresh process, Inductor's cache in `cache`."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    return out.stdout.strip().splitlines()[-1]
 
 
-def main() -> None:
+def row(name: str) -> str:
+    """The table row of `name`, measured in this process (a fresh one, with an empty Inductor cache)."""
     from torch._dynamo.utils import counters
 
     ps = prompts()
+    model = hrmspec.compile(name).eval()
+    model.reset_parameters(seed=0)
+    with torch.no_grad():
+        cold, first = decode(model, ps, True)
+        programs = counters["stats"]["unique_graphs"]
+        t_eager, t_compiled = [], []
+        for _ in range(2):
+            t, eager = decode(model, ps, False)
+            t_eager.append(t)
+            t, compiled = decode(model, ps, True)
+            t_compiled.append(t)
+    assert compiled == first
+    same = sum(a == b for a, b in zip(eager, compiled))
+    e, c = min(t_eager), min(t_compiled)
+    hot = float(child(["--first", name], os.environ["TORCHINDUCTOR_CACHE_DIR"]))  # the programs on disk now
+    even = [N * (t - c) / (e - c) for t in (cold, hot)]  # prompts at which compiling has saved its own time
+    return (f"| {name} | {e:.2f} s | {c:.2f} s | **{e / c:.2f}x** | {cold:.1f} s / {hot:.1f} s | "
+            f"{even[0]:,.0f} / {even[1]:,.0f} prompts | {programs} | {same}/{N} |")
+
+
+def main() -> None:
     lines = ["# Held-out decoding: the compiled decode step against eager", "",
              f"{N} prompts of 12-30 tokens, {NEW} new tokens each, greedy, batches of 64; "
-             "`python benchmarks/eval_compile.py`. Eager and compiled: the faster of two runs; cold: the first "
-             "compiled evaluation of a fresh process, compilation included.", "",
+             "`python benchmarks/eval_compile.py`. Each spec in a fresh process with an empty Inductor cache. "
+             "Eager and compiled: the faster of two runs; cold: the first compiled evaluation, compilation "
+             "included; warm: the same in another fresh process that finds the programs in that cache.", "",
              "| spec | eager | compiled | speed-up | cold / warm (compiling) | pays off after (cold / warm) | programs "
              "| same responses |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SPECS:
-        model = hrmspec.compile(name).eval()
-        model.reset_parameters(seed=0)
-        with torch.no_grad():
-            frames = counters["stats"]["unique_graphs"]
-            cold, first = decode(model, ps, True)
-            programs = counters["stats"]["unique_graphs"] - frames
-            t_eager, t_compiled = [], []
-            for _ in range(2):
-                t, eager = decode(model, ps, False)
-                t_eager.append(t)
-                t, compiled = decode(model, ps, True)
-                t_compiled.append(t)
-        assert compiled == first
-        same = sum(a == b for a, b in zip(eager, compiled))
-        e, c = min(t_eager), min(t_compiled)
-        hot = warm(name)
-        even = [N * (t - c) / (e - c) for t in (cold, hot)]  # prompts at which compiling has saved its own time
-        lines.append(f"| {name} | {e:.2f} s | {c:.2f} s | **{e / c:.2f}x** | {cold:.1f} s / {hot:.1f} s | "
-                     f"{even[0]:,.0f} / {even[1]:,.0f} prompts | {programs} | {same}/{N} |")
+        lines.append(child(["--row", name], tempfile.mkdtemp(prefix="inductor-")))
         print(lines[-1], flush=True)
     lines += ["", "Pays off after: the prompts an evaluation must decode for compiling to save its own time, "
               f"{N} x (cold - compiled) / (eager - compiled), and the same with the warm time.", "",
@@ -113,5 +119,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--first"]:
         print(f"{first_evaluation(sys.argv[2]):.3f}")
+    elif sys.argv[1:2] == ["--row"]:
+        print(row(sys.argv[2]))
     else:
         main()

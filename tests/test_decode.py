@@ -94,9 +94,10 @@ def test_the_compiled_step_decodes_the_same_tokens(model):
     assert torch.equal(compiled, eager)
 
 
-def test_compiled_decoding_builds_one_program_per_batch_size_and_bucket(monkeypatch):
+def test_compiled_decoding_builds_a_few_programs_for_many_shapes(monkeypatch):
     """Batches of neighbouring prompt lengths share one compiled step: the cache is rounded up to a bucket,
-    and programs are kept from one `generate` to the next. Counted with a backend that records every program
+    programs are kept from one `generate` to the next, and a size that changes becomes a variable of the
+    next program, so many shapes build a few programs. Counted with a backend that records every program
     dynamo builds (and runs it as captured), so the tokens must also equal eager decoding."""
     from torch._dynamo.testing import CompileCounter
 
@@ -120,7 +121,12 @@ def test_compiled_decoding_builds_one_program_per_batch_size_and_bucket(monkeypa
             longer = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in (60, 70, 80)]
             assert decode_responses(m, longer, 8, None, batch_size=8, compile=True) == \
                 decode_responses(m, longer, 8, None, batch_size=8)
-            assert counter.frame_count == 3  # 88 positions: the next bucket
+            assert counter.frame_count == 3  # 88 positions: the next bucket, its length a variable now
+            for rows in range(1, 6):  # 11 (batch, bucket) shapes in all: past dynamo's recompile limit of 8
+                for width in (10, 70):
+                    batch = [torch.randint(0, 64, (width,), generator=gen).tolist() for _ in range(rows)]
+                    decode_responses(m, batch, 8, None, batch_size=rows, compile=True)
+            assert counter.frame_count == 4  # one program more, for 1 row: dynamo specializes a size of 1
     finally:
         decode.compiled_step.cache_clear()
         torch._dynamo.reset()

@@ -185,3 +185,6 @@ def test_cli_grid_train_eval_generate(tmp_path, capsys):
     assert len(lines) == 5 and lines[-1].startswith("segments: ")
     assert main(["generate", str(run), "1.3"]) == 2
     assert "not a square grid" in capsys.readouterr().err
+    assert main(["eval", str(run), "--n", "8", "--compile"]) == 2  # nothing to decode: refused in one line
+    err = capsys.readouterr().err
+    assert err.startswith("hrmspec: error: --compile: a grid run solves puzzles") and err.count("\n") == 1

@@ -212,11 +212,14 @@ def test_a_trained_huginn_tiny_exports_to_the_official_layout(tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
     model.save_hf(tmp_path / "out")
-    assert "transformer.ln_f.weight" in load_file(tmp_path / "out" / "model.safetensors")
+    T = load_file(tmp_path / "out" / "model.safetensors")
+    assert "transformer.ln_f.weight" in T
     again = hrmspec.from_hf(tmp_path / "out")
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), n
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     ids = torch.randint(0, 320, (2, 7), generator=gen)
-    with torch.no_grad():  # the shipped spec writes sqrt(128) to 6 digits, the config gives it exactly
-        torch.testing.assert_close(again(ids, num_steps=3, init_scale=0.0).logits,
-                                   model(ids, num_steps=3, init_scale=0.0).logits, rtol=1e-4, atol=1e-4)
+    want = reference_logits(T, cfg, ids, 3)  # the official forward, in float64
+    with torch.no_grad():
+        torch.testing.assert_close(again.double()(ids, num_steps=3, init_scale=0.0).logits, want, rtol=1e-9,
+                                   atol=1e-9)

@@ -17,7 +17,10 @@ a step depends on the step's index but two tensors (the slot and the positions),
 the same function of the same shapes every token: with `compile=True` torch.compile turns it into
 one compiled program, reused for every token. Compiled, the cache is allocated for a whole number of
 BUCKET positions (the slots past the last token are never valid), so batches of neighbouring prompt
-lengths, as `eval` makes them, share one program: it is built once per (batch, bucket).
+lengths, as `eval` makes them, share one program. The first program is built for its shapes; a batch
+of another size or bucket makes torch.compile build one more that takes that size as a variable
+(automatic dynamic shapes), so however many sizes an evaluation has, it builds a few programs, never
+one per shape (which would also stop at dynamo's recompile limit).
 """
 
 from __future__ import annotations
@@ -79,9 +82,10 @@ def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slo
 
 @functools.cache
 def compiled_step():
-    """`decode_step` under torch.compile, made once per process: the programs it builds (one per batch size
-    and cache bucket) serve every later `generate(..., compile=True)`."""
-    return torch.compile(decode_step, fullgraph=True, dynamic=False)
+    """`decode_step` under torch.compile, made once per process: the programs it builds serve every later
+    `generate(..., compile=True)`. `dynamic=None`: static shapes first, a size that changes becomes a
+    variable of the next program."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=None)
 
 
 def cache_length(total: int, compiled: bool) -> int:

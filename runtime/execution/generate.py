@@ -190,6 +190,7 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
     calls, _ = model.schedule_at(model.recurrence)
     step = compiled_step() if compile_step else decode_step
     pos = positions[:, -1]
+    like = model.embed.weight.new_empty(B, 1, model.spec.model.d_model)  # the shape of a step's states
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
@@ -199,6 +200,5 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
             break
         pos = pos + 1
         slot = torch.tensor([S + i], device=device)
-        like = model.embed.weight.new_empty(B, 1, model.spec.model.d_model)
         logits = step(model, calls, nxt, pos, slot, static, model.random_states(like, init_scale))
     return torch.cat(tokens, dim=1)

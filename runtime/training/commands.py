@@ -189,7 +189,8 @@ def _register_eval(sub, name):
     _depth_arguments(p)
     p.add_argument("--compile", action="store_true",
                    help="decode with the decode step compiled by torch.compile (specs with a fixed unrolling): "
-                   "tens of seconds to compile, then several times faster per token")
+                   "tens of seconds to compile, then faster per token (1.5x eager at batches of 64 on 2 CPU "
+                   "cores): for large or repeated evaluations")
     p.set_defaults(func=cmd_eval)
 
 
