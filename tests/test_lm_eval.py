@@ -222,8 +222,9 @@ def test_prompt_layout_and_a_long_context(run):
 
 
 def test_compile_decodes_generate_until_with_the_compiled_step(run, tmp_path, monkeypatch):
-    """compile=true hands generate_until's batches to the compiled decode step; a spec whose depth is not
-    fixed (here ACT halting) is refused when the model is made, with the reason."""
+    """compile=true asks decode_responses for the compiled decode step for generate_until's batches (the
+    step itself is tested in test_decode.py); a spec whose depth is not fixed (here ACT halting) is refused
+    when the model is made, with the reason."""
     from hrmspec.runtime.interop import lm_harness
 
     seen = []

@@ -201,7 +201,7 @@ def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
 
 
 # A gloo process that exits with its process group alive can abort (SIGABRT) in the group's worker threads:
-# the trainer destroys the group it made.
+# the trainer destroys the group it made, once those threads are idle (runtime/training/loop.py:_leave_group).
 DDP_DRIVER = """
 import sys
 import torch.distributed as dist
