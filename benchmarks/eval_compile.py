@@ -52,7 +52,7 @@ def decode(model, ps: list[list[int]], compiled: bool) -> tuple[float, list[list
     """(seconds, responses)."""
     torch.manual_seed(0)  # the random initial states: the same draws both ways
     began = time.perf_counter()
-    out = decode_responses(model, ps, NEW, None, **({"compile": True} if compiled else {}))
+    out = decode_responses(model, ps, NEW, None, compile=compiled)
     return time.perf_counter() - began, out
 
 

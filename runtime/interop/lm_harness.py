@@ -162,7 +162,7 @@ class HrmspecLM(LM):
         texts = [""] * len(requests)
         for new, members in tqdm(groups.items(), desc="hrmspec generate_until", unit="group"):
             rows = decode_responses(self.model, [prompts[n] for n in members], new, self.tokenizer.eos_id,
-                                    self.batch_size, **({"compile": True} if self.compile else {}))
+                                    self.batch_size, compile=self.compile)
             for n, row in zip(members, rows):
                 texts[n] = cut_at_stops(self.tokenizer.decode(row, skip_special=True), stops[n])
         return self._cached("generate_until", requests, texts)

@@ -135,7 +135,7 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     stats = {} if stats is None else stats
     with ema_weights(model, ema):
         answers = decode_answers(model, tokenizer, prompts, max_new_tokens, all_steps=all_steps, threshold=threshold,
-                                 stats=stats, **({"compile": True} if compile else {}), **depth)
+                                 stats=stats, compile=compile, **depth)
     model.train(was_training)
     correct: dict[str, list[float]] = defaultdict(list)
     for s, a in zip(samples, answers):
