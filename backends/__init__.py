@@ -3,7 +3,8 @@
     reference/   torch ops: the definition of every op (naive.py) and its table (table.py)
     inductor/    the reference ops, each module call's runs between attention ops compiled by torch.compile
     triton/      RowPrograms printed as Triton kernels, the flash-attention template, linear-CE kernels
-    cstyle/      RowPrograms printed as C: CUDA C through CuPy (cuda) and OpenCL C on PoCL (opencl)
+    cstyle/      RowPrograms printed as C: CUDA C through CuPy (cuda), OpenCL C on PoCL (opencl) and host C
+                 compiled by the system C compiler (c: runs on any CPU)
     common/      what backends share: the op-table contract, the kernel table and its fallbacks, the
                  differentiable row op, row layouts, kernel limits, the source cache, the printer
                  base, the chunked linear + cross-entropy driver
@@ -125,6 +126,28 @@ def _opencl():
     return OpenCLTable(get_backend("reference"))
 
 
+def _opencl_missing() -> str:
+    """Why OpenCL kernels cannot run here: pyopencl missing, no platform, or one that cannot build a
+    trivial kernel for its device ('' when it can)."""
+    if importlib.util.find_spec("pyopencl") is None:
+        return "pyopencl is not installed"
+    from hrmspec.backends.cstyle.opencl import probe
+
+    return probe()
+
+
+def _c():
+    from hrmspec.backends.cstyle.host_table import HostTable
+
+    return HostTable(get_backend("reference"))
+
+
+def _c_missing() -> str:
+    from hrmspec.backends.cstyle.host import missing
+
+    return missing()
+
+
 def _cuda():
     from hrmspec.backends.cstyle.cuda_table import CudaTable
 
@@ -156,12 +179,16 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
             "or use --backend reference", _triton,
             EmitTarget("Triton", ".py", None, _triton_printer)),
     Backend("opencl", "generated OpenCL C row kernels, on PoCL's CPU device without a GPU",
-            "pyopencl and an OpenCL platform (pip install pyopencl pocl-binary-distribution)",
-            _not_installed("pyopencl", "pyopencl"), "or use --backend reference", _opencl,
+            "pyopencl and an OpenCL platform that builds kernels for its device (pip install pyopencl "
+            "pocl-binary-distribution)", _opencl_missing,
+            "--backend c runs the same generated kernels, compiled by the system C compiler", _opencl,
             EmitTarget("OpenCL C", ".cl", "f32", _c_printer("opencl"))),
+    Backend("c", "generated C row kernels (the C-style printer's host dialect), compiled by the system C compiler",
+            "a C compiler (apt install gcc)", _c_missing, "or use --backend reference", _c,
+            EmitTarget("C", ".c", "f32", _c_printer("c"))),
     Backend("cuda", "generated CUDA C row kernels through CuPy, on a CUDA device",
             "a CUDA device and CuPy (pip install cupy-cuda12x, or cupy-cuda13x for CUDA 13)", _cuda_missing,
-            "--backend opencl runs the same generated C-style kernels on the CPU through PoCL", _cuda,
+            "--backend c runs the same generated C-style kernels on the CPU", _cuda,
             EmitTarget("CUDA C", ".cu", "bf16", _c_printer("cuda"))),
 )}
 BACKENDS = tuple(REGISTRY)

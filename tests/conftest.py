@@ -39,6 +39,7 @@ if _WANTED == "cpu" or (_WANTED != "cuda" and not torch.cuda.is_available()):
 KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
 
 import pytest  # noqa: E402
+import tiers  # noqa: E402
 from hypothesis import is_hypothesis_test, settings  # noqa: E402
 from hypothesis.errors import UnsatisfiedAssumption  # noqa: E402
 
@@ -74,10 +75,13 @@ def _cpu_unless_gpu_marked(request, monkeypatch):
 
 # -- what a test needs from outside hrmspec -------------------------------------------------------------
 def opencl_absent() -> str | None:
-    """Why OpenCL kernels cannot run here (pyopencl does not import, no OpenCL platform, none of the name
-    hrmspec picks with a device), or None. Only the external dependency is probed: hrmspec's own OpenCL code
-    runs inside the tests, where its errors fail them instead of turning into skips."""
+    """Why OpenCL kernels cannot run here, or None: pyopencl does not import, no OpenCL platform, none of the
+    name hrmspec picks with a device, or one whose compiler cannot build and run a trivial kernel (PoCL 3.0's
+    LLVM 14 on a CPU it does not know: "unknown target CPU 'generic'"), in the platform's own words. Asked of
+    pyopencl directly: hrmspec's own OpenCL code runs inside the tests, where its errors fail them instead of
+    turning into skips."""
     try:
+        import numpy as np
         import pyopencl as cl
     except ImportError as e:
         return f"pyopencl does not import ({e})"
@@ -88,14 +92,57 @@ def opencl_absent() -> str | None:
     except cl.Error as e:  # the ICD loader found no platform at all
         return f"no OpenCL platform ({str(e).splitlines()[0]})"
     want = os.environ.get("HRMSPEC_OPENCL_PLATFORM") or PLATFORM
+    device = None
     for p in platforms:
         if want.lower() in p.name.lower():
             try:
-                if p.get_devices():
-                    return None
+                device = next(iter(p.get_devices()), None)
             except cl.Error:  # DEVICE_NOT_FOUND
                 pass
-    return f"no OpenCL platform named like {want!r} with a device (found: {[p.name for p in platforms]})"
+            if device is not None:
+                break
+    if device is None:
+        return f"no OpenCL platform named like {want!r} with a device (found: {[p.name for p in platforms]})"
+    try:
+        ctx = cl.Context(devices=[device])
+        queue = cl.CommandQueue(ctx)
+        prg = cl.Program(ctx, "__kernel void k(__global float* x) { x[get_global_id(0)] += 1.0f; }").build()
+        x = np.zeros(4, np.float32)
+        buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=x)
+        prg.k(queue, (4,), None, buf)
+        cl.enqueue_copy(queue, x, buf, is_blocking=True)
+    except Exception as e:  # the platform's build or launch error
+        said = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower() and "failed" not in ln.lower()]
+        return f"{device.platform.name} cannot build and run a trivial kernel on {device.name}: " + \
+            ("; ".join(said) or str(e).splitlines()[0])
+    if x.tolist() != [1.0] * 4:
+        return f"{device.platform.name} ran a trivial kernel on {device.name} wrongly ({x.tolist()})"
+    return None
+
+
+def cc_absent() -> str | None:
+    """Why host-C kernels cannot run here (no C compiler, or one that cannot build a shared library that
+    ctypes loads and calls), or None; asked of the compiler directly, as OpenCL is."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    if cc is None:
+        return "no C compiler (cc, gcc or clang) is on the PATH"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
+        with open(src, "w") as f:
+            f.write("void k(float* x, int n) { for (int i = 0; i < n; ++i) x[i] += 1.0f; }\n")
+        done = subprocess.run([cc, "-O2", "-fPIC", "-shared", "-o", lib, src], capture_output=True, text=True)
+        if done.returncode:
+            return f"{cc} cannot build a shared library: {(done.stderr or done.stdout).strip().splitlines()[:1]}"
+        x = (ctypes.c_float * 4)()
+        ctypes.CDLL(lib).k(x, 4)
+        if list(x) != [1.0] * 4:
+            return f"a trivial C function built by {cc} computed {list(x)}"
+    return None
 
 
 def nvrtc_absent() -> str | None:
@@ -113,25 +160,35 @@ def nvrtc_absent() -> str | None:
 
 
 NEEDS = {"needs_gpu": lambda: None if torch.cuda.is_available() else "needs a CUDA device",
-         "needs_opencl": opencl_absent, "needs_nvrtc": nvrtc_absent}
+         "needs_opencl": opencl_absent, "needs_cc": cc_absent, "needs_nvrtc": nvrtc_absent}
+
+
+_SKIPPED_FOR: dict[str, tuple[str, str]] = {}  # test id -> (the needs_ mark it lacks, why)
 
 
 def pytest_collection_modifyitems(config, items):
     absent: dict[str, str | None] = {}
     for item in items:
         for mark, probe in NEEDS.items():
-            # a test that takes the opencl op table (the cl_ops fixture) needs OpenCL, marked or not
-            if mark in item.keywords or (mark == "needs_opencl" and "cl_ops" in getattr(item, "fixturenames", ())):
+            if mark in item.keywords:
                 if mark not in absent:  # probed once, and only when a collected test needs it
                     absent[mark] = probe()
                 if absent[mark]:
                     item.add_marker(pytest.mark.skip(reason=absent[mark]))
+                    _SKIPPED_FOR[item.nodeid] = (mark, absent[mark])
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when == "setup" and report.nodeid in _SKIPPED_FOR:
+        mark, why = _SKIPPED_FOR[report.nodeid]
+        tiers.record_skip(report.nodeid, {mark}, why)
 
 
 # -- fallbacks, per call ---------------------------------------------------------------------------------
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     box = _time_box(item)
+    before = tiers.Counter(tiers.launched)
     with record_fallbacks() as fell:
         try:
             result = yield
@@ -140,6 +197,7 @@ def pytest_runtest_call(item):
         finally:
             if box is not None:
                 box.close()
+            tiers.record(item.nodeid, before)
     if fell and item.get_closest_marker("fallback") is None:
         seen = sorted({f"{f.backend}: {f.op}: {f.reason}" for f in fell})
         raise AssertionError(f"{len(fell)} op(s) ran the reference instead of a kernel (mark the test "
@@ -207,6 +265,10 @@ def _time_box(item) -> TimeBox | None:
     return TimeBox(item, TIME_BOX.get(settings.get_current_profile_name(), TIME_BOX["ci"]))
 
 
+def pytest_sessionstart(session):
+    tiers.install()  # count which tier each test runs kernels on (tests/tiers.py)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     # one seed for the run, before hypothesis's plugin reads the option
@@ -234,6 +296,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if config.option.verbose > 0:  # -v: each test's count
             for nodeid, ran, skipped in stats:
                 terminalreporter.write_line(f"  {ran:5d} examples{' (time box)' if skipped else ''}  {nodeid}")
+    for line in tiers.table():
+        terminalreporter.write_line(line)
     terminalreporter.write_line(_seed_line(config))  # also under -q, which prints no header
 
 
@@ -279,12 +343,15 @@ def tiny_text():
     return TINY
 
 
-@pytest.fixture(scope="session")
-def cl_ops():
-    """The opencl backend's op table, its device found; tests that take it are marked `needs_opencl` (which
-    skips them where OpenCL is absent), so any error here is hrmspec's and fails them."""
-    from hrmspec.backends import get_backend
-    from hrmspec.backends.cstyle.opencl import find_device
+# the backends that run the generated C-style kernels on the CPU: host C (any CPU with a C compiler) and
+# OpenCL (PoCL, where its LLVM knows the CPU); a test that takes a parameter of these runs once on each
+C_BACKENDS = [pytest.param("c", marks=pytest.mark.needs_cc), pytest.param("opencl", marks=pytest.mark.needs_opencl)]
 
-    find_device()
-    return get_backend("opencl")
+
+@pytest.fixture(scope="session", params=C_BACKENDS)
+def c_ops(request):
+    """The op table of a backend that executes the C-style kernels on the CPU (c, then opencl). Its mark skips
+    it where the toolchain is absent (the probe above), so any error here is hrmspec's and fails the test."""
+    from hrmspec.backends import get_backend
+
+    return get_backend(request.param)

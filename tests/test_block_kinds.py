@@ -1,5 +1,5 @@
 """Every kind in `hrmspec/kinds.py` on every backend that runs here: a model whose block uses the
-kind computes, on the opencl (PoCL), triton (interpreter) and inductor backends, what the reference backend
+kind computes, on the c (host C), opencl (PoCL), triton (interpreter) and inductor backends, what the reference backend
 computes — values and every gradient — with nothing falling back, and its kernels are the plan's.
 A new norm or MLP kind is tested here by being in the table."""
 
@@ -17,7 +17,8 @@ GEMMA = "x * rsqrt(mean(x*x) + eps) * (1 + w)"
 # a norm of each kind as a block norm and as the exit norm (expr needs its text)
 NORM_SPECS = {kind: {"type": kind, "affine": True} if kind != "expr" else
               {"type": "expr", "expr": GEMMA, "params": {"w": "normal"}} for kind in NORMS}
-BACKENDS = [pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton", "inductor"]
+BACKENDS = [pytest.param("c", marks=pytest.mark.needs_cc), pytest.param("opencl", marks=pytest.mark.needs_opencl),
+            "triton", "inductor"]
 
 
 def _model(tiny_text, backend, device, **over):
@@ -52,8 +53,8 @@ def _same(ref, other, atol=2e-4):
 
 
 def _backend(name, kernel_device) -> torch.device:
-    """Where the backend's kernels run (PoCL: the CPU); a skip without triton (OpenCL: the needs_opencl mark)."""
-    if name in ("opencl", "inductor"):  # PoCL and Inductor's C++ run on the CPU
+    """Where the backend's kernels run (host C, PoCL: the CPU); a skip without triton (C, OpenCL: their marks)."""
+    if name in ("c", "opencl", "inductor"):  # host C, PoCL and Inductor's C++ run on the CPU
         return torch.device("cpu")
     pytest.importorskip("triton")
     return kernel_device

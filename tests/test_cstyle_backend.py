@@ -1,8 +1,10 @@
-"""C-style kernels (one printer, a CUDA C and an OpenCL C dialect) against the reference evaluator.
+"""C-style kernels (one printer; CUDA C, OpenCL C and host C dialects) against the reference evaluator.
 
-Tiers on a machine without a GPU: the OpenCL dialect runs for real on PoCL's CPU device
-(numerics, guard buffers), the CUDA dialect compiles with NVRTC for sm_80 and sm_90 (registers,
-spills), and golden files pin the generated source. CuPy numerics are marked `gpu`.
+Tiers on a machine without a GPU: the kernels execute for real on the CPU twice — the host-C
+dialect compiled by the system C compiler (any CPU) and the OpenCL dialect on PoCL's CPU device
+(where its LLVM knows the CPU) — for numerics and guard buffers; the CUDA dialect compiles with
+NVRTC for sm_80 and sm_90 (registers, spills), and golden files pin the generated source. CuPy
+numerics are marked `gpu`.
 
 Golden files live in tests/golden/; after an intended change of the printer, regenerate them
 with HRMSPEC_UPDATE_GOLDEN=1 and review the diff.
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from numerics import EDGES, check_row_op, close, widths
 
 from hrmspec.backends.common import source_cache
-from hrmspec.backends.cstyle import CUDA, OPENCL, block_size, kernel_name, render_kernel, render_source
+from hrmspec.backends.cstyle import CUDA, HOST, OPENCL, block_size, kernel_name, render_kernel, render_source
 from hrmspec.errors import KernelError
 from hrmspec.ir import ProgramBuilder, builtin_programs, evaluate, grad, mean, rms_norm
 from hrmspec.ir.strategies import SMOOTH_OPS, random_inputs, row_programs
@@ -38,15 +40,26 @@ def kernel_cache(tmp_path_factory):
         yield path
 
 
+# where the C-style kernels execute on the CPU: host C (any CPU with a C compiler), OpenCL (PoCL)
+EXECUTORS = [pytest.param("c", marks=pytest.mark.needs_cc), pytest.param("opencl", marks=pytest.mark.needs_opencl)]
 _ops: dict = {}
 
 
-def _op(program):
-    from hrmspec.backends.cstyle.opencl import OpenCLRowOp
+def _classes(executor):
+    """(row op class, kernel class) of an executor."""
+    if executor == "c":
+        from hrmspec.backends.cstyle.host import HostRowKernel, HostRowOp
 
-    if program.hash not in _ops:
-        _ops[program.hash] = OpenCLRowOp(program)
-    return _ops[program.hash]
+        return HostRowOp, HostRowKernel
+    from hrmspec.backends.cstyle.opencl import OpenCLRowKernel, OpenCLRowOp
+
+    return OpenCLRowOp, OpenCLRowKernel
+
+
+def _op(program, executor):
+    if (executor, program.hash) not in _ops:
+        _ops[(executor, program.hash)] = _classes(executor)[0](program)
+    return _ops[(executor, program.hash)]
 
 
 def _check_program(op, program, rows, width, dtype, seed, scale=1.0, edge="none"):
@@ -63,17 +76,21 @@ def _accesses_are_bounded(kernel: str) -> None:
     """Every buffer access sits in a column loop (`col < cols`), in the `tid == 0 && in_row` store
     block, or behind `in_row ?`; nothing leaves the kernel early."""
     assert "return" not in kernel
-    opener = ""
-    for line in kernel.splitlines():
-        if re.match(r"  \S", line):
-            opener = line.strip()
-        if re.search(r"_ptr\[|vload_half\(|vstore_half_rte\(", line) and not line.lstrip().startswith("//"):
-            inside = line.startswith("    ") and (opener.startswith("for (int col = tid; col < cols;")
-                                                  or opener == "if (tid == 0 && in_row) {")
+    body = kernel.split(") {\n", 1)[1]
+    enclosing: list[tuple[int, str]] = []  # the blocks around a line: (indent, opening line)
+    for line in body.splitlines():
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        while enclosing and enclosing[-1][0] >= indent:
+            enclosing.pop()
+        if text.endswith("{") or re.search(r"\{\s+//", text):
+            enclosing.append((indent, text))
+        if re.search(r"_ptr\[|vload_half\(|vstore_half_rte\(", line) and not text.startswith("//"):
+            inside = any(o.startswith("for (int col = tid; col < cols;") or o == "if (tid == 0 && in_row) {"
+                         for _, o in enclosing)
             assert inside or "in_row ? " in line, line
 
 
-@pytest.mark.parametrize("dialect", [CUDA, OPENCL], ids=["cuda", "opencl"])
+@pytest.mark.parametrize("dialect", [CUDA, OPENCL, HOST], ids=["cuda", "opencl", "c"])
 def test_source_is_deterministic_and_every_access_bounded(dialect):
     for p in PROGRAMS.values():
         for prog, direction in ((p, "fwd"), (grad(p), "bwd")):
@@ -120,34 +137,34 @@ def test_golden_rms_norm_source(dialect, dtype, direction):
     check_golden(f"cstyle_rms_norm_{direction}_{dtype}{dialect.suffix}", src)
 
 
-# -- numerics on PoCL -----------------------------------------------------------------------------------
-@pytest.mark.needs_opencl
+# -- numerics, executed on the CPU: host C and PoCL -------------------------------------------------------
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
-def test_builtin_forward_and_backward_on_pocl(name, dtype):
+def test_builtin_forward_and_backward_on_the_cpu(name, dtype, executor):
     for width in WIDTHS:
-        _check_program(_op(PROGRAMS[name]), PROGRAMS[name], 3, width, dtype, seed=width)
+        _check_program(_op(PROGRAMS[name], executor), PROGRAMS[name], 3, width, dtype, seed=width)
 
 
-@pytest.mark.needs_opencl
+@pytest.mark.parametrize("executor", EXECUTORS)
 @given(name=st.sampled_from(sorted(PROGRAMS)), width=widths(), rows=st.integers(0, 4),
        dtype=st.sampled_from(list(DTYPES.values())), scale=st.sampled_from((1e-3, 0.1, 1.0, 4.0, 1e3)),
        edge=st.sampled_from(EDGES), seed=st.integers(0, 2**16))
-def test_builtins_at_drawn_scales_and_row_counts(name, width, rows, dtype, scale, edge, seed):
+def test_builtins_at_drawn_scales_and_row_counts(name, width, rows, dtype, scale, edge, seed, executor):
     # tiny inputs put eps in charge of the norms; large ones saturate the gates; widths beside the
     # thread counts (32 per 1024 columns up to 256); zero rows, huge values, inf and NaN
-    _check_program(_op(PROGRAMS[name]), PROGRAMS[name], rows, width, dtype, seed, scale, edge)
+    _check_program(_op(PROGRAMS[name], executor), PROGRAMS[name], rows, width, dtype, seed, scale, edge)
 
 
-@pytest.mark.needs_opencl
+@pytest.mark.parametrize("executor", EXECUTORS)
 @given(program=row_programs(max_ops=5, ops=SMOOTH_OPS), width=widths(), rows=st.integers(0, 3),
        dtype=st.sampled_from(list(DTYPES.values())), edge=st.sampled_from(EDGES), seed=st.integers(0, 2**16))
-def test_random_programs_forward_and_backward_on_pocl(program, width, rows, dtype, edge, seed):
-    _check_program(_op(program), program, rows, width, dtype, seed, edge=edge)
+def test_random_programs_forward_and_backward_on_the_cpu(program, width, rows, dtype, edge, seed, executor):
+    _check_program(_op(program, executor), program, rows, width, dtype, seed, edge=edge)
 
 
-@pytest.mark.needs_opencl
-def test_max_and_relu_keep_nan_and_gelu_saturates():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_max_and_relu_keep_nan_and_gelu_saturates(executor):
     # fmax drops a NaN operand, torch keeps it; OpenCL's tanh may miss 1 by an ulp where gelu's backward
     # multiplies 1 - tanh^2 by ~a^3 (the gradient was ~24x at a = 1541)
     b = ProgramBuilder("nan_max")
@@ -155,18 +172,18 @@ def test_max_and_relu_keep_nan_and_gelu_saturates():
     b.output("m", x.max())
     b.output("y", x.relu() * (x - 1.0).max())
     p = b.build()
-    _check_program(_op(p), p, 3, 129, torch.float32, seed=5, edge="nan")
+    _check_program(_op(p, executor), p, 3, 129, torch.float32, seed=5, edge="nan")
     for name in ("gelu", "geglu"):
-        _check_program(_op(PROGRAMS[name]), PROGRAMS[name], 4, 33, torch.float32, seed=0, scale=1000.0)
+        _check_program(_op(PROGRAMS[name], executor), PROGRAMS[name], 4, 33, torch.float32, seed=0, scale=1000.0)
 
 
-@pytest.mark.needs_opencl
-def test_autograd_keeps_only_what_the_backward_reads():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_autograd_keeps_only_what_the_backward_reads(executor):
     """add + norm keeps the stored sum h (and the weight), not the two terms it was summed from."""
     program = builtin_programs()["add_rms_norm"]
     x, r = (torch.randn(3, 8, requires_grad=True) for _ in range(2))
     w = torch.randn(8, requires_grad=True)
-    out = _op(program)(x=x, r=r, w=w)
+    out = _op(program, executor)(x=x, r=r, w=w)
     saved = out["y"].grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [w.data_ptr(), out["h"].data_ptr()]
     ref = evaluate(program, {"x": x, "r": r, "w": w})
@@ -179,17 +196,17 @@ def test_autograd_keeps_only_what_the_backward_reads():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.needs_opencl
-def test_wider_rows_use_more_threads():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_wider_rows_use_more_threads(executor):
     # D > 1024 gives 128 and 256 threads per row: longer trees, partials from every thread
     p = rms_norm()
     for width in (2500, 9000):
         assert block_size(width) in (128, 256)
-        _check_program(_op(p), p, 2, width, torch.float32, seed=width)
+        _check_program(_op(p, executor), p, 2, width, torch.float32, seed=width)
 
 
-@pytest.mark.needs_opencl
-def test_reductions_see_only_the_row():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_reductions_see_only_the_row(executor):
     # threads past D hold the identity, not data: exp(0) = 1 and 0 > any negative row would show up
     b = ProgramBuilder("padding")
     x = b.row("x")
@@ -199,21 +216,21 @@ def test_reductions_see_only_the_row():
     b.output("y", x * (x - 2.0).max())
     p = b.build()
     for width in (1, 3, 127, 1000):
-        _check_program(_op(p), p, 2, width, torch.float32, seed=width)
+        _check_program(_op(p, executor), p, 2, width, torch.float32, seed=width)
 
 
-@pytest.mark.needs_opencl
-def test_rounding_casts_match_the_evaluator():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_rounding_casts_match_the_evaluator(executor):
     b = ProgramBuilder("rounding")
     x, w = b.row("x"), b.vector("w")
     b.output("y", x.cast("bf16") + (x * w).cast("f16") * 3.0)
     p = b.build()
     for width in (3, 1000):
-        _check_program(_op(p), p, 3, width, torch.float32, seed=width, scale=10.0)
+        _check_program(_op(p, executor), p, 3, width, torch.float32, seed=width, scale=10.0)
 
 
-@pytest.mark.needs_opencl
-def test_scalar_inputs_and_outputs_and_leading_dims():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_scalar_inputs_and_outputs_and_leading_dims(executor):
     b = ProgramBuilder("mixed")
     x, s, w = b.row("x"), b.scalar("s"), b.vector("w")
     m = mean(x * w) * s
@@ -223,7 +240,7 @@ def test_scalar_inputs_and_outputs_and_leading_dims():
     x, s, w = torch.randn(2, 3, 5), torch.randn(2, 3), torch.randn(5)
     x = x.transpose(0, 1).contiguous().transpose(0, 1)  # rows that are not contiguous across the leading dims
     leaves = [t.clone().requires_grad_() for t in (x, s, w)]
-    out = _op(p)(*leaves)
+    out = _op(p, executor)(*leaves)
     ref = evaluate(p, {"x": x, "s": s, "w": w})
     assert out["m"].shape == (2, 3) and out["y"].shape == (2, 3, 5)
     for k in ref:
@@ -236,23 +253,21 @@ def test_scalar_inputs_and_outputs_and_leading_dims():
         close(a.grad, c.grad, torch.float32, f"d_{n}")
 
 
-@pytest.mark.needs_opencl
-def test_input_names_that_are_c_words_or_kernel_names():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_input_names_that_are_c_words_or_kernel_names(executor):
     b = ProgramBuilder("names")
     h, t1, e, w = b.row("half"), b.row("t1"), b.scalar("exp"), b.vector("red")
     b.output("row", (h * t1 + e) * w)
     b.output("tid", (h * w).sum())
     p = b.build()
-    for dialect in (CUDA, OPENCL):
+    for dialect in (CUDA, OPENCL, HOST):
         assert "const float half_v = " in render_kernel(p, "k", dialect, _dtypes(p), 32)
-    _check_program(_op(p), p, 2, 5, torch.float32, seed=0)
+    _check_program(_op(p, executor), p, 2, 5, torch.float32, seed=0)
 
 
-@pytest.mark.needs_opencl
-def test_bad_inputs_and_outputs_are_errors():
-    from hrmspec.backends.cstyle.opencl import OpenCLRowKernel
-
-    kernel = OpenCLRowKernel(rms_norm())
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_bad_inputs_and_outputs_are_errors(executor):
+    kernel = _classes(executor)[1](rms_norm())
     x, w = torch.randn(4, 6), torch.randn(6)
     with pytest.raises(KernelError, match="unit stride"):
         kernel({"x": x, "w": w}, out={"y": torch.empty(6, 4).t()})
@@ -317,9 +332,7 @@ def _embed(shape, kind, dtype, fill, pad=3):
     return buf, buf[pad:pad + n]
 
 
-def _run_guarded(program, rows, width, dtype):
-    from hrmspec.backends.cstyle.opencl import OpenCLRowKernel
-
+def _run_guarded(program, rows, width, dtype, executor):
     inputs = random_inputs(program, rows, width, 1.0, seed=width, dtype=torch.float32)
     views, in_bufs = {}, {}
     for i in program.inputs:
@@ -330,7 +343,7 @@ def _run_guarded(program, rows, width, dtype):
     for o in program.outputs:
         odt = torch.float32 if o.row_partial else dtype
         bufs[o.name], outs[o.name] = _embed((rows, width) if o.kind == "row" else (rows,), o.kind, odt, OUT_SENTINEL)
-    OpenCLRowKernel(program, "fwd")(views, out=outs)
+    _classes(executor)[1](program, "fwd")(views, out=outs)
     ref = evaluate(program, {k: v.clone() for k, v in views.items()})
     for o in program.outputs:
         buf, view = bufs[o.name], outs[o.name]
@@ -346,10 +359,10 @@ def _run_guarded(program, rows, width, dtype):
             in_bufs[i.name].numel() - views[i.name].numel(), f"{program.name}: input {i.name} was written"
 
 
-@pytest.mark.needs_opencl
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "mixed"])
-def test_guard_buffers_forward_and_backward(name, dtype):
+def test_guard_buffers_forward_and_backward(name, dtype, executor):
     if name == "mixed":
         b = ProgramBuilder("mixed_guard")
         x, s, w = b.row("x"), b.scalar("s"), b.vector("w")
@@ -359,8 +372,8 @@ def test_guard_buffers_forward_and_backward(name, dtype):
     else:
         prog = PROGRAMS[name]
     for width in (3, 127):
-        _run_guarded(prog, 2, width, dtype)
-        _run_guarded(grad(prog), 2, width, dtype)
+        _run_guarded(prog, 2, width, dtype, executor)
+        _run_guarded(grad(prog), 2, width, dtype, executor)
 
 
 # -- the cache ------------------------------------------------------------------------------------------

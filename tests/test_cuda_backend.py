@@ -64,14 +64,14 @@ def test_get_backend_without_a_device_is_one_actionable_line():
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("the cuda backend needs a CUDA device and CuPy")
-    assert "pip install cupy-cuda12x" in message and "--backend opencl" in message
+    assert "pip install cupy-cuda12x" in message and "--backend c" in message
 
 
 def test_get_backend_names_what_is_missing(monkeypatch):
     # a device but no CuPy: only CuPy is named
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
-    with pytest.raises(HrmspecError, match=r"but CuPy does not import \(.*\); --backend opencl") as info:
+    with pytest.raises(HrmspecError, match=r"but CuPy does not import \(.*\); --backend c ") as info:
         get_backend("cuda")
     assert "no CUDA device" not in str(info.value)
     # both there: the op table

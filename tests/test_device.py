@@ -47,9 +47,10 @@ def reference_run(pico, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("backend", [pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton", "inductor"])
+@pytest.mark.parametrize("backend", [pytest.param("c", marks=pytest.mark.needs_cc),
+                                     pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton", "inductor"])
 def test_kernel_backends_train_like_the_reference(pico, reference_run, tmp_path, backend):
-    """A few optimizer steps on generated kernels (PoCL, Triton's interpreter, Inductor's C++) give the
+    """A few optimizer steps on generated kernels (host C, PoCL, Triton's interpreter, Inductor's C++) give the
     reference's losses and weights, every row op on a kernel."""
     if backend == "triton":
         pytest.importorskip("triton")
@@ -127,10 +128,10 @@ def test_auto_on_cuda_is_triton_and_bf16(fake_gpus, monkeypatch):
         resolve("triton", "cuda")
 
 
-def test_a_backend_on_the_wrong_kind_of_device_says_what_to_use(fake_gpus, cl_ops):
-    with pytest.raises(PlacementError, match="train.backend opencl: its kernels take CPU tensors, not CUDA ones; "
-                                             "on cuda:0 use train.backend triton, cuda or reference"):
-        resolve("opencl", "cuda", keys=("train.backend", "train.device"))
+def test_a_backend_on_the_wrong_kind_of_device_says_what_to_use(fake_gpus, c_ops):
+    with pytest.raises(PlacementError, match=f"train.backend {c_ops.name}: its kernels take CPU tensors, not CUDA "
+                                             "ones; on cuda:0 use train.backend triton, cuda or reference"):
+        resolve(c_ops.name, "cuda", keys=("train.backend", "train.device"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")

@@ -76,14 +76,14 @@ def _batch(B=2, T=7, vocab=61):
 
 
 @pytest.mark.parametrize("name", ["pre", "sandwich-affine-plain", "geglu"])
-def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, cl_ops, monkeypatch, name):
+def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, c_ops, monkeypatch, name):
     spec = load_spec_text(tiny_text, overrides={"model.modules.L.layers": 2, "model.modules.H.layers": 1,
                                                 **CONFIGS[name]})
     torch.manual_seed(0)
-    model = hrmspec.compile(spec, backend="opencl")
+    model = hrmspec.compile(spec, backend=c_ops.name)
     ref = hrmspec.compile(spec, backend="reference")
     ref.load_state_dict(model.state_dict())
-    monkeypatch.setattr(cl_ops, "_ops", {})  # record the ops this model creates
+    monkeypatch.setattr(c_ops, "_ops", {})  # record the ops this model creates
     ids, labels, prefix = _batch()
     with record_fallbacks() as fell:
         out = model(ids, prefix_mask=prefix, labels=labels)
@@ -92,13 +92,13 @@ def test_kernel_backend_runs_only_the_planned_kernels(tiny_text, cl_ops, monkeyp
     plan = fuse_model(build_graph(spec))
     planned = {(k.direction, k.program.hash) for k in plan.kernels}
     ran = set()
-    for op in cl_ops._ops.values():
+    for op in c_ops._ops.values():
         ran.add(("fwd", op.program.hash))
         if op._backward is not None:
             ran.add(("bwd", op._backward.program.hash))
     assert ran and ran <= planned, sorted(ran - planned)
     regions = {k.forward.name for k in plan.kernels}
-    assert {op.program.name for op in cl_ops._ops.values()} == regions  # every region runs as its kernel
+    assert {op.program.name for op in c_ops._ops.values()} == regions  # every region runs as its kernel
     out_r = ref(ids, prefix_mask=prefix, labels=labels)
     out_r.loss.backward()
     torch.testing.assert_close(out.logits, out_r.logits, rtol=1e-4, atol=1e-5)
@@ -120,9 +120,9 @@ def _saved_bytes(stack, terms, ctx) -> int:
     return sum(storages.values())
 
 
-def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, cl_ops):
+def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, c_ops):
     spec = _spec(tiny_text, **{"model.d_model": 256, "model.heads": 2})
-    fused, plain = _stack(spec, cl_ops, True), _stack(spec, cl_ops, False)
+    fused, plain = _stack(spec, c_ops, True), _stack(spec, c_ops, False)
     for p in fused.parameters():
         torch.nn.init.normal_(p, std=0.1)
     plain.load_state_dict(fused.state_dict())
@@ -135,14 +135,14 @@ def test_fused_call_keeps_no_more_than_op_by_op(tiny_text, cl_ops):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 5, 3, 6), (3, 4, 2, 10), (2, 3, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_kernel_on_projection_views_matches_the_reference(cl_ops, shape, dtype):
+def test_rope_kernel_on_projection_views_matches_the_reference(c_ops, shape, dtype):
     """q and k as views of one fused projection (B, S, 4, h, hd), as the attention layer has them."""
     B, S, h, hd = shape
     gen = torch.Generator().manual_seed(sum(shape))
     proj = torch.randn(B, S, 4, h, hd, generator=gen).to(dtype)
     cos, sin = reference.rope_tables(torch.randint(0, 50, (B, S), generator=gen), hd, 10000.0, dtype)
     leaves = [proj.clone().requires_grad_() for _ in range(2)]
-    got = cl_ops.rope_qk(leaves[0][:, :, 0], leaves[0][:, :, 1], cos, sin)
+    got = c_ops.rope_qk(leaves[0][:, :, 0], leaves[0][:, :, 1], cos, sin)
     want = reference.rope_qk(leaves[1][:, :, 0], leaves[1][:, :, 1], cos, sin)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     cot = [torch.randn(t.shape, generator=gen).to(dtype) for t in want]

@@ -82,12 +82,12 @@ def test_an_output_that_cannot_be_written_in_place_is_refused():
 
 @settings(max_examples=30, deadline=None)
 @given(lead=leads, width=st.integers(1, 40), data=st.data())
-def test_opencl_kernels_on_views_match_the_evaluator(cl_ops, lead, width, data):
+def test_c_style_kernels_on_views_match_the_evaluator(c_ops, lead, width, data):
     program = builtin_programs()["add_rms_norm"]
     x, r = data.draw(row_tensors(lead, width)), data.draw(row_tensors(lead, width))
     w = torch.randn(width)
     runs = []
-    for run in (cl_ops.row_program, evaluate):
+    for run in (c_ops.row_program, evaluate):
         (bx, vx), (br, vr) = twin(x), twin(r)
         vw = w.clone().requires_grad_()
         out = run(program, {"x": vx, "r": vr, "w": vw})

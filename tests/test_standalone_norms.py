@@ -74,8 +74,8 @@ def test_an_expression_exit_norm_at_zero_weights_is_the_rms_exit_norm(tiny_text)
                                                                   "params": {"w": "normal"}}},
     {"model.final_norm": True, "model.block.norm.affine": True},
 ], ids=["expr-exit-and-final", "affine-final"])
-def test_standalone_norms_run_as_generated_kernels(tiny_text, cl_ops, over):
-    """On the opencl backend the exit norm fuses with the last residual into one kernel, and the final
+def test_standalone_norms_run_as_generated_kernels(tiny_text, c_ops, over):
+    """On a C-style backend the exit norm fuses with the last residual into one kernel, and the final
     norm runs as its own; values and every gradient match the reference."""
     spec = _spec(tiny_text, **over)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_standalone_norms_run_as_generated_kernels(tiny_text, cl_ops, over):
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    cl = hrmspec.compile(spec, backend="opencl")
+    cl = hrmspec.compile(spec, backend=c_ops.name)
     cl.load_state_dict(ref.state_dict())
     regions = [o.program.name for o in cl.plan.bodies[("L", 2)].ops if o.members]
     assert regions[-1].endswith(spec.model.module("L").exit_norm.type + "_norm" if over.get(

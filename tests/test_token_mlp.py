@@ -78,11 +78,12 @@ def test_a_call_is_the_token_mlp_layer_written_by_hand(d, s, p, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton"])
+@pytest.mark.parametrize("backend", [pytest.param("c", marks=pytest.mark.needs_cc),
+                                     pytest.param("opencl", marks=pytest.mark.needs_opencl), "triton"])
 def test_kernel_backends_compute_what_the_reference_does(backend, kernel_device):
     if backend == "triton":
         pytest.importorskip("triton")
-    device = kernel_device if backend == "triton" else torch.device("cpu")  # PoCL runs on the CPU
+    device = kernel_device if backend == "triton" else torch.device("cpu")  # host C and PoCL run on the CPU
     spec = spec_for()
     torch.manual_seed(0)
     ref = hrmspec.compile(spec)

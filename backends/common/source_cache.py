@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 
 CHECKSUM = "hrmspec-checksum: "
-COMMENT = {".py": "# ", ".cu": "// ", ".cl": "// "}  # how a line comment starts, by file suffix
+COMMENT = {".py": "# ", ".cu": "// ", ".cl": "// ", ".c": "// "}  # how a line comment starts, by file suffix
 
 _loaded: dict[Path, ModuleType] = {}
 _lock = threading.Lock()

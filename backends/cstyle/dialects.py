@@ -1,15 +1,23 @@
-"""The two dialects of the C-style printer (backends/cstyle/printer.py), as tables.
+"""The three dialects of the C-style printer (backends/cstyle/printer.py), as tables.
 
-A `Dialect` is everything CUDA C and OpenCL C spell differently: qualifiers, the kernel's
+A `Dialect` is everything CUDA C, OpenCL C and host C spell differently: qualifiers, the kernel's
 attributes, barriers, thread indices, storage types and how to load and store them, math names,
 special values and the helpers a kernel may call. The printer has no `if` on the dialect.
+
+CUDA C and OpenCL C run a row's threads in parallel, meeting at barriers. Host C (`HOST`, compiled by
+the system C compiler and called through ctypes: backends/cstyle/host.py) runs the same kernel on
+one CPU thread the way PoCL's work-group compiler does: a loop over the rows around the body, and
+a loop over the row's work-items around each part of the body between two barriers (`groups`,
+`threads`). What a part computes per work-item is private to it (its accumulators); what passes a
+barrier is in the reduction scratch or uniform across the row. So every statement, pass, tree
+reduction and bound of the GPU kernels executes on any CPU, whatever its OpenCL support.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CUDA", "DIALECTS", "OPENCL", "Dialect"]
+__all__ = ["CUDA", "DIALECTS", "HOST", "OPENCL", "Dialect"]
 
 # bf16 = the top 16 bits of an fp32; rounding adds 0x7FFF plus the lowest kept bit (ties to even), and
 # a NaN keeps its top bits with the quiet bit set (the carry could otherwise turn it into an infinity)
@@ -46,6 +54,16 @@ _MAX = """\
 """
 
 
+# storage as CUDA C and host C see it: a half type is its 16 bits, converted by the dialect's helpers
+_BITS_STORAGE = dict(
+    type_map={"f32": "float", "f16": "unsigned short", "bf16": "unsigned short", "bool": "bool", "i32": "int",
+              "i64": "long long"},
+    load={"f32": "{ptr}[{i}]", "f16": "hrm_f16_to_f32({ptr}[{i}])", "bf16": "hrm_bf16_to_f32({ptr}[{i}])"},
+    store={"f32": "{ptr}[{i}] = {v};", "f16": "{ptr}[{i}] = hrm_f32_to_f16({v});",
+           "bf16": "{ptr}[{i}] = hrm_f32_to_bf16({v});"},
+)
+
+
 @dataclass(frozen=True)
 class Dialect:
     name: str  # cuda | opencl
@@ -70,6 +88,11 @@ class Dialect:
     reciprocal: str  # 1 / {0} as an fp32 expression without a division subroutine where the dialect has one
     helpers: dict[str, str]  # name -> definition, printed (in this order) when the kernel calls it
     compile_options: tuple[str, ...] = field(default=())  # what every compiler of this dialect must be given
+    # host C only: the loop over rows around the body, and over a row's work-items around each part
+    # between barriers ((opening line, closing line), formats of {block}; empty on a device, which runs them
+    # in parallel)
+    groups: tuple[str, str] = ("", "")
+    threads: tuple[str, str] = ("", "")
 
 
 CUDA = Dialect(
@@ -89,11 +112,7 @@ CUDA = Dialect(
     local_id="threadIdx.x",
     pointer_params=("ptr",),
     index="{i}",
-    type_map={"f32": "float", "f16": "unsigned short", "bf16": "unsigned short", "bool": "bool", "i32": "int",
-              "i64": "long long"},
-    load={"f32": "{ptr}[{i}]", "f16": "hrm_f16_to_f32({ptr}[{i}])", "bf16": "hrm_bf16_to_f32({ptr}[{i}])"},
-    store={"f32": "{ptr}[{i}] = {v};", "f16": "{ptr}[{i}] = hrm_f32_to_f16({v});",
-           "bf16": "{ptr}[{i}] = hrm_f32_to_bf16({v});"},
+    **_BITS_STORAGE,
     math={"exp": "expf", "log": "logf", "sqrt": "sqrtf", "rsqrt": "rsqrtf", "tanh": "tanhf", "fmax": "fmaxf",
           "pow": "powf"},
     inf="__int_as_float(0x7f800000)",
@@ -175,4 +194,85 @@ static inline float hrm_tanh(const float x) {
     },
 )
 
-DIALECTS = {d.name: d for d in (CUDA, OPENCL)}
+# IEEE half: 1 sign, 5 exponent (bias 15), 10 mantissa bits; a subnormal is m * 2^-24. Rounding to
+# nearest even: normal results by the bf16 trick on the rebiased bits (a carry rounds into the next
+# binade, or to inf at >= 65520); subnormal ones by rintf of |f| * 2^24, exact since the scaling is.
+_HOST_HALF = {
+    "hrm_f16_to_f32": """\
+static inline float hrm_f16_to_f32(const unsigned short h) {
+  const unsigned int sign = (unsigned int)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1fu) return hrm_as_float(sign | 0x7f800000u | (m << 13));  /* inf, NaN */
+  if (e != 0u) return hrm_as_float(sign | ((e + 112u) << 23) | (m << 13));
+  return hrm_as_float(sign | hrm_as_uint((float)m * 5.9604644775390625e-08f));  /* m * 2^-24, exact */
+}
+""",
+    "hrm_f32_to_f16": """\
+static inline unsigned short hrm_f32_to_f16(const float f) {
+  const unsigned int u = hrm_as_uint(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  /* NaN stays NaN */
+  if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  /* 65520 and above round to inf */
+  if (a >= 0x38800000u) return (unsigned short)(sign | ((a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13));
+  return (unsigned short)(sign | (unsigned int)rintf(hrm_as_float(a) * 16777216.0f));
+}
+""",
+    "hrm_round_f16": """\
+static inline float hrm_round_f16(const float f) {
+  return hrm_f16_to_f32(hrm_f32_to_f16(f));
+}
+""",
+}
+
+HOST = Dialect(
+    name="c",
+    suffix=".c",
+    prelude="// host C: compile with -ffp-contract=off (never an fma, as the other dialects) and without\n"
+            "// -ffast-math; work-items run as loops between the barriers (backends/cstyle/dialects.py)\n"
+            "#include <math.h>\n#include <stdbool.h>\n#include <string.h>\n",
+    kernel_prefix="void",
+    helper_prefix="static inline",
+    global_prefix="",
+    smem_prefix="",
+    restrict=" restrict",
+    barrier="",
+    group_id="group",
+    local_id="0",  # a uniform part runs once per row; each part between barriers declares its own tid
+    pointer_params=("ptr",),
+    index="{i}",
+    **_BITS_STORAGE,
+    math={"exp": "expf", "log": "logf", "sqrt": "sqrtf", "rsqrt": "hrm_rsqrt", "tanh": "tanhf", "fmax": "fmaxf",
+          "pow": "powf"},
+    inf="INFINITY",
+    nan="NAN",
+    reciprocal="1.0f / {0}",
+    helpers={
+        # type punning through memcpy: the defined way in C (a union or a pointer cast is not)
+        "hrm_as_float": """\
+static inline float hrm_as_float(const unsigned int u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+""",
+        "hrm_as_uint": """\
+static inline unsigned int hrm_as_uint(const float f) {
+  unsigned int u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+""",
+        **_HOST_HALF,
+        **_bf16_helpers(fn="static inline", u16="unsigned short", u32="unsigned int", as_float="hrm_as_float",
+                        as_uint="hrm_as_uint"),
+        "hrm_max": _MAX.format(fn="static inline", fmax="fmaxf"),
+        "hrm_rsqrt": """\
+static inline float hrm_rsqrt(const float x) {
+  return 1.0f / sqrtf(x);
+}
+""",
+    },
+    compile_options=("-std=c11", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"),
+    groups=("for (long long group = 0; group < n_rows; ++group) {{  // one row after another", "}"),
+    threads=("for (int tid = 0; tid < {block}; ++tid) {{  // the row's work-items, one after another", "}"),
+)
+
+DIALECTS = {d.name: d for d in (CUDA, OPENCL, HOST)}

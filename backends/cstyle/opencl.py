@@ -63,6 +63,42 @@ def find_device(platform: str | None = None):
                       "pip install pocl-binary-distribution, or set HRMSPEC_OPENCL_PLATFORM")
 
 
+_PROBE = "__kernel void hrm_probe(__global float* x) { x[get_global_id(0)] += 1.0f; }"
+
+
+def build_failure(e: Exception) -> str:
+    """The lines of an OpenCL build error that say why (PoCL's `error: ...`), without pyopencl's preamble."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = [ln for ln in lines if "error" in ln.lower() and "clBuildProgram failed" not in ln]
+    return "; ".join(why or lines[-1:]) or type(e).__name__
+
+
+def probe() -> str:
+    """'' when the chosen device builds and runs a trivial kernel, else why not, in the platform's own
+    words: a platform can list a device whose compiler rejects every kernel (PoCL 3.0's LLVM 14 on a
+    CPU it does not know: "unknown target CPU 'generic'"). Asked once per process."""
+    with _lock:
+        if "probe" not in _device:
+            dev = None
+            try:
+                ctx, queue, dev = context()
+                cl = _cl()
+                program = cl.Program(ctx, _PROBE).build()
+                x = np.zeros(4, np.float32)
+                buf = cl.Buffer(ctx, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=x)
+                program.hrm_probe(queue, (4,), None, buf)
+                cl.enqueue_copy(queue, x, buf, is_blocking=True)
+                why = "" if x.tolist() == [1.0] * 4 else f"a trivial kernel ran on {dev.name} and computed {x.tolist()}"
+            except KernelError as e:
+                why = str(e)
+            except Exception as e:  # a build failure (BUILD_PROGRAM_FAILURE, ...): the platform's message
+                where = f"{dev.platform.name} cannot build a kernel for {dev.name}" if dev is not None else \
+                    "OpenCL cannot build a kernel for its device"
+                why = f"{where} ({build_failure(e)})"
+            _device["probe"] = why
+        return _device["probe"]
+
+
 def context():
     """(context, queue, device) of the chosen device, made once per process."""
     with _lock:

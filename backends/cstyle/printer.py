@@ -1,4 +1,5 @@
-"""RowProgram -> C-style kernel source, in two dialects: CUDA C (CuPy, NVRTC) and OpenCL C (PoCL).
+"""RowProgram -> C-style kernel source, in three dialects: CUDA C (CuPy, NVRTC), OpenCL C (PoCL) and
+host C (the system C compiler; work-items run as loops between barriers, see dialects.py).
 
 One block (work-group) per row; its threads stride over the row, so a thread holds a handful of
 fp32 scalars whatever D is (no register arrays, nothing to spill as D grows):
@@ -30,13 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hrmspec.backends.common.expr_printer import INFIX, ExprPrinter, ExprTable
-from hrmspec.backends.cstyle.dialects import CUDA, DIALECTS, OPENCL, Dialect
+from hrmspec.backends.cstyle.dialects import CUDA, DIALECTS, HOST, OPENCL, Dialect
 from hrmspec.errors import KernelError
 from hrmspec.ir.kernel import kernel_name
 from hrmspec.ir.program import RowProgram
 
-__all__ = ["BLOCK", "C", "CUDA", "DIALECTS", "OPENCL", "CSource", "Dialect", "block_size", "kernel_name", "parameters",
-           "render_kernel", "render_source"]
+__all__ = ["BLOCK", "C", "CUDA", "DIALECTS", "HOST", "OPENCL", "CSource", "Dialect", "block_size", "kernel_name",
+           "parameters", "render_kernel", "render_source"]
 
 
 def _fp32(v: float) -> float:
@@ -89,9 +90,10 @@ C = ExprTable(
         "signed", "unsigned", "volatile", "register", "auto", "true", "false", "kernel", "global", "local",
         "constant", "private", "asm", "new", "delete", "this", "class", "template", "namespace", "operator",
         "typename", "using", "virtual", "INFINITY", "NAN", "min", "max", "exp", "log", "sqrt", "rsqrt", "tanh",
-        "pow", "fmax"}),
+        "pow", "fmax", "group", "expf", "logf", "sqrtf", "tanhf", "fmaxf", "powf", "rintf", "fabs", "copysign",
+        "memcpy"}),
     # temporaries t<i>, accumulators a<i>, parameters, and names the implementation reserves (_x)
-    own_names=r"_.*|[ta]\d+|.*_(ptr|offset|stride|istride)",
+    own_names=r"_.*|[ta]\d+|.*_(ptr|offset|stride|istride)|hrm_.*",
 )
 # reduction -> (identity, how two partials combine)
 REDUCE_FOR_OP = {"sum": ("0.0f", "{0} + {1}"), "mean": ("0.0f", "{0} + {1}"), "max": ("-{inf}", "hrm_max({0}, {1})")}
@@ -187,6 +189,7 @@ class _Printer(ExprPrinter):
         self.p, self.d, self.dtypes, self.block = p, d, dtypes, block
         self.refs = [self._ref(i) for i in range(len(p.nodes))]
         self.lines: list[str] = []
+        self.nesting = 0  # dialect loops open around the current line (host C: rows, work-items)
 
     def _ref(self, i: int) -> str:
         n = self.p.nodes[i]
@@ -197,7 +200,23 @@ class _Printer(ExprPrinter):
         return "width" if n.op == "width" else f"t{i}"
 
     def emit(self, depth: int, line: str) -> None:
-        self.lines.append("  " * depth + line)
+        self.lines.append("  " * (depth + self.nesting) + line)
+
+    def open(self, depth: int, pair: tuple[str, str]) -> None:
+        """Open a dialect's loop (`Dialect.groups` or `.threads`): what follows is indented inside it. A
+        device dialect has none: nothing is printed."""
+        if pair[0]:
+            self.emit(depth, pair[0].format(block=self.block))
+            self.nesting += 1
+
+    def close(self, depth: int, pair: tuple[str, str]) -> None:
+        if pair[0]:
+            self.nesting -= 1
+            self.emit(depth, pair[1])
+
+    def barrier(self, depth: int, why: str = "") -> None:
+        if self.d.barrier:
+            self.emit(depth, self.d.barrier + (f"  // {why}" if why else ""))
 
     def index(self, name: str, kind: str) -> str:
         i = {"row": f"outer * {name}_stride + inner * {name}_istride + col", "vector": "col", "scalar": "row"}[kind]
@@ -226,6 +245,7 @@ class _Printer(ExprPrinter):
         p, d, B = self.p, self.d, self.block
         ops = ", ".join(f"{p.nodes[r].op} %{p.nodes[r].srcs[0]}" for r in reductions)
         self.emit(1, f"// pass {k + 1}: {ops}")
+        self.open(1, d.threads)
         for r in reductions:
             self.emit(1, f"float a{r} = {REDUCE_FOR_OP[p.nodes[r].op][0].format(inf=d.inf)};")
         self.loop([p.nodes[r].srcs[0] for r in reductions])
@@ -235,14 +255,17 @@ class _Printer(ExprPrinter):
         self.emit(1, "}")
         for slot, r in enumerate(reductions):
             self.emit(1, f"{_slot(slot, B, 'tid')} = a{r};")
-        self.emit(1, d.barrier)
+        self.close(1, d.threads)
+        self.barrier(1)
         self.emit(1, f"for (int step = {B // 2}; step > 0; step >>= 1) {{  // tree: halve the partials each step")
+        self.open(2, d.threads)
         self.emit(2, "if (tid < step) {")
         for slot, r in enumerate(reductions):
             mine, other = _slot(slot, B, "tid"), _slot(slot, B, "tid + step")
             self.emit(3, f"{mine} = {REDUCE_FOR_OP[p.nodes[r].op][1].format(mine, other, **d.math)};")
         self.emit(2, "}")
-        self.emit(2, d.barrier)
+        self.close(2, d.threads)
+        self.barrier(2)
         self.emit(1, "}")
         for slot, r in enumerate(reductions):
             scale = " * inv_width" if p.nodes[r].op == "mean" else ""
@@ -261,6 +284,7 @@ class _Printer(ExprPrinter):
             slots = max(len(r) for r in s.passes)
             self.emit(1, f"{d.smem_prefix}float red[{slots * self.block}];  // one slot of {self.block} partials "
                          "per reduction of a pass")
+        self.open(1, d.groups)
         self.emit(1, f"const {d.type_map['i64']} row = {d.group_id};")
         self.emit(1, f"const int tid = {d.local_id};")
         # a block past the last row touches no memory but still meets every barrier: no early return, which
@@ -281,22 +305,27 @@ class _Printer(ExprPrinter):
         self.scalars(s, 0)
         for k, reductions in enumerate(s.passes):
             if k:
-                self.emit(1, f"{d.barrier}  // every thread has read the previous results before red is reused")
+                self.barrier(1, "every thread has read the previous results before red is reused")
             self.reduce_pass(k, reductions)
             self.scalars(s, k + 1)
         rows = [o for o in p.outputs if o.kind == "row"]
         if rows:
             self.emit(1, f"// pass {len(s.passes) + 1}: the row outputs")
+            self.open(1, d.threads)
             self.loop([o.node for o in rows])
             for o in rows:
                 self.store(2, o.name, "row", self.refs[o.node])
             self.emit(1, "}")
+            self.close(1, d.threads)
         scalars = [o for o in p.outputs if o.kind == "scalar"]
         if scalars:
+            self.open(1, d.threads)
             self.emit(1, "if (tid == 0 && in_row) {")
             for o in scalars:
                 self.store(2, o.name, "scalar", self.refs[o.node])
             self.emit(1, "}")
+            self.close(1, d.threads)
+        self.close(1, d.groups)
         return self.lines
 
     def store(self, depth: int, name: str, kind: str, value: str) -> None:

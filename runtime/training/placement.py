@@ -2,7 +2,7 @@
 
     device    auto | cpu | cuda | cuda:N     auto: CUDA when torch sees a device, else the CPU;
                                              under torchrun each process takes cuda:LOCAL_RANK
-    backend   auto | reference | triton | cuda | opencl
+    backend   auto | reference | inductor | triton | cuda | opencl | c
                                              auto: the generated Triton kernels on CUDA, CPU_BACKEND
                                              on the CPU
     dtype     auto | fp32 | bf16             auto: bf16 autocast on CUDA, fp32 on the CPU
@@ -119,7 +119,7 @@ def _mismatch(backend: str, device: torch.device, keys: tuple[str, str]) -> str:
     if backend == "triton":
         return (f"Triton's kernels run on CUDA here (the interpreter is off on a machine with a GPU); use {keys[1]} "
                 "cuda, or start with TRITON_INTERPRET=1 to run them in the interpreter on the CPU")
-    other = "reference or opencl" if device.type == "cpu" else "triton, cuda or reference"
+    other = "reference, c or opencl" if device.type == "cpu" else "triton, cuda or reference"
     return f"its kernels take {kind.upper()} tensors, not {device.type.upper()} ones; on {device} use {keys[0]} {other}"
 
 
