@@ -157,8 +157,14 @@ def check_resume_after_kill(spec_text: str, tmp_path, processes: int) -> None:
     assert lrs == [next(r["lr"] for r in want if r.get("step") == STEPS)] * len(lrs)
 
 
+# z_L drawn afresh at every forward from torch's global generator: a resume that did not restore the RNG
+# states would draw other initial states, and every loss after it would differ
+RANDOM_STATE_SPEC = SPEC.replace("z_L: {init: buffer}", "z_L: {init: random, std: 1.0}")
+
+
 def test_sigkill_mid_interval_then_resume_is_the_uninterrupted_run_bit_for_bit(tmp_path):
-    check_resume_after_kill(SPEC, tmp_path, processes=1)
+    assert RANDOM_STATE_SPEC != SPEC
+    check_resume_after_kill(RANDOM_STATE_SPEC, tmp_path, processes=1)
 
 
 # about 35 s each on 2 cores (three torchrun launches): in CI's budget, and the only check of a DDP resume

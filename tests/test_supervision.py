@@ -1,5 +1,5 @@
 """Deep supervision and halting (runtime/execution/supervision.py): the carry, the halting rules and
-their bounds, the Q-learning target against a direct computation, stablemax against float64 by hand,
+their bounds, the Q-learning target against HRM's through the last segment, stablemax against float64 by hand,
 inference that stops rows, and a non-finite head named by row and segment."""
 
 import math
@@ -110,19 +110,41 @@ def test_every_row_halts_by_the_last_segment_and_exploration_keeps_at_least_two(
         assert ((carry.steps == prev + 1) | (carry.steps == 1)).all()
 
 
-def test_the_q_learning_target_is_the_next_segments_q_computed_directly():
+def hrm_target(q_halt_next: float, q_continue_next: float, last: bool) -> float:
+    """HRM's target for q_continue, from the next segment's Q values (q_halt', q_continue'): going on is worth
+    the better of the next segment's two choices, sigmoid(max(q_halt', q_continue')); after the last segment
+    the sample can only halt, so it is worth sigmoid(q_halt')."""
+    x = q_halt_next if last else max(q_halt_next, q_continue_next)
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("head", ["continues", "random"])
+def test_the_q_learning_target_follows_hrm_through_the_last_segment(head):
     m = model_for("q_learning", 0.0)
+    if head == "continues":  # q_halt far below q_continue: no row halts before the last segment
+        with torch.no_grad():
+            m.halting.weight.mul_(0.05)
+            m.halting.bias.copy_(torch.tensor([-3.0, 3.0]))
     sup = Supervisor(m)
     b = batch()
-    carry = sup.initial_carry(b)
-    for _ in range(3):
+    carry, _ = sup.step(sup.initial_carry(b), b)
+    carry.halted = torch.tensor([True, False, True, False, False, True])  # rows a segment apart from here on
+    mixed = before = halt_is_max = 0
+    for _ in range(8):
         carry, out = sup.step(carry, b)
-    with torch.no_grad():
-        nxt = m(carry.data["input_ids"], puzzle_ids=carry.data["puzzle_ids"], states=carry.states)
-    q_halt, q_cont = nxt.q_logits[:, 0], nxt.q_logits[:, 1]
-    last = carry.steps >= 5
-    want = torch.sigmoid(torch.where(last, q_halt, torch.maximum(q_halt, q_cont)))
-    torch.testing.assert_close(out.target_q_continue, want)
+        with torch.no_grad():  # the next segment's forward, from the states this one ended in
+            nxt = m(carry.data["input_ids"], puzzle_ids=carry.data["puzzle_ids"], states=carry.states)
+        last = [int(n) == 5 for n in carry.steps]
+        for r, (q_halt, q_cont) in enumerate(nxt.q_logits.tolist()):
+            assert out.target_q_continue[r].item() == pytest.approx(hrm_target(q_halt, q_cont, last[r]), rel=1e-5)
+            before += not last[r]
+            halt_is_max += not last[r] and q_halt > q_cont
+        mixed += any(last) and not all(last)
+    assert before
+    if head == "continues":  # the last segment reached, beside rows that go on in the same step
+        assert mixed
+    else:  # the max took q_halt' somewhere
+        assert halt_is_max
 
 
 def test_bce_halting_has_no_continue_target():

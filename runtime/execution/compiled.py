@@ -32,6 +32,7 @@ from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.hrm_interface import act_step, initial_carry
+from hrmspec.runtime.execution.losses import IGNORE_INDEX, token_losses
 from hrmspec.runtime.execution.stack import KVCache, ModuleStack, register_at
 from hrmspec.runtime.execution.step_halting import loop_layout, run_loop
 from hrmspec.runtime.interop.export import save_hf
@@ -322,9 +323,15 @@ class CompiledModel(nn.Module):
 
     def head_output(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ModelOutput:
         """The head on output states (B, P + S, d): logits, or with labels and `return_logits=False` only
-        the loss sum and count (in row chunks); without labels, `return_logits=False` computes nothing (the
-        caller takes what it needs of `hidden`)."""
+        the loss sum and count (in row chunks; under stablemax from the full logits); without labels,
+        `return_logits=False` computes nothing (the caller takes what it needs of `hidden`)."""
         h = hidden[:, self.prefix_len:]  # the tokens' positions predict; the puzzle positions do not
+        if labels is not None and self.spec.objective.loss == "stablemax":
+            # the chunked kernels compute softmax's loss only: stablemax's from the full logits, in fp64
+            logits = self.logits_of(h)
+            out = ModelOutput(logits=logits if return_logits else None)
+            out.loss_sum, out.n_tokens = token_losses(logits, labels, "stablemax").sum(), (labels != IGNORE_INDEX).sum()
+            return out
         if labels is not None and not return_logits:
             if self.plan.final_norm is not None:
                 h = self.norm_before_head(h)
