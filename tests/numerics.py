@@ -127,11 +127,41 @@ def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, n
         assert_within(got, ref, dtype, n, what)
 
 
+def after_reduction(program) -> list[bool]:
+    """For each node of a RowProgram, whether it depends on a row reduction (sum, mean, max)."""
+    from hrmspec.ir.opset import REDUCE
+
+    flags: list[bool] = []
+    for n in program.nodes:  # topological: operands come first
+        flags.append(n.op in REDUCE or any(flags[s] for s in n.srcs))
+    return flags
+
+
+def reduction_lengths(program, rows: int, width: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The length of the reduction behind each forward output and each input's gradient, the `n` of
+    `elementwise_bound`: the width for a value downstream of a row reduction, 1 for one computed
+    elementwise from its row, and the rows for a vector's gradient (a sum of per-row partials). A
+    gradient is read from the backward program with nothing saved, so a forward reduction it needs
+    shows as one."""
+    from hrmspec.ir import grad
+
+    fwd = after_reduction(program)
+    outputs = {o.name: width if fwd[o.node] else 1 for o in program.outputs}
+    back = grad(program, list(program.input_names))
+    bwd = after_reduction(back)
+    grads = {}
+    for o in back.outputs:
+        name = o.name[len("d_"):]
+        grads[name] = rows if program.input(name).kind == "vector" else width if bwd[o.node] else 1
+    return outputs, grads
+
+
 def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: int, device="cpu",
                  scale: float = 1.0, edge: str = "none") -> None:
     """Forward outputs and every input gradient of a kernel backend's row op (on `device`) against the
-    evaluator + autograd (on the CPU). `edge` writes zero, huge or non-finite values into one row of
-    one row input (`edge_values`)."""
+    evaluator + autograd (on the CPU), with random cotangents for every output. `edge` writes zero, huge
+    or non-finite values into one row of one row input (`edge_values`). Each result is held to the bound
+    of its own reduction length (`reduction_lengths`)."""
     from hrmspec.ir import evaluate
     from hrmspec.ir.strategies import random_inputs
 
@@ -146,9 +176,10 @@ def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: i
     leaves_r = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     out_k = op(**leaves_k)
     out_r = evaluate(program, leaves_r)
+    n_out, n_grad = reduction_lengths(program, rows, width)
     what = f"{program.name} {dtype} D={width} rows={rows} scale={scale:g} edge={edge}"
     for k in out_r:
-        close(out_k[k], out_r[k], dtype, f"{what} {k}", width)
+        close(out_k[k], out_r[k], dtype, f"{what} {k}", n_out[k])
     names = [k for k in out_r if out_r[k].requires_grad]
     if not names:
         return
@@ -160,12 +191,12 @@ def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: i
     for name, a, b in zip(leaves_k, g_k, g_r):
         a = torch.zeros_like(inputs[name]) if a is None else a
         b = torch.zeros_like(inputs[name]) if b is None else b
-        # a vector's gradient sums its rows: a reduction over them, not over the width
-        close(a, b, dtype, f"{what} d_{name}", rows if program.input(name).kind == "vector" else width)
+        close(a, b, dtype, f"{what} d_{name}", n_grad[name])
 
 
-__all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "around", "assert_same_nonfinite", "assert_within",
-           "check_row_op", "close", "edge_values", "elementwise_bound", "rel_rms", "widths"]
+__all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "after_reduction", "around", "assert_same_nonfinite",
+           "assert_within", "check_row_op", "close", "edge_values", "elementwise_bound", "reduction_lengths", "rel_rms",
+           "widths"]
 
 
 def compare_grads(ref: torch.nn.Module, other: torch.nn.Module, rtol: float,

@@ -16,6 +16,20 @@ from hrmspec.ir.program import IRError, RowProgram
 
 _CAST = {"f16": torch.float16, "bf16": torch.bfloat16}
 
+
+class _Round(torch.autograd.Function):
+    """A rounding cast: torch's rounding to the half type as the value, the gradient straight through.
+    (a + (round(a) - a).detach() would make +-inf NaN, inf - inf, and a negative result -0 into +0.)"""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return a.to(dtype).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
 # op -> torch; the evaluator is this table and a loop
 TORCH_OPS = {
     "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
@@ -96,7 +110,7 @@ def evaluate(program: RowProgram, inputs: dict[str, torch.Tensor], out_dtype: to
             if n.arg == "bool":
                 v = a != 0
             elif n.arg in _CAST:  # rounding: the value of a half type, the gradient straight through
-                v = a + (a.to(_CAST[n.arg]).to(ct) - a).detach()
+                v = _Round.apply(a, _CAST[n.arg])
             else:
                 v = a.to(ct)
         else:
