@@ -2,13 +2,14 @@
 #   make demo   install what is needed, then train the CPU demo (specs/hrm-text-tiny.yaml)
 #   make test   install what is needed (with the dev extras), then lint and run the test suite
 #   make test-deep   the whole suite, slow tests too, with the deep hypothesis profile
+#   make mutate      apply a fixed list of realistic bugs one at a time; does the suite catch each? (tests/mutate.py)
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 # torch first and pinned: this version has a CPU build; an unpinned torch pulls a CUDA build of several GB
 TORCH ?= torch==2.13.0
 OUT ?= runs/hrm-text-tiny
 
-.PHONY: install install-dev demo test test-all test-deep lint bench
+.PHONY: install install-dev demo test test-all test-deep lint bench mutate
 
 # pip runs again only when pyproject.toml changed since the last install into this Python from this
 # checkout (a stamp per interpreter under .make/), or when hrmspec does not import from here; `rm -rf .make`
@@ -49,6 +50,10 @@ test-all: install-dev lint
 # every test, slow ones included, with the deep hypothesis profile (up to 2000 examples, 300 s per property)
 test-deep: install-dev lint
 	$(PYTHON) -m pytest -q --hypothesis-profile=deep
+
+# not part of make test: each mutation reruns the tests that should catch it (about 10 minutes)
+mutate: install-dev
+	$(PYTHON) tests/mutate.py
 
 bench: install-dev
 	$(PYTHON) benchmarks/report.py

@@ -4,7 +4,7 @@ tests/golden/ holds `snapshot_files(spec)` (hrmspec/emit.py) of every shipped sp
 variant specs in tests/golden/variants/ (block kinds and norms the shipped specs do not use), each
 distinct kernel source once:
 
-    kernels/<target>/<kernel>[.b<block>].<py|cu|cl>.golden   one source, shared by the specs that need it
+    kernels/<target>/<kernel>[.b<block>].<py|cu|cl|c>.golden   one source, shared by the specs that need it
     specs/<spec>/<target>.json                               the spec's manifest: its kernels, their golden files
 
 Any change of the IR, the fusion plan, a printer or a dialect table shows here as a diff. After an

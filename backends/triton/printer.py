@@ -71,9 +71,11 @@ def _round_bf16(a):
     # round to nearest even at bfloat16 precision (keep the top 16 bits of the fp32), with integer
     # ops: the interpreter's fp32 -> bf16 conversion truncates, so .to(tl.bfloat16) would differ
     bits = a.to(tl.uint32, bitcast=True)
+    # a NaN keeps its top bits with the quiet bit set: a bf16 value, still NaN under a truncating store
+    nan = ((bits >> 16) | 0x40) << 16
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     bits = (bits >> 16) << 16
-    return tl.where(a != a, a, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return tl.where(a != a, nan.to(tl.float32, bitcast=True), bits.to(tl.float32, bitcast=True))
 ''',
     "_max_nan": '''@triton.jit
 def _max_nan(a, axis: tl.constexpr):
