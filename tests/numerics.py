@@ -188,15 +188,54 @@ def check_row_op(op, program, rows: int, width: int, dtype: torch.dtype, seed: i
     g_k = torch.autograd.grad([out_k[k] for k in names], list(leaves_k.values()), [c.to(device) for c in cot],
                               allow_unused=True)
     g_r = torch.autograd.grad([out_r[k] for k in names], list(leaves_r.values()), cot, allow_unused=True)
-    for name, a, b in zip(leaves_k, g_k, g_r):
+    truth = None  # the gradients in float64 from the same inputs, made when a comparison needs them
+    for i, (name, a, b) in enumerate(zip(leaves_k, g_k, g_r)):
         a = torch.zeros_like(inputs[name]) if a is None else a
         b = torch.zeros_like(inputs[name]) if b is None else b
-        close(a, b, dtype, f"{what} d_{name}", n_grad[name])
+        try:
+            close(a, b, dtype, f"{what} d_{name}", n_grad[name])
+        except AssertionError:
+            if truth is None:
+                truth = _float64_gradients(program, inputs, names, cot)
+            if not within_reference_noise(a, b, truth[i]):
+                raise
+
+
+def _float64_gradients(program, inputs: dict[str, torch.Tensor], names: list[str], cot: list[torch.Tensor]
+                       ) -> list[torch.Tensor]:
+    """Every input's gradient computed by the evaluator in float64 from the same (rounded) inputs."""
+    from hrmspec.ir import evaluate
+
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out = evaluate(program, leaves)
+    grads = torch.autograd.grad([out[k] for k in names], list(leaves.values()), [c.double() for c in cot],
+                                allow_unused=True)
+    return [torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(leaves, grads)]
+
+
+def within_reference_noise(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, factor: float = 4.0) -> bool:
+    """Whether a kernel's result is as close to the float64 truth as the reference's own is, within `factor`.
+    For a result that is rounding noise (layer norm of a 2-wide row, whose gradient vanishes in exact
+    arithmetic), the reference itself is noise: no tolerance relative to it can hold, but a kernel no
+    further from the truth than the reference (give or take one subnormal step of the storage type) is
+    computed as well as it can be. Non-finite values must be
+    where the reference has them (`close` checked that before it compared values)."""
+    tick = float(torch.finfo(got.dtype).smallest_normal) * float(torch.finfo(got.dtype).eps)  # one subnormal step
+    got, ref, truth = got.detach().cpu().double(), ref.detach().cpu().double(), truth.double()
+    finite = torch.isfinite(ref) & torch.isfinite(truth)
+    if not torch.equal(torch.isfinite(got), torch.isfinite(ref)):
+        return False
+    e_got, e_ref = (got - truth)[finite], (ref - truth)[finite]
+    if not e_got.numel():
+        return True
+    rms = lambda e: float(e.pow(2).mean().sqrt())  # noqa: E731
+    return (rms(e_got) <= factor * rms(e_ref) + tick
+            and float(e_got.abs().max()) <= factor * float(e_ref.abs().max()) + tick)
 
 
 __all__ = ["BLOCK_WIDTHS", "EDGES", "EPS", "RMS_TOL", "after_reduction", "around", "assert_same_nonfinite",
            "assert_within", "check_row_op", "close", "edge_values", "elementwise_bound", "reduction_lengths", "rel_rms",
-           "widths"]
+           "widths", "within_reference_noise"]
 
 
 def compare_grads(ref: torch.nn.Module, other: torch.nn.Module, rtol: float,
