@@ -9,8 +9,9 @@ from rich.table import Table
 from hrmspec.graph.analysis import analyse, human, step_costs
 from hrmspec.graph.body import Body
 from hrmspec.graph.build import build_graph
-from hrmspec.graph.credit_plan import credit_table, loop_item
+from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
+from hrmspec.graph.layout import loop_item
 from hrmspec.graph.roofline import Roofline
 from hrmspec.spec.schedule import sampled_loop
 

@@ -20,27 +20,11 @@ from __future__ import annotations
 import networkx as nx
 
 from hrmspec.graph.body import module_body
-from hrmspec.graph.credit_plan import Call, credit_depth, grad_flags
+from hrmspec.graph.credit_plan import credit_depth, grad_flags
+from hrmspec.graph.layout import unroll
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schedule import with_recurrence
-from hrmspec.spec.schema import Repeat, Spec
-
-
-def unroll(schedule: tuple, _cycle: tuple[int, ...] = ()) -> list[Call]:
-    """Flatten nested repeats into the list of module calls, in execution order."""
-    out: list[Call] = []
-
-    def rec(items: tuple, cycle: tuple[int, ...], top: int) -> None:
-        for k, item in enumerate(items):
-            where = k if top < 0 else top
-            if isinstance(item, Repeat):
-                for i in range(item.count):
-                    rec(item.body, cycle + (i,), where)
-            else:
-                out.append(Call(len(out), item.module, item.target, item.inputs, cycle, str(item), where))
-
-    rec(schedule, _cycle, -1)
-    return out
+from hrmspec.spec.schema import Spec
 
 
 def build_graph(spec: Spec, progress: float = 1.0, recurrence: int | None = None) -> nx.DiGraph:

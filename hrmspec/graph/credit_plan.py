@@ -41,20 +41,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hrmspec.graph.layout import Call, loop_layout
 from hrmspec.spec.schema import CreditSpec
-
-
-@dataclass(frozen=True)
-class Call:
-    """One module call of the unrolled schedule."""
-
-    index: int  # position in execution order
-    module: str
-    target: str
-    inputs: tuple[str, ...]
-    cycle: tuple[int, ...]  # iteration index of each enclosing repeat, outermost first
-    text: str  # the statement as written
-    top: int = 0  # the schedule item (counting from 0) it comes from: a statement or an outermost repeat
 
 
 def credit_depth(credit: CreditSpec, progress: float) -> int | None:
@@ -74,15 +62,14 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
         return [True] * n
     if credit.mode == "last":
         return [i >= n - credit.last for i in range(n)]
-    if credit.mode == "last_cycle":
-        loop = loop_item(calls)
-        last = [c for c in calls if c.cycle and c.top == loop]
-        start = min(c.index for c in last if c.cycle[0] == last[-1].cycle[0])
+    if credit.mode == "last_cycle":  # from the first call of the loop's last step on
+        layout = loop_layout(calls)
+        start = layout.steps[-1][0].index if layout.steps else 0
         return [i >= start for i in range(n)]
-    if credit.mode == "truncate":
-        loop = loop_item(calls)
-        count = max((c.cycle[0] + 1 for c in calls if c.cycle and c.top == loop), default=0)
-        return [not (c.cycle and c.top == loop) or c.cycle[0] >= count - credit.truncate for c in calls]
+    if credit.mode == "truncate":  # every call but those of the loop's steps before its last k
+        layout = loop_layout(calls)
+        dropped = {c.index for step in layout.steps[:max(0, layout.count - credit.truncate)] for c in step}
+        return [c.index not in dropped for c in calls]
     flags = [False] * n
     if credit.mode == "depth":
         remaining = credit_depth(credit, progress)
@@ -113,11 +100,6 @@ def grad_flags(calls: Sequence[Call], credit: CreditSpec, progress: float = 1.0)
                     flags[j] = True
         return flags
     raise ValueError(f"unknown credit mode {credit.mode!r}")
-
-
-def loop_item(calls: Sequence[Call]) -> int:
-    """The schedule item that is 'the loop': the last top-level repeat that makes calls."""
-    return max((c.top for c in calls if c.cycle), default=-1)
 
 
 @dataclass(frozen=True)

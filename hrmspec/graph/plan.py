@@ -1,6 +1,7 @@
 """What a CompiledModel runs: the plan `hrmspec.compile` builds once from the ModelGraph.
 
     calls       the unrolled schedule: module, summed states and target of each call
+    layout      where its loop is: the calls before it, of each step, after it (graph/layout.py)
     credit      which calls carry gradient at a training progress (`CreditPlan.flags`)
     bodies      per (module, number of states summed): the `Body` a call runs. On a backend that
                 fuses, the fusion pass's body (each region one generated kernel); on the reference
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 import networkx as nx
 
 from hrmspec.graph.body import Body, Op, Param, module_body
-from hrmspec.graph.build import unroll
-from hrmspec.graph.credit_plan import Call, CreditPlan
+from hrmspec.graph.credit_plan import CreditPlan
 from hrmspec.graph.fusion import call_arities, final_norm_op, fuse
+from hrmspec.graph.layout import Call, LoopLayout, loop_layout, unroll
 from hrmspec.spec.schedule import with_recurrence
 from hrmspec.spec.schema import ModelSpec, ModuleSpec, Spec
 
@@ -35,9 +36,15 @@ class ExecutionPlan:
     params: dict[str, tuple[Param, ...]]
     final_norm: Op | None
     fused: bool
+    layout: LoopLayout
 
     def body(self, call: Call) -> Body:
         return self.bodies[(call.module, len(call.inputs))]
+
+    def layout_at(self, count: int) -> LoopLayout:
+        """The layout with the loop (`layout.item`) run `count` times."""
+        schedule = with_recurrence(self.spec.model.schedule, count, self.layout.item)
+        return loop_layout(unroll(schedule), schedule)
 
     def at_recurrence(self, count: int, item: int | None = None) -> tuple[tuple[Call, ...], CreditPlan]:
         """The calls and credit plan with the schedule's sampled loop (or its top-level repeat at index
@@ -67,7 +74,8 @@ def execution_plan(G: nx.DiGraph, fused: bool = False) -> ExecutionPlan:
         arities = tuple(k for module, k in call_arities(G) if module == m.name)
         params[m.name], mine = module_plan(m, model, arities, fused)
         bodies.update({(m.name, k): b for k, b in mine.items()})
-    return ExecutionPlan(spec, calls, CreditPlan(calls, model.credit), bodies, params, final_norm_op(model), fused)
+    return ExecutionPlan(spec, calls, CreditPlan(calls, model.credit), bodies, params, final_norm_op(model), fused,
+                         loop_layout(calls, model.schedule))
 
 
 __all__ = ["ExecutionPlan", "execution_plan", "module_plan"]
