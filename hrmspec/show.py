@@ -13,6 +13,7 @@ from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
 from hrmspec.graph.layout import loop_item
 from hrmspec.graph.roofline import Roofline
+from hrmspec.halting import HALTING, describe_rule
 from hrmspec.spec.schedule import sampled_loop
 
 
@@ -124,8 +125,8 @@ def supervision_table(spec, forward_flops: float, train_flops: float, console: C
     if h is None:
         t.add_row("halting", "none: every sample runs every segment")
     else:
-        rule = "q_halt > q_continue" if h.type == "q_learning" else "q_halt > 0"
-        t.add_row("halting", f"{h.type}: halt when {rule}, or at segment {sup.segments}")
+        stops, _ = describe_rule(h.type, {"exploration": h.exploration, "weight": h.weight})
+        t.add_row("halting", f"{h.type}: halt when {stops} ({sup.segments})")
         t.add_row("exploration (training)", f"p {h.exploration:g}: a minimum of 2..{sup.segments} segments")
         t.add_row("halting loss weight", f"{h.weight:g}")
     t.add_row("token loss", spec.objective.loss)
@@ -144,14 +145,10 @@ def step_table(G: nx.DiGraph, seq_len: int = 2048, console: Console | None = Non
     h, rows = spec.model.halting, step_costs(G, seq_len)
     if h is None:
         console.print(f"Loss over the loop's {len(rows)} steps: {spec.objective.steps}")
-    elif h.type == "act":
-        console.print(f"[bold]Halting: act[/bold], per position, at most {len(rows)} steps: a position halts when "
-                      f"its cumulative halting probability reaches the threshold {h.threshold:g} (1 - epsilon); "
-                      f"the head reads the halting-weighted states; ponder cost weight {h.weight:g}")
     else:
-        console.print(f"[bold]Halting: exit_gate[/bold], per token, at most {len(rows)} steps: at inference a "
-                      f"token exits when its cumulative exit probability reaches the threshold {h.threshold:g} (q); "
-                      f"training takes the expected loss over the steps, entropy weight {h.weight:g}")
+        stops, trains = describe_rule(h.type, dict(h.values) or {"threshold": h.threshold, "weight": h.weight})
+        console.print(f"[bold]Halting: {h.type}[/bold] ({HALTING[h.type].reference}), per position, at most "
+                      f"{len(rows)} steps: a position stops when {stops}; training: {trains}")
     t = Table(title=f"Cost per step at sequence length {seq_len}")
     for col in ("step", "calls", "FLOPs/token", "FLOPs/token stopping here"):
         t.add_column(col, justify="left" if col == "calls" else "right")

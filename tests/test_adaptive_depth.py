@@ -333,7 +333,7 @@ def test_a_warm_start_begins_each_token_at_the_previous_tokens_exit_state():
 # ------------------------------------------------------------------ what it refuses
 
 
-TWO_LOOPS = SPEC.replace('    - "h = C(s)"', '    - repeat: 2\n      do: ["h = C(s)"]')
+TWO_LOOPS = SPEC.replace('    - "e = P(e)"', '    - repeat: 2\n      do: ["e = P(e)"]')  # a loop before the sampled one
 
 
 @pytest.mark.parametrize("spec, message", [

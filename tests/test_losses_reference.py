@@ -35,7 +35,7 @@ from test_grids import GRID_SPEC
 
 import hrmspec
 from hrmspec.runtime.execution.losses import row_mean, token_losses
-from hrmspec.runtime.execution.step_halting import act_update, exit_gate_loss, exit_log_probs, mean_steps
+from hrmspec.runtime.execution.rules import act_update, exit_gate_loss, exit_log_probs, expected_step, ponder_loss
 from hrmspec.runtime.execution.supervision import Carry, SegmentOutput, Supervisor
 from hrmspec.runtime.training.loop import Trainer
 from hrmspec.runtime.training.packing import pack
@@ -675,8 +675,89 @@ def test_exit_gate_of_hand_picked_gates():
     # position 0's entropy, written out: 1/2 log 2 + 1/4 log 4 + 2 x 1/8 log 8 = 7/4 log 2
     assert -math.fsum(q * math.log(q) for q in EXIT_P[0]) == pytest.approx(1.75 * math.log(2))
     # the expected exit step the trainer logs: sum_t t p_t
-    expected = mean_steps(model.spec, out.steps, out.step_weights)[0]
+    expected = expected_step(model.spec, out.steps, out.step_weights)[0]
     assert expected[0].item() == pytest.approx(1 * 0.5 + 2 * 0.25 + 3 * 0.125 + 4 * 0.125, rel=1e-6)
+
+
+def geometric_prior(lam: float, steps: int) -> list[float]:
+    """PonderNet's prior: the geometric distribution of parameter lam (the probability of halting at each
+    step) truncated at `steps`, the mass beyond on the last step: lam (1 - lam)^(t-1), then (1 - lam)^(T-1)."""
+    return [lam * (1 - lam) ** t for t in range(steps - 1)] + [(1 - lam) ** (steps - 1)]
+
+
+def test_ponder_of_hand_picked_halting_probabilities():
+    """PonderNet (arXiv 2107.05407): L = sum_t p_t L_t + beta KL(p || p_G(lambda_p)), with the halting
+    distribution of the exit gate's construction and the geometric prior truncated the same way."""
+    beta, prior = 0.05, 0.3
+    model = loop_model("lm", f"{{type: ponder, threshold: 0.5, weight: {beta}, prior: {prior}}}", seed=3)
+    assert model.spec.objective.steps == "expected"  # ponder trains its distribution's expectation
+    ids, labels = torch.tensor([[3, 1, 4, 1]]), torch.tensor([[7, IGNORE, 9, 2]])
+    fixed_step_logits(model, EXIT_LAMBDA)
+    seen = record_outputs(model)
+    out = model(ids, labels=labels, return_logits=False)
+    assert out.steps[0].tolist() == [T] * 4  # training runs every step
+    g = geometric_prior(prior, T)
+    assert math.fsum(g) == pytest.approx(1.0) and g[0] == pytest.approx(0.3) and g[-1] == pytest.approx(0.343)
+    W = model.head.weight.detach().double()
+    total = 0.0
+    for s in (0, 2, 3):
+        L = [NLL["softmax"]((seen[t][0, s] @ W.T).tolist(), int(labels[0, s])) for t in range(T)]
+        kl = math.fsum(q * math.log(q / r) for q, r in zip(EXIT_P[s], g))
+        total += math.fsum(q * x for q, x in zip(EXIT_P[s], L)) + beta * kl
+        assert out.step_weights[0, s].tolist() == pytest.approx(EXIT_P[s], abs=1e-6)
+    assert out.loss.item() == pytest.approx(total / 3, rel=1e-5)
+    # at inference the halting step is where the cumulative probability reaches the threshold
+    fixed_step_logits(model, EXIT_LAMBDA)
+    with torch.no_grad():
+        model.eval()
+        assert model(ids, threshold=0.3).steps[0].tolist() == EXIT_AT[0.3]
+
+
+@settings(max_examples=40)
+@given(M=st.integers(1, 4), steps=st.integers(2, 6), beta=st.sampled_from([0.0, 0.01, 1.0]),
+       prior=st.floats(0.05, 0.95), seed=st.integers(0, 999))
+def test_ponder_loss_of_drawn_halting_probabilities(M, steps, beta, prior, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(M, steps - 1, generator=g, dtype=torch.float64) * 3
+    L = torch.rand(M, steps, generator=g, dtype=torch.float64) * 5
+    got = ponder_loss(L, exit_log_probs(gate), beta, prior)
+    G = geometric_prior(prior, steps)
+    for m in range(M):
+        lam = [sigmoid(x) for x in gate[m].tolist()]
+        p = [lam[t] * math.prod(1 - x for x in lam[:t]) for t in range(steps - 1)] + [math.prod(1 - x for x in lam)]
+        kl = math.fsum(q * math.log(q / r) for q, r in zip(p, G) if q > 0)
+        want = math.fsum(q * x for q, x in zip(p, L[m].tolist())) + beta * kl
+        assert got[m].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_ponder_trains_its_head_by_the_float64_reference():
+    """The halting head's gradient under PonderNet's loss equals autograd of the loss written out in float64."""
+    beta, prior = 0.1, 0.25
+    model = loop_model("lm", f"{{type: ponder, weight: {beta}, prior: {prior}}}", seed=5).double()
+    ids, labels = torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([[7, IGNORE, 9, 2, 6]])
+    seen = record_outputs(model)
+    out = model(ids, labels=labels, return_logits=False)
+    out.loss.backward()
+    w = model.step_head.weight.detach()[0].clone().requires_grad_()
+    b = model.step_head.bias.detach()[0].clone().requires_grad_()
+    W = model.head.weight.detach()
+    G = torch.tensor(geometric_prior(prior, T), dtype=torch.float64)
+    total, counted = 0.0, 0
+    for bi, s in (labels != IGNORE).nonzero().tolist():
+        lam = [torch.sigmoid(seen[t][bi, s] @ w + b) for t in range(T - 1)]
+        survive, p = 1.0, []
+        for t in range(T - 1):
+            p.append(lam[t] * survive)
+            survive = survive * (1 - lam[t])
+        p.append(survive)
+        L = [-torch.log_softmax(seen[t][bi, s] @ W.T, -1)[labels[bi, s]] for t in range(T)]
+        total = total + sum(q * x for q, x in zip(p, L)) + beta * sum(q * torch.log(q / r) for q, r in zip(p, G))
+        counted += 1
+    want = total / counted
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)  # the distribution is taken in fp32
+    want.backward()
+    torch.testing.assert_close(model.step_head.weight.grad[0], w.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(model.step_head.bias.grad[0], b.grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("q", sorted(EXIT_AT))

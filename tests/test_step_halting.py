@@ -15,8 +15,7 @@ import hrmspec
 from hrmspec.cli import main
 from hrmspec.errors import SpecError
 from hrmspec.graph import analyse, build_graph
-from hrmspec.runtime.execution.step_halting import exit_log_probs
-from hrmspec.runtime.execution.supervision import HaltingError
+from hrmspec.runtime.execution.rules import HaltingError, exit_log_probs
 from hrmspec.spec import load_spec, load_spec_text
 
 T = 5  # steps of LOOPED's loop
@@ -371,6 +370,12 @@ ERRORS = [  # (edited spec, file:line:col, message, hint)
      "model.halting.threshold: expected a number in (0, 1], found 1.5", ""),
     (edit("  halting: {type: act, threshold: 0.99, weight: 0.05}\n", "  act: {max_steps: 4}\n"), "x.yaml:14:3",
      "model.act: unknown key 'act'", "halting: {type: act"),
+    (edit("{type: act, threshold: 0.99, weight: 0.05}", "{type: ponder, prior: 0}"), "x.yaml:14:34",
+     "model.halting.prior: expected a number in (0, 1], found 0", ""),
+    (edit("{type: act, threshold: 0.99, weight: 0.05}", "{type: act, prior: 0.3}"), "x.yaml:14:24",
+     "model.halting.prior: 'prior' is a parameter of ponder, not of act", "act takes threshold, weight"),
+    (edit("{type: act, threshold: 0.99, weight: 0.05}", "{type: ponder, prio: 0.3}"), "x.yaml:14:27",
+     "model.halting.prio: unknown key 'prio'", "did you mean 'prior'?"),
 ]
 
 
@@ -393,8 +398,18 @@ def test_a_step_type_under_supervision_says_where_it_belongs():
 def test_defaults_by_type():
     act = load_spec_text(BASE.replace("{type: act, threshold: 0.99, weight: 0.05}", "act"), "x.yaml")
     gate = load_spec_text(BASE.replace("{type: act, threshold: 0.99, weight: 0.05}", "exit_gate"), "x.yaml")
+    ponder = load_spec_text(BASE.replace("{type: act, threshold: 0.99, weight: 0.05}", "ponder"), "x.yaml")
     assert (act.model.halting.threshold, act.model.halting.weight, act.objective.steps) == (0.99, 0.01, "last")
     assert (gate.model.halting.threshold, gate.model.halting.weight, gate.objective.steps) == (0.5, 0.1, "expected")
+    h = ponder.model.halting
+    assert (h.threshold, h.weight, h.value("prior"), ponder.objective.steps) == (0.5, 0.01, 0.2, "expected")
+
+
+def test_a_sampled_repeat_is_the_schedules_last_loop():
+    text = BASE.replace("  halting: {type: act, threshold: 0.99, weight: 0.05}\n", "").replace(
+        SCHEDULE, '    - repeat: {sample: uniform, low: 1, high: 3}\n      do: ["h = U(h)"]\n' + SCHEDULE)
+    with pytest.raises(SpecError, match=r"x.yaml:14:15: model.schedule\[1\].repeat: a repeat after the sampled one"):
+        load_spec_text(text, "x.yaml")
 
 
 # -- the shipped specs -------------------------------------------------------------------------------------
@@ -424,7 +439,7 @@ def test_the_shipped_spec_trains_on_the_cpu_and_evaluates_with_halting(tmp_path,
     out = capsys.readouterr().out
     assert "steps per position:" in out and "spared by halting" in out
     assert main(["eval", str(run), "--n", "4", "--all-steps"]) == 0
-    most = model.loop and len(model.loop.steps)
+    most = model.plan.layout.count
     assert f"steps per position: {most}.00 of {most} (0.0%" in capsys.readouterr().out
     assert main(["generate", str(run), "Spell this word backward: cat", "--max-new-tokens", "3",
                  "--threshold", "0.2"]) == 0

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import hrmspec
 from hrmspec.runtime.execution.losses import row_mean, stablemax, token_losses
-from hrmspec.runtime.execution.supervision import HaltingError, Supervisor
+from hrmspec.runtime.execution.rules import HaltingError
+from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.spec import load_spec_text
 
 SPEC = """

@@ -24,6 +24,7 @@ import networkx as nx
 from hrmspec.graph.body import Body
 from hrmspec.graph.build import call_nodes
 from hrmspec.graph.fusion import final_norm_op
+from hrmspec.halting import HALTING
 from hrmspec.spec.schema import ModelSpec
 
 
@@ -116,7 +117,7 @@ def analyse(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, logits: bo
     steps, scored = loop_steps(G)
     step_head = 2 * d * steps if model.halting is not None else 0
     if model.halting is not None:
-        parts["halting head" if model.halting.type == "act" else "exit gate"] = d + 1
+        parts[HALTING[model.halting.type].head] = d + 1
     fwd = sum(per_call_flops[c["module"]] for c in calls) + head_flops + step_head
     train = sum(per_call_flops[c["module"]] * (3 if c["grad"] else 1) for c in calls) + 3 * (scored * head_flops
                                                                                              + step_head)

@@ -41,16 +41,11 @@ class ExecutionPlan:
     def body(self, call: Call) -> Body:
         return self.bodies[(call.module, len(call.inputs))]
 
-    def layout_at(self, count: int) -> LoopLayout:
-        """The layout with the loop (`layout.item`) run `count` times."""
+    def layout_at(self, count: int) -> tuple[LoopLayout, CreditPlan]:
+        """The layout with the loop (`layout.item`) run `count` times, and its credit plan."""
         schedule = with_recurrence(self.spec.model.schedule, count, self.layout.item)
-        return loop_layout(unroll(schedule), schedule)
-
-    def at_recurrence(self, count: int, item: int | None = None) -> tuple[tuple[Call, ...], CreditPlan]:
-        """The calls and credit plan with the schedule's sampled loop (or its top-level repeat at index
-        `item`) run `count` times."""
-        calls = tuple(unroll(with_recurrence(self.spec.model.schedule, count, item)))
-        return calls, CreditPlan(calls, self.spec.model.credit)
+        layout = loop_layout(unroll(schedule), schedule)
+        return layout, CreditPlan(layout.calls, self.spec.model.credit)
 
 
 def module_plan(m: ModuleSpec, model: ModelSpec, arities: tuple[int, ...] = (1,), fused: bool = False

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from hrmspec.errors import SpecError, close_match
+from hrmspec.halting import HALTING
 from hrmspec.spec.source import PathT, Source, dotted
 
 REQUIRED = object()  # the default of a getter whose key must be present
@@ -30,10 +31,11 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "vocab d_model heads head_dim ffn expansion max_seq_len final_norm block modules states schedule "
         "output head init embed_scale credit puzzle positions halting".split()
     ),
-    "model.halting": ("type", "threshold", "weight"),
+    "model.halting": ("type", *sorted({p.name for k in HALTING.values() if k.scope == "step" for p in k.params})),
     "model.puzzle": ("identifiers", "dim", "positions"),
     "supervision": ("segments", "halting"),
-    "supervision.halting": ("type", "exploration", "weight"),
+    "supervision.halting": ("type", *sorted({p.name for k in HALTING.values() if k.scope == "segment"
+                                             for p in k.params})),
     "model.block": ("norm", "attention", "mlp"),
     "model.block.norm": ("type", "eps", "affine", "place", "expr", "params"),
     "model.block.attention": ("type", "rope_theta", "mask", "bias", "qk_bias"),

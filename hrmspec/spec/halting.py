@@ -8,12 +8,14 @@ halting head reads and what a per-step loss scores. Both therefore need a schedu
 
 and `loop_index` checks it, each failure a `SpecError` at the piece that breaks it with the fix.
 
-The halting types share one vocabulary with `supervision.halting`: `act` and `exit_gate` stop
-positions between steps of one forward (here), `q_learning` and `bce` stop whole samples between
-segments (`supervision:`); a type written in the other place is pointed to where it belongs.
+The rules, their parameters and defaults are the table in hrmspec/halting.py, shared with
+`supervision.halting`: the step rules (act, exit_gate, ponder) stop positions between steps of one
+forward (here), the segment rules (q_learning, bce) stop whole samples between segments
+(`supervision:`); a type written in the other place is pointed to where it belongs.
 
-    model.halting: {type: act, threshold: 0.99, weight: 0.01}       Graves' ACT (Universal Transformer)
-    model.halting: {type: exit_gate, threshold: 0.5, weight: 0.1}   Ouro's exit gate
+    model.halting: {type: act, threshold: 0.99, weight: 0.01}             Graves' ACT (Universal Transformer)
+    model.halting: {type: exit_gate, threshold: 0.5, weight: 0.1}         Ouro's exit gate
+    model.halting: {type: ponder, threshold: 0.5, weight: 0.01, prior: 0.2}   PonderNet
     objective: {type: lm, steps: last | sum | expected}
 """
 
@@ -21,16 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hrmspec.halting import HALTING, SEGMENT_TYPES, STEP_TYPES
 from hrmspec.spec.fields import Fields, describe
 from hrmspec.spec.schedule import flatten
-from hrmspec.spec.schema import CreditSpec, Repeat, StepHaltingSpec
+from hrmspec.spec.schema import CreditSpec, HaltingSpec, Repeat, StepHaltingSpec
 from hrmspec.spec.source import PathT, Source
 
-STEP_TYPES = ("act", "exit_gate")  # halting per step of the loop, inside one forward
-SEGMENT_TYPES = ("q_learning", "bce")  # halting per segment (deep supervision)
 STEP_LOSSES = ("last", "sum", "expected")
-# per type: (threshold, weight) defaults
-_DEFAULTS = {"act": (0.99, 0.01), "exit_gate": (0.5, 0.1)}
 
 
 def halting_type(f: Fields, key: str, mine: tuple[str, ...]) -> str:
@@ -47,22 +46,38 @@ def halting_type(f: Fields, key: str, mine: tuple[str, ...]) -> str:
     return f.choice(key, mine)
 
 
+def read_rule(src: Source, path: PathT, f: Fields, key: str, types: tuple[str, ...], what: str
+              ) -> tuple[str, dict[str, float]]:
+    """The halting rule at `key` of `f` (its name alone, or a mapping {type, <its parameters>}), one of
+    `types`: (its name, every parameter's value, defaults filled in from hrmspec/halting.py)."""
+    node = f.raw(key, None)
+    if isinstance(node, str):
+        kind = halting_type(f, key, types)
+        return kind, HALTING[kind].defaults()
+    names = sorted({p.name for t in types for p in HALTING[t].params})
+    g = Fields(src, path, f"{' or '.join(types)}, or a mapping {{type, {', '.join(names)}}}", what,
+               f"e.g. halting: {{type: {types[0]}, " + ", ".join(f"{p.name}: {p.default:g}"
+                                                             for p in HALTING[types[0]].params) + "}")
+    kind = halting_type(g, "type", types)
+    values = {p.name: g.number(p.name, p.default, lo=p.lo, hi=p.hi, positive=p.positive)
+              for p in HALTING[kind].params}
+    mine = {p.name for p in HALTING[kind].params}
+    for key in g.data:
+        others = [t for t in types if t != kind and key in {p.name for p in HALTING[t].params}]
+        if key not in mine and others:
+            g.fail(path + (key,), f"'{key}' is a parameter of {' and '.join(others)}, not of {kind}",
+                   f"{kind} takes {', '.join(p.name for p in HALTING[kind].params)}", key=True)
+    g.finish()
+    return kind, values
+
+
 def read_halting(src: Source, path: PathT, f: Fields, schedule: tuple, output: str, credit: CreditSpec
                  ) -> StepHaltingSpec | None:
     """model.halting at `path` (`f` reads model), checked against the schedule, output and credit plan."""
     node = f.raw("halting", None)
     if node is None or node == "none":
         return None
-    if isinstance(node, str):
-        kind = halting_type(f, "halting", STEP_TYPES)
-        threshold, weight = _DEFAULTS[kind]
-    else:
-        g = Fields(src, path, "act, exit_gate or a mapping {type, threshold, weight}", "model.halting",
-                   "e.g. halting: {type: act, threshold: 0.99, weight: 0.01}")
-        kind = halting_type(g, "type", STEP_TYPES)
-        threshold = g.number("threshold", _DEFAULTS[kind][0], lo=0.0, hi=1.0, positive=True)
-        weight = g.number("weight", _DEFAULTS[kind][1], lo=0.0)
-        g.finish()
+    kind, values = read_rule(src, path, f, "halting", STEP_TYPES, "model.halting")
     i = loop_index(f, path, schedule, output, "halting")
     loop = schedule[i]
     if loop.count < 2:
@@ -73,7 +88,16 @@ def read_halting(src: Source, path: PathT, f: Fields, schedule: tuple, output: s
         f.fail(path[:-1] + ("credit",),
                f"'{credit.mode}' credit gives gradient to the calls at the end of the schedule, which a halting "
                "loop may never reach", "use credit: none (or per_cycle, which counts within each step)")
-    return StepHaltingSpec(kind, threshold, weight)
+    return StepHaltingSpec(kind, values["threshold"], values["weight"], tuple(values.items()))
+
+
+def read_segment_halting(src: Source, f: Fields) -> HaltingSpec | None:
+    """supervision.halting (`f` reads supervision): a segment rule, or None."""
+    node = f.raw("halting", None)
+    if node is None or node == "none":
+        return None
+    kind, values = read_rule(src, ("supervision", "halting"), f, "halting", SEGMENT_TYPES, "supervision.halting")
+    return HaltingSpec(kind, values["exploration"], values["weight"])
 
 
 def loop_index(f: Fields, asked: PathT, schedule: tuple, output: str, what: str) -> int:
@@ -105,19 +129,18 @@ def read_steps(g: Fields | None, top: Fields, model, supervised: bool, grid: boo
     """objective.steps (`g` reads the objective mapping, None for the short form): its default is
     `expected` with an exit gate, else `last`; the combinations that make no sense are errors."""
     halting = model.halting.type if model.halting is not None else None
-    default = "expected" if halting == "exit_gate" else "last"
+    required = HALTING[halting].steps if halting is not None else None  # what the rule trains with
     if g is None or not g.has("steps"):
-        return default
+        return required or "last"
     steps = g.choice("steps", STEP_LOSSES)
     at = g.path + ("steps",)
-    if steps == "expected" and halting != "exit_gate":
+    if steps == "expected" and required != "expected":
         g.fail(at, "steps: expected is the expectation under an exit distribution, and the model has none",
-               "add model.halting: {type: exit_gate}, or use steps: last | sum")
-    if halting == "exit_gate" and steps != "expected":
-        g.fail(at, f"expected steps: expected with an exit gate (it trains the gate), found {describe(steps)}")
-    if halting == "act" and steps != "last":
-        g.fail(at, f"expected steps: last with act (its output is the halting-weighted state), found "
-               f"{describe(steps)}")
+               "add model.halting: {type: exit_gate} (or ponder), or use steps: last | sum")
+    if required is not None and steps != required:
+        why = ("it trains the halting distribution" if required == "expected"
+               else "its output is the halting-weighted state")
+        g.fail(at, f"expected steps: {required} with {halting} ({why}), found {describe(steps)}")
     if steps == "sum":
         if supervised or grid:
             g.fail(at, "a per-step loss is for the task_completion and lm objectives without supervision:")
@@ -144,4 +167,4 @@ def _flow(items: list[Any]) -> str:
 
 
 __all__ = ["SEGMENT_TYPES", "STEP_LOSSES", "STEP_TYPES", "check_combinations", "halting_type", "loop_index",
-           "read_halting", "read_steps"]
+           "read_halting", "read_rule", "read_segment_halting", "read_steps"]

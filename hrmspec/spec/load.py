@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from hrmspec.spec.fields import Fields, describe
-from hrmspec.spec.halting import SEGMENT_TYPES, check_combinations, halting_type, read_steps
+from hrmspec.spec.halting import check_combinations, read_segment_halting, read_steps
 from hrmspec.spec.model import read_model
-from hrmspec.spec.schema import HaltingSpec, ObjectiveSpec, Spec, SupervisionSpec
+from hrmspec.spec.schema import ObjectiveSpec, Spec, SupervisionSpec
 from hrmspec.spec.shipped import resolve_spec_path, shipped_specs_dir
 from hrmspec.spec.source import Source, apply_overrides, parse_yaml, read_source
 
@@ -71,15 +71,7 @@ def _supervision(src: Source, top: Fields) -> SupervisionSpec | None:
     f = Fields(src, ("supervision",), "a mapping {segments, halting}", "supervision",
                "e.g. supervision: {segments: 16, halting: q_learning}")
     segments = f.integer("segments", maximum=4096)
-    h = f.raw("halting", None)
-    halting = None
-    if isinstance(h, str) and h != "none":
-        halting = HaltingSpec(halting_type(f, "halting", SEGMENT_TYPES))
-    elif h is not None and h != "none":
-        g = Fields(src, ("supervision", "halting"), "a mapping {type, exploration, weight}", "supervision.halting")
-        halting = HaltingSpec(halting_type(g, "type", SEGMENT_TYPES), g.number("exploration", 0.1, lo=0.0, hi=1.0),
-                              g.number("weight", 0.5, lo=0.0))
-        g.finish()
+    halting = read_segment_halting(src, f)
     f.finish()
     return SupervisionSpec(segments, halting)
 

@@ -192,7 +192,8 @@ MAX_LAYERS = 1024  # layers of one module
 
 
 def _check_sampled(src: Source, path: PathT, schedule: tuple) -> None:
-    """A sampled repeat count is a top-level repeat, and the only one (the loop whose depth is drawn)."""
+    """A sampled repeat count is a top-level repeat, the only one (the loop whose depth is drawn), and the
+    schedule's last repeat (the loop of its layout)."""
     sampled = [i for i, item in enumerate(schedule) if isinstance(item, Repeat) and item.sample is not None]
 
     def nested(items: tuple, where: PathT) -> None:
@@ -211,6 +212,11 @@ def _check_sampled(src: Source, path: PathT, schedule: tuple) -> None:
         where = path + (sampled[1], "repeat")
         raise SpecError("only one repeat of the schedule can have a sampled count", src.loc(where), dotted(where),
                         "give the others fixed counts")
+    later = [i for i, item in enumerate(schedule) if isinstance(item, Repeat) and sampled and i > sampled[0]]
+    if later:  # the loop of the layout (hrmspec/graph/layout.py) is the last top-level repeat
+        where = path + (later[0], "repeat")
+        raise SpecError("a repeat after the sampled one: the sampled repeat must be the schedule's last loop",
+                        src.loc(where), dotted(where), "nest this repeat inside the sampled one, or before it")
 
 
 def _injections(src: Source, modules: list[ModuleSpec], statements: list) -> list[ModuleSpec]:

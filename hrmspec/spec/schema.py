@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hrmspec.halting import HALTING
 from hrmspec.spec.grammar import INPUT, Statement
 
 NormPlace = Literal["pre", "post", "sandwich", "pre_post"]
@@ -138,7 +139,7 @@ class ModelSpec:
     final_norm: NormSpec | None = None
     puzzle: PuzzleSpec | None = None  # learned per-puzzle vectors in front of the tokens (HRM, TRM)
     positions: Literal["none", "learned"] = "none"  # learned: a position table added to the embedding
-    halting: StepHaltingSpec | None = None  # halting per iteration of the schedule's loop (act, exit_gate)
+    halting: StepHaltingSpec | None = None  # halting per iteration of the schedule's loop (act, exit_gate, ponder)
 
     def module(self, name: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == name)
@@ -174,7 +175,8 @@ class HaltingSpec:
     """When a sample stops being supervised over segments (HRM's and TRM's ACT heads): a 2-logit head
     (q_halt, q_continue) on the first position of the output state, zero weights and bias -5 at init."""
 
-    type: Literal["q_learning", "bce"]  # q_learning: halt when q_halt > q_continue (HRM); bce: when q_halt > 0 (TRM)
+    # a segment rule of hrmspec/halting.py: q_learning (halt when q_halt > q_continue, HRM), bce (q_halt > 0, TRM)
+    type: str
     exploration: float = 0.1  # in training, the probability of a random minimum of segments in 2..segments
     weight: float = 0.5  # of the halting losses beside the token loss
 
@@ -183,17 +185,20 @@ class HaltingSpec:
 class StepHaltingSpec:
     """Halting inside one forward, per iteration ("step") of the schedule's outermost loop: a one-logit
     head on each position's output state after every step (zero weights, bias -log(steps - 1) at init).
-    See hrmspec/runtime/execution/step_halting.py."""
+    The rules and their parameters: hrmspec/halting.py; what they compute: runtime/execution/rules.py."""
 
-    # act: Graves' adaptive computation time, the output the halting-weighted sum of the steps' states
-    # (Universal Transformer); exit_gate: Ouro's exit distribution over steps, the loss its expectation
-    type: Literal["act", "exit_gate"]
-    # the cumulative probability at which a position stops: act's 1 - epsilon (0.99); exit_gate's q at
-    # inference, the first step whose cumulative exit probability reaches it (0.5)
+    type: str  # a step rule of hrmspec/halting.py: act, exit_gate, ponder
+    # the cumulative probability at which a position stops: act's 1 - epsilon (0.99); exit_gate's and
+    # ponder's: the first step whose cumulative exit (halting) probability reaches it (0.5)
     threshold: float
-    # of the halting term in the loss: act's tau (x the ponder cost, 0.01); exit_gate's beta (x the exit
-    # distribution's entropy, subtracted, 0.1)
+    # of the halting term in the loss: act's tau (x the ponder cost); exit_gate's beta (x the exit
+    # distribution's entropy, subtracted); ponder's beta (x KL to the geometric prior)
     weight: float
+    values: tuple[tuple[str, float], ...] = ()  # every parameter of the rule, threshold and weight too
+
+    def value(self, name: str) -> float:
+        """A parameter of the rule (its default when the spec did not set it)."""
+        return dict(self.values).get(name, HALTING[self.type].defaults().get(name))
 
 
 @dataclass(frozen=True)

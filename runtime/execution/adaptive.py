@@ -21,7 +21,7 @@ the earlier positions' cached keys and values of those stages and nothing stored
 KV cache policy ("latest"): every loop step has its own slots (one per module call and attention op). A
 position that exited at step k is computed no more; at every attention op of a call of a later step it
 has the keys and values of the same op of the same call at step k, and the cache slots of steps k + 1..T
-store those copies (Huginn's latest-available lookup; runtime/execution/step_halting.py's StepSlot). So
+store those copies (Huginn's latest-available lookup; runtime/execution/driver.py's StepSlot). So
 positions that exited at different depths share one cache, every later position attends to every earlier
 one at any step, and with `none` the cache, the logits and the tokens equal `generate` at full depth.
 
@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from hrmspec.errors import HrmspecError, close_match
+from hrmspec.runtime.execution.driver import StepLoop, context_of, walk
 from hrmspec.runtime.execution.stack import KVCache, KVSlot
-from hrmspec.runtime.execution.step_halting import StepLoop
 from hrmspec.spec.grammar import INPUT
-from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT, flatten
+from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT
 from hrmspec.spec.schema import Repeat
 
 
@@ -191,42 +191,23 @@ def parse_exit(text: str | Criterion) -> Criterion:
     return kind(threshold)
 
 
-# ---------------------------------------------------------------------------------- the schedule's stages
+# ---------------------------------------------------------------------------------- the loop
 
 
-@dataclass(frozen=True)
-class LoopStages:
-    """The unrolled schedule with its loop run `len(steps)` times, as the exit driver runs it."""
-
-    calls: tuple  # every call, in order (`hrmspec.graph.credit_plan.Call`): the KV cache's slots
-    before: tuple  # the calls before the loop, run once
-    steps: tuple[tuple, ...]  # the calls of each iteration of the loop
-    after: tuple  # the calls after the loop, run once on the exit states
-    states: tuple[str, ...]  # the states the loop assigns: its latent, and what a warm start carries
-    injects: bool  # the loop reads the input x or a state it does not assign
-
-
-def loop_stages(model, count: int | None = None) -> LoopStages:
-    """The stages of a compiled spec whose schedule has one top-level repeat, with the loop run `count` times
-    (default: its evaluation count); an AdaptiveError saying why a spec does not fit."""
+def loop_stages(model, count: int | None = None):
+    """The plan's loop layout (hrmspec/graph/layout.py) with the loop run `count` times (default: its
+    evaluation count); an AdaptiveError saying why a spec does not fit."""
     spec = model.spec
     check_loop(spec)
-    k, loop = next((i, item) for i, item in enumerate(spec.model.schedule) if isinstance(item, Repeat))
-    count = loop.count if count is None else count
+    layout = model.plan.layout
+    count = layout.repeat.count if count is None else count
     if not 1 <= count <= MAX_REPEAT:
         raise AdaptiveError(f"--max-steps {count}: expected 1 to {MAX_REPEAT} steps of the loop")
-    once = sum(1 for c in model.calls if c.top == k and c.cycle[0] == 0)  # calls of one iteration
-    total = len(model.calls) + (count - loop.count) * once
+    total = len(layout.calls) + (count - layout.count) * layout.per_step
     if total > MAX_CALLS:
         raise AdaptiveError(f"--max-steps {count}: {spec.name}'s schedule would make {total:,} module calls, "
                             f"more than {MAX_CALLS:,}; lower --max-steps")
-    calls, _ = model.plan.at_recurrence(count, item=k)  # the compiler's own unrolling at this count
-    n, m = sum(1 for c in calls if c.top < k), once
-    by_step = tuple(calls[n + t * m: n + (t + 1) * m] for t in range(count))
-    body = flatten(loop.body)
-    states = tuple(dict.fromkeys(st.target for st in body))
-    injects = any(name not in states for st in body for name in st.inputs)
-    return LoopStages(calls, calls[:n], by_step, calls[n + count * m:], states, injects)
+    return model.plan.layout_at(count)[0]
 
 
 def check_loop(spec) -> None:
@@ -271,6 +252,43 @@ class _PeekSlot(KVSlot):
         return torch.cat([pick(self.inner.k), k], dim=2), torch.cat([pick(self.inner.v), v], dim=2)
 
 
+class CriterionRule:
+    """An exit criterion as the driver's stop rule: after each step but the last, the positions whose change
+    fell below the threshold stop; all stop after the last. Before the loop it applies a warm start, after
+    it keeps the last position's loop states for the next token's."""
+
+    def __init__(self, depth: AdaptiveDepth, cache: KVCache | None, warm: dict[str, torch.Tensor] | None):
+        self.depth, self.cache, self.warm = depth, cache, warm
+
+    def start(self, loop: StepLoop) -> None:
+        self.depth.criterion.start()
+        if self.warm is not None:
+            loop.z.update(self.warm)
+
+    def after(self, t: int, loop: StepLoop) -> torch.Tensor:
+        crit, layout = self.depth.criterion, self.depth.stages
+        if t == layout.count:
+            return loop.running
+        if crit.reads is None:
+            return torch.zeros_like(loop.running)
+        if crit.reads == "logits":
+            return crit.step(self.peek(loop), loop.rows)
+        return crit.step(torch.cat([loop.z[s] for s in layout.states], dim=-1))  # (B, S, k d)
+
+    def end(self, loop: StepLoop) -> None:
+        if self.depth.warm_start:
+            self.depth.warm = {s: loop.z[s][:, -1:] for s in self.depth.stages.states}
+
+    def peek(self, loop: StepLoop) -> torch.Tensor:
+        """(rows, S, vocab): the logits the computed rows would have if they exited now."""
+        model = self.depth.model
+        seen = {name: loop.pick(t) for name, t in loop.z.items()}
+        for call in self.depth.stages.after:
+            slots = None if self.cache is None else [_PeekSlot(s, loop) for s in self.cache.slots[call.index]]
+            seen[call.target] = model.stacks[call.module]([seen[n] for n in call.inputs], loop.ctx, slots)
+        return model.logits_of(seen[model.spec.model.output])
+
+
 @dataclass
 class DepthOutput:
     """What a forward with exits returns (the fields of a ModelOutput it has)."""
@@ -300,7 +318,7 @@ class AdaptiveDepth:
 
     @property
     def max_steps(self) -> int:
-        return len(self.stages.steps)
+        return self.stages.count
 
     def new_cache(self) -> KVCache:
         """An empty KV cache: one slot per attention op of every call, each loop step its own."""
@@ -312,67 +330,28 @@ class AdaptiveDepth:
                  position_ids: torch.Tensor | None = None, last_only: bool = False) -> DepthOutput:
         """`doc_ids` and `position_ids` as for the model's forward (with a cache, `doc_ids` covers the cached
         keys too: (B, past + S)). `last_only`: the logits of the last position only, (B, 1, vocab)."""
-        model, stages, crit = self.model, self.stages, self.criterion
+        model, stages = self.model, self.stages
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         if self.warm_start and cache is None:
             raise ValueError("a warm start carries the loop's states from token to token: decode with a KV cache")
+        warm = None
+        if self.warm_start and past:
+            if self.warm is None or S != 1:
+                raise ValueError("a warm start decodes one token at a time after a prompt of the same forward")
+            warm = self.warm
         if position_ids is None:  # these tokens come after the cached ones
             position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
         ctx = model.context(B, S, prefix_mask, doc_ids, position_ids, past)
         x = model.embed_inputs(input_ids, position_ids=position_ids)
         z = {INPUT: x, **model.initial_states(x, self.init_scale)}
-        self._run(stages.before, z, ctx, cache)
-        if self.warm_start and past:
-            if self.warm is None or S != 1:
-                raise ValueError("a warm start decodes one token at a time after a prompt of the same forward")
-            z.update(self.warm)
-
-        def context_of(rows: torch.Tensor):  # the masks and rotary tables of some rows
-            pick = [None if t is None else t.index_select(0, rows) for t in (prefix_mask, doc_ids, position_ids)]
-            return model.context(len(rows), S, *pick, past)
-
-        loop = StepLoop(model, z, ctx, context_of, cache)
-        crit.start()
-        depth = torch.zeros(B, S, dtype=torch.long, device=x.device)
-        for t, calls in enumerate(stages.steps, 1):
-            loop.begin_step()
-            for offset, call in enumerate(calls):
-                loop.call(call, offset)
-            depth += loop.running.long()
-            if t == len(stages.steps):
-                break
-            if crit.reads is not None:
-                raw = self._peek(z, loop, cache) if crit.reads == "logits" else self._latent(z)
-                loop.running = loop.running & ~crit.step(raw, loop.rows if crit.reads == "logits" else None)
-            if not bool(loop.running.any()):
-                loop.fill_cache(stages.steps[t:])
-                break
-        if self.warm_start:
-            self.warm = {s: z[s][:, -1:] for s in stages.states}
-        self._run(stages.after, z, ctx, cache)
+        flags = [False] * len(stages.calls)  # no gradient at inference
+        walked = walk(model, stages, flags, z, ctx, CriterionRule(self, cache, warm), cache,
+                      context_of(model, S, past, prefix_mask, doc_ids, position_ids))
         hidden = z[model.spec.model.output]
         logits = model.logits_of(hidden[:, -1:] if last_only else hidden)
-        return DepthOutput(logits, depth, hidden, {s.name: z[s.name] for s in model.spec.model.states})
-
-    def _run(self, calls, z: dict, ctx, cache: KVCache | None) -> None:
-        """The stages outside the loop, on every position."""
-        for call in calls:
-            slots = None if cache is None else cache.slots[call.index]
-            z[call.target] = self.model.stacks[call.module]([z[n] for n in call.inputs], ctx, slots)
-
-    def _latent(self, z: dict) -> torch.Tensor:
-        return torch.cat([z[s] for s in self.stages.states], dim=-1)  # (B, S, k d)
-
-    def _peek(self, z: dict, loop: StepLoop, cache: KVCache | None) -> torch.Tensor:
-        """(rows, S, vocab): the logits the computed rows would have if they exited now."""
-        model = self.model
-        seen = {name: loop.pick(t) for name, t in z.items()}
-        for call in self.stages.after:
-            slots = None if cache is None else [_PeekSlot(s, loop) for s in cache.slots[call.index]]
-            seen[call.target] = model.stacks[call.module]([seen[n] for n in call.inputs], loop.ctx, slots)
-        return model.logits_of(seen[model.spec.model.output])
+        return DepthOutput(logits, walked.steps, hidden, {s.name: z[s.name] for s in model.spec.model.states})
 
 
-__all__ = ["CRITERIA", "AdaptiveDepth", "AdaptiveError", "Criterion", "DepthOutput", "LoopStages", "check_loop",
+__all__ = ["CRITERIA", "AdaptiveDepth", "AdaptiveError", "Criterion", "CriterionRule", "DepthOutput", "check_loop",
            "loop_stages", "parse_exit"]

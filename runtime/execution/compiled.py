@@ -14,9 +14,10 @@ Calls outside the credit plan run under no-grad: they keep no activations and gr
 their outputs, so training memory grows with the credit depth, not with the number of cycles.
 Each module is a `ModuleStack` holding the parameters its body declares (runtime/execution/stack.py).
 
-A spec with `model.halting` (act, exit_gate) or `objective.steps: sum` runs its schedule's loop
-step by step instead (runtime/execution/step_halting.py): a per-step head decides where each
-position stops, and the head reads (or the loss scores) what that rule says.
+The schedule is walked by the one driver (runtime/execution/driver.py) along the plan's loop layout.
+A spec with `model.halting` (act, exit_gate, ponder) or `objective.steps: sum` walks its loop with the
+stop rule of its halting (runtime/execution/rules.py): a per-step head decides where each position
+stops, and the head reads (or the loss scores) what that rule says.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from torch import nn
 
 from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
+from hrmspec.runtime.execution.driver import context_of, walk
 from hrmspec.runtime.execution.generate import generate
 from hrmspec.runtime.execution.hrm_interface import act_step, initial_carry
 from hrmspec.runtime.execution.losses import IGNORE_INDEX, token_losses
+from hrmspec.runtime.execution.rules import step_rule
 from hrmspec.runtime.execution.stack import KVCache, ModuleStack, register_at
-from hrmspec.runtime.execution.step_halting import loop_layout, run_loop
 from hrmspec.runtime.interop.export import save_hf
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schedule import sampled_loop
@@ -50,10 +52,23 @@ class ModelOutput:
     states: dict[str, torch.Tensor] | None = None  # every state after the schedule (B, P + S, d): a segment's carry
     hidden: torch.Tensor | None = None  # the output state (B, P + S, d), puzzle positions included
     q_logits: torch.Tensor | None = None  # (B, 2) fp32 (q_halt, q_continue) of the halting head, if the spec has one
-    # a spec with model.halting or a per-step loss (runtime/execution/step_halting.py):
+    # a spec with model.halting or a per-step loss (runtime/execution/rules.py):
     steps: torch.Tensor | None = None  # (B, P + S) int: the loop's steps each position ran
     step_weights: torch.Tensor | None = None  # (B, P + S, T) fp32: each step's weight in the output (or loss)
     ponder: torch.Tensor | None = None  # act: the mean ponder cost N + R over the counted positions
+
+
+@dataclass
+class LoopResult:
+    """What a stop rule leaves after walking the loop (runtime/execution/rules.py: `finish`)."""
+
+    hidden: torch.Tensor  # (B, N, d): what the head reads (act's mixture, the exit step's state, the last state)
+    steps: torch.Tensor  # (B, N) int: the steps each position ran
+    weights: torch.Tensor  # (B, N, T) fp32: each step's weight in the output (an exit distribution in training)
+    loss_sum: torch.Tensor | None = None  # per-step losses (an exit distribution, steps: sum) over counted tokens
+    n_tokens: torch.Tensor | None = None
+    extra_loss: torch.Tensor | None = None  # act: weight x the ponder cost summed over counted positions
+    ponder: torch.Tensor | None = None  # act: the mean ponder cost N + R (detached)
 
 
 class CompiledModel(nn.Module):
@@ -93,9 +108,9 @@ class CompiledModel(nn.Module):
         sup = spec.supervision
         if sup is not None and sup.halting is not None:  # (q_halt, q_continue) from the first position
             self.halting = nn.Linear(m.d_model, 2)
-        # the loop's calls by step, when the forward halts per step or scores every step
-        self.loop = loop_layout(self.calls) if m.halting is not None or spec.objective.steps == "sum" else None
-        if m.halting is not None:  # act's halting probability or the exit gate, per position and step
+        # the forward walks its loop step by step under a stop rule: it halts per step or scores every step
+        self.stepwise = m.halting is not None or spec.objective.steps == "sum"
+        if m.halting is not None:  # act's halting probability, the exit gate or ponder's, per position and step
             self.step_head = nn.Linear(m.d_model, 1)
         self.recurrence: int | None = None  # a sampled loop's count (None: its evaluation count); set_recurrence
         self._at_count: dict[int, tuple] = {}
@@ -120,16 +135,21 @@ class CompiledModel(nn.Module):
             raise ValueError(f"{self.spec.name} has no sampled repeat: its loop counts are fixed")
         self.recurrence = count
 
-    def schedule_at(self, count: int | None) -> tuple[tuple, list[bool]]:
-        """The calls and their grad flags with the sampled loop run `count` times (None: the plan's)."""
+    def layout_at(self, count: int | None) -> tuple:
+        """The loop layout and the calls' grad flags with the loop run `count` times (None: the plan's)."""
         if count is None:
-            return self.calls, self.grad_flags
+            return self.plan.layout, self.grad_flags
         if count not in self._at_count:
             if len(self._at_count) > 64:  # counts are drawn per step: keep the plans of a few
                 self._at_count.clear()
-            self._at_count[count] = self.plan.at_recurrence(count)
-        calls, credit = self._at_count[count]
-        return calls, credit.flags(self.progress)
+            self._at_count[count] = self.plan.layout_at(count)
+        layout, credit = self._at_count[count]
+        return layout, credit.flags(self.progress)
+
+    def schedule_at(self, count: int | None) -> tuple[tuple, list[bool]]:
+        """The calls and their grad flags with the loop run `count` times (None: the plan's)."""
+        layout, flags = self.layout_at(count)
+        return layout.calls, flags
 
     # ------------------------------------------------------------------ init
 
@@ -158,7 +178,7 @@ class CompiledModel(nn.Module):
             self.halting.bias.fill_(-5.0)
         if hasattr(self, "step_head"):  # p (act) or lambda (exit gate) 1 / T at every step and position
             self.step_head.weight.zero_()
-            self.step_head.bias.fill_(-math.log(len(self.loop.steps) - 1))
+            self.step_head.bias.fill_(-math.log(self.plan.layout.count - 1))
         declared = [(stack.weight(p.path), p) for stack in self.stacks.values() for p in stack.param_specs]
         if self.plan.final_norm is not None:
             declared += [(self.final_weight(p.path), p) for p in self.plan.final_norm.params]
@@ -285,32 +305,27 @@ class CompiledModel(nn.Module):
             position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
         x = self.embed_inputs(input_ids, puzzle_ids, position_ids)  # (B, P + S, d)
         z = {INPUT: x, **self.initial_states(x, init_scale), **(states or {})}
-        if self.loop is not None:  # halting per step of the loop, or a loss over every step
-
-            def context_of(rows: torch.Tensor) -> Context:  # the masks and rotary tables of some rows
-                pick = [None if t is None else t.index_select(0, rows) for t in (prefix_mask, doc_ids, position_ids)]
-                return self.context(len(rows), P + S, *pick, past)
-
-            res = run_loop(self, z, ctx, context_of, cache, labels, return_logits, all_steps, threshold)
+        layout, flags = self.layout_at(num_steps if num_steps is not None else self.recurrence)
+        if cache is not None and len(cache.slots) != len(layout.calls):
+            raise ValueError(f"the KV cache holds {len(cache.slots)} calls, this forward makes {len(layout.calls)}: "
+                             "make it with new_cache(num_steps) for the same count")
+        if self.stepwise:  # halting per step of the loop, or a loss over every step
+            rule = step_rule(self, z[m.output], labels, layout.count, all_steps, threshold)
+            walked = walk(self, layout, flags, z, ctx, rule, cache,
+                          context_of(self, P + S, past, prefix_mask, doc_ids, position_ids))
+            res = LoopResult(z[m.output], walked.steps, rule.weights)
+            rule.finish(res)
             hidden = res.hidden
             if res.loss_sum is None:
                 out = self.head_output(hidden, labels, return_logits)
             else:
-                out = ModelOutput(logits=res.logits, loss_sum=res.loss_sum, n_tokens=res.n_tokens)
+                logits = self.logits_of(hidden[:, self.prefix_len:]) if return_logits else None
+                out = ModelOutput(logits=logits, loss_sum=res.loss_sum, n_tokens=res.n_tokens)
             if res.extra_loss is not None:
                 out.loss_sum = out.loss_sum + res.extra_loss
             out.steps, out.step_weights, out.ponder = res.steps, res.weights, res.ponder
         else:
-            track = torch.is_grad_enabled()
-            calls, flags = self.schedule_at(num_steps if num_steps is not None else self.recurrence)
-            if cache is not None and len(cache.slots) != len(calls):
-                raise ValueError(f"the KV cache holds {len(cache.slots)} calls, this forward makes {len(calls)}: "
-                                 "make it with new_cache(num_steps) for the same count")
-            for call, grad in zip(calls, flags):
-                with torch.set_grad_enabled(track and grad):
-                    terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
-                    slots = None if cache is None else cache.slots[call.index]
-                    z[call.target] = self.stacks[call.module](terms, ctx, slots)
+            walk(self, layout, flags, z, ctx, cache=cache)
             hidden = z[m.output]
             out = self.head_output(hidden, labels, return_logits)
         if labels is not None:
@@ -375,8 +390,8 @@ class CompiledModel(nn.Module):
 
     def new_cache(self, num_steps: int | None = None) -> KVCache:
         """An empty KV cache for forwards with a sampled loop run `num_steps` times (default: as forward)."""
-        calls, _ = self.schedule_at(num_steps if num_steps is not None else self.recurrence)
-        return KVCache([self.stacks[c.module].attention_ops for c in calls])
+        layout, _ = self.layout_at(num_steps if num_steps is not None else self.recurrence)
+        return KVCache([self.stacks[c.module].attention_ops for c in layout.calls])
 
     # ------------------------------------------------------------------ conveniences
 

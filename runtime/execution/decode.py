@@ -28,8 +28,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
+from hrmspec.runtime.execution.context import Context
+from hrmspec.runtime.execution.driver import Static, walk
 from hrmspec.spec.grammar import INPUT
 
 BUCKET = 64  # compiled decoding: cache lengths are rounded up to a multiple of this
@@ -61,11 +62,12 @@ class StaticCache:
         return cls(slots, valid)
 
 
-def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+def decode_step(model, layout, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                 cache: StaticCache, drawn: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (B, vocab) of the next token after `tokens` (B,) at `positions` (B,), written to cache
-    slot `slot` (a 1-element long tensor). `drawn`: the random initial states (`model.random_states`,
-    (B, 1, d) each), drawn by the caller, so the step itself draws nothing."""
+    slot `slot` (a 1-element long tensor): the driver's walk of `layout` (the model's loop layout) with no
+    stop rule and the static cache as its cache policy. `drawn`: the random initial states
+    (`model.random_states`, (B, 1, d) each), drawn by the caller, so the step itself draws nothing."""
     m = model.spec.model
     x = model.embed_inputs(tokens[:, None], position_ids=positions[:, None])
     z = {INPUT: x, **model.initial_states(x, 0.0), **drawn}
@@ -73,10 +75,7 @@ def decode_step(model, calls, tokens: torch.Tensor, positions: torch.Tensor, slo
     mask = cache.valid[:, None, None, :]  # (B, 1, 1, T)
     rope = {theta: model.ops.rope_tables(positions[:, None], m.head_dim, theta, x.dtype)
             for theta in {mod.block.attention.rope_theta for mod in m.modules} - {None}}
-    for call in calls:
-        stack = model.stacks[call.module]
-        terms = [z[name] for name in call.inputs]
-        z[call.target] = stack.decode(terms, rope, cache.slots[call.index], slot, mask)
+    walk(model, layout, None, z, Context(mask={}, rope=rope), cache=Static(cache, slot, mask))
     return model.logits_of(z[m.output][:, -1])
 
 
@@ -93,21 +92,10 @@ def cache_length(total: int, compiled: bool) -> int:
     return -(-total // BUCKET) * BUCKET if compiled else total
 
 
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                  slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row (B, 1, h, hd): its key and value written at `slot`, attention over the valid slots."""
-    K, V = kv
-    K.index_copy_(2, slot, k.transpose(1, 2))
-    V.index_copy_(2, slot, v.transpose(1, 2))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask)
-    return out.transpose(1, 2)
-
-
 def left_padded(attention_mask: torch.Tensor) -> bool:
     """Whether every row's real tokens end at the last position (padding only on the left)."""
     m = attention_mask.bool()
     return bool(m[:, -1].all()) and bool((m[:, 1:] >= m[:, :-1]).all())
 
 
-__all__ = ["BUCKET", "StaticCache", "attend_cached", "cache_length", "compiled_step", "decode_step",
-           "left_padded"]
+__all__ = ["BUCKET", "StaticCache", "cache_length", "compiled_step", "decode_step", "left_padded"]

@@ -7,7 +7,7 @@ prompt as prefix — which `generate(..., use_cache=False)` does, as a check.
 
 With `model.halting` each position stops where its head says (`all_steps=True`: every step); a
 token that stopped early fills the cache slots of later steps by the KV policy of
-runtime/execution/step_halting.py, so both ways still agree. With `exit` (any spec with one
+runtime/execution/driver.py, so both ways still agree. With `exit` (any spec with one
 top-level loop) each position leaves the loop where that criterion says, by the same policy
 (runtime/execution/adaptive.py; the criteria that read the latent agree both ways too).
 
@@ -93,7 +93,7 @@ def generate(
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
     if padded and not left_padded(attention_mask):
         raise ValueError("generate: pad prompts on the left (attention_mask 0 before each row's first token)")
-    static = exit is None and model.loop is None and use_cache
+    static = exit is None and not model.stepwise and use_cache
     if compile and not static:
         raise ValueError(compile_refusal(model, exit, use_cache))
     if static:
@@ -105,7 +105,7 @@ def generate(
         forward, options = model, {"all_steps": all_steps, "threshold": threshold, "init_scale": init_scale,
                                    "return_logits": False}
         cache = model.new_cache() if use_cache else None
-        most = len(model.loop.steps) if model.loop is not None else None
+        most = model.plan.layout.count if model.stepwise else None
     else:
         forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {"last_only": True}
         cache = forward.new_cache() if use_cache else None
@@ -147,7 +147,7 @@ def generate(
 def compile_refusal(model, exit=None, use_cache: bool = True) -> str | None:
     """Why `generate(..., compile=True)` cannot decode with `model` under these options (None: it can). The
     compiled step is the static cache's: a fixed unrolling, every position at full depth."""
-    why = ("the loop halts per step (model.halting)" if model.loop is not None else
+    why = ("the loop halts per step (model.halting)" if model.stepwise else
            f"an exit criterion ({exit}) gives each position its own depth" if exit is not None else
            None if use_cache else "use_cache=False re-runs the whole sequence")
     if why is None:
@@ -187,7 +187,7 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
                 **padding)
     logits = model.logits_of(out.hidden[:, -1])  # the last position's only: no (B, S, vocab) logits
     static = StaticCache.from_prefill(cache, real, cache_length(S + max_new_tokens, compile_step))
-    calls, _ = model.schedule_at(model.recurrence)
+    layout, _ = model.layout_at(model.recurrence)
     step = compiled_step() if compile_step else decode_step
     pos = positions[:, -1]
     like = model.embed.weight.new_empty(B, 1, model.spec.model.d_model)  # the shape of a step's states
@@ -200,5 +200,5 @@ def _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask
             break
         pos = pos + 1
         slot = torch.tensor([S + i], device=device)
-        logits = step(model, calls, nxt, pos, slot, static, model.random_states(like, init_scale))
+        logits = step(model, layout, nxt, pos, slot, static, model.random_states(like, init_scale))
     return torch.cat(tokens, dim=1)

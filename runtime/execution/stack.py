@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hrmspec.errors import HrmspecError
 from hrmspec.runtime.execution.context import Context
-from hrmspec.runtime.execution.decode import attend_cached
 
 
 class LengthError(HrmspecError):
@@ -143,6 +143,16 @@ class KVCache:
     @property
     def length(self) -> int:
         return next(slot.length for call in self.slots for slot in call)  # any call with attention
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                  slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row (B, 1, h, hd): its key and value written at `slot`, attention over the valid slots."""
+    K, V = kv
+    K.index_copy_(2, slot, k.transpose(1, 2))
+    V.index_copy_(2, slot, v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask)
+    return out.transpose(1, 2)
 
 
 def register_at(root: nn.Module, path: str, param: nn.Parameter) -> tuple[nn.Module, str]:

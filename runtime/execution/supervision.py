@@ -34,15 +34,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hrmspec.errors import HrmspecError
 from hrmspec.runtime.execution.losses import IGNORE_INDEX, row_mean, token_losses
+from hrmspec.runtime.execution.rules import SEGMENT_RULES, HaltingError
 from hrmspec.spec.schema import SupervisionSpec
 
 DATA_KEYS = ("input_ids", "labels", "puzzle_ids")  # what a row of a supervised batch holds
-
-
-class HaltingError(HrmspecError):
-    """The halting head's logits are not finite: training cannot go on from this state."""
 
 
 @dataclass
@@ -74,6 +70,7 @@ class Supervisor:
         # without a supervision: section, one segment: the grid objective's plain training step
         self.spec = spec.supervision or SupervisionSpec(segments=1)
         self.halting = self.spec.halting
+        self.rule = SEGMENT_RULES[self.halting.type]() if self.halting is not None else None
         self.loss_kind = spec.objective.loss
 
     # ------------------------------------------------------------------ one segment
@@ -107,9 +104,7 @@ class Supervisor:
         return q[:, 0], q[:, 1]
 
     def says_halt(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
-        if self.halting.type == "q_learning":
-            return q_halt > q_continue
-        return q_halt > 0
+        return self.rule.says_halt(q_halt, q_continue)
 
     def step(self, carry: Carry, batch: dict[str, torch.Tensor], training: bool = True,
              halt: bool = False) -> tuple[Carry, SegmentOutput]:
@@ -135,7 +130,7 @@ class Supervisor:
                     explore = torch.rand(steps.shape, device=steps.device) < self.halting.exploration
                     minimum = torch.randint(2, self.spec.segments + 1, steps.shape, device=steps.device)
                     halted = halted & (steps >= explore * minimum)
-                    if self.halting.type == "q_learning":
+                    if self.rule.bootstraps:
                         nxt = self._forward(data, new_states)
                         q_halt, q_cont = self.q_logits(nxt, steps)
                         result.target_q_continue = torch.sigmoid(torch.where(is_last, q_halt,
@@ -206,4 +201,4 @@ class Supervisor:
         return logits, steps
 
 
-__all__ = ["DATA_KEYS", "Carry", "HaltingError", "SegmentOutput", "Supervisor"]
+__all__ = ["DATA_KEYS", "Carry", "SegmentOutput", "Supervisor"]

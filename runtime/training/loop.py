@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import hrmspec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.execution.step_halting import mean_steps
+from hrmspec.runtime.execution.rules import expected_step
 from hrmspec.runtime.execution.supervision import Carry, Supervisor
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
@@ -407,7 +407,7 @@ class Trainer:
                 loss_sum, count, tokens = outp.loss_sum, outp.n_tokens.float(), int((batch["doc_ids"] >= 0).sum())
                 if outp.steps is not None:  # halting per step: the steps the counted positions ran
                     counted = batch["labels"] != -100
-                    steps = mean_steps(self.spec, outp.steps, outp.step_weights)[:, self.model.prefix_len:][counted]
+                    steps = expected_step(self.spec, outp.steps, outp.step_weights)[:, self.model.prefix_len:][counted]
                     self.segment_metrics = {"positions": float(counted.sum()), "position_steps": float(steps.sum())}
         n_global = count.clone()
         total = torch.tensor([float(loss_sum.detach())], device=self.device)
