@@ -17,7 +17,7 @@ the loop's count and h_t each position's output state after step t.
                exit distribution p_t = lambda_t prod_{j<t} (1 - lambda_j) for t < T and
                p_T = prod_{j<T} (1 - lambda_j) sums to one (computed in log space). In training
                every position runs every step, the LM head scores every step's output, and the loss
-               of a token is sum_t p_t L_t + `regulariser(p)`, here - weight (beta) x H(p) (Ouro). At
+               of a token is sum_t p_t L_t - weight (beta) x H(p) (Ouro; `exit_gate_loss`). At
                inference a token exits at the first step whose cumulative exit probability reaches the
                threshold q (or at T), and the head reads that step's state.
     Ponder     PonderNet: the exit gate's distribution and expected loss, regularised by
@@ -184,7 +184,7 @@ class Act(StepRule):
 
 class ExitGate(StepRule):
     """Ouro's exit gate. Training (with labels): every step runs, the loss is the expected token loss over
-    the exit distribution plus `regulariser`. Inference: a token exits at the first step whose cumulative
+    the exit distribution and its regulariser (`loss`). Inference: a token exits at the first step whose cumulative
     exit probability 1 - prod_{j<=t} (1 - lambda_j) reaches q; the head reads that step's state."""
 
     what = "the exit gate's logit"
@@ -196,9 +196,10 @@ class ExitGate(StepRule):
         self.log_survival = torch.zeros(self.weights.shape[:2], device=self.weights.device)
         self.out = None
 
-    def regulariser(self, log_p: torch.Tensor) -> torch.Tensor:
-        """Per token (M,): - weight x H(p), the entropy bonus that keeps the exits spread (Ouro)."""
-        return self.model.spec.model.halting.weight * (log_p.exp() * log_p).sum(-1)
+    def loss(self, step_losses: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        """Per token (M,): the expected loss less weight x H(p), the entropy bonus that keeps the exits
+        spread (Ouro), for the token losses at every step (M, T) and the exit distribution log p (M, T)."""
+        return exit_gate_loss(step_losses, log_p, self.model.spec.model.halting.weight)
 
     def after(self, t, loop):
         h, running = loop.h, loop.running
@@ -222,8 +223,7 @@ class ExitGate(StepRule):
             result.hidden = self.out
             return
         log_p = exit_log_probs(torch.stack(self.gate, -1))  # (M, T)
-        step_losses = torch.stack(self.losses, -1)
-        result.loss_sum = ((log_p.exp() * step_losses).sum(-1) + self.regulariser(log_p)).sum()
+        result.loss_sum = self.loss(torch.stack(self.losses, -1), log_p).sum()
         result.n_tokens = self.counted.sum()
         self.weights[:, self.P:][self.counted] = log_p.exp().detach()
 
@@ -233,11 +233,10 @@ class Ponder(ExitGate):
 
     what = "the halting head's logit"
 
-    def regulariser(self, log_p):
-        """Per token (M,): weight x KL(p || g), g the truncated geometric prior (`geometric_log_probs`)."""
+    def loss(self, step_losses, log_p):
+        """Per token (M,): the expected loss plus weight x KL(p || g), g the truncated geometric prior."""
         h = self.model.spec.model.halting
-        log_g = geometric_log_probs(h.value("prior"), log_p.shape[-1], log_p.device)
-        return h.weight * (log_p.exp() * (log_p - log_g)).sum(-1)
+        return ponder_loss(step_losses, log_p, h.weight, h.value("prior"))
 
 
 RULES: dict[str, type[StepRule]] = {"act": Act, "exit_gate": ExitGate, "ponder": Ponder}
