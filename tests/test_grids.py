@@ -187,4 +187,5 @@ def test_cli_grid_train_eval_generate(tmp_path, capsys):
     assert "not a square grid" in capsys.readouterr().err
     assert main(["eval", str(run), "--n", "8", "--compile"]) == 2  # nothing to decode: refused in one line
     err = capsys.readouterr().err
-    assert err.startswith("hrmspec: error: --compile: a grid run solves puzzles") and err.count("\n") == 1
+    assert err.startswith("hrmspec: error: --compile: grid-micro: it runs whole puzzles in segments") and \
+        err.count("\n") == 1

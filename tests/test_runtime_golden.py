@@ -33,11 +33,10 @@ from golden_file import GOLDEN, UPDATE_GOLDEN
 from safetensors.torch import load_file, save_file
 
 import hrmspec
-from hrmspec.runtime.execution.adaptive import _refusal
+from hrmspec.capabilities import refusal
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training.loop import train
 from hrmspec.spec import load_spec, load_spec_text
-from hrmspec.spec.schema import Repeat
 
 SPECS = sorted(p.stem for p in (Path(hrmspec.__file__).parent.parent / "specs").glob("*.yaml"))
 FOLDER = GOLDEN / "runtime"
@@ -178,7 +177,7 @@ def record(name: str, tmp: Path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors["greedy.cached"], tensors["greedy.cached_margin"] = _greedy(model, ids, prefix, True)
             torch.manual_seed(5)
             tensors["greedy.uncached"], tensors["greedy.uncached_margin"] = _greedy(model, ids, prefix, False)
-            if not _refusal(spec) and any(isinstance(i, Repeat) for i in spec.model.schedule):
+            if not refusal(spec, "exit"):
                 stats: dict = {}
                 torch.manual_seed(6)
                 tensors["exit.tokens"], tensors["exit.margin"] = _greedy(model, ids, prefix, True, exit="kl:1e-3",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hrmspec.capabilities import mask_refusal
 from hrmspec.spec.fields import Fields, describe
 from hrmspec.spec.halting import check_combinations, read_segment_halting, read_steps
 from hrmspec.spec.model import read_model
@@ -52,6 +53,7 @@ def spec_from_source(src: Source) -> Spec:
                                   steps=read_steps(g, top, model, supervised, kind == "grid"))
         g.finish()
     check_combinations(top, model, supervised, objective.type == "grid")
+    _check_masks(src, top, model, objective.type)
     supervision = _supervision(src, top)
     sections = {}
     for key in ("train", "data", "eval"):
@@ -62,6 +64,19 @@ def spec_from_source(src: Source) -> Spec:
     top.finish()
     return Spec(name=name, model=model, objective=objective, supervision=supervision, source=src.file, raw=src.data,
                 **sections)
+
+
+def _check_masks(src: Source, top: Fields, model, objective: str) -> None:
+    """Every module's attention sound under the objective (hrmspec/capabilities.py): no position may see
+    the tokens it learns to predict. The error points at the module's mask (or type) where it is written."""
+    for mod in model.modules:
+        bad = mask_refusal(mod.block.attention, objective)
+        if bad is None:
+            continue
+        candidates = [("model", "modules", mod.name, "attention", k) for k in ("mask", "type")]
+        candidates += [("model", "block", "attention", k) for k in ("mask", "type")]
+        where = next((p for p in candidates if p in src.values), ("model", "block"))
+        top.fail(where, f"module {mod.name}: {bad[0]}", bad[1])
 
 
 def _supervision(src: Source, top: Fields) -> SupervisionSpec | None:

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hrmspec.capabilities import refusal
 from hrmspec.errors import HrmspecError, close_match
 from hrmspec.runtime.execution.driver import StepLoop, context_of, walk
 from hrmspec.runtime.execution.stack import KVCache, KVSlot
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT
-from hrmspec.spec.schema import Repeat
 
 
 class AdaptiveError(HrmspecError):
@@ -211,27 +211,10 @@ def loop_stages(model, count: int | None = None):
 
 
 def check_loop(spec) -> None:
-    """An AdaptiveError saying why the exit driver cannot run a spec, if it cannot."""
-    refuse = _refusal(spec)
+    """An AdaptiveError saying why the exit driver cannot run a spec, if it cannot (hrmspec/capabilities.py)."""
+    refuse = refusal(spec, "exit")
     if refuse:
         raise AdaptiveError(f"{spec.name}: {refuse}")
-
-
-def _refusal(spec) -> str:
-    m = spec.model
-    loops = sum(isinstance(item, Repeat) for item in m.schedule)
-    if m.halting is not None:
-        return (f"its positions halt by the model's own head (model.halting: {m.halting.type}); use --threshold or "
-                "--all-steps instead of --exit")
-    if spec.supervision is not None or m.puzzle is not None or spec.objective.type == "grid":
-        return "it runs whole puzzles in segments (deep supervision); --exit is for a language model's loop"
-    if any(mod.block.attention.type == "token_mlp" for mod in m.modules):
-        return "a token_mlp mixes whole fixed-length rows; it cannot decode token by token"
-    if loops == 0:
-        return "its schedule has no repeat block: there is no loop to exit from"
-    if loops > 1:
-        return f"its schedule has {loops} top-level repeat blocks; an exit criterion needs exactly one loop"
-    return ""
 
 
 # ---------------------------------------------------------------------------------- the forward

@@ -29,6 +29,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from hrmspec.capabilities import refusal
 from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.driver import context_of, walk
@@ -288,12 +289,8 @@ class CompiledModel(nn.Module):
         B, S = input_ids.shape
         m, P = self.spec.model, self.prefix_len
         past = cache.length if cache is not None else 0
-        if P and past:
-            raise ValueError(f"{self.spec.name}: decoding with a KV cache is for token sequences; a spec with "
-                             "puzzle positions runs whole grids, one forward per segment")
-        if cache is not None and any(mod.block.attention.type == "token_mlp" for mod in m.modules):
-            raise ValueError(f"{self.spec.name}: a token_mlp mixes whole fixed-length rows; it cannot decode "
-                             "token by token with a KV cache")
+        if cache is not None and refusal(self.spec, "decode"):
+            raise ValueError(f"{self.spec.name}: {refusal(self.spec, 'decode')}")
         if P:  # the puzzle positions belong to the instruction and to the row's first document
             prefix_mask = None if prefix_mask is None else torch.cat(
                 [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)

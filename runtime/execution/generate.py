@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from hrmspec.capabilities import refusal
 from hrmspec.runtime.execution.adaptive import AdaptiveDepth
 from hrmspec.runtime.execution.decode import StaticCache, cache_length, compiled_step, decode_step, left_padded
 
@@ -147,10 +148,11 @@ def generate(
 def compile_refusal(model, exit=None, use_cache: bool = True) -> str | None:
     """Why `generate(..., compile=True)` cannot decode with `model` under these options (None: it can). The
     compiled step is the static cache's: a fixed unrolling, every position at full depth."""
-    why = ("the loop halts per step (model.halting)" if model.stepwise else
-           f"an exit criterion ({exit}) gives each position its own depth" if exit is not None else
-           None if use_cache else "use_cache=False re-runs the whole sequence")
-    if why is None:
+    cannot = refusal(model.spec, "decode")
+    if cannot:  # it does not decode at all: compiling changes nothing
+        return f"{model.spec.name}: {cannot}"
+    why = refusal(model.spec, "compile", exit=exit, use_cache=use_cache)
+    if not why:
         return None
     return (f"compiled decoding runs a schedule with a fixed unrolling on the KV cache; for {model.spec.name} {why}: "
             "decode without compile")

@@ -220,8 +220,6 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
     why = compile_refusal(model, exit) if compile else None
-    if compile and spec.objective.type == "grid":
-        why = "a grid run solves puzzles in one forward per segment; there is nothing to decode"
     if why:  # refused before anything is decoded
         raise HrmspecError(f"--compile: {why}")
     if exit is not None:
