@@ -24,6 +24,7 @@ import torch
 from report import environment
 
 import hrmspec
+from hrmspec.runtime.execution.depth import DepthPolicy
 from hrmspec.runtime.training.heldout import decode_responses
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,13 +50,13 @@ def by_length(model, ps: list[list[int]], options: dict) -> list[list[int]]:
         groups[len(p)].append(i)
     out: list[list[int]] = [[] for _ in ps]
     for idx in groups.values():
-        for i, r in zip(idx, decode_responses(model, [ps[i] for i in idx], NEW, None, **options)):
+        for i, r in zip(idx, decode_responses(model, [ps[i] for i in idx], NEW, None, depth=DepthPolicy(**options))):
             out[i] = r
     return out
 
 
 def padded(model, ps: list[list[int]], options: dict) -> list[list[int]]:
-    return decode_responses(model, ps, NEW, None, **options)
+    return decode_responses(model, ps, NEW, None, depth=DepthPolicy(**options))
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ import torch  # noqa: E402  (after the cache folder is chosen)
 from report import environment  # noqa: E402
 
 import hrmspec  # noqa: E402
+from hrmspec.runtime.execution.depth import DepthPolicy  # noqa: E402
 from hrmspec.runtime.training.heldout import decode_responses  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,7 +53,7 @@ def decode(model, ps: list[list[int]], compiled: bool) -> tuple[float, list[list
     """(seconds, responses)."""
     torch.manual_seed(0)  # the random initial states: the same draws both ways
     began = time.perf_counter()
-    out = decode_responses(model, ps, NEW, None, compile=compiled)
+    out = decode_responses(model, ps, NEW, None, depth=DepthPolicy(compile=compiled))
     return time.perf_counter() - began, out
 
 

@@ -31,6 +31,7 @@ from hrmspec.runtime.execution.adaptive import (
     loop_stages,
     parse_exit,
 )
+from hrmspec.runtime.execution.depth import DecodeStats
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.data import DataConfig, load_split
 from hrmspec.runtime.training.tokenizer import Tokenizer
@@ -236,10 +237,10 @@ def test_the_shipped_looped_specs_decode_at_full_depth_as_generate_does(name, se
     torch.manual_seed(2)
     want = model.generate(ids, 4)
     torch.manual_seed(2)
-    stats = {}
+    stats = DecodeStats()
     assert torch.equal(model.generate(ids, 4, exit="none", stats=stats), want)
     most = loop_stages(model).steps
-    assert stats["steps"] == stats["positions"] * len(most) and stats["tokens"] == 2 * 4
+    assert stats.steps == stats.positions * len(most) and stats.tokens == 2 * 4
 
 
 @settings(max_examples=10, deadline=None)
@@ -282,11 +283,11 @@ def test_decoding_with_the_cache_equals_rerunning_the_sequence(exit):
     forwards: decoding token by token equals re-running the whole sequence each time, tokens and steps."""
     model = contracting(4)
     ids = prompts(2, 5, seed=4)
-    cached, again = {}, {}
+    cached, again = DecodeStats(), DecodeStats()
     a = model.generate(ids, 4, exit=exit, init_scale=0.0, stats=cached)
     b = model.generate(ids, 4, exit=exit, init_scale=0.0, stats=again, use_cache=False)
     assert torch.equal(a, b) and cached == again
-    assert len([d for d, n in enumerate(cached["depths"]["decoded"]) if n]) > 1  # tokens exited at several depths
+    assert len([d for d, n in enumerate(cached.decoded) if n]) > 1  # tokens exited at several depths
 
 
 def test_each_row_of_a_batch_exits_at_its_own_depth():
@@ -381,7 +382,7 @@ def run(tmp_path_factory):
 def test_eval_reports_the_exit_against_full_depth(run, capsys, monkeypatch):
     held_out = load_split(DataConfig.from_dict(load_spec_text(SPEC, "micro.yaml", SIZES).data), "eval").samples
     # answers fixed in advance: at full depth samples 0-2 answered right, with the exit only sample 0
-    known = KnownAnswers(held_out, lambda i, model, options: i < (3 if isinstance(options["exit"], Never) else 1))
+    known = KnownAnswers(held_out, lambda i, model, options: i < (3 if isinstance(options["depth"].exit, Never) else 1))
     known.install(monkeypatch)
     assert main(["eval", str(run / "run"), "--n", "4", "--exit", "kl:1e-2", "--max-steps", "8"]) == 0
     out = capsys.readouterr().out
@@ -423,7 +424,7 @@ def test_eval_compile_decodes_with_the_compiled_step(run, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **options, backend=counter))
     answers = []
     monkeypatch.setattr(heldout, "decode_answers", lambda *a, **options: answers.append(
-        (options.get("compile", False), real_decode(*a, **options))) or answers[-1][1])
+        (options["depth"].compile, real_decode(*a, **options))) or answers[-1][1])
     decode.compiled_step.cache_clear()
     torch._dynamo.reset()
     try:

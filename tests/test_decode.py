@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import hrmspec
 from hrmspec.backends import REGISTRY
+from hrmspec.runtime.execution.depth import DepthPolicy
 
 SMALL = {"model.vocab": 64, "model.d_model": 32, "model.heads": 2, "model.ffn": 64, "model.max_seq_len": 64,
          "model.modules": {"L": {"layers": 1}, "H": {"layers": 1}}}
@@ -115,17 +116,17 @@ def test_compiled_decoding_builds_a_few_programs_for_many_shapes(monkeypatch):
         prompts = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in range(2, 42, 2)]  # 20 prompts
         with torch.no_grad():
             eager = decode_responses(m, prompts, 8, None, batch_size=8)
-            compiled = decode_responses(m, prompts, 8, None, batch_size=8, compile=True)
+            compiled = decode_responses(m, prompts, 8, None, batch_size=8, depth=DepthPolicy(compile=True))
             assert compiled == eager
             assert counter.frame_count == 2  # batches of 8, 8 and 4 rows, every width + 8 within one bucket
             longer = [torch.randint(0, 64, (k,), generator=gen).tolist() for k in (60, 70, 80)]
-            assert decode_responses(m, longer, 8, None, batch_size=8, compile=True) == \
+            assert decode_responses(m, longer, 8, None, batch_size=8, depth=DepthPolicy(compile=True)) == \
                 decode_responses(m, longer, 8, None, batch_size=8)
             assert counter.frame_count == 3  # 88 positions: the next bucket, its length a variable now
             for rows in range(1, 6):  # 11 (batch, bucket) shapes in all: past dynamo's recompile limit of 8
                 for width in (10, 70):
                     batch = [torch.randint(0, 64, (width,), generator=gen).tolist() for _ in range(rows)]
-                    decode_responses(m, batch, 8, None, batch_size=rows, compile=True)
+                    decode_responses(m, batch, 8, None, batch_size=rows, depth=DepthPolicy(compile=True))
             assert counter.frame_count == 4  # one program more, for 1 row: dynamo specializes a size of 1
     finally:
         decode.compiled_step.cache_clear()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import rel_rms
 from safetensors.torch import load_file, save_file
 
 import hrmspec
@@ -118,7 +119,10 @@ def test_logits_equal_the_official_forward(tmp_path_factory, heads, hd, core, st
         got32 = model(ids, num_steps=steps, init_scale=0.0).logits
         got64 = model.double()(ids, num_steps=steps, init_scale=0.0).logits
     torch.testing.assert_close(got64, want, rtol=1e-9, atol=1e-9)  # the semantics, exactly
-    torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
+    # fp32 rounding through the recurrence: relative RMS error (a few 1e-5 at most over 200 draws), and no
+    # element off by more than 1e-3 of the largest logit (single elements reach 4.5e-4 of it)
+    assert rel_rms(got32.double(), want) < 1e-4
+    torch.testing.assert_close(got32.double(), want, rtol=0, atol=1e-3 * float(want.abs().max()))
 
 
 def test_spec_of_a_released_config_and_its_defaults(tmp_path):

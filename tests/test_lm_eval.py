@@ -229,12 +229,12 @@ def test_compile_decodes_generate_until_with_the_compiled_step(run, tmp_path, mo
 
     seen = []
     real = lm_harness.decode_responses
-    monkeypatch.setattr(lm_harness, "decode_responses", lambda *a, **options: seen.append(options) or real(*a))
+    monkeypatch.setattr(lm_harness, "decode_responses", lambda *a: seen.append(a[5].compile) or real(*a))
     request = Instance("generate_until", {}, ("Calculate 1 + 1.", {"until": [], "max_gen_toks": 4}), 0)
     for flag in (True, False):
         lm = HrmspecLM(path=str(run), compile=flag)
         assert lm.generate_until([request]) == [greedy(lm.model, lm.tokenizer, "Calculate 1 + 1.", new=4)]
-    assert seen == [{"compile": True}, {"compile": False}]
+    assert seen == [True, False]
     ut = load_spec("ut", overrides={"model.vocab": 320, "model.d_model": 16, "model.heads": 2, "model.ffn": 32,
                                     "model.max_seq_len": 96})
     ckpt.save_checkpoint(tmp_path / "ut", 1, hrmspec.compile(ut).state_dict(), ut.raw,

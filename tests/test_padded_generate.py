@@ -11,6 +11,7 @@ import torch
 from greedy_oracle import left_pad
 
 import hrmspec
+from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 
 SMALL = {"model.vocab": 64, "model.d_model": 32, "model.heads": 2, "model.ffn": 64, "model.max_seq_len": 64}
 SPECS = {
@@ -43,7 +44,7 @@ def models():
 
 def alone(model, prompt: list[int], n: int, options: dict) -> tuple[list[int], dict]:
     """The tokens one prompt decodes to in a batch of its own, and generate's stats."""
-    stats: dict = {}
+    stats = DecodeStats()
     out = model.generate(torch.tensor([prompt]), n, stats=stats, init_scale=0.0, **options)
     return out[0, len(prompt):].tolist(), stats
 
@@ -58,7 +59,7 @@ RUNS = [pytest.param(spec, options, use_cache, id=f"{spec}-{'-'.join(map(str, op
 def test_a_padded_batch_decodes_each_row_as_alone(models, spec, options, use_cache):
     model, n = models[spec], 5
     ids, real = left_pad(PROMPTS, pad=63)
-    stats: dict = {}
+    stats = DecodeStats()
     out = model.generate(ids, n, attention_mask=real, stats=stats, init_scale=0.0, use_cache=use_cache, **options)
     # (an exit rule that reads logits peeks at them differently with and without the cache: compare like with like)
     want = [alone(model, p, n, {**options, "use_cache": use_cache}) for p in PROMPTS]
@@ -66,11 +67,11 @@ def test_a_padded_batch_decodes_each_row_as_alone(models, spec, options, use_cac
         assert out[row, ids.shape[1]:].tolist() == tokens, (spec, row)
     # the steps each real position ran, summed over the rows alone: the padding's are not counted
     for key in ("positions", "steps"):
-        assert stats[key] == sum(s[key] for _, s in want), key
+        assert getattr(stats, key) == sum(getattr(s, key) for _, s in want), key
     for part in ("prompt", "decoded"):
-        assert stats["depths"][part] == [sum(d) for d in zip(*(s["depths"][part] for _, s in want))], part
-    assert stats["positions"] == sum(map(len, PROMPTS)) + len(PROMPTS) * (n - 1)
-    depths = stats["depths"]["prompt"] + stats["depths"]["decoded"]
+        assert getattr(stats, part) == [sum(d) for d in zip(*(getattr(s, part) for _, s in want))], part
+    assert stats.positions == sum(map(len, PROMPTS)) + len(PROMPTS) * (n - 1)
+    depths = stats.prompt + stats.decoded
     assert sum(1 for d in depths if d) > 1 or options.get("exit") is None, "every position ran one depth"
 
 
@@ -119,14 +120,15 @@ def test_eval_batches_fit_the_logits_an_exit_criterion_peeks_at(models, monkeypa
 
     monkeypatch.setattr(model, "generate", recorded)
     options = {"exit": "kl:5e-2", "max_steps": 6, "init_scale": 0.0}
-    full = heldout.decode_responses(model, prompts, 4, None, **options)
+    full = heldout.decode_responses(model, prompts, 4, None, depth=DepthPolicy(**options))
     assert [b[0] for b in batches] == [len(prompts)]
     batches.clear()
     width, vocab = max(map(len, prompts)), model.spec.model.vocab
     monkeypatch.setattr(heldout, "PEEK_BYTES", 3 * width * vocab * heldout.PEEK_COPIES * 4)  # three widest rows
-    assert heldout.decode_responses(model, prompts, 4, None, **options) == full
+    assert heldout.decode_responses(model, prompts, 4, None, depth=DepthPolicy(**options)) == full
     assert max(b[0] for b in batches) <= 3 * width // min(b[1] for b in batches) and len(batches) > 1, batches
     assert all(b[0] * b[1] <= 3 * width for b in batches), batches  # rows x width within the budget
     batches.clear()
-    heldout.decode_responses(model, prompts, 4, None, exit="latent:0.3", max_steps=6, init_scale=0.0)
+    heldout.decode_responses(model, prompts, 4, None,
+                             depth=DepthPolicy(exit="latent:0.3", max_steps=6, init_scale=0.0))
     assert [b[0] for b in batches] == [len(prompts)]  # latent reads the states, not logits

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import hrmspec
 from hrmspec.capabilities import refusal
+from hrmspec.runtime.execution.depth import DecodeStats
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training.loop import train
 from hrmspec.spec import load_spec, load_spec_text
@@ -178,11 +179,11 @@ def record(name: str, tmp: Path) -> tuple[dict[str, torch.Tensor], dict]:
             torch.manual_seed(5)
             tensors["greedy.uncached"], tensors["greedy.uncached_margin"] = _greedy(model, ids, prefix, False)
             if not refusal(spec, "exit"):
-                stats: dict = {}
+                stats = DecodeStats()
                 torch.manual_seed(6)
                 tensors["exit.tokens"], tensors["exit.margin"] = _greedy(model, ids, prefix, True, exit="kl:1e-3",
                                                                          stats=stats)
-                facts["exit_steps"] = stats.get("depths")
+                facts["exit_steps"] = {"prompt": stats.prompt, "decoded": stats.decoded}
     return {k: v.contiguous() for k, v in tensors.items()}, facts
 
 

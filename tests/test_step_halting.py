@@ -15,6 +15,7 @@ import hrmspec
 from hrmspec.cli import main
 from hrmspec.errors import SpecError
 from hrmspec.graph import analyse, build_graph
+from hrmspec.runtime.execution.depth import DecodeStats
 from hrmspec.runtime.execution.rules import HaltingError, exit_log_probs
 from hrmspec.spec import load_spec, load_spec_text
 
@@ -252,14 +253,14 @@ def test_generate_with_the_cache_equals_generate_without_it(kind):
     spec = load_spec_text(NESTED.replace("KIND", kind), "nested.yaml")
     model = _with_head(hrmspec.compile(spec), 5, 1.5, 0.5).eval()
     prompts = torch.randint(0, 31, (3, 6), generator=torch.Generator().manual_seed(5))
-    cached, again = {}, {}
+    cached, again = DecodeStats(), DecodeStats()
     with_cache = model.generate(prompts, 8, stats=cached)
     without = model.generate(prompts, 8, use_cache=False, stats=again)
     assert torch.equal(with_cache, without)
-    assert cached == again and cached["positions"] == 3 * (6 + 7)
-    assert 1.5 < cached["steps"] / cached["positions"] < 3.5  # positions stopped at different steps
-    every = model.generate(prompts, 8, all_steps=True, stats=(full := {}))
-    assert full["steps"] == 3 * full["max_steps"] * (6 + 7) and every.shape == with_cache.shape
+    assert cached == again and cached.positions == 3 * (6 + 7)
+    assert 1.5 < cached.mean_steps < 3.5  # positions stopped at different steps
+    every = model.generate(prompts, 8, all_steps=True, stats=(full := DecodeStats()))
+    assert full.steps == 3 * full.max_steps * (6 + 7) and every.shape == with_cache.shape
     # token by token through the cache, the logits and steps of the whole sequence run at once; alone, a
     # row's token that stops early leaves the later steps' cache slots to the policy's copies
     prefix = torch.zeros_like(with_cache, dtype=torch.bool)

@@ -11,10 +11,10 @@ runtime/execution/driver.py, so both ways still agree. With `exit` (any spec wit
 top-level loop) each position leaves the loop where that criterion says, by the same policy
 (runtime/execution/adaptive.py; the criteria that read the latent agree both ways too).
 
-`stats` (a dict) receives the steps run: "positions" (the prompt's and each token fed back, not
-the padding after a row's eos), "steps" (their sum), "max_steps" and "depths" ({"prompt",
-"decoded"}: how many positions ran each number of steps, indexed by it); and always "tokens"
-(those decoded, eos included).
+How deep each position runs is one `DepthPolicy` (runtime/execution/depth.py: an exit criterion, a
+halting spec's all_steps and threshold, the scale of random initial states, compiled decoding); what
+decoding counts goes into a `DecodeStats` (tokens decoded, and the steps each position ran when the
+forward walks its loop step by step).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from hrmspec.capabilities import refusal
 from hrmspec.runtime.execution.adaptive import AdaptiveDepth
 from hrmspec.runtime.execution.decode import StaticCache, cache_length, compiled_step, decode_step, left_padded
+from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> torch.Tensor:
@@ -38,11 +39,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torc
 
 
 def _choose(logits: torch.Tensor, done: torch.Tensor, temperature: float, top_k: int | None,
-            gen: torch.Generator | None, eos_id: int | None, stats: dict | None) -> torch.Tensor:
+            gen: torch.Generator | None, eos_id: int | None, stats: DecodeStats | None) -> torch.Tensor:
     """The next token per row; rows already `done` get eos, rows producing eos are marked done (in place)."""
     nxt = _pick(logits, temperature, top_k, gen)
     if stats is not None:
-        stats["tokens"] = stats.get("tokens", 0) + int((~done).sum())
+        stats.tokens += int((~done).sum())
     if eos_id is not None:
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         done |= nxt == eos_id
@@ -60,15 +61,10 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    all_steps: bool = False,
-    threshold: float | None = None,
-    stats: dict | None = None,
-    exit=None,
-    max_steps: int | None = None,
-    warm_start: bool = False,
-    init_scale: float = 1.0,
     attention_mask: torch.Tensor | None = None,
-    compile: bool = False,  # noqa: A002 - the torch verb
+    depth: DepthPolicy | None = None,
+    stats: DecodeStats | None = None,
+    **policy,
 ) -> torch.Tensor:
     """Return (B, S + new) token ids: the prompts (B, S) followed by the decoded responses.
 
@@ -77,14 +73,13 @@ def generate(
     length (1: token, 0: padding, as transformers has it): the padding is a document of its own that no
     real token sees, and each row's positions start at its first token, so every row decodes as it
     would alone, with halting or an exit rule too. A schedule with a fixed unrolling decodes on a static
-    cache, one step function per token (runtime/execution/decode.py); `compile=True` compiles that
-    step with torch.compile.
-    Rows that produced `eos_id` are padded with it until every row is done. The prompts are moved to
-    the model's device, and the ids returned live there. `all_steps`,
-    `threshold` and `stats`: halting per step (see the module docstring). `exit` (a criterion or its
-    text, e.g. "kl:1e-3"), `max_steps` and `warm_start`: adaptive depth (runtime/execution/adaptive.py).
-    `init_scale` scales the draw of random initial states (0: zeros).
+    cache, one step function per token (runtime/execution/decode.py), compiled with torch.compile under
+    `depth.compile`. Rows that produced `eos_id` are padded with it until every row is done. The prompts
+    are moved to the model's device, and the ids returned live there.
+    `depth`: how deep each position runs (`DepthPolicy`); its fields may also be given as keywords
+    (`exit="kl:1e-3"`, `compile=True`, ...). `stats` receives what decoding counts (`DecodeStats`).
     """
+    depth = DepthPolicy.of(depth, **policy)
     B, S = input_ids.shape
     device = model.embed.weight.device  # the prompts go where the model is; the ids come back from there
     input_ids = input_ids.to(device)
@@ -94,21 +89,22 @@ def generate(
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
     if padded and not left_padded(attention_mask):
         raise ValueError("generate: pad prompts on the left (attention_mask 0 before each row's first token)")
-    static = exit is None and not model.stepwise and use_cache
-    if compile and not static:
-        raise ValueError(compile_refusal(model, exit, use_cache))
+    static = depth.exit is None and not model.stepwise and use_cache
+    if depth.compile and not static:
+        raise ValueError(compile_refusal(model, depth.exit, use_cache))
     if static:
         return _decode_static(model, input_ids, max_new_tokens, prefix_mask, attention_mask, temperature, top_k,
-                              eos_id, generator, stats, init_scale, compile)
+                              eos_id, generator, stats, depth.init_scale, depth.compile)
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    if exit is None:  # the model's output states; the head on the last position only
-        forward, options = model, {"all_steps": all_steps, "threshold": threshold, "init_scale": init_scale,
-                                   "return_logits": False}
+    if depth.exit is None:  # the model's output states; the head on the last position only
+        forward, options = model, {"all_steps": depth.all_steps, "threshold": depth.threshold,
+                                   "init_scale": depth.init_scale, "return_logits": False}
         cache = model.new_cache() if use_cache else None
         most = model.plan.layout.count if model.stepwise else None
     else:
-        forward, options = AdaptiveDepth(model, exit, max_steps, warm_start, init_scale), {"last_only": True}
+        forward = AdaptiveDepth(model, depth.exit, depth.max_steps, depth.warm_start, depth.init_scale)
+        options = {"last_only": True}
         cache = forward.new_cache() if use_cache else None
         most = forward.max_steps
     real = attention_mask.to(device).bool() if padded else torch.ones_like(ids, dtype=torch.bool)
@@ -120,13 +116,7 @@ def generate(
         out = forward(*args, **kwargs, **options)
         if stats is not None and out.steps is not None:
             counted = ~done[:, None] & (real[:, -new:] if part == "prompt" else True)  # not padding, not after eos
-            steps = out.steps[:, -new:][counted]
-            stats["positions"] = stats.get("positions", 0) + steps.numel()
-            stats["steps"] = stats.get("steps", 0) + int(steps.sum())
-            stats["max_steps"] = most
-            depths = stats.setdefault("depths", {"prompt": [0] * (most + 1), "decoded": [0] * (most + 1)})
-            for d, n in enumerate(torch.bincount(steps, minlength=most + 1).tolist()):
-                depths[part][d] += n
+            stats.count(out.steps[:, -new:][counted], most, part)
         return out.logits[:, -1] if out.logits is not None else model.logits_of(out.hidden[:, -1])
 
     logits = run(S, "prompt", ids, prefix_mask=prefix_mask, cache=cache, **prompt)

@@ -38,6 +38,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from hrmspec.errors import HrmspecError
+from hrmspec.runtime.execution.depth import DepthPolicy
 from hrmspec.runtime.execution.generate import compile_refusal
 from hrmspec.runtime.training.data import DataError, Sample, format_sample
 from hrmspec.runtime.training.heldout import decode_responses, load_run
@@ -162,7 +163,7 @@ class HrmspecLM(LM):
         texts = [""] * len(requests)
         for new, members in tqdm(groups.items(), desc="hrmspec generate_until", unit="group"):
             rows = decode_responses(self.model, [prompts[n] for n in members], new, self.tokenizer.eos_id,
-                                    self.batch_size, compile=self.compile)
+                                    self.batch_size, DepthPolicy(compile=self.compile))
             for n, row in zip(members, rows):
                 texts[n] = cut_at_stops(self.tokenizer.decode(row, skip_special=True), stops[n])
         return self._cached("generate_until", requests, texts)

@@ -15,43 +15,44 @@ from __future__ import annotations
 
 import torch
 
-from hrmspec.runtime.execution.adaptive import AdaptiveDepth, Never
+from hrmspec.runtime.execution.adaptive import AdaptiveDepth
+from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 
 
-def depth_options(model, exit, max_steps: int | None = None, warm_start: bool = False) -> dict:
-    """generate's keyword arguments for an exit criterion (or its text), checked against the model: an
+def checked(model, depth: DepthPolicy) -> DepthPolicy:
+    """`depth` with its exit criterion parsed and its cap resolved, checked against the model: an
     AdaptiveError for a criterion or a spec that cannot run, before anything is decoded."""
-    probe = AdaptiveDepth(model, exit, max_steps, warm_start)
-    return {"exit": probe.criterion, "max_steps": probe.max_steps, "warm_start": warm_start}
+    probe = AdaptiveDepth(model, depth.exit, depth.max_steps, depth.warm_start)
+    return DepthPolicy.of(depth, exit=probe.criterion, max_steps=probe.max_steps)
 
 
-def compare_depths(evaluate, model, tokenizer, dcfg, n: int, max_new_tokens: int, root, depth: dict,
+def compare_depths(evaluate, model, tokenizer, dcfg, n: int, max_new_tokens: int, root, depth: DepthPolicy,
                    seed: int = 0) -> dict:
     """The exit's evaluation with full depth's beside it (see the module docstring): `evaluate` is heldout's
-    `evaluate_model` (which calls this module), `depth` from depth_options."""
+    `evaluate_model` (which calls this module), `depth` as `checked` gives it."""
     runs = {}
-    for name, options in (("full_depth", {**depth, "exit": Never(), "warm_start": False}), ("exit", depth)):
-        stats: dict = {}
+    for name, policy in (("full_depth", depth.full_depth()), ("exit", depth)):
+        stats = DecodeStats()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             res = evaluate(model, tokenizer, dcfg, n=n, max_new_tokens=max_new_tokens, root=root, stats=stats,
-                                 **options)
+                           depth=policy)
         runs[name] = {"tasks": res["tasks"], "accuracy": res["accuracy"], "n": res["n"],
                       "depth": depth_summary(stats), **speed(stats)}
-    return {**runs["exit"], "exit": str(depth["exit"]), "warm_start": depth["warm_start"],
+    return {**runs["exit"], "exit": str(depth.exit), "warm_start": depth.warm_start,
             "full_depth": runs["full_depth"]}
 
 
-def speed(stats: dict) -> dict:
-    tokens, seconds = stats.get("tokens", 0), stats.get("seconds", 0.0)
+def speed(stats: DecodeStats) -> dict:
+    tokens, seconds = stats.tokens, stats.seconds
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else None}
 
 
-def depth_summary(stats: dict) -> dict | None:
+def depth_summary(stats: DecodeStats) -> dict | None:
     """The steps per position of generate's `stats` (None if nothing was decoded)."""
-    if not stats.get("positions"):
+    if not stats.positions:
         return None
-    prompt, decoded = stats["depths"]["prompt"], stats["depths"]["decoded"]
+    prompt, decoded = stats.prompt, stats.decoded
     hist = [a + b for a, b in zip(prompt, decoded)]
     used = [d for d, count in enumerate(hist) if count]
     half, seen, median = sum(hist) / 2, 0, used[0]
@@ -60,7 +61,7 @@ def depth_summary(stats: dict) -> dict | None:
         if seen >= half:
             median = d
             break
-    return {"mean": _mean(hist), "max_steps": stats["max_steps"], "prompt": _mean(prompt), "decoded": _mean(decoded),
+    return {"mean": _mean(hist), "max_steps": stats.max_steps, "prompt": _mean(prompt), "decoded": _mean(decoded),
             "min": used[0], "median": median, "max": used[-1],
             "histogram": {str(d): hist[d] for d in used}}
 
@@ -98,4 +99,4 @@ def report_lines(res: dict) -> list[str]:
     return lines
 
 
-__all__ = ["compare_depths", "depth_lines", "depth_options", "depth_summary", "report_lines", "speed"]
+__all__ = ["checked", "compare_depths", "depth_lines", "depth_summary", "report_lines", "speed"]

@@ -36,8 +36,7 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.training.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
-                       all_steps=args.all_steps, threshold=args.threshold, backend=args.backend or "auto",
-                       device=args.device or "auto", compile=args.compile, **_depth_options(args))
+                       backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args))
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -62,14 +61,15 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from hrmspec.runtime.execution.depth import DecodeStats
     from hrmspec.runtime.training.heldout import load_run
 
     model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto")
-    depth = _depth_options(args)
-    if depth:  # a criterion or a spec adaptive depth cannot run: refused before anything is decoded
-        from hrmspec.runtime.training.adaptive_eval import depth_options
+    depth = depth_policy(args)
+    if depth.exit is not None:  # a criterion or a spec adaptive depth cannot run: refused before anything is decoded
+        from hrmspec.runtime.training.adaptive_eval import checked
 
-        depth = depth_options(model, **depth)
+        depth = checked(model, depth)
     if tok is None:  # a grid run: the prompt is a puzzle
         return _solve_grid(model, spec, args)
     limit = spec.model.max_seq_len
@@ -80,19 +80,19 @@ def cmd_generate(args) -> int:
     if ids.shape[1] + args.max_new_tokens > limit:
         raise DataError(f"the prompt is {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}: more than "
                         f"model.max_seq_len {limit}; shorten the prompt or lower --max-new-tokens")
-    stats: dict = {}
+    stats = DecodeStats()
     out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
-                         all_steps=args.all_steps, threshold=args.threshold, stats=stats, **depth)
+                         depth=depth, stats=stats)
     row = out[0, ids.shape[1] :].tolist()
     if tok.eos_id in row:
         row = row[: row.index(tok.eos_id)]
     print(tok.decode(row, skip_special=True))
-    if depth:  # adaptive depth: the steps each position ran
+    if depth.exit is not None:  # adaptive depth: the steps each position ran
         from hrmspec.runtime.training.adaptive_eval import depth_lines, depth_summary
 
         print("\n".join(depth_lines(depth_summary(stats))))
-    elif stats.get("positions"):
-        print(_steps_line(stats["steps"] / stats["positions"], stats["max_steps"]))
+    elif stats.positions:
+        print(_steps_line(stats.mean_steps, stats.max_steps))
     return 0
 
 
@@ -213,12 +213,15 @@ def _depth_arguments(p) -> None:
                    help="adaptive depth: start each decoded token's loop states from the previous token's")
 
 
-def _depth_options(args) -> dict:
-    """generate's exit, max_steps and warm_start ({} without them); --max-steps or --warm-start alone: --exit none."""
-    if args.exit is None and args.max_steps is None and not args.warm_start:
-        return {}
-    exit = "none" if args.exit is None else args.exit
-    return {"exit": exit, "max_steps": args.max_steps, "warm_start": args.warm_start}
+def depth_policy(args):
+    """The depth options of `eval` and `generate` as one DepthPolicy (runtime/execution/depth.py): the exit
+    criterion (--max-steps or --warm-start alone: --exit none), --all-steps, --threshold, --compile."""
+    from hrmspec.runtime.execution.depth import DepthPolicy
+
+    adaptive = args.exit is not None or args.max_steps is not None or args.warm_start
+    return DepthPolicy(exit=("none" if args.exit is None else args.exit) if adaptive else None,
+                       max_steps=args.max_steps, warm_start=args.warm_start, all_steps=args.all_steps,
+                       threshold=args.threshold, compile=getattr(args, "compile", False))
 
 
 def _probability(text: str) -> float:

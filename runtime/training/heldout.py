@@ -17,10 +17,11 @@ import torch
 import hrmspec
 from hrmspec.errors import CheckpointError, HrmspecError
 from hrmspec.runtime.execution.adaptive import parse_exit
+from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 from hrmspec.runtime.execution.generate import compile_refusal
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.adaptive_eval import compare_depths, depth_options
+from hrmspec.runtime.training.adaptive_eval import checked, compare_depths
 from hrmspec.runtime.training.config import TrainConfig
 from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
 from hrmspec.runtime.training.grids import GridConfig, load_grids
@@ -77,15 +78,16 @@ PEEK_COPIES = 4
 
 @torch.no_grad()
 def decode_responses(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                     batch_size: int = 64, **options) -> list[list[int]]:
+                     batch_size: int = 64, depth: DepthPolicy | None = None,
+                     stats: DecodeStats | None = None) -> list[list[int]]:
     """Greedy response tokens (up to eos, not included) to token-id prompts, decoded in batches of prompts of
     neighbouring lengths, left-padded to one length (generate's attention_mask), up to `batch_size` a batch
-    (fewer under an exit criterion that reads logits at a large vocabulary, see PEEK_BYTES). `options`: generate's
-    all_steps, threshold and stats (a spec with model.halting; the stats also get "seconds", the time
-    decoding took), or its exit, max_steps and warm_start (adaptive depth)."""
+    (fewer under an exit criterion that reads logits at a large vocabulary, see PEEK_BYTES). `depth`: how deep
+    each position runs (`DepthPolicy`); `stats` receives generate's counts and the time decoding took."""
+    depth = depth or DepthPolicy()
     responses: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    peeks = options.get("exit") is not None and parse_exit(options["exit"]).reads == "logits"
+    peeks = depth.exit is not None and parse_exit(depth.exit).reads == "logits"
     start = 0
     while start < len(order):
         rows = min(batch_size, len(order) - start)
@@ -101,29 +103,27 @@ def decode_responses(model, prompts: list[list[int]], max_new_tokens: int, eos_i
             real[row, width - len(prompts[i]):] = True
         began = time.perf_counter()
         mask = None if bool(real.all()) else real
-        out = model.generate(ids, max_new_tokens, eos_id=eos_id, attention_mask=mask, **options)
-        if options.get("stats") is not None:  # decoding time alone, for tokens/s
-            options["stats"]["seconds"] = options["stats"].get("seconds", 0.0) + time.perf_counter() - began
+        out = model.generate(ids, max_new_tokens, eos_id=eos_id, attention_mask=mask, depth=depth, stats=stats)
+        if stats is not None:  # decoding time alone, for tokens/s
+            stats.seconds += time.perf_counter() - began
         for row, i in zip(out[:, width:].tolist(), chunk):
             responses[i] = row[: row.index(eos_id)] if eos_id in row else row
     return responses
 
 
 def decode_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 64,
-                   **options) -> list[str]:
+                   depth: DepthPolicy | None = None, stats: DecodeStats | None = None) -> list[str]:
     """`decode_responses` as text."""
-    rows = decode_responses(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size, **options)
+    rows = decode_responses(model, prompts, max_new_tokens, tokenizer.eos_id, batch_size, depth, stats)
     return [tokenizer.decode(row, skip_special=True) for row in rows]
 
 
 def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_tokens: int = 32, root=None,
-                   all_steps: bool = False, threshold: float | None = None, stats: dict | None = None,
-                   compile: bool = False, **depth) -> dict:  # noqa: A002 - generate's option
+                   depth: DepthPolicy | None = None, stats: DecodeStats | None = None) -> dict:
     """{"tasks": {name: {"accuracy", "n"}}, "accuracy": overall, "n": total}; with model.halting also "steps"
     (mean steps per position decoded), "max_steps" and "saved" (the fraction of steps halting spared).
-    `all_steps` runs every step; `threshold` replaces the spec's halting threshold. `stats` receives
-    generate's (and the decoding time); `compile`: generate's compiled decode step; `depth`: generate's exit,
-    max_steps and warm_start."""
+    `depth`: how deep each position runs (`DepthPolicy`: all_steps, threshold, an exit criterion, compiled
+    decoding); `stats` receives generate's counts and the decoding time."""
 
     split = _eval_split(dcfg, root)
     samples = split.samples[:n]
@@ -132,10 +132,9 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     prompts = [tokenizer.encode(format_sample(s)[0]) for s in samples]
     was_training = model.training
     model.eval()
-    stats = {} if stats is None else stats
+    stats = DecodeStats() if stats is None else stats
     with ema_weights(model, ema):
-        answers = decode_answers(model, tokenizer, prompts, max_new_tokens, all_steps=all_steps, threshold=threshold,
-                                 stats=stats, compile=compile, **depth)
+        answers = decode_answers(model, tokenizer, prompts, max_new_tokens, depth=depth, stats=stats)
     model.train(was_training)
     correct: dict[str, list[float]] = defaultdict(list)
     for s, a in zip(samples, answers):
@@ -143,9 +142,9 @@ def evaluate_model(model, tokenizer, dcfg, n: int = 200, ema=None, max_new_token
     tasks = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(correct.items())}
     total = sum(len(v) for v in correct.values())
     res = {"tasks": tasks, "accuracy": sum(sum(v) for v in correct.values()) / total, "n": total}
-    if stats.get("positions"):  # halting per step: what it spared
-        mean = stats["steps"] / stats["positions"]
-        res.update(steps=mean, max_steps=stats["max_steps"], saved=1.0 - mean / stats["max_steps"])
+    if stats.positions:  # halting per step: what it spared
+        mean = stats.mean_steps
+        res.update(steps=mean, max_steps=stats.max_steps, saved=1.0 - mean / stats.max_steps)
     return res
 
 
@@ -207,23 +206,22 @@ def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", d
 
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
-                 all_segments: bool = False, all_steps: bool = False, threshold: float | None = None,
-                 backend: str = "auto", device: str = "auto", exit=None, max_steps: int | None = None,
-                 warm_start: bool = False, compile: bool = False) -> dict:  # noqa: A002 - generate's option
+                 all_segments: bool = False, backend: str = "auto", device: str = "auto",
+                 depth: DepthPolicy | None = None) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
-    halting runs every segment instead of stopping where its head says; `all_steps` and `threshold`: the
-    same for model.halting, per step of the loop, and its threshold. `backend` and `device`: see load_run.
-    `exit`, `max_steps`, `warm_start`: adaptive depth, evaluated against full depth
-    (runtime/training/adaptive_eval.py). `compile`: decode with the compiled step (runtime/execution/decode.py),
-    for a spec with a fixed unrolling."""
+    halting runs every segment instead of stopping where its head says. `backend` and `device`: see
+    load_run. `depth` (`DepthPolicy`): a spec with model.halting at every step or another threshold; an exit
+    criterion (adaptive depth), evaluated against full depth (runtime/training/adaptive_eval.py); compiled
+    decoding (runtime/execution/decode.py), for a spec with a fixed unrolling."""
 
+    depth = depth or DepthPolicy()
     run_dir = Path(run_dir)
     model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
-    why = compile_refusal(model, exit) if compile else None
+    why = compile_refusal(model, depth.exit) if depth.compile else None
     if why:  # refused before anything is decoded
         raise HrmspecError(f"--compile: {why}")
-    if exit is not None:
-        depth = depth_options(model, exit, max_steps, warm_start)  # a spec it cannot run: refused before decoding
+    if depth.exit is not None:
+        depth = checked(model, depth)  # a criterion or a spec it cannot run: refused before decoding
     data = dict(spec.data)
     if spec.objective.type == "grid":
         if tasks:
@@ -239,11 +237,11 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         data["tasks"] = tasks
     dcfg = DataConfig.from_dict(data)
     cfg = TrainConfig.from_dict(dict(spec.train))
-    if exit is not None:
+    if depth.exit is not None:
         res = compare_depths(evaluate_model, model, tokenizer, dcfg, n, cfg.max_new_tokens, run_dir, depth)
     else:
         res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
-                             all_steps=all_steps, threshold=threshold, compile=compile)
+                             depth=depth)
     res["checkpoint"] = str(last)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
     return res
