@@ -58,8 +58,10 @@ from hrmspec.mask import Mask  # noqa: E402
 from hrmspec.runtime.execution import CompiledModel  # noqa: E402
 from hrmspec.runtime.interop.convert import hf_config_from_spec, state_dict_to_hf  # noqa: E402
 from hrmspec.runtime.training.loop import TrainConfig  # noqa: E402
+from hrmspec.runtime.training.objective import StepLoss  # noqa: E402
 from hrmspec.runtime.training.optim import EMA, make_optimizer  # noqa: E402
 from hrmspec.runtime.training.packing import IGNORE, pack  # noqa: E402
+from hrmspec.runtime.training.step import TrainState, param_groups, train_step  # noqa: E402
 
 SPEC = "hrm-text-tiny"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -273,8 +275,10 @@ def train_flops_per_token(model: CompiledModel, seq_len: int) -> float:
 
 
 class Trainer:
-    """One implementation's full training step, as runtime/training/loop.py takes it: forward (autocast),
-    backward, clip_grad_norm_, optimizer step, zero_grad, EMA update."""
+    """One implementation's full training step: runtime/training/step.py's `train_step`, as the trainer takes
+    it (forward under autocast, backward, clip_grad_norm_, optimizer step, zero_grad, EMA update), with the
+    trainer's parameter groups; the forward is the implementation's own (`forward(model, batch)` with a
+    mean loss), so both sides compute their full logits."""
 
     def __init__(
         self,
@@ -286,31 +290,22 @@ class Trainer:
         dtype: torch.dtype = torch.float32,
     ):
         self.model, self.cfg, self.forward, self.dtype = model, cfg, forward, dtype
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or n.startswith(embed_prefix) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = param_groups(model, cfg.weight_decay, embed_prefix)
         self.optimizer = make_optimizer(optimizer, groups, cfg.lr, cfg.betas, cfg.weight_decay)
         self.ema = EMA(model, cfg.ema) if cfg.ema else None
+        autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+        self.state = TrainState(model, self.loss, (self.optimizer,), [p for g in groups for p in g["params"]],
+                                cfg.grad_clip, self.ema, autocast=autocast)
         self.phases: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the last step's forward, backward, update (s)
 
+    def loss(self, batch: dict[str, torch.Tensor]) -> StepLoss:
+        out = self.forward(self.model, batch)
+        return StepLoss(out.loss, torch.ones(()), int(batch["input_ids"].numel()))  # a mean: divided by 1
+
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        t0 = time.perf_counter()
-        autocast = torch.autocast("cpu", dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
-        with autocast:
-            out = self.forward(self.model, batch)
-        loss_value = float(out.loss.detach())  # the trainer's non-finite check syncs here too
-        t1 = time.perf_counter()
-        out.loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip else 1e30)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
-        return loss_value
+        done = train_step(self.state, batch)
+        self.phases = done.phases
+        return done.loss
 
 
 def forward_hrmspec(model: CompiledModel, batch: dict[str, torch.Tensor]):

@@ -74,7 +74,7 @@ def test_a_training_step_moves_the_rows_its_batch_used_by_sign_sgd(tmp_path):
             batch = next(trainer.batches)
             batch["puzzle_ids"] = torch.tensor([0, 2] * (len(batch["puzzle_ids"]) // 2))  # rows 1 and 3 unused
             trainer._schedule()
-            assert trainer.train_step(batch) is not None
+            assert trainer.train_step(batch).loss is not None
             before, grad, lr = seen[k]
             assert lr == pytest.approx(lr_at(k, cfg.steps, OPTION["lr"], int(cfg.warmup * cfg.steps), cfg.schedule,
                                              cfg.min_lr_ratio))

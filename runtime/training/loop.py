@@ -18,7 +18,6 @@ optimizer and EMA, each restored from the newest checkpoint with `--resume`), th
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -32,79 +31,21 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import hrmspec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.execution.rules import expected_step
-from hrmspec.runtime.execution.supervision import Carry, Supervisor
+from hrmspec.runtime.execution.supervision import Carry
 from hrmspec.runtime.files import read_tensors
 from hrmspec.runtime.training import checkpoint as ckpt
 from hrmspec.runtime.training.config import TrainConfig, TrainError
-from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
-from hrmspec.runtime.training.grids import GridConfig, GridRows, load_grids
-from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, held_out_set
+from hrmspec.runtime.training.objective import objective_for
 from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
-from hrmspec.runtime.training.packing import Batches, pack
+from hrmspec.runtime.training.packing import Batches
 from hrmspec.runtime.training.placement import Placement, local_rank, resolve, to_device
 from hrmspec.runtime.training.plot import metric_records
 from hrmspec.runtime.training.recurrence import draw_count
 from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
 from hrmspec.runtime.training.sharded import is_sharded, load_sharded, save_sharded
-from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from hrmspec.runtime.training.step import StepResult, TrainState, param_groups, train_step
 from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import Spec
-
-# --------------------------------------------------------------------------- data
-
-
-def prepare_data(spec: Spec, cfg: TrainConfig, out: Path, tokenizer=None):
-    """Samples -> tokenizer -> packed rows. Returns (tokenizer, rows, pack stats, data config)."""
-    if cfg.seq_len > spec.model.max_seq_len:
-        raise TrainError(f"train.seq_len {cfg.seq_len} is longer than model.max_seq_len {spec.model.max_seq_len}: "
-                         f"lower train.seq_len or set --set model.max_seq_len={cfg.seq_len}")
-    try:
-        dcfg = DataConfig.from_dict(spec.data)
-        train = load_split(dcfg, "train", root=Path(spec.source).parent)
-        if not train.samples:
-            raise TrainError("the training set is empty: check data.path / data.tasks and data.size")
-        if tokenizer is None and cfg.tokenizer:
-            tokenizer = Tokenizer.load(cfg.tokenizer)
-        if tokenizer is None:
-            texts = (t for s in train.samples for t in format_sample(s))
-            conditions = sorted({s.condition for s in train.samples if s.condition} | {"direct", "cot"})
-            tokenizer = train_tokenizer(texts, spec.model.vocab, conditions=conditions)
-    except (DataError, TokenizerError) as e:
-        raise TrainError(str(e)) from None
-    if tokenizer.vocab_size > spec.model.vocab:
-        raise TrainError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab is {spec.model.vocab}: "
-            f"set --set model.vocab={tokenizer.vocab_size} or more"
-        )
-    rows, stats = pack(encode_samples(train.samples, tokenizer), cfg.seq_len, spec.objective.type,
-                       pad_id=tokenizer.pad_id)
-    if len(rows) < cfg.batch_size:
-        raise TrainError(
-            f"only {len(rows)} packed rows for batch_size {cfg.batch_size}: use more data or a smaller batch"
-        )
-    return tokenizer, rows, stats, dcfg
-
-
-def prepare_grids(spec: Spec, cfg: TrainConfig) -> tuple[GridRows, GridConfig]:
-    """The training grids of a `grid` objective, checked against the model's vocabulary and length."""
-    try:
-        gcfg = GridConfig.from_dict(spec.data)
-        rows = load_grids(gcfg, "train")
-    except DataError as e:
-        raise TrainError(str(e)) from None
-    need, cells = gcfg.vocab, rows.inputs.shape[1]
-    if need > spec.model.vocab:
-        raise TrainError(f"{', '.join(gcfg.tasks())} grids need {need} tokens but model.vocab is {spec.model.vocab}: "
-                         f"set --set model.vocab={need}")
-    if cells > spec.model.max_seq_len:
-        raise TrainError(f"a grid is {cells} cells but model.max_seq_len is {spec.model.max_seq_len}: "
-                         f"set --set model.max_seq_len={cells}")
-    if len(rows) < cfg.batch_size:
-        raise TrainError(f"only {len(rows)} training grids for batch_size {cfg.batch_size}: use more data "
-                         "(data.size, data.augment) or a smaller batch")
-    return rows, gcfg
-
 
 # --------------------------------------------------------------------------- the loop
 
@@ -192,26 +133,17 @@ class Trainer:
             raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
         if start is not None:
             _check_same_model(start, spec)
-        self.grid = spec.objective.type == "grid"
-        if self.grid:  # puzzles as fixed grids: no tokenizer, the cells are the tokens
-            self.tokenizer, (rows, self.data_cfg) = None, prepare_grids(spec, cfg)
-        else:
-            self.tokenizer, rows, _, self.data_cfg = prepare_data(
-                spec, cfg, out, Tokenizer.load(start) if start is not None else None)
+        self.objective = objective_for(spec, cfg)  # what the run trains for: data, step loss, evaluation
+        rows = self.objective.prepare(start)
+        self.tokenizer, self.data_cfg = self.objective.tokenizer, self.objective.data_cfg
         if cfg.eval_every and self.rank == 0:  # the held-out set now: a config that cannot give one fails here
-            try:
-                held_out_set(self.data_cfg, Path(spec.source).parent)
-            except DataError as e:
-                raise TrainError(f"the held-out set: {e}") from None
+            self.objective.check_held_out()
         # weights, gradients, two optimizer moments, the EMA: refused before anything is allocated
         self.model = hrmspec.compile(spec, backend=self.placement.backend, copies=4 + (1 if cfg.ema else 0),
                                      copies_are="fp32 weights, gradients, optimizer moments"
                                      + (", EMA" if cfg.ema else ""))
         self.model.reset_parameters(seed=cfg.seed)  # on the CPU: the same weights whatever the device
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
-        # grids are supervised segment by segment (one segment without a supervision: section)
-        self.supervisor = Supervisor(self.model) if self.grid or spec.supervision is not None else None
-        self.carry = None
         self.step, self.skipped, self.nan_run = 0, 0, 0
         state = self._restore_model(start) if start is not None else None
         self.model.to(self.device)
@@ -222,16 +154,20 @@ class Trainer:
 
         self.sharded = self.world > 1 and fsdp
         self.net = self._parallel()
-        if self.supervisor is not None:
-            self.supervisor.run = self.net  # segments run through the data-parallel wrapper
-        self.optimizer = make_optimizer(cfg.optimizer, self._param_groups(), cfg.lr, cfg.betas, cfg.weight_decay)
-        # clipped: what the main optimizer steps (sign-SGD takes only the gradient's sign)
-        self.clipped = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.objective.bind(self.model, self.net)
+        skip = ("puzzle.weight",) if cfg.puzzle_optimizer is not None else ()  # its own optimizer
+        self.optimizer = make_optimizer(cfg.optimizer, param_groups(self.model, cfg.weight_decay, skip=skip), cfg.lr,
+                                        cfg.betas, cfg.weight_decay)
         self.puzzle_optimizer = None  # HRM's sparse sign-SGD on the puzzle table (stateless: not checkpointed)
         if cfg.puzzle_optimizer is not None:
             po = cfg.puzzle_optimizer
             self.puzzle_optimizer = SparseSignSGD([self.model.puzzle.weight], po["lr"], po["weight_decay"])
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        # clipped: what the main optimizer steps (sign-SGD takes only the gradient's sign)
+        self.state = TrainState(self.model, self.objective.loss,
+                                (self.optimizer, *([self.puzzle_optimizer] if self.puzzle_optimizer else [])),
+                                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip,
+                                self.ema, self.world, self.device, self.placement.autocast)
         if start is not None and is_sharded(start):  # any number of ranks (or one process) reads shards
             load_sharded(start, self.model, self.optimizer, self.ema)
         elif start is not None:
@@ -244,9 +180,9 @@ class Trainer:
     def _carry_state(self) -> dict:
         """The supervised rows' carry, so a resumed run continues every sample where it stood. Under torchrun
         each rank holds its own rows: collective, every rank's carry stacked in rank order ("carry_ranks")."""
-        if self.carry is None:
+        c = getattr(self.objective, "carry", None)
+        if c is None:
             return {}
-        c = self.carry
         carry = {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}
         if self.world == 1:
             return {"carry": to_device(carry, "cpu")}
@@ -257,10 +193,10 @@ class Trainer:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
         # the carry holds each rank's rows: under another number of processes the rows start afresh
-        if "carry" in state and self.supervisor is not None and state.get("carry_ranks", 1) == self.world:
+        if "carry" in state and hasattr(self.objective, "carry") and state.get("carry_ranks", 1) == self.world:
             c = state["carry"] if self.world == 1 else _map(lambda t: t[self.rank], state["carry"])
             c = to_device(c, self.device)
-            self.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
+            self.objective.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])
         if not is_sharded(start):  # shards are read once the model is sharded (load_sharded)
             ckpt.load_model_state(self.model, read_tensors(start / "model.safetensors"), start)
         self.batches.load_state_dict(state["data"])
@@ -282,16 +218,6 @@ class Trainer:
             return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
         return self.model
 
-    def _param_groups(self) -> list[dict]:
-        """Weight decay on matrices; none on vectors (norms, biases, states) and the embedding; not the puzzle
-        table under train.puzzle_optimizer. The parameters as they are after sharding (DTensors under FSDP)."""
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            if n == "puzzle.weight" and self.cfg.puzzle_optimizer is not None:
-                continue  # its own optimizer (train.puzzle_optimizer)
-            (no_decay if p.ndim < 2 or n.startswith("embed") else decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     # ------------------------------------------------------------------ running
 
     def fit(self, progress_bar: bool = True, stop_after: int | None = None) -> dict:
@@ -310,11 +236,11 @@ class Trainer:
             while self.step < cfg.steps:
                 lr = self._schedule()
                 done = self.train_step(next(self.batches))
-                if done is None:  # a non-finite loss: skipped, and counted
+                if done.loss is None:  # a non-finite loss: skipped, and counted
                     continue
-                loss, grad_norm, n = done
-                tokens += n
-                for k, v in getattr(self, "segment_metrics", {}).items():
+                loss, grad_norm = done.loss, done.grad_norm
+                tokens += done.tokens
+                for k, v in done.metrics.items():
                     window[k] = window.get(k, 0.0) + v
                 if lead and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     now = time.perf_counter()
@@ -323,11 +249,7 @@ class Trainer:
                             **({"recurrence": self.model.recurrence} if self.model.recurrence else {}),
                             "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
                             "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
-                    if window.get("rows"):  # of the rows whose sample ended in this window
-                        last.update(solved=round(window["exact"] / window["rows"], 4),
-                                    segments=round(window["steps"] / window["rows"], 3))
-                    if window.get("positions"):  # halting per step: mean steps per counted position
-                        last.update(steps=round(window["position_steps"] / window["positions"], 3))
+                    last.update(self.objective.log_fields(window))
                     t_log, tokens, window = now, 0, {}
                     self._write(last, board)
                 if bar is not None:
@@ -366,11 +288,7 @@ class Trainer:
         """Held-out accuracy now (EMA weights), into metrics.jsonl; a sampled loop at its evaluation count."""
         cfg = self.cfg
         self.model.recurrence = None  # the next step draws its own
-        if self.grid:
-            res = evaluate_grids(self.model, self.data_cfg, n=cfg.eval_n, ema=self.ema)
-        else:
-            res = evaluate_model(self.model, self.tokenizer, self.data_cfg, n=cfg.eval_n, ema=self.ema,
-                                 max_new_tokens=cfg.max_new_tokens, root=Path(self.spec.source).parent)
+        res = self.objective.evaluate(cfg.eval_n, self.ema)
         self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
         self.metrics.flush()
         return res
@@ -392,64 +310,23 @@ class Trainer:
                 g["lr"] = lr_at(self.step, cfg.steps, base, warmup, cfg.schedule, cfg.min_lr_ratio)
         return lr
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, int] | None:
-        """Forward, backward, clip, optimizer and EMA on one global batch: (loss, grad norm, tokens seen),
-        or None when the loss was not finite (the step is skipped; too many in a row end the run)."""
-        cfg, world = self.cfg, self.world
-        if world > 1:
-            batch = {k: v[self.rank::world] for k, v in batch.items()}
-        batch = to_device(batch, self.device)
-        with self.placement.autocast():
-            if self.supervisor is not None:
-                loss_sum, count, tokens = self._segment(batch)
-            else:
-                outp = self.net(**batch, return_logits=False)  # the loss in row chunks: no full logits
-                loss_sum, count, tokens = outp.loss_sum, outp.n_tokens.float(), int((batch["doc_ids"] >= 0).sum())
-                if outp.steps is not None:  # halting per step: the steps the counted positions ran
-                    counted = batch["labels"] != -100
-                    steps = expected_step(self.spec, outp.steps, outp.step_weights)[:, self.model.prefix_len:][counted]
-                    self.segment_metrics = {"positions": float(counted.sum()), "position_steps": float(steps.sum())}
-        n_global = count.clone()
-        total = torch.tensor([float(loss_sum.detach())], device=self.device)
-        if world > 1:
-            dist.all_reduce(n_global)
-            dist.all_reduce(total)
-        # DDP averages gradients over ranks: scaled so the result is sum / the global count
-        loss = loss_sum * world / n_global.clamp(min=1)
-        loss_value = float(total) / max(float(n_global), 1.0)
-        if not math.isfinite(loss_value):
+    def train_step(self, batch: dict[str, torch.Tensor]) -> StepResult:
+        """One global batch through `train_step` (runtime/training/step.py), this rank's slice of it; a loss that
+        is not finite is skipped and counted (too many in a row end the run)."""
+        if self.world > 1:
+            batch = {k: v[self.rank::self.world] for k, v in batch.items()}
+        done = train_step(self.state, to_device(batch, self.device))
+        self.step += 1
+        if done.loss is None:
             self.nan_run, self.skipped = self.nan_run + 1, self.skipped + 1
-            self.model.zero_grad(set_to_none=True)
-            if self.nan_run >= cfg.max_nan_steps:
+            if self.nan_run >= self.cfg.max_nan_steps:
                 raise TrainError(
-                    f"loss was not finite for {self.nan_run} steps in a row (at step {self.step}); the last good "
+                    f"loss was not finite for {self.nan_run} steps in a row (at step {self.step - 1}); the last good "
                     f"checkpoint is {ckpt.latest_checkpoint(self.out)}. Lower train.lr or use fp32."
                 )
-            self.step += 1
-            return None
-        self.nan_run = 0
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, cfg.grad_clip if cfg.grad_clip else 1e30)
-        self.optimizer.step()
-        if self.puzzle_optimizer is not None:
-            self.puzzle_optimizer.step()
-        self.model.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.step += 1
-        return loss_value, grad_norm, tokens * world
-
-    def _segment(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One segment of every row under deep supervision (runtime/execution/supervision.py): the
-        loss summed over rows, the rows, the tokens computed. The carry persists across steps."""
-        sup = self.supervisor
-        if self.carry is None:
-            self.carry = sup.initial_carry(batch)
-        self.carry, out = sup.step(self.carry, batch, training=True)
-        loss_sum, self.segment_metrics = sup.loss(self.carry, out)
-        rows = batch["input_ids"].shape[0]
-        return (loss_sum, torch.tensor(float(rows), device=self.device),
-                rows * (batch["input_ids"].shape[1] + self.model.prefix_len))
+        else:
+            self.nan_run = 0
+        return done
 
     def _write(self, record: dict, board) -> None:
         self.metrics.write(json.dumps(record) + "\n")
