@@ -11,7 +11,7 @@ from hrmspec.graph.body import Body
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit_plan import credit_table
 from hrmspec.graph.fusion import fuse_model
-from hrmspec.graph.layout import loop_item
+from hrmspec.graph.layout import loop_layout
 from hrmspec.graph.roofline import Roofline
 from hrmspec.halting import HALTING, describe_rule
 from hrmspec.spec.schedule import sampled_loop
@@ -94,7 +94,7 @@ def recurrence_table(G: nx.DiGraph, seq_len: int, dtype_bytes: int, console: Con
     spec = G.graph["spec"]
     loop = sampled_loop(spec.model.schedule)
     sample = loop.sample
-    shown = max(c.cycle[0] + 1 for c in G.graph["calls"] if c.cycle and c.top == loop_item(G.graph["calls"]))
+    shown = loop_layout(G.graph["calls"]).count
     if sample.kind == "lognormal_poisson":
         law, mean = f"Poisson(LogNormal(ln {sample.mean:g} - {sample.sigma:g}^2/2, {sample.sigma:g})) + 1", \
             sample.mean + 1

@@ -24,6 +24,7 @@ import networkx as nx
 from hrmspec.graph.body import Body
 from hrmspec.graph.build import call_nodes
 from hrmspec.graph.fusion import final_norm_op
+from hrmspec.graph.layout import loop_layout
 from hrmspec.halting import HALTING
 from hrmspec.spec.schema import ModelSpec
 
@@ -61,7 +62,7 @@ def attended(mask: str, seq_len: int) -> float:
 def loop_steps(G: nx.DiGraph) -> tuple[int, int]:
     """(steps of the schedule's outer loop, how many of them the loss scores: every one with a per-step
     objective, else the last)."""
-    steps = 1 + max((c["cycle"][0] for c in call_nodes(G) if c["cycle"]), default=0)
+    steps = max(1, loop_layout(G.graph["calls"]).count)
     return steps, steps if G.graph["spec"].objective.steps != "last" else 1
 
 
@@ -150,16 +151,15 @@ def step_costs(G: nx.DiGraph, seq_len: int = 2048) -> list[dict]:
     that stops after this step: the calls before the loop, the steps so far and the LM head once)}."""
     spec = G.graph["spec"]
     model = spec.model
-    calls = call_nodes(G)
     per_call = {m.name: module_flops(G.graph["bodies"][m.name], model, seq_len) for m in model.modules}
     halting = 2 * model.d_model if model.halting is not None else 0
-    total = sum(per_call[c["module"]] for c in calls if not c["cycle"]) + 2 * model.d_model * model.vocab
+    layout = loop_layout(G.graph["calls"])
+    total = sum(per_call[c.module] for c in layout.before) + 2 * model.d_model * model.vocab
     rows = []
-    for t in range(1 + max(c["cycle"][0] for c in calls if c["cycle"])):
-        mine = [c for c in calls if c["cycle"] and c["cycle"][0] == t]
-        flops = sum(per_call[c["module"]] for c in mine) + halting
+    for t, mine in enumerate(layout.steps):
+        flops = sum(per_call[c.module] for c in mine) + halting
         total += flops
-        rows.append({"step": t + 1, "calls": [c["text"] for c in mine], "flops": flops, "through": total})
+        rows.append({"step": t + 1, "calls": [c.text for c in mine], "flops": flops, "through": total})
     return rows
 
 
