@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from hrmspec.capabilities import ATTENTION
 from hrmspec.errors import SpecError
 from hrmspec.ir.functions import FUNCTIONS
 from hrmspec.ir.parse import parse_norm_expr
@@ -161,7 +162,7 @@ def _attention(src: Source, path: PathT, base: AttentionSpec) -> AttentionSpec:
     theta = f.raw("rope_theta", base.rope_theta)
     if f.has("rope_theta") and theta not in (None, "none"):
         theta = f.number("rope_theta", lo=1.0)
-    kind = f.choice("type", ("gated", "plain", "token_mlp"), base.type)
+    kind = f.choice("type", tuple(ATTENTION), base.type)  # the kinds hrmspec/capabilities.py declares
     if f.has("ffn") and kind != "token_mlp":
         f.fail(path + ("ffn",), f"unexpected key 'ffn' with attention type '{kind}': it is the width of a "
                "token_mlp", "the MLP's own width is model.ffn or model.expansion", key=True)

@@ -38,7 +38,7 @@ class AttentionSpec:
     attention(x); token_mlp: TRM's `mlp_t`, a gated MLP (the block's `mlp` kind) applied across the
     sequence axis, for fixed-length rows (rope, mask and bias do not apply)."""
 
-    type: Literal["gated", "plain", "token_mlp"] = "gated"
+    type: str = "gated"  # an attention kind of hrmspec/capabilities.py: gated, plain, token_mlp
     rope_theta: float | None = 10000.0  # None: no rotary embedding
     mask: MaskKind = "prefix_lm"
     bias: bool = False
