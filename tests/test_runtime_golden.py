@@ -45,13 +45,19 @@ WORDS = ["cat", "dog", "bird", "fish", "owl", "bee", "ant", "cow", "yak", "emu",
 
 
 def _cpu_model() -> str:
+    """The processor's name, family and model (two EPYCs of other families share a name)."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if not fields:
+        return platform.processor() or platform.machine()
+    isa = " ".join(sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "fma", "amx"))))
+    return f"{fields.get('model name')} family {fields.get('cpu family')} model {fields.get('model')} [{isa}]"
 
 
 SIGNATURE = json.dumps({"cpu": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
