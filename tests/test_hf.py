@@ -40,8 +40,9 @@ transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
 # fp32 through up to 16 layer applications, summed in another order on each side (SDPA vs the blocked
-# attention): a few units of 1e-5 relative (seen: 3.0e-5 at hidden size 2, seed 878205688 of the ci profile)
-TOL = dict(rtol=1e-4, atol=1e-5)
+# attention): a few units of 1e-5 relative (seen: 3.0e-5 at hidden size 2, seed 878205688 of the ci profile),
+# and near-zero logits of unit-scale rows a few 1e-5 apart absolutely (seen: 1.24e-5 at hidden size 4)
+TOL = dict(rtol=1e-4, atol=3e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
