@@ -92,7 +92,7 @@ def refusal(spec, what: str, exit=None, use_cache: bool = True) -> str:
             return "it runs whole puzzles in segments (deep supervision); --exit is for a language model's loop"
         if fixed is not None:
             return f"module {fixed.name}: {ATTENTION[fixed.block.attention.type].why}; it cannot decode token by token"
-        loops = sum(1 for item in m.schedule if hasattr(item, "body"))
+        loops = sum(hasattr(item, "body") for item in m.schedule)  # a Repeat (the loader imports this module)
         if loops == 0:
             return "its schedule has no repeat block: there is no loop to exit from"
         if loops > 1:

@@ -51,17 +51,14 @@ class HaltingKind:
 
 
 _THRESHOLD = "the cumulative probability at which a position stops"
+_SEGMENT = (Param("exploration", 0.1, 0.0, 1.0, doc="in training, the probability of a random minimum of segments"),
+            Param("weight", 0.5, 0.0, doc="of the halting losses beside the token loss"))
 HALTING: dict[str, HaltingKind] = {k.name: k for k in (
-    HaltingKind("q_learning", "segment", (
-        Param("exploration", 0.1, 0.0, 1.0, doc="in training, the probability of a random minimum of segments"),
-        Param("weight", 0.5, 0.0, doc="of the halting losses beside the token loss")),
-        None, "q_halt > q_continue, or at the last segment",
+    HaltingKind("q_learning", "segment", _SEGMENT, None, "q_halt > q_continue, or at the last segment",
         "weight x (BCE(q_halt, the whole answer right) + BCE(q_continue, the next segment's Q target))",
         "HRM (arXiv 2506.21734)"),
-    HaltingKind("bce", "segment", (
-        Param("exploration", 0.1, 0.0, 1.0, doc="in training, the probability of a random minimum of segments"),
-        Param("weight", 0.5, 0.0, doc="of the halting loss beside the token loss")),
-        None, "q_halt > 0, or at the last segment", "weight x BCE(q_halt, the whole answer right)",
+    HaltingKind("bce", "segment", _SEGMENT, None, "q_halt > 0, or at the last segment",
+        "weight x BCE(q_halt, the whole answer right)",
         "TRM (arXiv 2510.04871)"),
     HaltingKind("act", "step", (
         Param("threshold", 0.99, 0.0, 1.0, positive=True, doc=_THRESHOLD + " (1 - epsilon)"),

@@ -49,13 +49,18 @@ def missing() -> str:
     return "" if compiler() else f"no C compiler ({os.environ.get('CC') or 'cc, gcc or clang'}) is on the PATH"
 
 
+def _cc() -> str:
+    cc = compiler()
+    if cc is None:
+        raise KernelError(f"the host-C kernels need a C compiler, but {missing()}; apt install gcc")
+    return cc
+
+
 def compiler_tag() -> str:
     """The compiler's first line of `--version` (part of the cache key), asked once per process."""
     with _lock:
         if "tag" not in _state:
-            cc = compiler()
-            if cc is None:
-                raise KernelError(f"the host-C kernels need a C compiler, but {missing()}; apt install gcc")
+            cc = _cc()
             try:
                 out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
             except (OSError, subprocess.SubprocessError) as e:
@@ -77,9 +82,7 @@ def library(path: Path) -> ctypes.CDLL:
     """The cache file `path` compiled into a shared library and loaded (once per process)."""
     with _lock:
         if path not in _libraries:
-            cc = compiler()
-            if cc is None:
-                raise KernelError(f"the host-C kernels need a C compiler, but {missing()}; apt install gcc")
+            cc = _cc()
             so = _workdir() / (path.stem + ".so")
             cmd = [cc, *HOST.compile_options, "-o", str(so), str(path), "-lm"]
             try:

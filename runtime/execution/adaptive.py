@@ -329,11 +329,11 @@ class AdaptiveDepth:
         x = model.embed_inputs(input_ids, position_ids=position_ids)
         z = {INPUT: x, **model.initial_states(x, self.init_scale)}
         flags = [False] * len(stages.calls)  # no gradient at inference
-        walked = walk(model, stages, flags, z, ctx, CriterionRule(self, cache, warm), cache,
-                      context_of(model, S, past, prefix_mask, doc_ids, position_ids))
+        steps = walk(model, stages, flags, z, ctx, CriterionRule(self, cache, warm), cache,
+                     context_of(model, S, past, prefix_mask, doc_ids, position_ids))
         hidden = z[model.spec.model.output]
         logits = model.logits_of(hidden[:, -1:] if last_only else hidden)
-        return DepthOutput(logits, walked.steps, hidden, {s.name: z[s.name] for s in model.spec.model.states})
+        return DepthOutput(logits, steps, hidden, {s.name: z[s.name] for s in model.spec.model.states})
 
 
 __all__ = ["CRITERIA", "AdaptiveDepth", "AdaptiveError", "Criterion", "CriterionRule", "DepthOutput", "check_loop",

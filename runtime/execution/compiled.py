@@ -111,6 +111,7 @@ class CompiledModel(nn.Module):
             self.halting = nn.Linear(m.d_model, 2)
         # the forward walks its loop step by step under a stop rule: it halts per step or scores every step
         self.stepwise = m.halting is not None or spec.objective.steps == "sum"
+        self.decode_refusal = refusal(spec, "decode")  # why it cannot decode with a KV cache ('' when it can)
         if m.halting is not None:  # act's halting probability, the exit gate or ponder's, per position and step
             self.step_head = nn.Linear(m.d_model, 1)
         self.recurrence: int | None = None  # a sampled loop's count (None: its evaluation count); set_recurrence
@@ -289,8 +290,8 @@ class CompiledModel(nn.Module):
         B, S = input_ids.shape
         m, P = self.spec.model, self.prefix_len
         past = cache.length if cache is not None else 0
-        if cache is not None and refusal(self.spec, "decode"):
-            raise ValueError(f"{self.spec.name}: {refusal(self.spec, 'decode')}")
+        if cache is not None and self.decode_refusal:
+            raise ValueError(f"{self.spec.name}: {self.decode_refusal}")
         if P:  # the puzzle positions belong to the instruction and to the row's first document
             prefix_mask = None if prefix_mask is None else torch.cat(
                 [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)
@@ -308,9 +309,9 @@ class CompiledModel(nn.Module):
                              "make it with new_cache(num_steps) for the same count")
         if self.stepwise:  # halting per step of the loop, or a loss over every step
             rule = step_rule(self, z[m.output], labels, layout.count, all_steps, threshold)
-            walked = walk(self, layout, flags, z, ctx, rule, cache,
-                          context_of(self, P + S, past, prefix_mask, doc_ids, position_ids))
-            res = LoopResult(z[m.output], walked.steps, rule.weights)
+            steps = walk(self, layout, flags, z, ctx, rule, cache,
+                         context_of(self, P + S, past, prefix_mask, doc_ids, position_ids))
+            res = LoopResult(z[m.output], steps, rule.weights)
             rule.finish(res)
             hidden = res.hidden
             if res.loss_sum is None:

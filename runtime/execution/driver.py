@@ -27,8 +27,8 @@ depths share one cache, and decoding with the cache equals running the whole seq
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -86,27 +86,18 @@ def run_calls(model, calls, flags, z: dict, ctx: Context, policy: NoCache) -> No
     track = torch.is_grad_enabled()
     for call in calls:
         terms = [z[name] for name in call.inputs]  # summed by the call (fused with its first norm)
-        if track and flags is not None and not flags[call.index]:
-            with torch.no_grad():
-                z[call.target] = policy.run(model.stacks[call.module], terms, ctx, call.index,
-                                            policy.slots(call.index))
-        else:
+        frozen = track and flags is not None and not flags[call.index]
+        with torch.no_grad() if frozen else contextlib.nullcontext():
             z[call.target] = policy.run(model.stacks[call.module], terms, ctx, call.index, policy.slots(call.index))
 
 
-@dataclass
-class Walked:
-    """What a walk with a stop rule leaves beside the states: the steps each position ran."""
-
-    steps: torch.Tensor  # (B, N) int
-
-
 def walk(model, layout, flags, z: dict, ctx: Context, rule=None, cache=None,
-         context_of: Callable[[torch.Tensor], Context] | None = None) -> Walked | None:
+         context_of: Callable[[torch.Tensor], Context] | None = None) -> torch.Tensor | None:
     """Walk `layout` (a `LoopLayout`) from the states `z` (the input under 'x'; updated in place), the calls
     with gradient where `flags` say. `rule` (None: every call in order) is asked after every step which
     running positions stop (`rule.after(t, loop)`); `context_of(rows)` gives the masks and rotary tables of
-    a subset of rows; `cache` is None, a KVCache or a cache policy."""
+    a subset of rows; `cache` is None, a KVCache or a cache policy. With a rule, returns the steps each
+    position ran (B, N)."""
     policy = policy_of(cache)
     if rule is None:
         run_calls(model, layout.calls, flags, z, ctx, policy)
@@ -127,7 +118,7 @@ def walk(model, layout, flags, z: dict, ctx: Context, rule=None, cache=None,
             break
     rule.end(loop)
     run_calls(model, layout.after, flags, z, ctx, policy)
-    return Walked(depth)
+    return depth
 
 
 class StepSlot(KVSlot):
@@ -224,5 +215,5 @@ def context_of(model, S: int, past: int, prefix_mask, doc_ids, position_ids) -> 
     return of
 
 
-__all__ = ["Growing", "NoCache", "Static", "StepLoop", "StepSlot", "Walked", "context_of", "policy_of", "run_calls",
+__all__ = ["Growing", "NoCache", "Static", "StepLoop", "StepSlot", "context_of", "policy_of", "run_calls",
            "walk"]

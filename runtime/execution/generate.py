@@ -138,9 +138,8 @@ def generate(
 def compile_refusal(model, exit=None, use_cache: bool = True) -> str | None:
     """Why `generate(..., compile=True)` cannot decode with `model` under these options (None: it can). The
     compiled step is the static cache's: a fixed unrolling, every position at full depth."""
-    cannot = refusal(model.spec, "decode")
-    if cannot:  # it does not decode at all: compiling changes nothing
-        return f"{model.spec.name}: {cannot}"
+    if model.decode_refusal:  # it does not decode at all: compiling changes nothing
+        return f"{model.spec.name}: {model.decode_refusal}"
     why = refusal(model.spec, "compile", exit=exit, use_cache=use_cache)
     if not why:
         return None

@@ -180,7 +180,7 @@ class Trainer:
     def _carry_state(self) -> dict:
         """The supervised rows' carry, so a resumed run continues every sample where it stood. Under torchrun
         each rank holds its own rows: collective, every rank's carry stacked in rank order ("carry_ranks")."""
-        c = getattr(self.objective, "carry", None)
+        c = self.objective.carry
         if c is None:
             return {}
         carry = {"states": c.states, "steps": c.steps, "halted": c.halted, "data": c.data}
@@ -193,7 +193,7 @@ class Trainer:
         """Weights, data position and counters of checkpoint `start`; metrics logged after it are dropped."""
         state = ckpt.read_trainer_state(start)
         # the carry holds each rank's rows: under another number of processes the rows start afresh
-        if "carry" in state and hasattr(self.objective, "carry") and state.get("carry_ranks", 1) == self.world:
+        if "carry" in state and state.get("carry_ranks", 1) == self.world:
             c = state["carry"] if self.world == 1 else _map(lambda t: t[self.rank], state["carry"])
             c = to_device(c, self.device)
             self.objective.carry = Carry(c["states"], c["steps"], c["halted"], c["data"])

@@ -46,6 +46,7 @@ class Objective:
 
     tokenizer: Tokenizer | None = None
     data_cfg = None
+    carry: Carry | None = None  # a supervised run's rows across steps (Segments), saved with each checkpoint
 
     def __init__(self, spec: Spec, cfg: TrainConfig):
         self.spec, self.cfg = spec, cfg
@@ -138,8 +139,6 @@ class Text(Objective):
 class Segments(Text):
     """Deep supervision of grids (or of text, with `supervision:`): one segment of every row per step, the
     carry kept across steps (see the module docstring)."""
-
-    carry: Carry | None = None
 
     @property
     def grid(self) -> bool:
