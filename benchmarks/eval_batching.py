@@ -2,7 +2,7 @@
 
     python benchmarks/eval_batching.py          # about 1 minute on 2 idle cores
 
-`hrmspec eval` decodes its held-out prompts with `decode_responses` (runtime/training/heldout.py): sorted
+`hrmspec eval` decodes its held-out prompts with `decode_responses` (runtime/evaluate/heldout.py): sorted
 by length, 64 to a batch, left-padded (generate's attention_mask). Specs with halting or an exit rule
 used to decode one batch per prompt length. This measures both ways on the same prompts: 200 random
 prompts of 12-30 tokens (19 lengths), 16 new tokens each, greedy, no eos; specs at their shipped size
@@ -24,8 +24,8 @@ import torch
 from report import environment
 
 import hrmspec
+from hrmspec.runtime.evaluate.heldout import decode_responses
 from hrmspec.runtime.execution.depth import DepthPolicy
-from hrmspec.runtime.training.heldout import decode_responses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [  # (spec, overrides, generate's options, what the row says)

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_compile.py          # about 3 minutes on 2 idle cores
 
-`eval` decodes its prompts with `decode_responses` (runtime/training/heldout.py): sorted by length, 64 to a
+`eval` decodes its prompts with `decode_responses` (runtime/evaluate/heldout.py): sorted by length, 64 to a
 batch, left-padded, on the static KV cache. With `compile=True` each token runs one program that
 torch.compile built from the decode step (runtime/execution/decode.py); the cache is rounded up to a bucket
 of 64 positions, so the batches of one evaluation share a program per batch size. This decodes the same
@@ -36,8 +36,8 @@ import torch  # noqa: E402  (after the cache folder is chosen)
 from report import environment  # noqa: E402
 
 import hrmspec  # noqa: E402
+from hrmspec.runtime.evaluate.heldout import decode_responses  # noqa: E402
 from hrmspec.runtime.execution.depth import DepthPolicy  # noqa: E402
-from hrmspec.runtime.training.heldout import decode_responses  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPECS = ["hrm-text-tiny", "huginn-tiny"]

@@ -36,7 +36,7 @@ from report import environment
 
 from hrmspec.graph import build_graph
 from hrmspec.graph.analysis import analyse
-from hrmspec.runtime.training.heldout import evaluate_run
+from hrmspec.runtime.evaluate.heldout import evaluate_run
 from hrmspec.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,12 +55,12 @@ from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
 import hrmspec  # noqa: E402
 from hrmspec.graph import analyse, build_graph  # noqa: E402
 from hrmspec.mask import Mask  # noqa: E402
+from hrmspec.runtime.artifacts.packing import IGNORE, pack  # noqa: E402
 from hrmspec.runtime.execution import CompiledModel  # noqa: E402
 from hrmspec.runtime.interop.convert import hf_config_from_spec, state_dict_to_hf  # noqa: E402
 from hrmspec.runtime.training.loop import TrainConfig  # noqa: E402
 from hrmspec.runtime.training.objective import StepLoss  # noqa: E402
 from hrmspec.runtime.training.optim import EMA, make_optimizer  # noqa: E402
-from hrmspec.runtime.training.packing import IGNORE, pack  # noqa: E402
 from hrmspec.runtime.training.step import TrainState, param_groups, train_step  # noqa: E402
 
 SPEC = "hrm-text-tiny"
@@ -191,7 +191,7 @@ def packed_batches(
     objective: str = "task_completion",
 ) -> tuple[list[dict[str, torch.Tensor]], float]:
     """`n_batches` batches of packed rows from random samples of 8 to seq_len / 2 tokens whose
-    first `prefix_frac` is the instruction; packed best-fit by `hrmspec.runtime.training.packing.pack`,
+    first `prefix_frac` is the instruction; packed best-fit by `hrmspec.runtime.artifacts.packing.pack`,
     as `hrmspec train` packs its data. Returns the batches and the fraction of real tokens."""
     gen = torch.Generator().manual_seed(seed)
     rows_needed = batch_size * n_batches
@@ -554,7 +554,7 @@ def table(res: dict[str, Any], env: str, command: str) -> str:
             f"{res['model']} with its `train:` configuration: **{cfg.batch_size} packed rows x {cfg.seq_len} tokens** "
             f"per step ({res['fill']:.0%} real tokens, {res['prefix']:.0%} of positions instruction prefix; random "
             "samples of 8-32 tokens, the first third the instruction, packed best-fit by "
-            "`runtime/training/packing.py`). "
+            "`runtime/artifacts/packing.py`). "
             "A **full training step**: forward, backward, grad clip "
             f"({cfg.grad_clip}), optimizer step, EMA update ({cfg.ema}). hrmspec runs the trainer's AdamATan2 "
             "(`runtime/training/optim.py`); transformers' `HrmTextForCausalLM` (same config and initial weights, "

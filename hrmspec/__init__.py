@@ -5,8 +5,9 @@
     out = model(input_ids, prefix_mask=prefix, labels=labels)
 
     model = hrmspec.from_hrm_checkpoint("checkpoints/step_1000", seq_len=81)   # official HRM / TRM
-    carry = model.initial_carry(batch)
-    carry, out = model.act_step(carry, batch)
+    carry = hrmspec.initial_carry(model, batch)
+    carry, out = hrmspec.act_step(model, carry, batch)
+    hrmspec.save_hf(model, "out/")                                          # transformers hrm_text
 """
 
 from hrmspec.compile import compile
@@ -37,5 +38,28 @@ def to_hrm_checkpoint(model, path, **kwargs):
     return _to_hrm(model, path, **kwargs)
 
 
+def save_hf(model, directory) -> None:
+    """Write a CompiledModel as a transformers `hrm_text` checkpoint (config.json + model.safetensors)."""
+    from hrmspec.runtime.interop.export import save_hf as _save_hf
+
+    _save_hf(model, directory)
+
+
+def initial_carry(model, batch):
+    """The official HRM / TRM ACT interface: the carry before the first `act_step` (every row halted).
+    `batch` holds `inputs` (B, S) and `puzzle_identifiers` (B,); see runtime/interop/hrm_act.py."""
+    from hrmspec.runtime.interop.hrm_act import initial_carry as _initial_carry
+
+    return _initial_carry(model, batch)
+
+
+def act_step(model, carry, batch, halt: bool = False):
+    """One segment of every row, as the official ACT model's forward: (carry, {"logits", "q_halt_logits",
+    "q_continue_logits"[, "target_q_continue"]}). In eval mode rows run every segment unless `halt`."""
+    from hrmspec.runtime.interop.hrm_act import act_step as _act_step
+
+    return _act_step(model, carry, batch, halt=halt)
+
+
 __all__ = ["CheckpointError", "HrmspecError", "SpecError", "compile", "from_hf", "from_hrm_checkpoint", "load_spec",
-           "to_hrm_checkpoint", "__version__"]
+           "to_hrm_checkpoint", "__version__", "act_step", "initial_carry", "save_hf"]

@@ -1,9 +1,11 @@
-"""Everything that runs a compiled model, in three parts:
+"""Everything that runs a compiled model, in layers that import only downward (tests/test_imports.py):
 
-    execution/   CompiledModel, its module stacks, the per-batch context, generation with a KV cache
-    training/    the training loop and what it reads and writes: data, packing, tokenizer, optimizers,
-                 checkpoints, held-out evaluation, plots, the train / eval / generate / plot commands
-    interop/     Hugging Face `hrm_text` checkpoints in and out, and hrmspec's own checkpoint format
+    execution/   CompiledModel, its driver, module stacks, the per-batch context, generation, depth policies
+    artifacts/   what a run reads and writes: checkpoints, run folders, train config, placement, data,
+                 grids, tokenizer, packing, plots, atomic files
+    evaluate/    held-out evaluation, adaptive depth against full depth, the lm-evaluation-harness model
+    interop/     Hugging Face `hrm_text`, Huginn and official HRM / TRM checkpoints in and out (beside evaluate/)
+    training/    the trainer, one training step, objectives, optimizers, recurrence curricula, compare
 
-`files.py` (atomic writes, checked reads of safetensors and JSON) serves training and interop.
+The commands that drive them live in hrmspec/cli/.
 """

@@ -8,8 +8,8 @@ checker must score the gold response 1 and WRONG 0, so the accuracy is exactly t
 
 from collections.abc import Callable
 
-from hrmspec.runtime.training import heldout
-from hrmspec.runtime.training.data import Sample, format_sample
+from hrmspec.runtime.artifacts.data import Sample, format_sample
+from hrmspec.runtime.evaluate import heldout
 
 WRONG = "not an answer"
 _decode = heldout.decode_answers

@@ -19,6 +19,9 @@ from test_recurrent_depth import SPEC as MICRO_HUGINN
 import hrmspec
 from hrmspec.cli import main
 from hrmspec.graph.build import unroll
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.data import DataConfig, load_split
+from hrmspec.runtime.artifacts.tokenizer import Tokenizer
 from hrmspec.runtime.execution.adaptive import (
     AdaptiveDepth,
     AdaptiveError,
@@ -32,9 +35,6 @@ from hrmspec.runtime.execution.adaptive import (
     parse_exit,
 )
 from hrmspec.runtime.execution.depth import DecodeStats
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.data import DataConfig, load_split
-from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec import load_spec, load_spec_text
 from hrmspec.spec.schema import Repeat
 
@@ -417,8 +417,8 @@ def test_eval_compile_decodes_with_the_compiled_step(run, monkeypatch):
     (counted by a backend that runs what dynamo captured), to the answers eager decoding gives."""
     from torch._dynamo.testing import CompileCounter
 
+    from hrmspec.runtime.evaluate import heldout
     from hrmspec.runtime.execution import decode
-    from hrmspec.runtime.training import heldout
 
     counter, real_compile, real_decode = CompileCounter(), torch.compile, heldout.decode_answers
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **options, backend=counter))

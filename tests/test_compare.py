@@ -8,12 +8,12 @@ from known_answers import KnownAnswers
 
 from hrmspec.cli import main
 from hrmspec.cost import RunFlops
-from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.data import read_jsonl
+from hrmspec.runtime.artifacts.plot import metric_records
 from hrmspec.runtime.training import compare
 from hrmspec.runtime.training.compare import Budget, CompareError, plan_runs, read_data, run_compare
-from hrmspec.runtime.training.data import read_jsonl
 from hrmspec.runtime.training.loop import train
-from hrmspec.runtime.training.plot import metric_records
 from hrmspec.spec import load_spec
 
 MODEL = """
@@ -231,7 +231,7 @@ def test_the_table_has_a_column_per_task_and_names_a_failure():
 
 
 def test_a_signal_records_the_spec_as_interrupted_and_stops_the_command(workdir, monkeypatch):
-    from hrmspec.runtime.training.runfolder import TrainInterrupted
+    from hrmspec.runtime.artifacts.runfolder import TrainInterrupted
 
     def stopped(spec, out, **kwargs):
         raise TrainInterrupted("stopped by SIGTERM after step 2; its checkpoint is written: continue with ...", 15)

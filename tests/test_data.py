@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from hrmspec.runtime.training.data import (
+from hrmspec.runtime.artifacts.data import (
     DataConfig,
     DataError,
     Sample,

@@ -102,8 +102,8 @@ def test_compiled_decoding_builds_a_few_programs_for_many_shapes(monkeypatch):
     dynamo builds (and runs it as captured), so the tokens must also equal eager decoding."""
     from torch._dynamo.testing import CompileCounter
 
+    from hrmspec.runtime.evaluate.heldout import decode_responses
     from hrmspec.runtime.execution import decode
-    from hrmspec.runtime.training.heldout import decode_responses
 
     m = hrmspec.compile("hrm-text-tiny", overrides={**SMALL, "model.max_seq_len": 160}).eval()
     m.reset_parameters(seed=5)

@@ -9,12 +9,12 @@ from conftest import TINY
 
 from hrmspec.backends import REGISTRY
 from hrmspec.backends.common.fallback import record_fallbacks
-from hrmspec.runtime.files import read_tensors
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training import placement
-from hrmspec.runtime.training.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts import placement
+from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts.files import read_tensors
+from hrmspec.runtime.artifacts.placement import PlacementError, resolve
 from hrmspec.runtime.training.loop import Trainer, train
-from hrmspec.runtime.training.placement import PlacementError, resolve
 from hrmspec.spec import load_spec_text
 
 # conftest's tiny spec, small enough that a step in Triton's interpreter takes seconds: few rows of few
@@ -153,7 +153,7 @@ def test_what_cannot_run_here_is_one_line_exit_2(pico, tmp_path, capsys, argv, w
 
 def test_eval_and_generate_take_backend_and_device(reference_run, capsys):
     from hrmspec.cli import main
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     model, *_ = load_run(reference_run, backend="auto", device="cpu")
     assert model.backend == placement.CPU_BACKEND and model.embed.weight.device.type == "cpu"
@@ -174,7 +174,7 @@ def test_a_run_on_the_device_resumes_evaluates_and_generates(pico, tmp_path, cap
     eval and generate on the device, and the weights equal on the CPU."""
     pytest.importorskip("triton")
     from hrmspec.cli import main
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     spec = pico(**{"train.steps": 20, "train.save_every": 10, "train.log_every": 5})
     full, part = tmp_path / "full", tmp_path / "part"

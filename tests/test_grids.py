@@ -1,4 +1,4 @@
-"""Grid puzzles (runtime/training/grids.py) and training them with deep supervision: the layout, the
+"""Grid puzzles (runtime/artifacts/grids.py) and training them with deep supervision: the layout, the
 Sudoku symmetries, held-out puzzles unseen in training, exact resume with the carry, and the CLI."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.runtime.training.data import DataError
-from hrmspec.runtime.training.grids import (
+from hrmspec.runtime.artifacts.data import DataError
+from hrmspec.runtime.artifacts.grids import (
     EMPTY,
     GRID_TASKS,
     PATH,

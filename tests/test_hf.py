@@ -183,7 +183,7 @@ def test_ours_to_hf_logits(text, data, seed):
     randomize(ours, seed)
     ids, prefix = data.draw(batches(spec.model.vocab))
     with tempfile.TemporaryDirectory() as tmp:
-        ours.save_hf(tmp)
+        hrmspec.save_hf(ours, tmp)
         config = json.loads((Path(tmp) / "config.json").read_text())
         hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").eval()
     assert config["architectures"] == ["HrmTextForCausalLM"] and config["model_type"] == "hrm_text"
@@ -520,7 +520,7 @@ model:
         assert part in str(e.value)
     model = hrmspec.compile(spec)
     with pytest.raises(CheckpointError, match="not representable"):
-        model.save_hf(tmp_path)
+        hrmspec.save_hf(model, tmp_path)
     # the norm kinds and the norms outside the layers transformers' hrm_text does not have
     for over, part in (({"model.block.norm.type": "layer"}, "the block norm must be rms"),
                        ({"model.modules.L.exit_norm": "layer"}, "need exit_norm: rms"),

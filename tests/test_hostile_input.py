@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from hrmspec.cli import main
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.training.data import MAX_LINE_BYTES, DataError, read_jsonl
-from hrmspec.runtime.training.plot import metric_records
+from hrmspec.runtime.artifacts.data import MAX_LINE_BYTES, DataError, read_jsonl
+from hrmspec.runtime.artifacts.plot import metric_records
 
 GOOD = json.dumps({"instruction": "say hi", "response": "hi"}) + "\n"
 BAD_LINES = {

@@ -245,10 +245,10 @@ def compare_steps(model, ref: Official, a, vocab, identifiers, S, seed, training
     """Run both ACT models side by side over `steps` steps (a new batch each step: halted rows take it)."""
     model.train(training)
     first = batch_for(a, vocab, identifiers, 4, S, seed)
-    carry, ref_carry = model.initial_carry(first), ref.initial_carry(first)
+    carry, ref_carry = hrmspec.initial_carry(model, first), ref.initial_carry(first)
     for t in range(steps):
         b = batch_for(a, vocab, identifiers, 4, S, seed + t)
-        carry, out = model.act_step(carry, b, halt=halt)
+        carry, out = hrmspec.act_step(model, carry, b, halt=halt)
         ref_carry, want = ref.step(ref_carry, b, training, halt_at_inference=halt)
         assert set(out) == set(want), (t, sorted(out), sorted(want))
         for k in want:  # the q logits are fp32 in both: of an fp64 model, rounded alike
@@ -299,7 +299,7 @@ def test_halting_at_inference_when_asked(tmp_path):
     # the head of these weights halts some rows early: the flag changed something
     model.eval()
     b = batch_for(a, 7, 3, 4, 4, seed=8)
-    carry, _ = model.act_step(model.initial_carry(b), b, halt=True)
+    carry, _ = hrmspec.act_step(model, hrmspec.initial_carry(model, b), b, halt=True)
     assert carry.halted.any() and not carry.halted.all()
 
 

@@ -141,7 +141,7 @@ def test_save_hf_writes_the_layout_back_bit_for_bit(tmp_path):
     cfg = config()
     T = official_tensors(cfg, seed=5)
     model = hrmspec.from_hf(write(tmp_path / "in", cfg, T))
-    model.save_hf(tmp_path / "out")
+    hrmspec.save_hf(model, tmp_path / "out")
     back = load_file(tmp_path / "out" / "model.safetensors")
     assert set(back) == set(T) - {"freqs_cis"}
     for k, v in back.items():
@@ -215,7 +215,7 @@ def test_a_trained_huginn_tiny_exports_to_the_official_layout(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    model.save_hf(tmp_path / "out")
+    hrmspec.save_hf(model, tmp_path / "out")
     T = load_file(tmp_path / "out" / "model.safetensors")
     assert "transformer.ln_f.weight" in T
     again = hrmspec.from_hf(tmp_path / "out")

@@ -212,3 +212,56 @@ def test_validate_and_show_start_without_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# runtime/ reads bottom-up; each layer imports only the layers below it (and itself), never a peer
+LAYERS = (
+    ("hrmspec.runtime.execution",),                          # the model, its driver, where it runs
+    ("hrmspec.runtime.artifacts",),                          # checkpoints, run folders, tokenizers, data
+    ("hrmspec.runtime.evaluate", "hrmspec.runtime.interop"),  # held-out evaluation | other tools' formats
+    ("hrmspec.runtime.training",),                           # the loop, objectives, optimizers, compare
+    ("hrmspec.cli",),                                        # every command, in one package
+)
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    for rank, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                return rank, name
+    return None
+
+
+def layer_violations(g: nx.DiGraph) -> list[str]:
+    bad = []
+    for src, dst, data in g.edges(data=True):
+        a, b = layer_of(src), layer_of(dst)
+        if a is None or b is None or a[1] == b[1]:
+            continue
+        if b[0] >= a[0]:
+            how = "a peer" if b[0] == a[0] else "a layer above"
+            bad.append(f"{src}:{data['line']} imports {dst}, {how}")
+    return sorted(bad)
+
+
+def test_every_runtime_module_sits_in_a_layer():
+    loose = [m for m in modules() if m.startswith("hrmspec.runtime.") and layer_of(m) is None]
+    assert loose == [], f"modules outside execution / artifacts / evaluate / interop / training: {loose}"
+
+
+def test_the_runtime_layers_import_only_downward():
+    g, _ = import_graph()
+    bad = layer_violations(g)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    """The check itself can fail: an edge from the model up to interop, and one between peers, are named."""
+    g = nx.DiGraph()
+    g.add_edge("hrmspec.runtime.execution.compiled", "hrmspec.runtime.interop.export", line=7)
+    g.add_edge("hrmspec.runtime.interop.convert", "hrmspec.runtime.evaluate.heldout", line=3)
+    g.add_edge("hrmspec.runtime.training.loop", "hrmspec.runtime.artifacts.data", line=1)  # downward: fine
+    assert layer_violations(g) == [
+        "hrmspec.runtime.execution.compiled:7 imports hrmspec.runtime.interop.export, a layer above",
+        "hrmspec.runtime.interop.convert:3 imports hrmspec.runtime.evaluate.heldout, a peer",
+    ]

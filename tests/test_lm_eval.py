@@ -25,12 +25,12 @@ from test_train import SPEC
 
 import hrmspec
 from hrmspec.cli import main
-from hrmspec.runtime.interop.lm_harness import HrmspecLM, LmEvalError
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.data import Sample, format_sample
-from hrmspec.runtime.training.heldout import load_run
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.data import Sample, format_sample
+from hrmspec.runtime.artifacts.tokenizer import Tokenizer
+from hrmspec.runtime.evaluate.heldout import load_run
+from hrmspec.runtime.evaluate.lm_harness import HrmspecLM, LmEvalError
 from hrmspec.runtime.training.loop import train
-from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec import load_spec, load_spec_text
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -225,7 +225,7 @@ def test_compile_decodes_generate_until_with_the_compiled_step(run, tmp_path, mo
     """compile=true asks decode_responses for the compiled decode step for generate_until's batches (the
     step itself is tested in test_decode.py); a spec whose depth is not fixed (here ACT halting) is refused
     when the model is made, with the reason."""
-    from hrmspec.runtime.interop import lm_harness
+    from hrmspec.runtime.evaluate import lm_harness
 
     seen = []
     real = lm_harness.decode_responses

@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from test_grids import GRID_SPEC
 
 import hrmspec
+from hrmspec.runtime.artifacts.packing import pack
 from hrmspec.runtime.execution.losses import row_mean, token_losses
 from hrmspec.runtime.execution.rules import act_update, exit_gate_loss, exit_log_probs, expected_step, ponder_loss
 from hrmspec.runtime.execution.supervision import Carry, SegmentOutput, Supervisor
 from hrmspec.runtime.training.loop import Trainer
-from hrmspec.runtime.training.packing import pack
 from hrmspec.spec import load_spec_text
 
 IGNORE = -100

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrmspec.runtime.training.packing import IGNORE, PAD_DOC, Batches, pack
+from hrmspec.runtime.artifacts.packing import IGNORE, PAD_DOC, Batches, pack
 
 # Token ids >= 10 so padding (pad_id=0) is never confused with a real token.
 token_lists = st.lists(st.integers(10, 1000), max_size=12)

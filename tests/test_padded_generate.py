@@ -107,7 +107,7 @@ def test_the_head_runs_on_the_last_position_only(models, spec, options, monkeypa
 def test_eval_batches_fit_the_logits_an_exit_criterion_peeks_at(models, monkeypatch):
     """Under an exit criterion that reads logits, held-out decoding puts fewer rows in a batch when rows x
     width x vocab would pass its budget, and decodes the same responses; other criteria keep full batches."""
-    from hrmspec.runtime.training import heldout
+    from hrmspec.runtime.evaluate import heldout
 
     model = models["huginn-tiny"]
     prompts = [p * k for p in PROMPTS for k in (1, 2)]  # 1-16 tokens

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_grids import GRID_SPEC
 
-from hrmspec.runtime.training.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
 from hrmspec.runtime.training.loop import Trainer, train
 from hrmspec.runtime.training.optim import SparseSignSGD, lr_at
 from hrmspec.spec import load_spec_text

@@ -22,9 +22,9 @@ import torch
 from test_grids import GRID_SPEC
 from test_train import SPEC, free_port, kill_tree, spec
 
-from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.plot import metric_records
 from hrmspec.runtime.training.loop import Trainer, train
-from hrmspec.runtime.training.plot import metric_records
 
 SAVE_EVERY, KILL_AFTER, STEPS, EVAL_EVERY = 4, 6, 10, 5  # the held-out evaluation at 5 is logged, then lost
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from test_train import SPEC, free_port, kill_tree, losses, spec
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import read_tensors
-from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.files import read_tensors
+from hrmspec.runtime.artifacts.sharded import load_sharded, read_sharded, save_sharded
 from hrmspec.runtime.training.loop import Trainer
-from hrmspec.runtime.training.sharded import load_sharded, read_sharded, save_sharded
 
 STEPS, EVERY = 12, 2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,7 +104,7 @@ def test_one_process_reads_two_ranks_shards_exactly(fsdp_run, tmp_path):
 
 def test_consolidate_writes_the_single_file_layout_that_eval_reads(fsdp_run, tmp_path):
     from hrmspec.cli import main
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     _, run = fsdp_run
     last = ckpt.latest_checkpoint(run)

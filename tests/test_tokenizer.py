@@ -4,8 +4,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from hrmspec.runtime.training.data import Sample, encode_samples, format_sample
-from hrmspec.runtime.training.tokenizer import (
+from hrmspec.runtime.artifacts.data import Sample, encode_samples, format_sample
+from hrmspec.runtime.artifacts.tokenizer import (
     MARKERS,
     Tokenizer,
     TokenizerError,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import read_tensors
-from hrmspec.runtime.training import checkpoint as ckpt
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.files import read_tensors
 from hrmspec.runtime.training.loop import TrainConfig, TrainError, train
 from hrmspec.spec import load_spec_text
 
@@ -137,7 +137,7 @@ def test_nan_losses_are_skipped_then_stop(tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
     last = ckpt.latest_checkpoint(tmp_path)
@@ -147,7 +147,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     train(spec(**{"train.steps": 3}), tmp_path, progress_bar=False)
     last = ckpt.latest_checkpoint(tmp_path)
@@ -170,10 +170,10 @@ def test_bad_train_config_and_small_vocab(tmp_path):
 def test_eval_scores_with_task_checker(tmp_path, monkeypatch, one_thread):
     from dataclasses import replace
 
+    from hrmspec.runtime.artifacts.data import DataConfig, format_sample
+    from hrmspec.runtime.artifacts.tokenizer import Tokenizer
+    from hrmspec.runtime.evaluate.heldout import evaluate_run, held_out_set
     from hrmspec.runtime.execution.compiled import CompiledModel
-    from hrmspec.runtime.training.data import DataConfig, format_sample
-    from hrmspec.runtime.training.heldout import evaluate_run, held_out_set
-    from hrmspec.runtime.training.tokenizer import Tokenizer
 
     run_spec = spec(**{"train.max_new_tokens": 40})
     train(run_spec, tmp_path, progress_bar=False)
@@ -239,7 +239,7 @@ def test_export_trained_run_to_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hrmspec.cli import main
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     run = tmp_path / "run"
     train(spec(**{"train.steps": 3}), run, progress_bar=False)
@@ -260,8 +260,8 @@ def greedy_answer(run, prompt: str, new: int) -> str:
     re-run on the growing sequence, cut at the first eos."""
     from greedy_oracle import greedy_loop
 
-    from hrmspec.runtime.training.data import Sample, format_sample
-    from hrmspec.runtime.training.heldout import load_run
+    from hrmspec.runtime.artifacts.data import Sample, format_sample
+    from hrmspec.runtime.evaluate.heldout import load_run
 
     model, tok, *_ = load_run(run)
     ids = torch.tensor([tok.encode(format_sample(Sample(instruction=prompt, response=""))[0])])
@@ -337,8 +337,8 @@ def test_resume_never_unpickles_objects_from_a_checkpoint(tmp_path, name):
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     import signal
 
+    from hrmspec.runtime.artifacts.runfolder import TrainInterrupted
     from hrmspec.runtime.training.loop import Trainer
-    from hrmspec.runtime.training.runfolder import TrainInterrupted
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(spec(**{"train.save_every": 100}), full, progress_bar=False)
@@ -363,7 +363,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp
 
 def test_a_run_folder_is_one_runs(tmp_path, capsys):
     from hrmspec.cli import main
-    from hrmspec.runtime.training.runfolder import RunLock
+    from hrmspec.runtime.artifacts.runfolder import RunLock
 
     train(spec(**{"train.steps": 2}), tmp_path, progress_bar=False)
     with pytest.raises(TrainError, match="already holds a run .checkpoints up to step_00000002.: continue it with "

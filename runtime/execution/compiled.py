@@ -34,11 +34,9 @@ from hrmspec.mask import Mask
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.driver import context_of, walk
 from hrmspec.runtime.execution.generate import generate
-from hrmspec.runtime.execution.hrm_interface import act_step, initial_carry
 from hrmspec.runtime.execution.losses import IGNORE_INDEX, token_losses
 from hrmspec.runtime.execution.rules import step_rule
 from hrmspec.runtime.execution.stack import KVCache, ModuleStack, register_at
-from hrmspec.runtime.interop.export import save_hf
 from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import lecun_std
@@ -401,17 +399,3 @@ class CompiledModel(nn.Module):
         """Decode a response after each prompt; see hrmspec.runtime.execution.generate.generate."""
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def initial_carry(self, batch: dict[str, torch.Tensor]):
-        """The official HRM / TRM ACT interface: the carry before the first `act_step` (every row halted).
-        `batch` holds `inputs` (B, S) and `puzzle_identifiers` (B,); see runtime/execution/hrm_interface.py."""
-        return initial_carry(self, batch)
-
-    def act_step(self, carry, batch: dict[str, torch.Tensor], halt: bool = False):
-        """One segment of every row, as the official ACT model's forward: (carry, {"logits", "q_halt_logits",
-        "q_continue_logits"[, "target_q_continue"]}). In eval mode rows run every segment unless `halt`."""
-        return act_step(self, carry, batch, halt=halt)
-
-    def save_hf(self, directory) -> None:
-        """Write a transformers `hrm_text` checkpoint (config.json + model.safetensors)."""
-        save_hf(self, directory)

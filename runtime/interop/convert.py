@@ -26,13 +26,13 @@ import yaml
 
 from hrmspec.compile import compile as compile_spec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import read_json, read_tensors, write_tensors, write_text_atomic
+from hrmspec.runtime.artifacts.checkpoint import latest_checkpoint, model_tensors
+from hrmspec.runtime.artifacts.files import read_json, read_tensors, write_tensors, write_text_atomic
+from hrmspec.runtime.artifacts.sharded import is_sharded
 from hrmspec.runtime.interop.export import WEIGHTS_FILE, save_hf, state_dict_to_hf
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
 from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, to_hf_tensors
 from hrmspec.runtime.interop.huginn import from_huginn_tensors, is_huginn_config, spec_from_huginn_config
-from hrmspec.runtime.training.checkpoint import latest_checkpoint, model_tensors
-from hrmspec.runtime.training.sharded import is_sharded
 from hrmspec.spec.load import load_spec
 
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"

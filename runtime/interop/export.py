@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hrmspec.runtime.files import write_tensors, write_text_atomic
+from hrmspec.runtime.artifacts.files import write_tensors, write_text_atomic
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec
 from hrmspec.runtime.interop.hf_weights import to_hf_tensors
 from hrmspec.runtime.interop.huginn import huginn_reasons, save_huginn

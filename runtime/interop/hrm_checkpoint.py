@@ -27,7 +27,7 @@ import yaml
 
 from hrmspec.compile import compile as compile_spec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import atomic_write, write_text_atomic
+from hrmspec.runtime.artifacts.files import atomic_write, write_text_atomic
 from hrmspec.runtime.interop.convert import load_checkpoint, save_checkpoint
 from hrmspec.runtime.interop.hrm_config import (
     ARCH_FILE,
@@ -64,7 +64,7 @@ def from_hrm_checkpoint(path: str | os.PathLike, config: str | os.PathLike | Non
     `path`: a checkpoint file (`step_<N>`) or its directory; `config`: its all_config.yaml (default:
     the one beside the file); `seq_len`: the dataset's sequence length, needed unless the model has
     learned positions. The model has the official ACT interface: `initial_carry(batch)`,
-    `act_step(carry, batch)` (runtime/execution/hrm_interface.py)."""
+    `act_step(carry, batch)` (runtime/interop/hrm_act.py)."""
     file = checkpoint_file(path)
     config_path = Path(config) if config is not None else file.parent / ARCH_FILE
     arch = read_hrm_arch(read_arch_file(config_path), str(config_path))

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.artifacts.checkpoint import read_pt
 from hrmspec.runtime.interop.hf_weights import tensor_problems
 from hrmspec.runtime.interop.hrm_config import HrmArch, Roles, Sizes
-from hrmspec.runtime.training.checkpoint import read_pt
 from hrmspec.spec.schema import Spec
 
 INNER = "model.inner."  # the loss head's model, and the ACT wrapper's inner model

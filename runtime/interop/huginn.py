@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import write_tensors, write_text_atomic
+from hrmspec.runtime.artifacts.files import write_tensors, write_text_atomic
 from hrmspec.runtime.interop.config_reader import ConfigReader, spec_from_document
 from hrmspec.spec.schema import Repeat, Spec
 

@@ -1,1 +1,2 @@
-"""Training a compiled spec on instruction-response pairs, and what the loop reads and writes."""
+"""Training a compiled spec: the trainer over one training step, the objectives, optimizers,
+recurrence curricula, and compare (several specs trained and evaluated at a matched budget)."""

@@ -29,14 +29,14 @@ import yaml
 
 from hrmspec.cost import CostError, RunFlops, parse_count
 from hrmspec.errors import HrmspecError
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.config import TrainConfig
-from hrmspec.runtime.training.data import DataConfig, DataError
-from hrmspec.runtime.training.grids import GridConfig
-from hrmspec.runtime.training.heldout import evaluate_run
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.config import TrainConfig
+from hrmspec.runtime.artifacts.data import DataConfig, DataError
+from hrmspec.runtime.artifacts.grids import GridConfig
+from hrmspec.runtime.artifacts.plot import read_metrics
+from hrmspec.runtime.artifacts.runfolder import TrainInterrupted
+from hrmspec.runtime.evaluate.heldout import evaluate_run
 from hrmspec.runtime.training.loop import train
-from hrmspec.runtime.training.plot import read_metrics
-from hrmspec.runtime.training.runfolder import TrainInterrupted
 from hrmspec.spec.load import load_spec
 from hrmspec.spec.schema import Spec
 

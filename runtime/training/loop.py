@@ -31,18 +31,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import hrmspec
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts.files import read_tensors
+from hrmspec.runtime.artifacts.packing import Batches
+from hrmspec.runtime.artifacts.placement import Placement, local_rank, resolve, to_device
+from hrmspec.runtime.artifacts.plot import metric_records
+from hrmspec.runtime.artifacts.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
+from hrmspec.runtime.artifacts.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.execution.supervision import Carry
-from hrmspec.runtime.files import read_tensors
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.config import TrainConfig, TrainError
 from hrmspec.runtime.training.objective import objective_for
 from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
-from hrmspec.runtime.training.packing import Batches
-from hrmspec.runtime.training.placement import Placement, local_rank, resolve, to_device
-from hrmspec.runtime.training.plot import metric_records
 from hrmspec.runtime.training.recurrence import draw_count
-from hrmspec.runtime.training.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
-from hrmspec.runtime.training.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.training.step import StepResult, TrainState, param_groups, train_step
 from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import Spec

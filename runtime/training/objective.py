@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts.data import DataConfig, DataError, encode_samples, format_sample, load_split
+from hrmspec.runtime.artifacts.grids import GridConfig, load_grids
+from hrmspec.runtime.artifacts.packing import pack
+from hrmspec.runtime.artifacts.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from hrmspec.runtime.evaluate.heldout import evaluate_grids, evaluate_model, held_out_set
 from hrmspec.runtime.execution.rules import expected_step
 from hrmspec.runtime.execution.supervision import Carry, Supervisor
-from hrmspec.runtime.training.config import TrainConfig, TrainError
-from hrmspec.runtime.training.data import DataConfig, DataError, encode_samples, format_sample, load_split
-from hrmspec.runtime.training.grids import GridConfig, load_grids
-from hrmspec.runtime.training.heldout import evaluate_grids, evaluate_model, held_out_set
-from hrmspec.runtime.training.packing import pack
-from hrmspec.runtime.training.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from hrmspec.spec.schema import Spec
 
 

@@ -1,15 +1,12 @@
-"""The `hrmspec` command line (also `python -m hrmspec`).
+"""The commands that read a spec: validate, show, cost, compile, check.
 
-User errors (a malformed spec, a missing file, a checkpoint that does not fit) print one clear
-message and exit 2; `--debug` shows the traceback as well.
-"""
+They never import torch (`hrmspec validate` starts in a fraction of a second); `check` loads the
+Triton interpreter when it runs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import networkx as nx
@@ -26,17 +23,10 @@ from hrmspec.gpus import GPUS, get_gpu
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
 from hrmspec.graph.roofline import roofline
-from hrmspec.runtime.interop.lm_harness_command import register_lm_eval
-from hrmspec.runtime.training.commands import COMMANDS
 from hrmspec.show import roofline_table, show
 from hrmspec.spec.arguments import positive_int
 from hrmspec.spec.arguments import spec_arguments as _spec_args
 from hrmspec.spec.arguments import spec_from_arguments as _load
-
-EXIT_USER_ERROR = 2
-
-
-# --------------------------------------------------------------------------- commands
 
 
 def cmd_validate(args) -> int:
@@ -152,54 +142,15 @@ def cmd_check(args) -> int:
     return 0
 
 
-def cmd_import_hf(args) -> int:
-    from hrmspec.runtime.interop.convert import import_hf
 
-    import_hf(args.dir, args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_export_hf(args) -> int:
-    from hrmspec.runtime.interop.convert import export_hf
-
-    export_hf(args.ckpt, args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_import_hrm(args) -> int:
-    from hrmspec.runtime.interop.hrm_checkpoint import import_hrm
-
-    import_hrm(args.ckpt, args.out, config=args.config, seq_len=args.seq_len)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_export_hrm(args) -> int:
-    from hrmspec.runtime.interop.hrm_checkpoint import export_hrm
-
-    file = export_hrm(args.ckpt, args.out, forward_dtype=args.forward_dtype)
-    print(f"wrote {file} and {file.parent / 'all_config.yaml'}")
-    return 0
-
-
-# --------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hrmspec",
-        description="Compile, inspect and train Hierarchical Recurrent Models written as YAML specs.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("validate", help="check a spec and report the first error")
+def _register_validate(sub, name: str) -> None:
+    p = sub.add_parser(name, help="check a spec and report the first error")
     _spec_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("show", help="print the unrolled graph, parameters, FLOPs and memory")
+
+def _register_show(sub, name: str) -> None:
+    p = sub.add_parser(name, help="print the unrolled graph, parameters, FLOPs and memory")
     _spec_args(p)
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for attention FLOPs (default 2048; a grid spec: its row length)")
@@ -216,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the roofline as JSON instead of the tables")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("cost", help="training FLOPs, GPU-hours, wall time and dollars of a run of a spec")
+
+def _register_cost(sub, name: str) -> None:
+    p = sub.add_parser(name, help="training FLOPs, GPU-hours, wall time and dollars of a run of a spec")
     _spec_args(p)
     # values are read by the command, so a bad one is one line (exit 2), not argparse's usage text
     p.add_argument("--tokens", help="training tokens, e.g. 40B, 500M, 1e9 (required)")
@@ -229,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("compile", help="compile a spec for a backend")
+
+def _register_compile(sub, name: str) -> None:
+    p = sub.add_parser(name, help="compile a spec for a backend")
     _spec_args(p)
     p.add_argument("--backend", default="reference", choices=tuple(REGISTRY), help=_backend_help())
     emitting = [b for b in REGISTRY.values() if b.emit is not None]
@@ -238,43 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(f"{b.name} ({b.emit})" for b in emitting) + "; writing source needs no device")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("check", help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")
+
+def _register_check(sub, name: str) -> None:
+    p = sub.add_parser(name, help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")
     _spec_args(p)
     p.add_argument("--draws", type=int, default=3, help="random draws per kernel (default 3)")
     p.add_argument("--arch", type=int, action="append", metavar="SM", help="compile for sm_SM (default: 80 and 90)")
     p.add_argument("--no-compile", action="store_true", help="numerics only, no sm_80 / sm_90 compile")
     p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser("import-hf", help="convert a transformers hrm_text checkpoint to an hrmspec checkpoint")
-    p.add_argument("dir", help="a directory with config.json and model.safetensors")
-    p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
-    p.set_defaults(func=cmd_import_hf)
-
-    p = sub.add_parser("export-hf", help="write an hrmspec checkpoint as a transformers hrm_text checkpoint")
-    p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors)")
-    p.add_argument("--out", required=True, help="the directory to write")
-    p.set_defaults(func=cmd_export_hf)
-
-    p = sub.add_parser("import-hrm", help="convert an official HRM / TRM checkpoint (pretrain.py) to an hrmspec "
-                       "checkpoint")
-    p.add_argument("ckpt", help="a checkpoint file step_<N> as pretrain.py writes it (or its directory)")
-    p.add_argument("--config", help="its all_config.yaml (default: the one beside the checkpoint)")
-    p.add_argument("--seq-len", type=int, help="the dataset's sequence length (81 for 9 x 9 Sudoku, 900 for ARC); "
-                   "needed unless the model has learned positions")
-    p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
-    p.set_defaults(func=cmd_import_hrm)
-
-    p = sub.add_parser("export-hrm", help="write an hrmspec checkpoint as an official HRM / TRM checkpoint")
-    p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors) or a training run")
-    p.add_argument("--out", required=True, help="the directory to write model.pt and all_config.yaml to")
-    p.add_argument("--forward-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="the official model's forward_dtype, which H_init and L_init are written in (default bfloat16)")
-    p.set_defaults(func=cmd_export_hrm)
-
-    for name, register in COMMANDS:  # defined next to the code they run (training, evaluation)
-        register(sub, name)
-    register_lm_eval(sub, "lm-eval")
-    return parser
 
 
 def _wide_console() -> Console:
@@ -288,28 +214,10 @@ def _backend_help() -> str:
     return "target backend (default reference). " + ". ".join(lines)
 
 
-def printable(text: str) -> str:
-    """`text` with control characters (escape sequences, bells) and lone surrogates escaped; lines kept."""
-    return "\n".join("".join(ch if ch.isprintable() and not "\ud800" <= ch <= "\udfff" else repr(ch)[1:-1]
-                              for ch in line) for line in text.split("\n"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except HrmspecError as e:
-        if args.debug:
-            raise
-        code = getattr(e, "exit_code", None)  # a run stopped by a signal: 128 + its number, not an error
-        text = printable(str(e))
-        print(f"hrmspec: {text}" if code else f"hrmspec: error: {text}", file=sys.stderr)
-        return code or EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("hrmspec: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS: list[tuple[str, object]] = [
+    ("validate", _register_validate),
+    ("show", _register_show),
+    ("cost", _register_cost),
+    ("compile", _register_compile),
+    ("check", _register_check),
+]

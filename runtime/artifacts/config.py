@@ -33,7 +33,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     ema: float | None = 0.999  # decay of the parameter EMA; null: off
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA, fp32 on the CPU
-    backend: str = "auto"  # auto | reference | triton | cuda | opencl (runtime/training/placement.py)
+    backend: str = "auto"  # auto | reference | triton | cuda | opencl (runtime/artifacts/placement.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: CUDA when torch sees a device (cuda:LOCAL_RANK)
     seed: int = 0
     log_every: int = 10

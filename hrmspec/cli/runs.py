@@ -1,4 +1,4 @@
-"""The training-side commands of the CLI: train, eval, generate, plot.
+"""The commands that run a model: train, eval, generate, plot, consolidate, compare.
 
 Their parsers are built with the CLI's; what they run (torch, the training loop, matplotlib) is
 imported when a command runs, so `hrmspec validate` and `show` start without it."""
@@ -13,10 +13,10 @@ from rich.table import Table
 
 from hrmspec.backends import BACKENDS
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.artifacts.config import DEVICE_NAMES, TrainError, check_device_name
+from hrmspec.runtime.artifacts.data import DataError, Sample, format_sample
+from hrmspec.runtime.artifacts.plot import plot_run
 from hrmspec.runtime.training.compare_report import print_table, write_report
-from hrmspec.runtime.training.config import DEVICE_NAMES, TrainError, check_device_name
-from hrmspec.runtime.training.data import DataError, Sample, format_sample
-from hrmspec.runtime.training.plot import plot_run
 from hrmspec.spec.arguments import positive_int, spec_arguments, spec_from_arguments
 from hrmspec.spec.source import parse_override
 
@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from hrmspec.runtime.training.heldout import evaluate_run
+    from hrmspec.runtime.evaluate.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
                        backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args))
@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     if "steps" in res:  # halting per step of the loop
         print(_steps_line(res["steps"], res["max_steps"]))
     if "full_depth" in res:  # adaptive depth, against full depth
-        from hrmspec.runtime.training.adaptive_eval import report_lines
+        from hrmspec.runtime.evaluate.adaptive_eval import report_lines
 
         print("\n".join(report_lines(res)))
     print(f"wrote {args.dir}/eval.json")
@@ -61,13 +61,13 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from hrmspec.runtime.evaluate.heldout import load_run
     from hrmspec.runtime.execution.depth import DecodeStats
-    from hrmspec.runtime.training.heldout import load_run
 
     model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto")
     depth = depth_policy(args)
     if depth.exit is not None:  # a criterion or a spec adaptive depth cannot run: refused before anything is decoded
-        from hrmspec.runtime.training.adaptive_eval import checked
+        from hrmspec.runtime.evaluate.adaptive_eval import checked
 
         depth = checked(model, depth)
     if tok is None:  # a grid run: the prompt is a puzzle
@@ -88,7 +88,7 @@ def cmd_generate(args) -> int:
         row = row[: row.index(tok.eos_id)]
     print(tok.decode(row, skip_special=True))
     if depth.exit is not None:  # adaptive depth: the steps each position ran
-        from hrmspec.runtime.training.adaptive_eval import depth_lines, depth_summary
+        from hrmspec.runtime.evaluate.adaptive_eval import depth_lines, depth_summary
 
         print("\n".join(depth_lines(depth_summary(stats))))
     elif stats.positions:
@@ -104,8 +104,8 @@ def _steps_line(mean: float, most: int, label: str = "steps per position", unit:
 def _solve_grid(model, spec, args) -> int:
     import torch
 
+    from hrmspec.runtime.artifacts.grids import GridConfig, parse_grid, render
     from hrmspec.runtime.execution.supervision import Supervisor
-    from hrmspec.runtime.training.grids import GridConfig, parse_grid, render
 
     task = next(iter(GridConfig.from_dict(spec.data).tasks()))
     cells = parse_grid(args.prompt, task, spec.model.max_seq_len)
@@ -127,8 +127,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_consolidate(args) -> int:
-    from hrmspec.runtime.training.checkpoint import latest_checkpoint
-    from hrmspec.runtime.training.sharded import consolidate
+    from hrmspec.runtime.artifacts.checkpoint import latest_checkpoint
+    from hrmspec.runtime.artifacts.sharded import consolidate
 
     folder = Path(args.ckpt)
     if (folder / "checkpoints").is_dir():  # a run: its newest checkpoint
@@ -161,7 +161,7 @@ def _register_train(sub, name):
 
 
 def _placement_arguments(p, backend_default: str = "auto", device_default: str = "auto") -> None:
-    """--backend and --device (runtime/training/placement.py); train's defaults are its train: section's."""
+    """--backend and --device (runtime/artifacts/placement.py); train's defaults are its train: section's."""
     p.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
                    help=f"the kernels the model runs: auto (Triton on CUDA, the reference on the CPU) or a backend; "
                    f"default {backend_default}")

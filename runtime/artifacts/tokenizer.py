@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from hrmspec.runtime.training.data import BOX_END, DEFAULT_CONDITIONS, IM_END, IM_START, PAD, condition_token
+from hrmspec.runtime.artifacts.data import BOX_END, DEFAULT_CONDITIONS, IM_END, IM_START, PAD, condition_token
 
 MARKERS = (PAD, IM_START, IM_END, BOX_END)
 N_BYTES = 256

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import write_tensors
+from hrmspec.runtime.artifacts.files import write_tensors
 
 SHARDS = "shards"
 GROUPS_FILE = "optimizer.json"

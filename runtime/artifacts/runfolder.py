@@ -21,8 +21,8 @@ import signal
 import threading
 from pathlib import Path
 
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.config import TrainError
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.config import TrainError
 
 LOCK = ".lock"
 RUN_FILES = ("metrics.jsonl", "eval.json")  # what a run writes and --overwrite deletes, with RUN_FOLDERS

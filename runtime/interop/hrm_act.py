@@ -3,8 +3,8 @@
 sapientinc/HRM's `HierarchicalReasoningModel_ACTV1` and TRM's `TinyRecursiveReasoningModel_ACTV1`
 are driven one segment at a time:
 
-    carry = model.initial_carry(batch)              # every row halted: the first step takes its sample
-    carry, out = model.act_step(carry, batch)       # one segment of every row
+    carry = hrmspec.initial_carry(model, batch)  # every row halted: the first step takes its sample
+    carry, out = hrmspec.act_step(model, carry, batch)  # one segment of every row
 
 with `batch = {"inputs": (B, S) int, "puzzle_identifiers": (B,) int, "labels": (B, S) int}` (labels
 optional) and `out = {"logits": (B, S, vocab), "q_halt_logits": (B,), "q_continue_logits": (B,)}`,

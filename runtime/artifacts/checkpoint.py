@@ -35,8 +35,8 @@ import yaml
 from safetensors.torch import save_file
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.files import fsync_path, read_tensors
-from hrmspec.runtime.training.sharded import is_sharded, read_sharded
+from hrmspec.runtime.artifacts.files import fsync_path, read_tensors
+from hrmspec.runtime.artifacts.sharded import is_sharded, read_sharded
 
 PREFIX = "step_"
 

@@ -38,12 +38,12 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from hrmspec.errors import HrmspecError
+from hrmspec.runtime.artifacts.data import DataError, Sample, format_sample
+from hrmspec.runtime.artifacts.packing import pack
+from hrmspec.runtime.artifacts.tokenizer import TokenizerError
+from hrmspec.runtime.evaluate.heldout import decode_responses, load_run
 from hrmspec.runtime.execution.depth import DepthPolicy
 from hrmspec.runtime.execution.generate import compile_refusal
-from hrmspec.runtime.training.data import DataError, Sample, format_sample
-from hrmspec.runtime.training.heldout import decode_responses, load_run
-from hrmspec.runtime.training.packing import pack
-from hrmspec.runtime.training.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 

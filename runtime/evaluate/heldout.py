@@ -16,18 +16,18 @@ import torch
 
 import hrmspec
 from hrmspec.errors import CheckpointError, HrmspecError
+from hrmspec.runtime.artifacts import checkpoint as ckpt
+from hrmspec.runtime.artifacts.config import TrainConfig
+from hrmspec.runtime.artifacts.data import DataConfig, DataError, format_sample, load_split
+from hrmspec.runtime.artifacts.grids import GridConfig, load_grids
+from hrmspec.runtime.artifacts.grids import solved as grid_solved
+from hrmspec.runtime.artifacts.placement import resolve, to_device
+from hrmspec.runtime.artifacts.tokenizer import Tokenizer
+from hrmspec.runtime.evaluate.adaptive_eval import checked, compare_depths
 from hrmspec.runtime.execution.adaptive import parse_exit
 from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 from hrmspec.runtime.execution.generate import compile_refusal
 from hrmspec.runtime.execution.supervision import Supervisor
-from hrmspec.runtime.training import checkpoint as ckpt
-from hrmspec.runtime.training.adaptive_eval import checked, compare_depths
-from hrmspec.runtime.training.config import TrainConfig
-from hrmspec.runtime.training.data import DataConfig, DataError, format_sample, load_split
-from hrmspec.runtime.training.grids import GridConfig, load_grids
-from hrmspec.runtime.training.grids import solved as grid_solved
-from hrmspec.runtime.training.placement import resolve, to_device
-from hrmspec.runtime.training.tokenizer import Tokenizer
 from hrmspec.spec.load import load_spec
 
 _SPLITS: dict = {}
@@ -211,7 +211,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says. `backend` and `device`: see
     load_run. `depth` (`DepthPolicy`): a spec with model.halting at every step or another threshold; an exit
-    criterion (adaptive depth), evaluated against full depth (runtime/training/adaptive_eval.py); compiled
+    criterion (adaptive depth), evaluated against full depth (runtime/evaluate/adaptive_eval.py); compiled
     decoding (runtime/execution/decode.py), for a spec with a fixed unrolling."""
 
     depth = depth or DepthPolicy()

@@ -13,7 +13,7 @@ model sees bidirectionally and is not trained on) and the response (trained on):
 For example ``{"instruction": "Calculate 2 + 3.", "response": "5", "condition": "direct"}`` becomes
 ``<|im_start|><|direct|>Calculate 2 + 3.<|im_end|>`` and ``5<|box_end|>``. ``<|box_end|>`` ends a
 response, so generation stops there. Every marker is a single special token of the tokenizer
-(``hrmspec.runtime.training.tokenizer``); text that happens to contain a marker's spelling is read as
+(``hrmspec.runtime.artifacts.tokenizer``); text that happens to contain a marker's spelling is read as
 that marker.
 
 JSONL format: one object per line, ``{"instruction": str, "response": str, "condition": str|null}``

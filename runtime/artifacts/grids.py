@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from hrmspec.runtime.training.data import EVAL_SEED_OFFSET, DataError, _close, config_from_dict
+from hrmspec.runtime.artifacts.data import EVAL_SEED_OFFSET, DataError, _close, config_from_dict
 
 PAD, EMPTY = 0, 1  # EMPTY: an empty cell of sudoku and n_queens
 

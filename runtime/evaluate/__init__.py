@@ -1,0 +1,2 @@
+"""Evaluating a model: held-out sets (text and grids), adaptive depth against full depth, and the
+lm-evaluation-harness model."""
