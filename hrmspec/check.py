@@ -10,7 +10,8 @@ launches today. For each one:
              max |kernel - reference| / max(1, max |reference|), and the kernel passes below 1e-4
              (the kernels store fp32 here)
   compile    `triton.compile` for sm_80 and sm_90 at the spec's width, bf16 storage, in a fresh
-             process (one that interprets cannot compile), with registers and spills from ptxas
+             process (one that interprets cannot compile; started with `python -P`, so nothing in
+             the current directory is imported), with registers and spills from ptxas
 
 Without a GPU the numerics run in Triton's interpreter. A row wider than a one-block kernel holds
 is reported as a reference fallback (what the triton backend does with it), not tested as if it fit.
@@ -26,6 +27,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from hrmspec.backends.common.source_cache import CacheError
 from hrmspec.graph.fusion import KernelInfo
 from hrmspec.ir import evaluate, reduce_vector_grads
 from hrmspec.ir.kernel import trainable
@@ -72,6 +74,8 @@ def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_numerics(k: KernelInfo, draws: int = 3, max_rows: int = 3, device: str = "cpu") -> float:
     """The largest relative error of kernel `k` over `draws` random draws (see the module docstring)."""
+    if draws < 1:  # no draw would test nothing and report an error of 0
+        raise ValueError(f"draws must be at least 1, found {draws}")
     from hrmspec.backends.triton.launch import RowKernel
 
     fwd = k.forward
@@ -155,6 +159,8 @@ def check_kernels(kernels: list[KernelInfo], draws: int = 3, max_rows: int = 3, 
         else:
             try:
                 c.error = check_numerics(k, draws, max_rows, device)
+            except CacheError:  # the kernel cache cannot be written: every kernel would fail the same way
+                raise
             except Exception as e:  # reported in the table, and the check fails
                 c.problem = f"{type(e).__name__}: {e}"
         checks.append(c)

@@ -44,9 +44,17 @@ DEFAULT_MFU = 0.35
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
+# What a cost can be asked about: far beyond any training run, so that every figure stays a finite number.
+MAX_TOKENS = 1e18  # training tokens (the largest published runs are near 1e14)
+MIN_MFU = 1e-4  # below this, "utilization" is a typo: hours and dollars would run to infinity
+MAX_GPUS = 10**7
+MAX_PRICE = 1e6  # dollars per GPU-hour
+MAX_SEQ_LEN = 1 << 24  # the largest model.max_seq_len a spec may declare
 
-def parse_count(text: str, what: str = "--tokens") -> float:
-    """A positive count written as 40B, 500M, 2.5T, 1e9 or 1_000_000 (k, M, B or G, T, P: powers of 1000)."""
+
+def parse_count(text: str, what: str = "--tokens", maximum: float = math.inf) -> float:
+    """A positive count written as 40B, 500M, 2.5T, 1e9 or 1_000_000 (k, M, B or G, T, P: powers of 1000),
+    at most `maximum`."""
     s = str(text).strip().replace("_", "").replace(",", "")
     scale = 1.0
     if s and s[-1].lower() in _SUFFIX:
@@ -58,29 +66,35 @@ def parse_count(text: str, what: str = "--tokens") -> float:
     if not math.isfinite(value) or value <= 0:
         shown = str(text)[:40]
         raise CostError(f"{what}: expected a positive count such as 40B, 500M or 1e9, found {shown!r}")
+    if value > maximum:
+        raise CostError(f"{what}: expected at most {maximum:g}, found {value:g}")
     return value
 
 
-def parse_fraction(text: str, what: str) -> float:
-    """A number in (0, 1], e.g. an MFU."""
+def parse_fraction(text: str, what: str, minimum: float = 0.0) -> float:
+    """A number in (0, 1], e.g. an MFU; with `minimum`, in [minimum, 1]."""
     try:
         v = float(text)
     except (TypeError, ValueError):
         v = math.nan
-    if not 0.0 < v <= 1.0:
-        raise CostError(f"{what}: expected a number in (0, 1], found {str(text)[:40]!r}")
+    if not 0.0 < v <= 1.0 or v < minimum:
+        floor = f", at least {minimum:g}" if minimum > 0 else ""
+        raise CostError(f"{what}: expected a number in (0, 1]{floor}, found {str(text)[:40]!r}")
     return v
 
 
-def parse_positive(text: str, what: str, integer: bool = False) -> float:
-    """A positive number (an integer when `integer`), e.g. a GPU count or a price."""
+def parse_positive(text: str, what: str, integer: bool = False, maximum: float = math.inf) -> float:
+    """A positive number (an integer when `integer`) of at most `maximum`, e.g. a GPU count or a price."""
     try:
         v = int(text) if integer else float(text)
     except (TypeError, ValueError):
         v = math.nan
-    if not (0 < v < math.inf):
+    if not 0 < v < math.inf:
         kind = "a positive integer" if integer else "a positive number"
         raise CostError(f"{what}: expected {kind}, found {str(text)[:40]!r}")
+    if v > maximum:
+        most = f"{int(maximum):,}" if integer else f"{maximum:g}"
+        raise CostError(f"{what}: expected at most {most}, found {str(text)[:40]}")
     return v
 
 
@@ -202,6 +216,33 @@ class RunFlops:
         """Training FLOPs per token of each of `steps` optimizer steps, as the loop sets progress = s / steps."""
         return [self.at(s / steps) for s in range(steps)]
 
+    def phases(self, steps: int) -> list[tuple[int, float]]:
+        """`per_step(steps)` run-length encoded: (how many steps in a row, their training FLOPs per token),
+        found in O(phases * log steps), never a list of every step. The cost changes only with the credit
+        depth, which never falls as progress grows: a binary search finds where each depth ends."""
+        credit, out, first = self.spec.model.credit, [], 0
+        while first < steps:
+            depth = credit_depth(credit, first / steps)
+            lo, hi = first + 1, steps  # the first step of another depth is in [lo, hi]; hi: none
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if credit_depth(credit, mid / steps) == depth:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out.append((lo - first, self.at(first / steps)))
+            first = lo
+        return out
+
+    def summed(self, steps: int, upto: int | None = None) -> float:
+        """sum(per_step(steps)[:upto]) in O(phases): the training FLOPs per token of a row, summed over the
+        first `upto` (default all) of `steps` steps."""
+        left, total = steps if upto is None else max(0, min(upto, steps)), 0.0
+        for count, flops in self.phases(steps):
+            total += min(count, left) * flops
+            left -= min(count, left)
+        return total
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -268,5 +309,6 @@ def _amount(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
-__all__ = ["DEFAULT_MFU", "GPUS", "GPU", "CostError", "Estimate", "RunFlops", "credit_phases", "estimate",
-           "find_gpu", "parse_count", "parse_fraction", "parse_positive", "report", "training_seq_len"]
+__all__ = ["DEFAULT_MFU", "GPUS", "GPU", "MAX_GPUS", "MAX_PRICE", "MAX_SEQ_LEN", "MAX_TOKENS", "MIN_MFU", "CostError",
+           "Estimate", "RunFlops", "credit_phases", "estimate", "find_gpu", "parse_count", "parse_fraction",
+           "parse_positive", "report", "training_seq_len"]

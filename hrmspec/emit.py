@@ -150,12 +150,22 @@ def snapshot_files(spec) -> dict[str, str]:
     return files
 
 
-def write_files(out: Path, files: Mapping[str, str]) -> None:
-    """Write each file under `out`, creating folders; UTF-8 with "\\n" line ends on every platform."""
-    for name, text in files.items():
-        path = Path(out) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text.encode("utf-8"))
+def write_files(out: Path, files: Mapping[str, str], what: str = "--emit") -> None:
+    """Write each file under `out`, creating folders; UTF-8 with "\\n" line ends on every platform. Each file
+    is written through a temp file renamed over it, so a link in its place is replaced, never followed; a
+    link in place of a folder, `out` that is a file, a checkpoint or a run folder, or a folder that cannot
+    be written is one line naming it (runtime/artifacts/files.py)."""
+    from hrmspec.runtime.artifacts.files import atomic_write, output_folder, refuse_link, writing
+
+    out = output_folder(out, what)
+    with writing(out):
+        for name, text in files.items():
+            path = out / name
+            for folder in reversed(path.relative_to(out).parents[:-1]):  # kernels/, ... below `out`
+                refuse_link(out / folder)
+                (out / folder).mkdir(exist_ok=True)
+            data = text.encode("utf-8")
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data))
 
 
 __all__ = ["GOLDEN_SUFFIX", "MANIFEST", "TARGETS", "Target", "kernel_files", "manifest_entry", "snapshot_files",

@@ -27,6 +27,7 @@ Every run draws with one seed, new each run, printed in the header and in the cl
 import functools
 import os
 import random
+import signal
 import time
 
 import torch
@@ -355,3 +356,16 @@ def c_ops(request):
     from hrmspec.backends import get_backend
 
     return get_backend(request.param)
+
+
+@pytest.fixture
+def deadline():
+    """A hostile input that got past its limit would run for minutes: fail the test instead."""
+    def expire(*_):
+        raise TimeoutError("a hostile input was not stopped by its limit")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

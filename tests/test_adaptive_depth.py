@@ -108,8 +108,8 @@ def test_criteria_read_from_their_text(text, kind, threshold, shown):
     ("cosine:0", "expected a threshold > 0"),
     ("entropy:nan", "expected a threshold > 0"),
     ("kl:inf", "expected a threshold > 0"),
-    ("argmax:0", "argmax takes a number of steps >= 1"),
-    ("argmax:1.5", "argmax takes a number of steps >= 1"),
+    ("argmax:0", "argmax takes a number of steps from 1 to"),
+    ("argmax:1.5", "argmax takes a number of steps from 1 to"),
     ("none:3", "'none' takes no threshold"),
 ])
 def test_a_criterion_that_cannot_be_read_is_one_line(text, message):

@@ -142,3 +142,27 @@ def test_a_model_larger_than_the_machine_is_refused_before_allocating(monkeypatc
     err = capsys.readouterr().err
     assert "the fp32 weights, gradients, optimizer moments, EMA of hrm-text-tiny need" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_relative_data_paths_are_the_spec_folders_and_recorded_absolute(tmp_path, monkeypatch, capsys):
+    """data.path and data.eval_path resolve against the spec's folder, never the working directory or the run
+    folder: the run records them absolute, so evaluating it later, from anywhere, reads the same file."""
+    import yaml
+
+    from hrmspec.runtime.artifacts.checkpoint import latest_checkpoint
+
+    spec_dir, elsewhere = tmp_path / "spec", tmp_path / "elsewhere"
+    spec_dir.mkdir()
+    elsewhere.mkdir()
+    samples = "".join(json.dumps({"instruction": f"add {i} and 1", "response": str(i + 1)}) + "\n" for i in range(30))
+    (spec_dir / "train.jsonl").write_text(samples)
+    (spec_dir / "s.yaml").write_text(MODEL.replace("MAX", "64") + "data: {source: jsonl, path: train.jsonl, "
+                                     "eval_path: train.jsonl}\ntrain: {steps: 1, batch_size: 2, seq_len: 64}\n")
+    monkeypatch.chdir(elsewhere)  # no train.jsonl here
+    run = tmp_path / "run"
+    assert main(["train", str(spec_dir / "s.yaml"), "--out", str(run), "--no-progress"]) == 0
+    recorded = yaml.safe_load((latest_checkpoint(run) / "spec.yaml").read_text())["data"]
+    assert recorded["path"] == recorded["eval_path"] == str((spec_dir / "train.jsonl").resolve())
+    (run / "train.jsonl").write_text("not json\n")  # a file of that name in the run folder is never read
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "2"]) == 0, capsys.readouterr().err

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hrmspec.runtime.artifacts.config import TrainError
 from hrmspec.runtime.artifacts.packing import IGNORE, PAD_DOC, Batches, pack
 
 # Token ids >= 10 so padding (pad_id=0) is never confused with a real token.
@@ -145,8 +146,10 @@ def test_batches_deterministic_and_resumable():
     c = Batches(rows, batch_size=3, seed=7)
     c.load_state_dict(state)
     assert _firsts(c, 3) == stream[4:7]
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(TrainError, match="drawn with seed 7, this run has 8 .train.seed."):
         Batches(rows, 3, seed=8).load_state_dict(state)
+    with pytest.raises(TrainError, match="batch_size 3, this run has 2 .train.batch_size."):
+        Batches(rows, 2, seed=7).load_state_dict(state)
 
 
 def test_batches_eval_pass():

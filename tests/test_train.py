@@ -160,7 +160,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 def test_bad_train_config_and_small_vocab(tmp_path):
     with pytest.raises(TrainError, match="unknown key.*did you mean 'steps'"):
         train(spec(**{"train.stepz": 3}), tmp_path, progress_bar=False)
-    with pytest.raises(TrainError, match="train.lr: expected a number, found 'fast'"):
+    with pytest.raises(TrainError, match="train.lr: expected a finite number > 0, found 'fast'"):
         train(spec(**{"train.lr": "fast"}), tmp_path, progress_bar=False)
     assert TrainConfig.from_dict({"lr": "3e-3"}).lr == 3e-3  # YAML 1.1 reads 3e-3 as a string
     with pytest.raises(TrainError, match="vocab_size 100 is too small"):

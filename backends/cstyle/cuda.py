@@ -1,7 +1,8 @@
 """Running the CUDA dialect through CuPy on torch CUDA tensors, without copies.
 
-The cache file is compiled by `cupy.RawModule` (NVRTC underneath, with the dialect's compile
-options) once per process, and launched on torch's current stream. Tensors cross over through
+The text `write_source` checked for the cache file (`source_cache.verified_text`, never the file
+read again) is compiled by `cupy.RawModule` (NVRTC underneath, with the dialect's compile options)
+once per process, and launched on torch's current stream. Tensors cross over through
 DLPack: CuPy sees the same device memory, so outputs are written in place and views keep their
 strides (the kernel gets each row stride). CuPy has no bfloat16, and the kernels take half types
 as 16-bit integers anyway, so fp16 and bf16 tensors are handed over as an int16 view of the same
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hrmspec.backends.common import source_cache
 from hrmspec.backends.cstyle.launch import CRowKernel, CRowOp, Launch
 from hrmspec.backends.cstyle.printer import CUDA
 from hrmspec.errors import KernelError
@@ -37,7 +39,7 @@ def function(path: Path, name: str):
     with _lock:
         if (path, name) not in _functions:
             cp = _cupy()
-            module = cp.RawModule(code=path.read_text(), options=CUDA.compile_options)
+            module = cp.RawModule(code=source_cache.verified_text(path), options=CUDA.compile_options)
             _functions[(path, name)] = module.get_function(name)
         return _functions[(path, name)]
 

@@ -9,9 +9,10 @@ Tensors are CPU tensors, passed as pointers to their first element: a view insid
 is read and written in place, and a stray write lands in the tensor's storage where a test's
 guard buffer sees it.
 
-Nothing from disk runs unchecked: the source is the cache file that `write_source` has just
-compared byte for byte with the generated text, and the shared library is compiled from it into
-a directory private to this process (mode 0700, removed at exit), never loaded from a cache.
+Nothing from disk runs unchecked: the compiler reads a copy of the text `write_source` has just
+compared byte for byte with the cache file (`source_cache.verified_text`), written into a directory
+private to this process (mode 0700, removed at exit), never the cache file itself, which could be
+changed after the check; the shared library is compiled into that directory, never loaded from a cache.
 Compiled libraries are kept per process, so a kernel pays the compiler once (~0.1 s).
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from hrmspec.backends.common import source_cache
 from hrmspec.backends.cstyle.launch import CRowKernel, CRowOp, Launch
 from hrmspec.backends.cstyle.printer import HOST, parameters
 from hrmspec.errors import KernelError
@@ -70,7 +72,7 @@ def compiler_tag() -> str:
 
 
 def _workdir() -> Path:
-    """A directory only this process writes, for the shared libraries it compiles."""
+    """A directory only this process writes, for the sources it compiles and their shared libraries."""
     if "dir" not in _state:
         path = Path(tempfile.mkdtemp(prefix="hrmspec-c-"))  # mode 0700
         atexit.register(shutil.rmtree, path, ignore_errors=True)
@@ -83,8 +85,10 @@ def library(path: Path) -> ctypes.CDLL:
     with _lock:
         if path not in _libraries:
             cc = _cc()
+            source = _workdir() / path.name  # the checked text, where no one else can change it
+            source.write_text(source_cache.verified_text(path))
             so = _workdir() / (path.stem + ".so")
-            cmd = [cc, *HOST.compile_options, "-o", str(so), str(path), "-lm"]
+            cmd = [cc, *HOST.compile_options, "-o", str(so), str(source), "-lm"]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as e:

@@ -111,7 +111,7 @@ def compile_for(program: RowProgram, arch: int, width: int = 4096, dtype: str = 
     source = render_source(program, name, CUDA, dtypes, block)
     path = source_cache.write_source(name, source, CUDA.suffix, (CUDA.name, f"nvrtc-{nvrtc_version()}-sm_{arch}"))
     t0 = time.perf_counter()
-    cubin, log = compile_source(path.read_text(), name, arch)
+    cubin, log = compile_source(source_cache.verified_text(path), name, arch)
     seconds = time.perf_counter() - t0
     if not re.search(r"Used \d+ registers", log):
         raise KernelError(f"NVRTC's log for {name} has no ptxas resource report:\n{log}")

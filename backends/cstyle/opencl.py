@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hrmspec.backends.common import source_cache
 from hrmspec.backends.cstyle.launch import CRowKernel, CRowOp, Launch
 from hrmspec.backends.cstyle.printer import OPENCL
 from hrmspec.errors import KernelError
@@ -116,7 +117,7 @@ def device_tag() -> str:
 
 
 def build(path: Path):
-    """The built program of a cache file (once per process)."""
+    """The built program of a cache file (once per process), from the text `write_source` checked."""
     cl = _cl()
     with _lock:
         if path not in _programs:
@@ -124,7 +125,7 @@ def build(path: Path):
             try:
                 with warnings.catch_warnings():  # a non-empty build log is a warning in pyopencl: say it if it fails
                     warnings.simplefilter("ignore", cl.CompilerWarning)
-                    _programs[path] = cl.Program(ctx, path.read_text()).build()
+                    _programs[path] = cl.Program(ctx, source_cache.verified_text(path)).build()
             except cl.Error as e:
                 raise KernelError(f"OpenCL could not build {path}:\n{e}") from e
         return _programs[path]

@@ -131,12 +131,19 @@ def compile_many(jobs: list[dict]) -> list[CompiledInfo]:
     return compile_jobs(__name__, compile_for, jobs, lambda job: {**job, "program": job["program"].to_dict()})
 
 
+# How a child Python starts without the current directory on sys.path: `python -m` puts it first,
+# so a json.py lying there would run instead of the standard library's. -P (3.11+) leaves it out and
+# keeps everything else; 3.10 has no -P, and isolated mode (-I) also ignores PYTHON* variables and the
+# user's site-packages.
+SAFE_PATH = "-P" if sys.version_info >= (3, 11) else "-I"
+
+
 def compile_in_fresh_process(module: str, jobs: list[dict]) -> list[CompiledInfo]:
-    """Run `python -m module` with TRITON_INTERPRET unset: it reads the JSON jobs on stdin and prints
-    one JSON line of CompiledInfo. A process that once interpreted cannot compile for a GPU."""
+    """Run `python -P -m module` with TRITON_INTERPRET unset: it reads the JSON jobs on stdin and
+    prints one JSON line of CompiledInfo. A process that once interpreted cannot compile for a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", module], input=json.dumps(jobs), capture_output=True, text=True,
-                         env=env)
+    res = subprocess.run([sys.executable, SAFE_PATH, "-m", module], input=json.dumps(jobs), capture_output=True,
+                         text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"compiling in a subprocess failed:\n{res.stderr[-4000:]}")
     return [CompiledInfo(**d) for d in json.loads(res.stdout.splitlines()[-1])]

@@ -1,5 +1,6 @@
 """Triton's files in the kernel cache (backends/common/source_cache.py): `<kernel name>_<key>.py`,
-key = sha256(source, triton version, target)[:16], imported with importlib."""
+key = sha256(source, triton version, target)[:16], loaded from the checked text by `load_module`
+(compiled and run in a fresh module, never imported: no bytecode is read or written)."""
 
 from __future__ import annotations
 
@@ -39,5 +40,5 @@ def write_source(name: str, source: str, target: str | None = None) -> Path:
 
 
 def load_kernel(name: str, source: str):
-    """Write (if needed) and import the module `source`, and return its function `name`."""
+    """Write (if needed) and load the module `source`, and return its function `name`."""
     return getattr(load_module(write_source(name, source)), name)

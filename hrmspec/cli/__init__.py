@@ -30,8 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def printable(text: str) -> str:
-    """`text` with control characters (escape sequences, bells) and lone surrogates escaped; lines kept."""
+MAX_MESSAGE = 2000  # characters of an error message printed: a value echoed from a hostile file stays short
+
+
+def printable(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` with control characters (escape sequences, bells) and lone surrogates escaped, lines kept, and
+    cut to `limit` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} characters more)"
     return "\n".join("".join(ch if ch.isprintable() and not "\ud800" <= ch <= "\udfff" else repr(ch)[1:-1]
                               for ch in line) for line in text.split("\n"))
 

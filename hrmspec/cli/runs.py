@@ -36,7 +36,8 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.evaluate.heldout import evaluate_run
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
-                       backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args))
+                       backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args),
+                       allow_nonfinite=args.allow_nonfinite)
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -64,7 +65,11 @@ def cmd_generate(args) -> int:
     from hrmspec.runtime.evaluate.heldout import load_run
     from hrmspec.runtime.execution.depth import DecodeStats
 
-    model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto")
+    _utf8(args.prompt, "the prompt")  # before the model is loaded
+    if args.condition is not None:
+        _utf8(args.condition, "--condition")
+    model, tok, spec, _ = load_run(args.dir, backend=args.backend or "auto", device=args.device or "auto",
+                                   allow_nonfinite=args.allow_nonfinite)
     depth = depth_policy(args)
     if depth.exit is not None:  # a criterion or a spec adaptive depth cannot run: refused before anything is decoded
         from hrmspec.runtime.evaluate.adaptive_eval import checked
@@ -94,6 +99,17 @@ def cmd_generate(args) -> int:
     elif stats.positions:
         print(_steps_line(stats.mean_steps, stats.max_steps))
     return 0
+
+
+def _utf8(text: str, what: str) -> None:
+    """Refuse an argument that is not UTF-8 text (the shell passed raw bytes; Python holds them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"code point U+{ord(bad):04X}"
+        raise DataError(f"{what} is not UTF-8 text ({byte} at character {e.start}): pass text the terminal encodes "
+                        "as UTF-8") from None
 
 
 def _steps_line(mean: float, most: int, label: str = "steps per position", unit: str = "steps") -> str:
@@ -160,6 +176,11 @@ def _register_train(sub, name):
     p.set_defaults(func=cmd_train)
 
 
+def _nonfinite_argument(p) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights that hold NaN or infinity (a diverged run) instead of refusing them")
+
+
 def _placement_arguments(p, backend_default: str = "auto", device_default: str = "auto") -> None:
     """--backend and --device (runtime/artifacts/placement.py); train's defaults are its train: section's."""
     p.add_argument("--backend", choices=("auto", *BACKENDS), default=None,
@@ -181,12 +202,13 @@ def _register_eval(sub, name):
     p = sub.add_parser(name, help="decode held-out samples and score them with the tasks' answer checkers")
     p.add_argument("dir", help="a run directory")
     p.add_argument("--tasks", nargs="+", help="evaluate these tasks instead of the spec's")
-    p.add_argument("--n", type=int, default=200, help="held-out samples (default 200)")
+    p.add_argument("--n", type=positive_int, default=200, help="held-out samples (default 200)")
     p.add_argument("--all-segments", action="store_true",
                    help="with deep supervision: run every segment instead of stopping each row where its head says")
     _halting_arguments(p)
     _placement_arguments(p)
     _depth_arguments(p)
+    _nonfinite_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="decode with the decode step compiled by torch.compile (specs with a fixed unrolling): "
                    "tens of seconds to compile, then faster per token (1.5x eager at batches of 64 on 2 CPU "
@@ -245,6 +267,7 @@ def _register_generate(sub, name):
     _halting_arguments(p)
     _placement_arguments(p)
     _depth_arguments(p)
+    _nonfinite_argument(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -6,6 +6,7 @@ Triton interpreter when it runs."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,21 @@ from rich.table import Table
 
 import hrmspec
 from hrmspec.backends import REGISTRY, get_backend
-from hrmspec.cost import DEFAULT_MFU, CostError, estimate, find_gpu, parse_count, parse_fraction, parse_positive, report
+from hrmspec.cost import (
+    DEFAULT_MFU,
+    MAX_GPUS,
+    MAX_PRICE,
+    MAX_SEQ_LEN,
+    MAX_TOKENS,
+    MIN_MFU,
+    CostError,
+    estimate,
+    find_gpu,
+    parse_count,
+    parse_fraction,
+    parse_positive,
+    report,
+)
 from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 from hrmspec.errors import HrmspecError
 from hrmspec.gpus import GPUS, get_gpu
@@ -27,6 +42,7 @@ from hrmspec.show import roofline_table, show
 from hrmspec.spec.arguments import positive_int
 from hrmspec.spec.arguments import spec_arguments as _spec_args
 from hrmspec.spec.arguments import spec_from_arguments as _load
+from hrmspec.spec.schedule import MAX_REPEAT, sampled_loop
 
 
 def cmd_validate(args) -> int:
@@ -35,22 +51,52 @@ def cmd_validate(args) -> int:
     return 0
 
 
+DTYPE_BYTES = (1, 2, 4, 8)  # fp8, bf16, fp32, fp64
+MAX_BATCH = 10**7  # rows per step, as train.batch_size
+
+
+def _progress(text: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise HrmspecError(f"--progress: expected a training progress in [0, 1], found {str(text)[:40]!r}")
+    return v
+
+
+def _recurrence(text: str | None, spec) -> int | None:
+    """--recurrence N: at least 1 and at most what the spec's sampled loop may draw."""
+    if text is None:
+        return None
+    loop = sampled_loop(spec.model.schedule)
+    most = loop.sample.max if loop is not None else MAX_REPEAT
+    return int(parse_positive(text, "--recurrence", integer=True, maximum=most))
+
+
 def cmd_show(args) -> int:
     gpu = get_gpu(args.roofline) if args.roofline else None  # an unknown name fails before anything prints
     if args.json and gpu is None:
         raise HrmspecError("--json prints the roofline: give --roofline GPU as well (" + ", ".join(GPUS) + ")")
+    # numbers are read here, so a bad one is one line (exit 2), never a negative memory or "progress nan"
+    progress = _progress(args.progress)
+    seq_len = int(parse_positive(args.seq_len, "--seq-len", integer=True, maximum=MAX_SEQ_LEN)) \
+        if args.seq_len is not None else None
+    dtype_bytes = int(parse_positive(args.dtype_bytes, "--dtype-bytes", integer=True, maximum=max(DTYPE_BYTES)))
+    if dtype_bytes not in DTYPE_BYTES:
+        raise HrmspecError(f"--dtype-bytes: expected one of {', '.join(map(str, DTYPE_BYTES))}, found {dtype_bytes}")
+    batch = int(parse_positive(args.batch, "--batch", integer=True, maximum=MAX_BATCH))
     spec = _load(args)
-    G = build_graph(spec, args.progress, recurrence=args.recurrence)
-    seq_len = args.seq_len
+    G = build_graph(spec, progress, recurrence=_recurrence(args.recurrence, spec))
     if seq_len is None:  # a grid's row is its cells and the puzzle positions; else 2048 tokens
         prefix = spec.model.puzzle.positions if spec.model.puzzle else 0
         seq_len = spec.model.max_seq_len + prefix if spec.objective.type == "grid" else 2048
     if gpu is not None:
-        r = roofline(G, gpu, batch=args.batch, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+        r = roofline(G, gpu, batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes)
         if args.json:
             print(json.dumps(r.as_dict(), indent=1))
             return 0
-    show(G, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+    show(G, seq_len=seq_len, dtype_bytes=dtype_bytes)
     if gpu is not None:
         roofline_table(r, _wide_console())
     if args.png:
@@ -64,16 +110,21 @@ def cmd_show(args) -> int:
 def cmd_cost(args) -> int:
     if args.tokens is None:
         raise CostError("--tokens is required: the training tokens, e.g. --tokens 40B")
-    tokens = parse_count(args.tokens, "--tokens")
+    tokens = parse_count(args.tokens, "--tokens", maximum=MAX_TOKENS)
     gpu = find_gpu(args.gpu)
-    mfu = parse_fraction(args.mfu, "--mfu") if args.mfu is not None else DEFAULT_MFU
-    gpus = int(parse_positive(args.gpus, "--gpus", integer=True))
-    price = parse_positive(args.price, "--price") if args.price is not None else None
-    seq_len = int(parse_positive(args.seq_len, "--seq-len", integer=True)) if args.seq_len is not None else None
+    mfu = parse_fraction(args.mfu, "--mfu", minimum=MIN_MFU) if args.mfu is not None else DEFAULT_MFU
+    gpus = int(parse_positive(args.gpus, "--gpus", integer=True, maximum=MAX_GPUS))
+    price = parse_positive(args.price, "--price", maximum=MAX_PRICE) if args.price is not None else None
+    seq_len = int(parse_positive(args.seq_len, "--seq-len", integer=True, maximum=MAX_SEQ_LEN)) \
+        if args.seq_len is not None else None
     spec = _load(args)
     e = estimate(spec, tokens, gpu, mfu, gpus, price, seq_len)
     if args.json:
-        print(json.dumps(e.to_dict()))
+        try:  # standard JSON only: never NaN or Infinity
+            print(json.dumps(e.to_dict(), allow_nan=False))
+        except ValueError:
+            raise CostError(f"the estimate of {spec.name} is not a finite number: check --tokens, --mfu and "
+                            "--seq-len") from None
         return 0
     t = Table(title=f"Training cost of {spec.name}")
     t.add_column("quantity")
@@ -97,11 +148,10 @@ def cmd_compile(args) -> int:
         model = hrmspec.compile(spec, backend="reference")
     if args.emit:
         out = Path(args.emit)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
         data = nx.node_link_data(model.graph, edges="edges")
         data["graph"] = {k: v for k, v in data["graph"].items() if isinstance(v, (str, int, float, type(None)))}
-        (out / "graph.json").write_text(json.dumps(data, indent=1, default=str))
+        write_files(out, {"spec.yaml": yaml.safe_dump(spec.raw, sort_keys=False),
+                          "graph.json": json.dumps(data, indent=1, default=str)})  # links replaced, never followed
         print(f"wrote {out}/spec.yaml, {out}/graph.json")
         _emit_kernels(spec, args.backend, out)
     return 0
@@ -152,18 +202,18 @@ def _register_validate(sub, name: str) -> None:
 def _register_show(sub, name: str) -> None:
     p = sub.add_parser(name, help="print the unrolled graph, parameters, FLOPs and memory")
     _spec_args(p)
-    p.add_argument("--seq-len", type=int, default=None,
+    # numbers are read by the command, so a bad one is one line (exit 2), not argparse's usage text
+    p.add_argument("--seq-len", default=None,
                    help="sequence length for attention FLOPs (default 2048; a grid spec: its row length)")
-    p.add_argument("--progress", type=float, default=1.0, help="training progress 0..1 for the credit plan")
-    p.add_argument("--recurrence", type=int, default=None, metavar="N",
-                   help="run a sampled loop N times (default: its evaluation count)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (default 2: bf16)")
+    p.add_argument("--progress", default="1", help="training progress 0..1 for the credit plan")
+    p.add_argument("--recurrence", default=None, metavar="N",
+                   help="run a sampled loop N times, 1 to its max (default: its evaluation count)")
+    p.add_argument("--dtype-bytes", default="2", help="bytes per activation element: 1, 2, 4 or 8 (default 2: bf16)")
     p.add_argument("--png", metavar="FILE", help="also draw the unrolled schedule to a PNG")
     p.add_argument("--roofline", metavar="GPU", help="also predict a training step on GPU (" + ", ".join(GPUS)
                    + "): per kernel of the fusion plan its FLOPs, bytes, intensity, bound and time at the GPU's "
                    "published peaks (docs/kernels.md#roofline)")
-    p.add_argument("--batch", type=positive_int, default=1, help="rows of --seq-len tokens per step, for --roofline "
-                   "(default 1)")
+    p.add_argument("--batch", default="1", help="rows of --seq-len tokens per step, for --roofline (default 1)")
     p.add_argument("--json", action="store_true", help="print the roofline as JSON instead of the tables")
     p.set_defaults(func=cmd_show)
 
@@ -174,7 +224,8 @@ def _register_cost(sub, name: str) -> None:
     # values are read by the command, so a bad one is one line (exit 2), not argparse's usage text
     p.add_argument("--tokens", help="training tokens, e.g. 40B, 500M, 1e9 (required)")
     p.add_argument("--gpu", default="h100", help="a100 | h100 | h200 | b200 (default h100)")
-    p.add_argument("--mfu", default=None, help="model FLOPs utilization in (0, 1] (default 0.35; see docs/compare.md)")
+    p.add_argument("--mfu", default=None,
+                   help=f"model FLOPs utilization in [{MIN_MFU:g}, 1] (default {DEFAULT_MFU:g}; see docs/compare.md)")
     p.add_argument("--gpus", default="1", help="GPUs training together: the wall time divides by it (default 1)")
     p.add_argument("--price", default=None, help="dollars per GPU-hour (default: the GPU table's)")
     p.add_argument("--seq-len", default=None,
@@ -197,7 +248,7 @@ def _register_compile(sub, name: str) -> None:
 def _register_check(sub, name: str) -> None:
     p = sub.add_parser(name, help="property-test every kernel a spec needs and compile it for sm_80 / sm_90")
     _spec_args(p)
-    p.add_argument("--draws", type=int, default=3, help="random draws per kernel (default 3)")
+    p.add_argument("--draws", type=positive_int, default=3, help="random draws per kernel (default 3)")
     p.add_argument("--arch", type=int, action="append", metavar="SM", help="compile for sm_SM (default: 80 and 90)")
     p.add_argument("--no-compile", action="store_true", help="numerics only, no sm_80 / sm_90 compile")
     p.set_defaults(func=cmd_check)

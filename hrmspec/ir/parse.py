@@ -15,6 +15,7 @@ caller passes the `Location` where the expression text starts).
 from __future__ import annotations
 
 import ast
+import math
 
 from hrmspec.errors import Location, SpecError, close_match
 from hrmspec.ir.functions import FUNCTIONS
@@ -62,9 +63,20 @@ class _Parser:
 
     def visit(self, node: ast.expr) -> Value | float:
         try:
-            return self._visit(node)
+            v = self._visit(node)
         except IRError as e:
             self.fail(str(e).split(": ", 1)[-1], node)
+        except (OverflowError, ZeroDivisionError):  # folding constants: 10**10**10, 1/0
+            v = None
+        c = v.const_value() if isinstance(v, Value) else v
+        if v is None or isinstance(c, complex) or (c is not None and not math.isfinite(c)):
+            self.fail(f"'{self._text(node)}' is not a finite number", node,
+                      "constants here must stay within float range, e.g. 1e-6 or 10**4")
+        return v
+
+    def _text(self, node: ast.expr, limit: int = 60) -> str:
+        text = ast.unparse(node)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
     def _visit(self, node: ast.expr) -> Value | float:
         if isinstance(node, ast.Constant):

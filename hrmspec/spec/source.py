@@ -4,12 +4,20 @@ PyYAML's composer already knows where each node starts; we construct the documen
 walk the node tree beside it to record a `Location` per path (a tuple of keys and indices).
 `extends:` merges a base file under the child, and `--set` overrides are applied on top, each
 keeping the location it came from, so an error always points at the text the user wrote.
+
+Every YAML or JSON document hrmspec reads (a spec, a `--set` value, a checkpoint's config, compare's
+`--data`) goes through the readers here (`load_yaml_text`, `read_yaml`, `load_json_text`,
+`read_json`), under one set of limits: size (a file is read no further), values counting what aliases
+and merge keys repeat (counted before anything is built), and nesting (checked without recursion).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import json
+import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,19 +63,47 @@ def _mark(file: str, mark: yaml.Mark) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
-MAX_BYTES = 1 << 20  # a spec file
-MAX_VALUES = 20_000  # values in a spec, aliases expanded: an alias bomb stops here
+# The limits of every YAML or JSON document hrmspec reads: a spec, a --set value, a checkpoint's
+# config (all_config.yaml, config.json), compare's --data. Each is a few kilobytes.
+MAX_BYTES = 1 << 20  # a file or text
+MAX_VALUES = 20_000  # values in a document, aliases expanded: an alias bomb stops here
 MAX_DEPTH = 40  # nesting of mappings and lists
+_DEEP_HINT = "a spec or config nests a few levels: model, modules, a module, its norm"
+
+
+def _too_many(loc: Location, path: str = "", limit: int = MAX_VALUES, yaml_aliases: bool = True) -> SpecError:
+    if yaml_aliases:
+        return SpecError(f"more than {limit:,} values (counting what YAML aliases repeat)", loc, path,
+                         "a spec or config is a few hundred values; write it out without chains of aliases")
+    return SpecError(f"more than {limit:,} values", loc, path)
+
+
+def _too_deep(loc: Location) -> SpecError:
+    return SpecError(f"values nested more than {MAX_DEPTH} levels deep", loc, "", _DEEP_HINT)
+
+
+def _check_nodes(root: yaml.Node, file: str) -> None:
+    """Count the nodes of a composed document as constructing it would expand them (an alias, or a
+    merge key `<<`, repeats what it names), without recursion: a bomb stops before it is built."""
+    count, stack = 0, [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise _too_many(_mark(file, node.start_mark))
+        if depth > MAX_DEPTH:
+            raise _too_deep(_mark(file, node.start_mark))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
 
 
 def _walk(node: yaml.Node, path: PathT, file: str, src: Source, loader: yaml.SafeLoader) -> None:
     if len(src.values) >= MAX_VALUES:
-        raise SpecError(f"the spec holds more than {MAX_VALUES:,} values (counting what YAML aliases repeat)",
-                        _mark(file, node.start_mark), dotted(path), "a spec is a few hundred values; "
-                        "write it out without chains of aliases")
+        raise _too_many(_mark(file, node.start_mark), dotted(path))
     if len(path) > MAX_DEPTH:
-        raise SpecError(f"values nested more than {MAX_DEPTH} levels deep", _mark(file, node.start_mark),
-                        "", "a spec nests a few levels: model, modules, a module, its norm")
+        raise _too_deep(_mark(file, node.start_mark))
     loc = _mark(file, node.start_mark)
     if isinstance(node, yaml.ScalarNode) and node.style in ('"', "'"):
         loc = Location(file, loc.line, loc.col + 1)  # point at the text, not at the quote
@@ -96,7 +132,7 @@ def _yaml_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
     """A PyYAML error as a SpecError: the problem, where it was noticed, and what it was inside of."""
     mark = e.problem_mark or e.context_mark
     loc = _mark(file, mark) if mark is not None else Location(file)
-    problem = e.problem or e.context or "cannot parse"
+    problem = _one_line(e.problem or e.context or "cannot parse")  # an alias's name may be long
     message = f"invalid YAML: {problem}"
     if e.problem and e.context and e.context_mark is not None and e.context_mark != mark:
         message += f" ({e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
@@ -110,17 +146,17 @@ def _yaml_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
     return SpecError(message, loc, "", hint)
 
 
-def parse_yaml(text: str, file: str) -> Source:
-    """Parse one YAML document; syntax errors become SpecErrors with the position."""
+def _parse(text: str, file: str) -> Source | None:
+    """One YAML document within the limits, with the location of every value; None when it is empty."""
     if len(text) > MAX_BYTES:
-        raise SpecError(f"the file is {len(text):,} characters; a spec is at most {MAX_BYTES:,}", Location(file))
+        raise SpecError(f"the text is {len(text):,} characters, over the limit of {MAX_BYTES:,}", Location(file))
     loader = None
     try:
         loader = yaml.SafeLoader(text)  # its reader checks the characters at once
         node = loader.get_single_node()
         if node is None:
-            message = "the file is empty; expected a mapping of sections with at least 'model:'"
-            raise SpecError(message, Location(file, 1, 1))
+            return None
+        _check_nodes(node, file)
         data = loader.construct_document(node)
         src = Source(data=data, file=file)
         _walk(node, (), file, src, loader)
@@ -130,19 +166,95 @@ def parse_yaml(text: str, file: str) -> Source:
         raise SpecError(f"invalid YAML: {_one_line(str(e))}", Location(file), "",
                         "remove control characters from the file") from None
     except RecursionError:
-        raise SpecError(f"values nested more than {MAX_DEPTH} levels deep", Location(file), "",
-                        "a spec nests a few levels: model, modules, a module, its norm") from None
+        raise _too_deep(Location(file)) from None
+    except ValueError as e:  # a value YAML's types cannot hold: an integer of 5,000 digits, a 13th month
+        raise SpecError(f"invalid YAML: {_one_line(str(e), 80)}", Location(file)) from None
     finally:
         if loader is not None:
             loader.dispose()
-    if not isinstance(data, dict):
+    return src
+
+
+def parse_yaml(text: str, file: str, quote: bool = True) -> Source:
+    """Parse one spec document; syntax errors become SpecErrors with the position. `quote=False`: a
+    file that is no spec is described, never quoted (a base named by `extends:` may be any file)."""
+    src = _parse(text, file)
+    if src is None:
+        message = "the file is empty; expected a mapping of sections with at least 'model:'"
+        raise SpecError(message, Location(file, 1, 1))
+    if not isinstance(src.data, dict):
+        found = _kind(src.data) if quote else _kind_unquoted(src.data)
         raise SpecError(
-            f"expected a mapping of sections (name, model, ...), found {_kind(data)}",
+            f"expected a mapping of sections (name, model, ...), found {found}",
             src.loc(()),
             "",
             "a spec starts with keys such as 'name:' and 'model:' at column 1",
         )
     return src
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """The data of one YAML document (None when empty), within the limits of a spec: at most MAX_BYTES
+    characters, MAX_VALUES values counting what aliases repeat, MAX_DEPTH levels. Every YAML text
+    hrmspec reads goes through here; a SpecError located at `where` names what is wrong."""
+    src = _parse(text, where)
+    return None if src is None else src.data
+
+
+def read_limited(path: str | Path, where: str | None = None, max_bytes: int = MAX_BYTES) -> str:
+    """The UTF-8 text of a file of at most `max_bytes`; a larger file is refused after reading no more."""
+    where = str(path) if where is None else where
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise SpecError(f"cannot read the file: {e.strerror or type(e).__name__}", Location(where)) from None
+    if len(raw) > max_bytes:
+        raise SpecError(f"the file is over the limit of {max_bytes:,} bytes", Location(where))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        message = f"expected UTF-8 text, found the byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise SpecError(message, Location(where)) from None
+
+
+def read_yaml(path: str | Path, where: str | None = None) -> Any:
+    """The data of a YAML file, read with the limits of `load_yaml_text`."""
+    return load_yaml_text(read_limited(path, where), str(path) if where is None else where)
+
+
+def load_json_text(text: str, where: str, max_bytes: int = MAX_BYTES, max_values: int = MAX_VALUES) -> Any:
+    """The data of a JSON text within the limits of a YAML document (by default; a file hrmspec writes
+    itself, such as a comparison's results, may allow more), the depth checked without recursion; a
+    SpecError located at `where` names what is wrong."""
+    if len(text) > max_bytes:
+        raise SpecError(f"the text is {len(text):,} characters, over the limit of {max_bytes:,}", Location(where))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"invalid JSON: {e.msg}", Location(where, e.lineno, e.colno)) from None
+    except RecursionError:  # the decoder's own guard, long before a stack runs out
+        raise _too_deep(Location(where)) from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise SpecError(f"invalid JSON: {_one_line(str(e), 80)}", Location(where)) from None
+    values, stack = 0, [(data, 0)]
+    while stack:  # an explicit stack: no recursion, however deep
+        value, depth = stack.pop()
+        values += 1
+        if values > max_values:
+            raise _too_many(Location(where), limit=max_values, yaml_aliases=False)
+        if depth > MAX_DEPTH:
+            raise _too_deep(Location(where))
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return data
+
+
+def read_json(path: str | Path, where: str | None = None, max_bytes: int = MAX_BYTES,
+              max_values: int = MAX_VALUES) -> Any:
+    """The data of a JSON file, read with the limits of `load_json_text`."""
+    where = str(path) if where is None else where
+    return load_json_text(read_limited(path, where, max_bytes), where, max_bytes, max_values)
 
 
 def _one_line(text: str, limit: int = 120) -> str:
@@ -155,7 +267,30 @@ def _kind(value: Any) -> str:
         return "a list"
     if isinstance(value, str):  # quoted (escapes control characters) and cut: never a whole file
         return f"the text {value[:40]!r}" + (f" ({len(value):,} characters)" if len(value) > 40 else "")
-    return repr(value)
+    return quoted(value)
+
+
+def _kind_unquoted(value: Any) -> str:
+    """What a value is, without a word of it."""
+    if isinstance(value, str):
+        return f"text of {len(value):,} characters"
+    kinds = {list: "a list", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), "a value")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def quoted(value: Any, limit: int = 80) -> str:
+    """`repr(value)` of at most `limit` characters, control characters escaped: an error message
+    never echoes a whole input back (a 5 MB string, a huge list, an integer of a million digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {math.floor(value.bit_length() * math.log10(2)) + 1:,} digits"
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _merge(base: Source, child: Source) -> Source:
@@ -193,12 +328,8 @@ def read_source(path: str | Path, _chain: tuple[str, ...] = ()) -> Source:
     shown = str(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {shown}", None, "", _missing_file_hint(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        message = f"expected UTF-8 text, found the byte {e.object[e.start]:#04x} at offset {e.start}"
-        raise SpecError(message, Location(shown)) from None
-    src = parse_yaml(text, shown)
+    # a base named by `extends:` may be any file: it is named, never quoted
+    src = parse_yaml(read_limited(path, shown), shown, quote=not _chain)
     if "extends" not in src.data:
         return src
     base_name = src.data.pop("extends")
@@ -280,12 +411,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is YAML (`--set 'data.tasks=[gcd, lcm]'`)."""
     if "=" not in text:
         raise SpecError(
-            f"bad --set '{text}': expected key=value", Location("--set"), "", "e.g. --set model.d_model=256"
+            f"bad --set {_one_line(repr(text), 60)}: expected key=value", Location("--set"), "",
+            "e.g. --set model.d_model=256"
         )
     key, _, raw = text.partition("=")
+    where = f"--set {_one_line(key.strip(), 60)}"
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"bad --set value '{raw}': {problem}", Location(f"--set {key.strip()}")) from None
+        value = load_yaml_text(raw, where) if raw.strip() else ""
+    except SpecError as e:
+        raise SpecError(f"bad --set value {_one_line(repr(raw), 60)}: {e.message}", Location(where), "",
+                        e.hint) from None
     return key.strip(), value

@@ -56,24 +56,25 @@ class TrainConfig:
             if key not in names:
                 hint = close_match(key, names)
                 hint = f" ({hint})" if hint else ""
-                raise TrainError(f"train.{key}: unknown key{hint}; known: {', '.join(names)}")
-        for name in ("lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "ema"):
-            v = d.get(name)
-            if v is not None and _number(v) is None:
-                raise TrainError(f"train.{name}: expected a number, found {v!r}")
-            if isinstance(v, str):
-                d[name] = _number(v)
+                shown = _short(key, 40)[1:-1] if isinstance(key, str) else _short(key)
+                raise TrainError(f"train.{shown}: unknown key{hint}; known: {', '.join(names)}")
+        for name, (low, high, what) in NUMBERS.items():
+            if name in d and not (name == "ema" and d[name] is None):
+                d[name] = _checked_number(name, d[name], low, high, what)
+        for name, (low, high) in INTEGERS.items():
+            if name in d:
+                d[name] = _checked_int(name, d[name], low, high)
+        if "betas" in d:
+            d["betas"] = _betas(d["betas"])
+        if d.get("tokenizer") is not None and not isinstance(d["tokenizer"], str):
+            raise TrainError(f"train.tokenizer: expected the path of a tokenizer.json, found {_short(d['tokenizer'])}")
         cfg = cls(**d)
-        for name in ("steps", "batch_size", "seq_len"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TrainError(f"train.{name}: expected a positive integer, found {v!r}")
         if cfg.optimizer not in ("adam_atan2", "adamw"):
-            raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {cfg.optimizer!r}")
+            raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {_short(cfg.optimizer)}")
         if cfg.schedule not in ("cosine", "constant"):
-            raise TrainError(f"train.schedule: expected cosine | constant, found {cfg.schedule!r}")
+            raise TrainError(f"train.schedule: expected cosine | constant, found {_short(cfg.schedule)}")
         if cfg.dtype not in ("auto", "fp32", "bf16"):
-            raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {cfg.dtype!r}")
+            raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {_short(cfg.dtype)}")
         if cfg.puzzle_optimizer is not None:
             cfg.puzzle_optimizer = _puzzle_optimizer(cfg.puzzle_optimizer)
         check_backend_name(cfg.backend, "train.backend")
@@ -81,12 +82,65 @@ class TrainConfig:
         return cfg
 
 
+# name -> (lowest, highest, what it is): every integer of the section, checked before anything runs
+INTEGERS = {
+    "steps": (1, 10**12), "batch_size": (1, 10**7), "seq_len": (1, 10**7), "seed": (0, 2**63 - 1),
+    "log_every": (1, 10**12), "eval_every": (0, 10**12), "eval_n": (1, 10**9), "save_every": (1, 10**12),
+    "keep": (1, 10**6), "max_nan_steps": (1, 10**9), "threads": (0, 4096), "max_new_tokens": (1, 10**7),
+}
+# name -> (lowest, highest, why): finite numbers; `lr` must be above 0, the fractions within [0, 1]
+NUMBERS = {
+    "lr": (0.0, None, "> 0"), "weight_decay": (0.0, None, ">= 0"), "warmup": (0.0, 1.0, "in [0, 1]"),
+    "min_lr_ratio": (0.0, 1.0, "in [0, 1]"), "grad_clip": (0.0, None, ">= 0 (0: off)"),
+    "ema": (0.0, 1.0, "in [0, 1) or null (off)"),
+}
+
+
+def _short(v: object, limit: int = 60) -> str:
+    """`repr(v)` cut to `limit` characters: a message never echoes a huge value."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _checked_int(name: str, v: object, low: int, high: int) -> int:
+    """`v` as an integer in [low, high] (YAML may give 1e3 as a string or a float: whole numbers are taken)."""
+    n = _number(v)
+    if n is not None and isinstance(n, float) and math.isfinite(n) and n.is_integer() and abs(n) < 2**63:
+        n = int(n)
+    if not isinstance(n, int) or isinstance(v, bool) or not low <= n <= high:
+        top = "" if high == 10**12 else f" and at most {high}"
+        raise TrainError(f"train.{name}: expected an integer of at least {low}{top}, found {_short(v)}")
+    return n
+
+
+def _checked_number(name: str, v: object, low: float, high: float | None, what: str) -> float:
+    n = _number(v)
+    ok = n is not None and math.isfinite(n) and n >= low and (high is None or n <= high)
+    if ok and name == "lr":
+        ok = n > 0
+    if ok and name == "ema":
+        ok = n < 1
+    if not ok:
+        raise TrainError(f"train.{name}: expected a finite number {what}, found {_short(v)}")
+    return float(n)
+
+
+def _betas(v: object) -> tuple[float, float]:
+    """Adam's (beta1, beta2): two numbers in [0, 1)."""
+    items = list(v) if isinstance(v, (list, tuple)) else None
+    nums = [_number(b) for b in items] if items is not None else []
+    if items is None or len(items) != 2 or any(b is None or not math.isfinite(b) or not 0 <= b < 1 for b in nums):
+        raise TrainError(f"train.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95], found {_short(v)}")
+    return (float(nums[0]), float(nums[1]))
+
+
 def check_backend_name(name: object, key: str) -> str:
     """`name` when it names a backend (or auto), else a TrainError saying what `key` takes."""
     choices = ("auto", *BACKENDS)
     if name not in choices:
         hint = close_match(str(name), choices)
-        raise TrainError(f"{key}: expected {' | '.join(choices)}, found {name!r}" + (f" ({hint})" if hint else ""))
+        hint = f" ({hint})" if hint else ""
+        raise TrainError(f"{key}: expected {' | '.join(choices)}, found {_short(name)}{hint}")
     return str(name)
 
 
@@ -94,7 +148,7 @@ def check_device_name(name: object, key: str) -> str:
     """`name` when it is a device `key` takes (auto, cpu, cuda, cuda:N), else a TrainError. Whether the
     device exists on this machine is asked when a run starts (placement.py), not here."""
     if not isinstance(name, str) or not _DEVICE.fullmatch(name):
-        raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {name!r}")
+        raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {_short(name)}")
     return name
 
 
@@ -105,7 +159,7 @@ def _number(v: object) -> float | None:
         return None
     try:
         return float(v) if isinstance(v, str) else v
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 

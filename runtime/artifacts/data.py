@@ -26,12 +26,13 @@ import difflib
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hrmspec.errors import HrmspecError
+from hrmspec.spec.source import quoted
 
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
@@ -89,7 +90,7 @@ def config_from_dict(cls: type, d: Mapping[str, Any] | None, where: str, what: s
 def condition_token(condition: str) -> str:
     """The special token a condition is rendered as: 'direct' -> '<|direct|>'."""
     if not _CONDITION_RE.match(condition):
-        raise DataError(f"condition {condition!r} must be letters, digits, '_' or '-' (e.g. 'direct', 'cot')")
+        raise DataError(f"condition {quoted(condition)} must be letters, digits, '_' or '-' (e.g. 'direct', 'cot')")
     return f"<|{condition}|>"
 
 
@@ -140,7 +141,8 @@ def _parse_line(raw: bytes) -> Sample:
     allowed = ("instruction", "response", "condition")
     for key in obj:
         if key not in allowed:
-            raise DataError(f"unknown key {key!r}{_close(key, allowed)}; allowed keys: {', '.join(allowed)}")
+            raise DataError(f"unknown key {quoted(key)}{_close(key[:100], allowed)}; allowed keys: "
+                            f"{', '.join(allowed)}")
     for key in ("instruction", "response"):
         if key not in obj:
             raise DataError(f"missing key {key!r}; every line needs 'instruction' and 'response'")
@@ -151,7 +153,33 @@ def _parse_line(raw: bytes) -> Sample:
         if not isinstance(cond, str):
             raise DataError(f"'condition' must be a string or null, got {type(cond).__name__}")
         condition_token(cond)
+    for key in allowed:
+        _check_unicode(key, obj.get(key))
     return Sample(obj["instruction"], obj["response"], condition=cond or None)
+
+
+def _check_unicode(key: str, text: str | None) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"): no text a tokenizer can encode."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{key!r} holds an unpaired surrogate ({text[e.start]!r} at character {e.start + 1}); "
+                        "JSON text must be whole Unicode characters") from None
+
+
+def _lines(f: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of a binary file, each read with at most MAX_LINE_BYTES + 1 bytes in memory: a longer
+    line comes as None, and its rest is skipped in bounded chunks (never kept) if the caller reads on."""
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw
+            continue
+        yield None
+        while chunk := f.readline(MAX_LINE_BYTES):
+            if chunk.endswith(b"\n"):
+                break
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False,
@@ -169,11 +197,14 @@ def read_jsonl(path: str | Path, skip_bad: bool = False,
     samples: list[Sample] = []
     stats = DataStats()
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is that line's error, not the file's
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for lineno, raw in enumerate(_lines(f), start=1):
+            if raw is not None and not raw.strip():
                 continue
             stats.read += 1
             try:
+                if raw is None:
+                    raise DataError(f"the line is longer than {MAX_LINE_BYTES:,} bytes; a sample is at most "
+                                    f"{MAX_LINE_BYTES:,} (the rest of the line was not read)")
                 s = _parse_line(raw)
             except DataError as e:
                 if skip_bad:

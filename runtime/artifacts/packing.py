@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrmspec.runtime.artifacts.config import TrainError
+
 IGNORE = -100  # label value that carries no loss (torch cross_entropy's ignore_index)
 PAD_DOC = -1  # doc id of padding positions
 OBJECTIVES = ("task_completion", "lm")
@@ -250,8 +252,11 @@ class Batches:
         for key in ("seed", "batch_size", "num_rows"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
-                raise ValueError(f"batch state was saved with {key}={state[key]}, this iterator has {mine}; "
-                                 "resuming would replay a different stream")
+                what = {"seed": "train.seed", "batch_size": "train.batch_size",
+                        "num_rows": "packed rows (the data, train.seq_len or the tokenizer differ)"}[key]
+                raise TrainError(f"--resume: the checkpoint's batches were drawn with {key} {state[key]}, this run "
+                                 f"has {mine} ({what}): resuming would replay a different stream; resume with what "
+                                 "the run was trained with, or start a new run (another --out, or --overwrite)")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order = None

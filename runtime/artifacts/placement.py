@@ -55,10 +55,41 @@ class Placement:
         return f"{self.device} ({self.backend} backend, {self.dtype})"
 
 
+def _env_int(name: str, default: int, low: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise PlacementError(f"the environment variable {name}={text[:40]!r} is not an integer of at least {low}; "
+                             "torchrun sets it: unset it, or start the run with torchrun")
+    return value
+
+
+def world_size() -> int:
+    """How many processes train together: WORLD_SIZE under torchrun, else 1. WORLD_SIZE above 1 without the
+    rendezvous torchrun provides (MASTER_ADDR, MASTER_PORT, RANK) is an error, not a run that hangs."""
+    size = _env_int("WORLD_SIZE", 1, 1)
+    if size > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not os.environ.get(k)]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise PlacementError(f"WORLD_SIZE={size} is set but {', '.join(missing)} {verb} not: "
+                                 "start a run of several processes with torchrun "
+                                 "(torchrun --nproc-per-node N -m hrmspec train ...), or unset WORLD_SIZE")
+        rank = _env_int("RANK", 0, 0)
+        if rank >= size:
+            raise PlacementError(f"RANK={rank} is not below WORLD_SIZE={size}: start the run with torchrun")
+    return size
+
+
 def local_rank() -> int | None:
     """This process's rank on its machine under torchrun, or None outside it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size() > 1:
+        return _env_int("LOCAL_RANK", 0, 0)
     return None
 
 
@@ -76,7 +107,7 @@ def resolve_device(name: str, key: str = "--device", rank: int | None = None) ->
     count = torch.cuda.device_count()
     if name == "cuda":
         index = rank or 0
-    elif rank is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+    elif rank is not None and _env_int("LOCAL_WORLD_SIZE", 1, 1) > 1:
         raise PlacementError(f"{key} {name}: under torchrun each process takes the device of its local rank; "
                              f"use {key} cuda (or auto)")
     else:

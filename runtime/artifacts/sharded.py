@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.artifacts.files import write_tensors
+from hrmspec.runtime.artifacts.files import write_tensors, write_text_atomic
 
 SHARDS = "shards"
 GROUPS_FILE = "optimizer.json"
@@ -80,7 +80,7 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / SHARDS), save_distributed=True),
                  no_dist=not dist.is_initialized())
     if rank == 0:
-        (folder / GROUPS_FILE).write_text(json.dumps(groups, indent=1))
+        write_text_atomic(folder / GROUPS_FILE, json.dumps(groups, indent=1))
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
@@ -164,6 +164,9 @@ def consolidate(folder: Path) -> list[Path]:
     written = []
     for part in ("model", "ema"):
         tensors = read_sharded(folder, part)
+        if not tensors and part == "model":
+            raise CheckpointError(f"{folder / SHARDS} holds no model shards: nothing to consolidate (a save that "
+                                  "did not finish, or shards copied without their files)")
         if tensors:
             path = folder / f"{part}.safetensors"
             write_tensors(path, tensors)

@@ -18,7 +18,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hrmspec.errors import HrmspecError
 from hrmspec.runtime.artifacts.data import BOX_END, DEFAULT_CONDITIONS, IM_END, IM_START, PAD, condition_token
+from hrmspec.runtime.artifacts.files import atomic_write
 
 MARKERS = (PAD, IM_START, IM_END, BOX_END)
 N_BYTES = 256
@@ -34,8 +36,17 @@ def min_vocab_size(conditions: Sequence[str] = DEFAULT_CONDITIONS) -> int:
     return N_BYTES + len(special_tokens(conditions))
 
 
-class TokenizerError(ValueError):
-    pass
+class TokenizerError(HrmspecError, ValueError):
+    """A tokenizer that cannot be read or does not fit the model; the message names the file."""
+
+
+MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json read (published ones are a few to ~30 MB)
+
+
+def _rust_failure(e: BaseException) -> bool:
+    """Whether `e` is the tokenizers library's own failure: a Python error or a Rust panic surfaced as
+    pyo3's PanicException (a BaseException, so a bare `except Exception` misses it)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 class Tokenizer:
@@ -88,7 +99,8 @@ class Tokenizer:
         if path.suffix != ".json":
             path.mkdir(parents=True, exist_ok=True)
             path = path / "tokenizer.json"
-        self.hf.save(str(path))
+        # through a temp file renamed over it: a link in its place is replaced, never written through
+        atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
         return path
 
     @classmethod
@@ -100,7 +112,25 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"{path}: no tokenizer.json there; train one with train_tokenizer() "
                                  "and save it with Tokenizer.save(folder)")
-        return cls(HFTokenizer.from_file(str(path)))
+        size = path.stat().st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path}: {size} bytes; a tokenizer.json is read up to {MAX_TOKENIZER_BYTES} bytes")
+        try:
+            tok = cls(HFTokenizer.from_file(str(path)))
+            tok.encode("a check: 1 + 2 = 3")  # a pre-tokenizer whose pattern fails does so here, not mid-run
+        except BaseException as e:
+            if not _rust_failure(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers library can use ({first})") from None
+        return tok
+
+    def check_fits(self, vocab: int, where: str) -> None:
+        """Refuse a tokenizer whose ids reach past the model's `vocab` embedding rows."""
+        if self.vocab_size > vocab:
+            raise TokenizerError(f"{where}: the tokenizer has {self.vocab_size} tokens but the model's vocabulary "
+                                 f"is {vocab}: ids from {vocab} on have no embedding; use the tokenizer the model "
+                                 "was trained with, or raise model.vocab")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"

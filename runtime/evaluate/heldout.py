@@ -19,6 +19,7 @@ from hrmspec.errors import CheckpointError, HrmspecError
 from hrmspec.runtime.artifacts import checkpoint as ckpt
 from hrmspec.runtime.artifacts.config import TrainConfig
 from hrmspec.runtime.artifacts.data import DataConfig, DataError, format_sample, load_split
+from hrmspec.runtime.artifacts.files import write_text_atomic, writing
 from hrmspec.runtime.artifacts.grids import GridConfig, load_grids
 from hrmspec.runtime.artifacts.grids import solved as grid_solved
 from hrmspec.runtime.artifacts.placement import resolve, to_device
@@ -183,31 +184,38 @@ def evaluate_grids(model, gcfg: GridConfig, n: int = 200, ema=None, all_segments
             "saved": 1.0 - sum(used) / (count * segments)}
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", device: str = "auto"):
+def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", device: str = "auto",
+             allow_nonfinite: bool = False):
     """(model, tokenizer, spec, checkpoint path) of a run's newest checkpoint, EMA weights by default, on
-    `device` with `backend` (placement.py; whatever device trained it: checkpoints hold CPU tensors)."""
+    `device` with `backend` (placement.py; whatever device trained it: checkpoints hold CPU tensors). A run
+    still training may prune the checkpoint while it is read: then the newest one is read (ckpt.read_latest).
+    Weights are checked (ckpt.check_tensors: NaN or infinity refused unless `allow_nonfinite`), and the
+    tokenizer against the model's vocabulary."""
 
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is None:
-        raise CheckpointError(
-            f"no checkpoint in {run_dir}/checkpoints: train first (hrmspec train SPEC --out {run_dir})"
-        )
-    spec = load_spec(last / "spec.yaml")
-    place = resolve(backend, device)
-    model = hrmspec.compile(spec, backend=place.backend)
-    ckpt.load_model_state(model, ckpt.model_tensors(last), last)  # single-file or sharded
-    ema = ckpt.model_tensors(last, "ema") if use_ema else None
-    if ema is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(ema[name])
-    tokenizer = None if spec.objective.type == "grid" else Tokenizer.load(last)
-    return model.to(place.device).eval(), tokenizer, spec, last
+    def read(last: Path):
+        spec = load_spec(last / "spec.yaml")
+        place = resolve(backend, device)
+        model = hrmspec.compile(spec, backend=place.backend)
+        ckpt.load_model_state(model, ckpt.model_tensors(last), last, allow_nonfinite)  # single-file or sharded
+        ema = ckpt.model_tensors(last, "ema") if use_ema else None
+        if ema is not None:
+            params = dict(model.named_parameters())
+            ckpt.check_tensors({k: p.detach() for k, p in params.items()}, ema, f"{last} (EMA)", allow_nonfinite)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(ema[name])
+        tokenizer = None if spec.objective.type == "grid" else Tokenizer.load(last)
+        if tokenizer is not None:
+            tokenizer.check_fits(spec.model.vocab, str(last / "tokenizer.json"))
+        return model.to(place.device).eval(), tokenizer, spec, last
+
+    return ckpt.read_latest(run_dir, read, missing=f"no checkpoint in {run_dir}/checkpoints: train first "
+                                                   f"(hrmspec train SPEC --out {run_dir})")
 
 
 def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
                  all_segments: bool = False, backend: str = "auto", device: str = "auto",
-                 depth: DepthPolicy | None = None) -> dict:
+                 depth: DepthPolicy | None = None, allow_nonfinite: bool = False) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval.json. `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says. `backend` and `device`: see
     load_run. `depth` (`DepthPolicy`): a spec with model.halting at every step or another threshold; an exit
@@ -216,7 +224,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
 
     depth = depth or DepthPolicy()
     run_dir = Path(run_dir)
-    model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device)
+    model, tokenizer, spec, last = load_run(run_dir, use_ema, backend, device, allow_nonfinite)
     why = compile_refusal(model, depth.exit) if depth.compile else None
     if why:  # refused before anything is decoded
         raise HrmspecError(f"--compile: {why}")
@@ -231,7 +239,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         except DataError as e:
             raise CheckpointError(str(e)) from None
         res["checkpoint"] = str(last)
-        (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
+        _write_eval(run_dir, res)
         return res
     if tasks:
         data["tasks"] = tasks
@@ -243,5 +251,12 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         res = evaluate_model(model, tokenizer, dcfg, n=n, max_new_tokens=cfg.max_new_tokens, root=run_dir,
                              depth=depth)
     res["checkpoint"] = str(last)
-    (run_dir / "eval.json").write_text(json.dumps(res, indent=2))
+    _write_eval(run_dir, res)
     return res
+
+
+def _write_eval(run_dir: Path, res: dict) -> None:
+    """eval.json, through a temp file renamed over it: a link in its place is replaced, never followed."""
+    path = run_dir / "eval.json"
+    with writing(path):
+        write_text_atomic(path, json.dumps(res, indent=2))

@@ -178,8 +178,10 @@ def parse_exit(text: str | Criterion) -> Criterion:
     if not value.strip():
         return kind()
     if kind is Argmax:
-        if not value.strip().isdigit() or int(value) < 1:
-            raise AdaptiveError(f"--exit {str(text)[:40]!r}: argmax takes a number of steps >= 1, e.g. argmax:5")
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 9 or not 1 <= int(digits) <= MAX_REPEAT:
+            raise AdaptiveError(f"--exit {str(text)[:40]!r}: argmax takes a number of steps from 1 to {MAX_REPEAT}, "
+                                "e.g. argmax:5")
         return Argmax(int(value))
     try:
         threshold = float(value)

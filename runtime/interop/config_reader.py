@@ -21,6 +21,17 @@ import yaml
 from hrmspec.errors import CheckpointError, SpecError
 from hrmspec.spec.load import load_spec_text
 from hrmspec.spec.schema import Spec
+from hrmspec.spec.source import quoted
+
+
+def finite_number(v: Any) -> bool:
+    """A number a float holds: not a bool, NaN, an infinity or an integer too large for a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 class ConfigReader:
@@ -47,26 +58,26 @@ class ConfigReader:
     def integer(self, key: str, minimum: int = 1) -> int:
         v = self.required(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.fail(key, f"expected an integer >= {minimum}, found {v!r}")
+            raise self.fail(key, f"expected an integer >= {minimum}, found {quoted(v)}")
         return v
 
     def number(self, key: str, maximum: float = math.inf) -> float:
         v = self.required(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= maximum:
+        if not finite_number(v) or not 0 <= v <= maximum:
             bound = "a non-negative number" if maximum == math.inf else f"a number in [0, {maximum:g}]"
-            raise self.fail(key, f"expected {bound}, found {v!r}")
+            raise self.fail(key, f"expected {bound}, found {quoted(v)}")
         return float(v)
 
     def boolean(self, key: str) -> bool:
         v = self.required(key)
         if not isinstance(v, bool):
-            raise self.fail(key, f"expected true or false, found {v!r}")
+            raise self.fail(key, f"expected true or false, found {quoted(v)}")
         return v
 
     def text(self, key: str) -> str:
         v = self.required(key)
         if not isinstance(v, str):
-            raise self.fail(key, f"expected a string, found {v!r}")
+            raise self.fail(key, f"expected a string, found {quoted(v)}")
         return v
 
 
@@ -79,4 +90,4 @@ def spec_from_document(doc: dict, source: str) -> Spec:
         raise CheckpointError(f"{source}: the config does not make a valid spec: {e.path}: {e.message}{hint}") from None
 
 
-__all__ = ["ConfigReader", "spec_from_document"]
+__all__ = ["ConfigReader", "finite_number", "spec_from_document"]

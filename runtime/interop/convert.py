@@ -26,12 +26,20 @@ import yaml
 
 from hrmspec.compile import compile as compile_spec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.artifacts.checkpoint import latest_checkpoint, model_tensors
-from hrmspec.runtime.artifacts.files import read_json, read_tensors, write_tensors, write_text_atomic
+from hrmspec.runtime.artifacts.checkpoint import model_tensors, read_latest
+from hrmspec.runtime.artifacts.files import (
+    check_output_folder,
+    output_folder,
+    read_json,
+    read_tensors,
+    write_tensors,
+    write_text_atomic,
+    writing,
+)
 from hrmspec.runtime.artifacts.sharded import is_sharded
 from hrmspec.runtime.interop.export import WEIGHTS_FILE, save_hf, state_dict_to_hf
 from hrmspec.runtime.interop.hf_config import CONFIG_FILE, hf_config_from_spec, spec_from_hf_config
-from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, to_hf_tensors
+from hrmspec.runtime.interop.hf_weights import check_names, from_hf_tensors, shard_names, to_hf_tensors
 from hrmspec.runtime.interop.huginn import from_huginn_tensors, is_huginn_config, spec_from_huginn_config
 from hrmspec.spec.load import load_spec
 
@@ -58,13 +66,11 @@ def _read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     if single.is_file() or not index.is_file():
         return read_tensors(single), str(single)
     weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
     tensors: dict[str, torch.Tensor] = {}
     root = directory.resolve()
-    for shard in sorted(set(weight_map.values())):
-        path = (directory / str(shard)).resolve()
-        if not isinstance(shard, str) or path.parent != root:
+    for shard in shard_names(weight_map, str(index)):
+        path = (directory / shard).resolve()
+        if path.parent != root:
             raise CheckpointError(f"{index}: shard {str(shard)[:80]!r} is not a file of {directory}; an index names "
                                   "shard files beside it, never other folders")
         tensors.update(read_tensors(path))
@@ -100,13 +106,14 @@ def from_hf(directory: str | os.PathLike, backend: str = "reference"):
 def save_checkpoint(model, directory: str | os.PathLike) -> Path:
     """Write hrmspec's checkpoint: `spec.yaml` (the resolved spec document, so loading needs no
     other file) and `model.safetensors` (the state_dict under our names, buffers included).
-    Both are written atomically, weights first."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    Both are written atomically, weights first, never through a link. An existing checkpoint or run
+    folder, or a folder inside a run's checkpoints, is refused: a checkpoint is never overwritten."""
+    directory = output_folder(directory)
     doc = {"name": model.spec.name, **{k: v for k, v in model.spec.raw.items() if k != "name"}}
-    write_tensors(directory / WEIGHTS_FILE, model.state_dict())
-    header = "# the resolved spec of an hrmspec checkpoint; its tensors are in model.safetensors\n"
-    write_text_atomic(directory / SPEC_FILE, header + yaml.safe_dump(doc, sort_keys=False))
+    with writing(directory):
+        write_tensors(directory / WEIGHTS_FILE, model.state_dict())
+        header = "# the resolved spec of an hrmspec checkpoint; its tensors are in model.safetensors\n"
+        write_text_atomic(directory / SPEC_FILE, header + yaml.safe_dump(doc, sort_keys=False))
     return directory
 
 
@@ -115,8 +122,12 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
     EMA weights) as a CompiledModel on `backend`.
     A tensor missing, unexpected or of the wrong shape for the spec is a CheckpointError."""
     directory = Path(directory)
-    if (directory / "checkpoints").is_dir():  # a training run: its newest checkpoint
-        directory = latest_checkpoint(directory) or directory
+    if (directory / "checkpoints").is_dir():  # a training run: its newest one, read while the run may prune it
+        return read_latest(directory, lambda last: _load_folder(last, backend))
+    return _load_folder(directory, backend)
+
+
+def _load_folder(directory: Path, backend: str):
     spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
     if not spec_path.is_file():
         raise CheckpointError(f"checkpoint file not found: {spec_path}")
@@ -134,12 +145,16 @@ def load_checkpoint(directory: str | os.PathLike, backend: str = "reference"):
 
 
 def import_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Convert a transformers `hrm_text` directory into an hrmspec checkpoint directory."""
+    """Convert a transformers `hrm_text` directory into an hrmspec checkpoint directory (a new one: an existing
+    checkpoint, run folder or the source itself is refused before anything is read)."""
+    check_output_folder(out_path, source=src_dir)
     return save_checkpoint(from_hf(src_dir), out_path)
 
 
 def export_hf(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert an hrmspec checkpoint directory into a transformers `hrm_text` directory."""
+    """Convert an hrmspec checkpoint directory into a transformers `hrm_text` directory (never over a
+    checkpoint or run folder, the source included: refused before anything is read)."""
+    check_output_folder(out_dir, source=ckpt_path)
     return save_hf(load_checkpoint(ckpt_path), out_dir)
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.interop.config_reader import ConfigReader, spec_from_document
+from hrmspec.runtime.interop.config_reader import ConfigReader, finite_number, spec_from_document
 from hrmspec.spec.schema import Repeat, Spec, Statement, lecun_std
+from hrmspec.spec.source import quoted
 
 CONFIG_FILE = "config.json"
 _DEFAULT_BP = [2]  # HrmTextConfig's L_bp_cycles default
@@ -54,13 +55,13 @@ def _rope_theta(c: ConfigReader) -> float:
         legacy = c.config.get("rope_scaling") or {}
         params = {"rope_theta": c.config.get("rope_theta", 10000.0), **legacy}
     if not isinstance(params, dict):
-        raise c.fail("rope_parameters", f"expected a mapping, found {params!r}")
+        raise c.fail("rope_parameters", f"expected a mapping, found {quoted(params)}")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise c.fail("rope_parameters", f"rope_type '{kind}' is not supported, only 'default'")
+        raise c.fail("rope_parameters", f"rope_type {quoted(kind)} is not supported, only 'default'")
     theta = params.get("rope_theta", 10000.0)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta < 1:
-        raise c.fail("rope_parameters.rope_theta", f"expected a number >= 1, found {theta!r}")
+    if not finite_number(theta) or theta < 1:
+        raise c.fail("rope_parameters.rope_theta", f"expected a number >= 1, found {quoted(theta)}")
     return float(theta)
 
 
@@ -72,9 +73,9 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str = "hrm-text", sourc
     c = ConfigReader(config, source, _HF_DEFAULTS)
     model_type = config.get("model_type", "hrm_text")
     if model_type != "hrm_text":
-        raise c.fail("model_type", f"expected 'hrm_text', found {model_type!r}; only HRM-Text models convert")
+        raise c.fail("model_type", f"expected 'hrm_text', found {quoted(model_type)}; only HRM-Text models convert")
     if c.get("hidden_act") != "silu":
-        raise c.fail("hidden_act", f"only 'silu' (SwiGLU) is supported, found {c.get('hidden_act')!r}")
+        raise c.fail("hidden_act", f"only 'silu' (SwiGLU) is supported, found {quoted(c.get('hidden_act'))}")
     if c.boolean("mlp_bias"):
         raise c.fail("mlp_bias", "MLP biases are not supported (set mlp_bias: false)")
     if c.number("attention_dropout") != 0:
@@ -86,12 +87,12 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str = "hrm-text", sourc
     )
     init_range = c.number("initializer_range")
     if not 0 < init_range <= 1:
-        raise c.fail("initializer_range", f"expected a number in (0, 1], found {init_range!r}")
+        raise c.fail("initializer_range", f"expected a number in (0, 1], found {quoted(init_range)}")
     scale = c.get("embedding_scale")
     scale = 1.0 / init_range if scale is None else c.number("embedding_scale")
     bp = c.get("L_bp_cycles")
     if not isinstance(bp, list) or not all(type(n) is int and n >= 0 for n in bp):
-        raise c.fail("L_bp_cycles", f"expected a list of non-negative integers, found {bp!r}")
+        raise c.fail("L_bp_cycles", f"expected a list of non-negative integers, found {quoted(bp)}")
     stack = {"layers": c.integer(per_stack), "exit_norm": "rms"}
     doc = {
         "name": name,

@@ -17,11 +17,13 @@ read in either layout.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 
 from hrmspec.errors import CheckpointError
 from hrmspec.spec.schema import Spec
+from hrmspec.spec.source import quoted
 
 STACKS = ("L", "H")
 _ATTN_ROWS = ("q", "k", "v", "gate")  # our fused qkvg, top to bottom
@@ -150,6 +152,19 @@ def tensor_problems(
         if n in want and tuple(t.shape) != tuple(want[n])
     ]
     return problems
+
+
+def shard_names(weight_map: Any, source: str) -> list[str]:
+    """The shard files a sharded checkpoint's index names (its `weight_map`: tensor name -> file), each
+    once and sorted; CheckpointError naming the entry for a map that is not tensor names to file names."""
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{source}: expected a 'weight_map' of tensor name -> shard file, found "
+                              f"{quoted(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{source}: weight_map[{quoted(name)}]: expected a shard file name, found "
+                                  f"{quoted(shard)}")
+    return sorted(set(weight_map.values()))
 
 
 def check_names(

@@ -27,7 +27,13 @@ import yaml
 
 from hrmspec.compile import compile as compile_spec
 from hrmspec.errors import CheckpointError
-from hrmspec.runtime.artifacts.files import atomic_write, write_text_atomic
+from hrmspec.runtime.artifacts.files import (
+    atomic_write,
+    check_output_folder,
+    output_folder,
+    write_text_atomic,
+    writing,
+)
 from hrmspec.runtime.interop.convert import load_checkpoint, save_checkpoint
 from hrmspec.runtime.interop.hrm_config import (
     ARCH_FILE,
@@ -87,24 +93,28 @@ def to_hrm_checkpoint(model, directory: str | os.PathLike, forward_dtype: str = 
     A spec the official code cannot run is a CheckpointError listing every reason."""
     arch = hrm_arch_from_spec(model.spec, forward_dtype)
     tensors = hrm_tensors(model, roles(model.spec), forward_dtype, compiled)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = output_folder(directory)  # never a checkpoint or run folder; nothing written through a link
     file = directory / WEIGHTS_FILE
-    atomic_write(file, lambda p: torch.save(tensors, p))
     header = (f"# the arch section of an official training config (pretrain.py); the weights are in {WEIGHTS_FILE}\n"
               "# seq_len, vocab_size and num_puzzle_identifiers come from the dataset, as in pretrain.py\n")
-    write_text_atomic(directory / ARCH_FILE, header + yaml.safe_dump({"arch": arch.config()}, sort_keys=False))
+    with writing(directory):
+        atomic_write(file, lambda p: torch.save(tensors, p))
+        write_text_atomic(directory / ARCH_FILE, header + yaml.safe_dump({"arch": arch.config()}, sort_keys=False))
     return file
 
 
 def import_hrm(path: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike | None = None,
                seq_len: int | None = None) -> Path:
-    """Convert an official HRM / TRM checkpoint into an hrmspec checkpoint directory."""
+    """Convert an official HRM / TRM checkpoint into an hrmspec checkpoint directory (a new one: an existing
+    checkpoint, run folder or the source's folder is refused before anything is read)."""
+    check_output_folder(out_dir, source=path)
     return save_checkpoint(from_hrm_checkpoint(path, config, seq_len), out_dir)
 
 
 def export_hrm(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, forward_dtype: str = "bfloat16") -> Path:
-    """Convert an hrmspec checkpoint directory into an official checkpoint (model.pt + all_config.yaml)."""
+    """Convert an hrmspec checkpoint directory into an official checkpoint (model.pt + all_config.yaml), never
+    over a checkpoint or run folder, the source included: refused before anything is read."""
+    check_output_folder(out_dir, source=ckpt_path)
     return to_hrm_checkpoint(load_checkpoint(ckpt_path), out_dir, forward_dtype)
 
 

@@ -46,11 +46,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hrmspec.errors import CheckpointError
+from hrmspec.errors import CheckpointError, SpecError
 from hrmspec.runtime.interop.config_reader import ConfigReader, spec_from_document
 from hrmspec.spec.schema import CreditSpec, Repeat, Spec, Statement, swiglu_width
+from hrmspec.spec.source import quoted, read_yaml
 
 ARCH_FILE = "all_config.yaml"
 LOSS_HEAD = "losses@ACTLossHead"
@@ -129,10 +128,9 @@ def read_arch_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"config file not found: {path}; give the all_config.yaml the checkpoint "
                               "was trained with (--config)")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: not a readable YAML file ({first})") from None
+        doc = read_yaml(path)  # with the limits of a spec: size, alias expansions, nesting
+    except SpecError as e:
+        raise CheckpointError(f"{e.loc}: not a readable YAML file ({e.message})") from None
     arch = doc.get("arch", doc) if isinstance(doc, dict) else None
     if not isinstance(arch, dict) or "name" not in arch:
         raise CheckpointError(f"{path}: expected an official training config with an 'arch:' section "
@@ -161,10 +159,10 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
     model = ARCHS[name]
     loss = c.required("loss")
     if not isinstance(loss, dict) or loss.get("name") != LOSS_HEAD:
-        raise c.fail("loss", f"expected {{name: {LOSS_HEAD}, loss_type: ...}}, found {loss!r}")
+        raise c.fail("loss", f"expected {{name: {LOSS_HEAD}, loss_type: ...}}, found {quoted(loss)}")
     loss_type = loss.get("loss_type")
     if loss_type not in LOSSES:
-        raise c.fail("loss.loss_type", f"expected one of {', '.join(LOSSES)}, found {loss_type!r}")
+        raise c.fail("loss.loss_type", f"expected one of {', '.join(LOSSES)}, found {quoted(loss_type)}")
     mlp_t = name != HRM_NAME and c.boolean("mlp_t")
     hidden, heads = c.integer("hidden_size"), c.integer("num_heads")
     if heads > hidden:
@@ -172,7 +170,7 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
     pos = c.text("pos_encodings")
     if pos not in ("rope", "learned"):
         if name == HRM_NAME:
-            raise c.fail("pos_encodings", f"expected rope or learned, found {pos!r}")
+            raise c.fail("pos_encodings", f"expected rope or learned, found {quoted(pos)}")
         pos = "none"  # TRM's code runs without position encodings then
     head_dim = hidden // heads
     if pos == "rope" and head_dim % 2 and not mlp_t:  # (mlp_t's blocks never apply the rotary tables)
@@ -202,7 +200,7 @@ def read_hrm_arch(arch: Mapping[str, Any], source: str) -> HrmArch:
 def _expansion(c: ConfigReader) -> float:
     e = c.number("expansion")
     if e <= 0:
-        raise c.fail("expansion", f"expected a positive number, found {e!r}")
+        raise c.fail("expansion", f"expected a positive number, found {quoted(e)}")
     return c.get("expansion")  # as written (4 stays 4): it goes back into the spec and the config
 
 
@@ -371,7 +369,8 @@ def hrm_arch_from_spec(spec: Spec, forward_dtype: str = "bfloat16") -> HrmArch:
         raise CheckpointError(f"{spec.source}: spec '{spec.name}' is not an official HRM or TRM model: "
                               + "; ".join(why))
     if forward_dtype not in FORWARD_DTYPES:
-        raise CheckpointError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, found {forward_dtype!r}")
+        raise CheckpointError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, "
+                              f"found {quoted(forward_dtype)}")
     m, sup = spec.model, spec.supervision
     trm = r.H == r.L
     a = m.modules[0].block.attention

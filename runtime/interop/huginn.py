@@ -45,6 +45,7 @@ from hrmspec.errors import CheckpointError
 from hrmspec.runtime.artifacts.files import write_tensors, write_text_atomic
 from hrmspec.runtime.interop.config_reader import ConfigReader, spec_from_document
 from hrmspec.spec.schema import Repeat, Spec
+from hrmspec.spec.source import quoted
 
 MODEL_TYPE = "huginn_raven"
 IGNORED = ("freqs_cis", "lm_head.weight")  # the rotary table (recomputed) and the head tied to wte
@@ -68,21 +69,22 @@ def spec_from_huginn_config(config: Mapping[str, Any], name: str = "huginn", sou
     c = ConfigReader(config, source, DEFAULTS)
     for key, want in FIXED.items():
         if c.get(key) != want:
-            raise c.fail(key, f"expected {want!r} (what Huginn's code builds), found {c.get(key)!r}")
+            raise c.fail(key, f"expected {want!r} (what Huginn's code builds), found {quoted(c.get(key))}")
     d = c.integer("n_embd")
     heads = c.integer("num_attention_heads") if "num_attention_heads" in config else c.integer("n_heads")
     if config.get("num_key_value_heads", heads) != heads:
         raise c.fail("num_key_value_heads", f"expected {heads} (no grouped-query attention in this layout), "
-                     f"found {config['num_key_value_heads']!r}")
+                     f"found {quoted(config['num_key_value_heads'])}")
     if d % heads or (d // heads) % 2:
         raise c.fail("n_embd", f"expected a multiple of 2 x num_attention_heads ({heads}), found {d}")
     if c.boolean("bias"):
         raise c.fail("bias", "expected false: linear biases are not part of the released models")
-    vocab = config.get("padded_vocab_size") or c.integer("vocab_size")
+    # the embedding's rows: padded_vocab_size when the config gives one, else vocab_size
+    vocab = c.integer("padded_vocab_size" if config.get("padded_vocab_size") is not None else "vocab_size")
     doc = {
         "name": name,
         "model": {
-            "vocab": int(vocab), "d_model": d, "heads": heads, "ffn": c.integer("intermediate_size"),
+            "vocab": vocab, "d_model": d, "heads": heads, "ffn": c.integer("intermediate_size"),
             "max_seq_len": c.integer("block_size"), "embed_scale": math.sqrt(d),
             "block": {"norm": {"type": "rms", "eps": c.number("norm_eps"), "affine": True, "place": "pre_post"},
                       "attention": {"type": "plain", "rope_theta": c.number("rope_base"), "mask": "causal",

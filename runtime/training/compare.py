@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hrmspec.cost import CostError, RunFlops, parse_count
-from hrmspec.errors import HrmspecError
+from hrmspec.errors import HrmspecError, SpecError
 from hrmspec.runtime.artifacts import checkpoint as ckpt
 from hrmspec.runtime.artifacts.config import TrainConfig
 from hrmspec.runtime.artifacts.data import DataConfig, DataError
@@ -39,10 +37,13 @@ from hrmspec.runtime.evaluate.heldout import evaluate_run
 from hrmspec.runtime.training.loop import train
 from hrmspec.spec.load import load_spec
 from hrmspec.spec.schema import Spec
+from hrmspec.spec.source import load_yaml_text, read_json, read_yaml
 
 RESULTS = "compare.json"
 BUDGETS = ("flops", "tokens", "steps")
 MAX_SEEDS = 64
+MAX_STEPS = 10**9  # optimizer steps of one run: a budget that gives more is a typo, not a plan
+RESULTS_BYTES, RESULTS_VALUES = 64 << 20, 2_000_000  # compare.json as read back: specs x seeds x their curves
 
 
 class CompareError(HrmspecError):
@@ -65,7 +66,9 @@ class Budget:
         except CostError as e:
             raise CompareError(str(e)) from None
         if kind == "steps" and amount != int(amount):
-            raise CompareError(f"--budget steps: expected a whole number of steps, found {value.strip()!r}")
+            raise CompareError(f"--budget steps: expected a whole number of steps, found {value.strip()[:40]!r}")
+        if kind == "steps" and amount > MAX_STEPS:
+            raise CompareError(f"--budget steps: expected at most {MAX_STEPS:,} steps, found {amount:g}")
         return cls(kind, amount)
 
     def __str__(self) -> str:
@@ -84,7 +87,9 @@ class Plan:
     seq_len: int = 0  # token positions per row
     params: int = 0
     forward: float = 0.0  # forward FLOPs per token
-    step_flops: list[float] = field(default_factory=list)  # training FLOPs of each step
+    # training FLOPs of the steps, run-length encoded: (steps in a row, FLOPs of each), one entry per
+    # credit depth of the ramp, however many steps
+    phases: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None  # the spec cannot be planned (its train: section, say)
     seed: int | None = None  # train.seed of this run when the comparison runs each spec under several
 
@@ -99,10 +104,20 @@ class Plan:
 
     @property
     def train_flops(self) -> float:
-        return sum(self.step_flops)
+        return self.flops_after(self.steps)
 
     def flops_after(self, step: int) -> float:
-        return sum(self.step_flops[:step])
+        """Training FLOPs of the first `step` steps."""
+        total, left = 0.0, max(0, step)
+        for count, flops in self.phases:
+            total += min(count, left) * flops
+            left -= min(count, left)
+        return total
+
+    @property
+    def step_flops(self) -> list[float]:
+        """The training FLOPs of each step, written out: one number per step (for a few steps only)."""
+        return [flops for count, flops in self.phases for _ in range(count)]
 
 
 # --------------------------------------------------------------------------- planning
@@ -119,11 +134,11 @@ def read_data(text: str | None) -> dict | None:
         is_file = path.is_file()
     except OSError:  # a long inline mapping is no path
         is_file = False
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else text)
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+    try:  # with the limits of a spec: size, alias expansions, nesting
+        data = read_yaml(path) if is_file else load_yaml_text(text, "--data")
+    except SpecError as e:
         raise CompareError(f"--data: cannot read {'the file ' + str(path) if is_file else 'the YAML'}: "
-                           f"{getattr(e, 'problem', None) or type(e).__name__}") from None
+                           f"{e.message}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), dict):
         data = data["data"]  # a file with the section under its key: a spec, say
     if not isinstance(data, dict) or not data:
@@ -169,18 +184,26 @@ def folder_name(name: str) -> str:
     return folder
 
 
-def steps_for(budget: Budget, run: RunFlops, row_tokens: int) -> int:
-    """The optimizer steps the budget gives a spec that trains on `row_tokens` token positions a step."""
+def steps_for(budget: Budget, run: RunFlops, row_tokens: int, name: str = "the spec") -> int:
+    """The optimizer steps the budget gives a spec that trains on `row_tokens` token positions a step.
+    CompareError for a budget below one step of the spec (it would train one step, or none) or above
+    MAX_STEPS."""
     if budget.kind == "steps":
         return int(budget.value)
-    if budget.kind == "tokens":
-        return max(1, round(budget.value / row_tokens))
-    guess = max(1, round(budget.value / (row_tokens * run.mean)))
-    if guess > 100_000:  # a step is a negligible share of the budget
+    one = row_tokens * (1 if budget.kind == "tokens" else run.mean)  # what a step spends, on the average
+    guess = round(budget.value / one)
+    what = "tokens" if budget.kind == "tokens" else "training FLOPs"
+    if guess < 1:
+        raise CompareError(f"--budget {budget}: less than one optimizer step of {name} ({one:.3g} {what} a step); "
+                           "give a budget of many steps")
+    if guess > MAX_STEPS:
+        raise CompareError(f"--budget {budget}: {guess:.3g} optimizer steps of {name}, over the limit of "
+                           f"{MAX_STEPS:,} ({one:.3g} {what} a step)")
+    if budget.kind == "tokens" or guess > 100_000:  # a step is a negligible share of the budget
         return guess
     # the mean over a run of n steps differs a little from the integral; look around the guess
     return min(range(max(1, guess - 2), guess + 3),
-               key=lambda n: abs(row_tokens * sum(run.per_step(n)) - budget.value))
+               key=lambda n: abs(row_tokens * run.summed(n) - budget.value))
 
 
 def plan_runs(specs: list[Spec], budget: Budget, data: dict | None = None, evals: int = 3,
@@ -219,11 +242,13 @@ def _plan(spec: Spec, folder: str, budget: Budget, data: dict, evals: int, eval_
         cfg = TrainConfig.from_dict(dict(spec.train))
         run = RunFlops(spec, cfg.seq_len if spec.objective.type != "grid" else None)
         plan.batch_size, plan.seq_len = cfg.batch_size, run.seq_len
-        plan.steps = steps_for(budget, run, cfg.batch_size * run.seq_len)
+        plan.steps = steps_for(budget, run, cfg.batch_size * run.seq_len, repr(spec.name))
         every = -(-plan.steps // (evals + 1)) if evals > 0 else 0  # at most `evals` before the last step
         plan.spec = load_spec(spec, {"train.steps": plan.steps, "train.eval_every": every, "train.eval_n": eval_n})
         plan.params, plan.forward = run.params, run.forward
-        plan.step_flops = [plan.batch_size * plan.seq_len * f for f in run.per_step(plan.steps)]
+        plan.phases = [(count, plan.batch_size * plan.seq_len * f) for count, f in run.phases(plan.steps)]
+    except CompareError:  # the budget does not fit the spec: the comparison is refused, not this run
+        raise
     except HrmspecError as e:
         plan.error = str(e)
     return plan
@@ -235,11 +260,13 @@ def _plan(spec: Spec, folder: str, budget: Budget, data: dict, evals: int, eval_
 def read_results(out: Path) -> tuple[dict, int | None]:
     """The entries of DIR/compare.json as written last time, by run (`Plan.key`), and the held-out size they were
     scored on (nothing when there is none or it cannot be read)."""
+    if not (out / RESULTS).is_file():
+        return {}, None
     try:
-        doc = json.loads((out / RESULTS).read_text(encoding="utf-8"))
+        doc = read_json(out / RESULTS, max_bytes=RESULTS_BYTES, max_values=RESULTS_VALUES)
         return ({r.get("run", r["spec"]): r for r in doc["runs"] if isinstance(r, dict) and "spec" in r},
                 doc.get("held_out"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (SpecError, KeyError, TypeError, AttributeError):
         return {}, None
 
 
@@ -264,10 +291,9 @@ def trained_steps(plan: Plan, out: Path) -> int:
     if latest is None:
         return 0
     try:
-        old = yaml.safe_load((latest / "spec.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CompareError(f"{latest}/spec.yaml cannot be read ({type(e).__name__}); the checkpoint is damaged") \
-            from None
+        old = read_yaml(latest / "spec.yaml") or {}
+    except SpecError as e:
+        raise CompareError(f"{latest}/spec.yaml cannot be read ({e.message}); the checkpoint is damaged") from None
 
     def part(doc: dict, key: str):
         v = doc.get(key) if isinstance(doc, dict) else None

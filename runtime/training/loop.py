@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,14 +31,21 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import hrmspec
-from hrmspec.errors import CheckpointError
+from hrmspec.errors import CheckpointError, HrmspecError, SpecError
 from hrmspec.runtime.artifacts import checkpoint as ckpt
 from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
-from hrmspec.runtime.artifacts.files import read_tensors
+from hrmspec.runtime.artifacts.files import (
+    open_append_nofollow,
+    read_tensors,
+    reason,
+    refuse_link,
+    write_text_atomic,
+    writing,
+)
 from hrmspec.runtime.artifacts.packing import Batches
-from hrmspec.runtime.artifacts.placement import Placement, local_rank, resolve, to_device
+from hrmspec.runtime.artifacts.placement import Placement, local_rank, resolve, to_device, world_size
 from hrmspec.runtime.artifacts.plot import metric_records
-from hrmspec.runtime.artifacts.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run
+from hrmspec.runtime.artifacts.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run, check_out_folder
 from hrmspec.runtime.artifacts.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.execution.supervision import Carry
 from hrmspec.runtime.training.objective import objective_for
@@ -46,6 +54,7 @@ from hrmspec.runtime.training.recurrence import draw_count
 from hrmspec.runtime.training.step import StepResult, TrainState, param_groups, train_step
 from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import Spec
+from hrmspec.spec.source import read_yaml
 
 # --------------------------------------------------------------------------- the loop
 
@@ -107,8 +116,7 @@ class Trainer:
         if cfg.puzzle_optimizer is not None and spec.model.puzzle is None:
             raise TrainError(f"train.puzzle_optimizer: {spec.name} has no puzzle table (model.puzzle); remove it")
         ckpt.seed_rngs(cfg.seed)
-        if out.exists() and not out.is_dir():
-            raise TrainError(f"--out {out} is a file, not a folder")
+        check_out_folder(out)  # not the root, the home folder, a checkpoint or a folder of other files
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -132,7 +140,7 @@ class Trainer:
         if resume and start is None:
             raise TrainError(f"--resume: no checkpoint in {out}/checkpoints")
         if start is not None:
-            _check_same_model(start, spec)
+            _check_same_model(start, spec, cfg)
         self.objective = objective_for(spec, cfg)  # what the run trains for: data, step loss, evaluation
         rows = self.objective.prepare(start)
         self.tokenizer, self.data_cfg = self.objective.tokenizer, self.objective.data_cfg
@@ -146,11 +154,15 @@ class Trainer:
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
         self.step, self.skipped, self.nan_run = 0, 0, 0
         state = self._restore_model(start) if start is not None else None
+        if start is not None and self.step > cfg.steps:
+            raise TrainError(f"--resume: {start.name} is at step {self.step}, past train.steps {cfg.steps}: nothing "
+                             f"to train; continue with --set train.steps=N (N > {self.step})")
         self.model.to(self.device)
         if self.rank == 0:
-            if self.tokenizer is not None:
-                self.tokenizer.save(out)
-            (out / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+            with writing(out):  # through a temp file renamed over each: a link there is replaced, never followed
+                if self.tokenizer is not None:
+                    self.tokenizer.save(out)
+                write_text_atomic(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
 
         self.sharded = self.world > 1 and fsdp
         self.net = self._parallel()
@@ -175,7 +187,11 @@ class Trainer:
         if start is not None:
             if self.ema is not None:
                 self.ema.steps = state.get("ema_steps", self.step)
-            ckpt.set_rng_state(state["rng"])
+            try:
+                ckpt.set_rng_state(state["rng"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{start}/trainer.pt: its RNG states cannot be restored ({type(e).__name__}); "
+                                      "the checkpoint is damaged") from None
 
     def _carry_state(self) -> dict:
         """The supervised rows' carry, so a resumed run continues every sample where it stood. Under torchrun
@@ -223,7 +239,7 @@ class Trainer:
     def fit(self, progress_bar: bool = True, stop_after: int | None = None) -> dict:
         """Steps until `train.steps` (or `stop_after`), logging, evaluating and checkpointing."""
         cfg, lead = self.cfg, self.rank == 0
-        self.metrics = open(self.out / "metrics.jsonl", "a") if lead else None
+        self.metrics = open_append_nofollow(self.out / "metrics.jsonl") if lead else None
         board = _tensorboard(self.out, self.step) if lead else None
         bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
@@ -289,8 +305,9 @@ class Trainer:
         cfg = self.cfg
         self.model.recurrence = None  # the next step draws its own
         res = self.objective.evaluate(cfg.eval_n, self.ema)
-        self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
-        self.metrics.flush()
+        with writing(self.out / "metrics.jsonl"):
+            self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
+            self.metrics.flush()
         return res
 
     def _schedule(self) -> float:
@@ -320,17 +337,18 @@ class Trainer:
         if done.loss is None:
             self.nan_run, self.skipped = self.nan_run + 1, self.skipped + 1
             if self.nan_run >= self.cfg.max_nan_steps:
-                raise TrainError(
-                    f"loss was not finite for {self.nan_run} steps in a row (at step {self.step - 1}); the last good "
-                    f"checkpoint is {ckpt.latest_checkpoint(self.out)}. Lower train.lr or use fp32."
-                )
+                good = ckpt.latest_checkpoint(self.out)
+                where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+                raise TrainError(f"loss was not finite for {self.nan_run} steps in a row (at step {self.step - 1}); "
+                                 f"{where}. Lower train.lr or use fp32.")
         else:
             self.nan_run = 0
         return done
 
     def _write(self, record: dict, board) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        with writing(self.out / "metrics.jsonl"):
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
         if board is not None:
             for key in ("loss", "lr", "credit_depth", "tokens_per_s", "grad_norm"):
                 board.add_scalar(f"train/{key}", record[key], record["step"])
@@ -347,8 +365,12 @@ class Trainer:
             try:
                 save_sharded(staged, self.model, self.optimizer, self.ema)
             except Exception as e:  # DCP raises on every rank when any rank's write failed
-                raise CheckpointError(f"could not write the shards of checkpoint step {self.step}: "
-                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                if self.rank == 0:  # no temp folder left to fill the disk; the previous checkpoint stays
+                    shutil.rmtree(staged, ignore_errors=True)
+                prev = ckpt.latest_checkpoint(self.out)
+                kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+                raise CheckpointError(f"could not write the shards of checkpoint step {self.step}: {reason(e)}; "
+                                      f"the disk may be full{kept}") from None
             dist.barrier()
         elif self.rank == 0:
             model_state, ema_state = self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
@@ -369,7 +391,7 @@ def _dist(device: torch.device) -> tuple[int, int]:
     """(rank, world size); under torchrun the process group is made: NCCL between CUDA devices, gloo on CPUs."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's communicator and every default allocation on this rank's device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size() > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -392,13 +414,24 @@ def _leave_group() -> None:
 RESUME_FIXED = ("model", "objective", "supervision")  # what a resumed run may not change (train: and data: may)
 
 
-def _check_same_model(start: Path, spec: Spec) -> None:
+def _check_same_model(start: Path, spec: Spec, cfg: TrainConfig) -> None:
     """Refuse to resume checkpoint `start` under a spec whose model, objective or supervision differ from
-    the one it was trained with: the weights would not fit, or would silently mean something else."""
+    the one it was trained with (the weights would not fit, or would silently mean something else), or
+    under another optimizer (its saved moments would not fit the new one)."""
     try:
-        old = yaml.safe_load((start / "spec.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise TrainError(f"{start}/spec.yaml cannot be read ({type(e).__name__}); the checkpoint is damaged") from None
+        old = read_yaml(start / "spec.yaml") or {}
+        if not isinstance(old, dict):
+            raise SpecError(f"expected a mapping, found {type(old).__name__}")
+        old_cfg = TrainConfig.from_dict(dict(old.get("train") or {}))
+    except HrmspecError as e:
+        raise TrainError(f"{start}/spec.yaml cannot be read ({str(e).splitlines()[0][:200]}); the checkpoint is "
+                         "damaged") from None
+    for key in ("optimizer", "puzzle_optimizer"):
+        was, now = getattr(old_cfg, key), getattr(cfg, key)
+        if (was if key == "optimizer" else was is None) != (now if key == "optimizer" else now is None):
+            raise TrainError(f"--resume: {start.name} was trained with train.{key} {was}, this run asks for {now}: "
+                             "its optimizer state does not fit another optimizer; resume with the one it was "
+                             "trained with, or start a new run (another --out, or --overwrite)")
     changes = [line for key in RESUME_FIXED for line in _diff(old.get(key), spec.raw.get(key), key)]
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
@@ -422,10 +455,12 @@ def _diff(old, new, path: str) -> list[str]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after `step` (a run that died past its last checkpoint)."""
+    refuse_link(path)  # neither read nor written through a link
     if not path.exists():
         return
     keep = [rec for rec in metric_records(path) if rec.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+    with writing(path):
+        write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in keep))
 
 
 def _map(fn, tree: dict) -> dict:
@@ -449,9 +484,15 @@ def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -
     optim_state = ckpt.read_pt(ckpt_dir / "optimizer.pt")
     ema_state = read_tensors(ckpt_dir / "ema.safetensors") if ema is not None else None
     if not sharded:
-        optimizer.load_state_dict(optim_state)
-        if ema is not None:
-            ema.load_state_dict(ema_state)
+        try:
+            optimizer.load_state_dict(optim_state)
+            if ema is not None:
+                ema.load_state_dict(ema_state)
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+            what = "optimizer.pt" if not isinstance(e, RuntimeError) or ema is None else "optimizer.pt or the EMA"
+            raise CheckpointError(f"{ckpt_dir}: {what} does not fit this run's optimizer and model ({type(e).__name__}:"
+                                  f" {str(e).splitlines()[0][:160] if str(e) else 'no detail'}); the checkpoint is "
+                                  "damaged, or was written for another spec") from None
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import distribute_tensor
@@ -470,6 +511,7 @@ def _tensorboard(out: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
+    refuse_link(out / "tensorboard")  # its event files are written inside the run folder, or not at all
     return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
 
 

@@ -41,6 +41,22 @@ class StepLoss:
     metrics: dict[str, float] = field(default_factory=dict)  # summed over the step's rows or positions
 
 
+DATA_PATHS = ("path", "eval_path")  # data: keys naming files, relative to the spec's folder
+
+
+def record_absolute_paths(spec: Spec) -> None:
+    """Resolve the data files a spec names against the spec's own folder, in `spec.data` and in the document
+    the run records (checkpoints' spec.yaml): evaluating the run later, from anywhere, reads the same files,
+    never a file of that name in the run folder."""
+    root = Path(spec.source).parent
+    for key in DATA_PATHS:
+        value = spec.data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            spec.data[key] = str((root / value).resolve())
+            if isinstance(spec.raw.get("data"), dict):
+                spec.raw["data"][key] = spec.data[key]
+
+
 class Objective:
     """The part of a run that depends on what it trains for (see the module docstring)."""
 
@@ -51,6 +67,7 @@ class Objective:
     def __init__(self, spec: Spec, cfg: TrainConfig):
         self.spec, self.cfg = spec, cfg
         self.model = self.net = None
+        record_absolute_paths(spec)
 
     def prepare(self, start: Path | None = None):
         """The training rows (checked against the model's vocabulary and length); `start`: the checkpoint a
