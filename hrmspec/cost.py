@@ -108,13 +108,21 @@ def find_gpu(name: str) -> GPU:
 def training_seq_len(spec: Spec) -> int:
     """The row length attention is counted at: a grid's cells and puzzle positions; else the spec's
     train.seq_len, or model.max_seq_len when the spec has no train: section."""
+    return seq_len_and_source(spec)[0]
+
+
+def seq_len_and_source(spec: Spec) -> tuple[int, str]:
+    """`training_seq_len` and where it comes from, in words, e.g. (128, 'train.seq_len'): what `show`
+    and `cost` say they assumed."""
     model = spec.model
     if spec.objective.type == "grid":
-        return model.max_seq_len + (model.puzzle.positions if model.puzzle else 0)
+        prefix = model.puzzle.positions if model.puzzle else 0
+        where = f" + {prefix} puzzle position{'s' if prefix > 1 else ''}" if prefix else ""
+        return model.max_seq_len + prefix, f"a grid row: model.max_seq_len{where}"
     seq_len = (spec.train or {}).get("seq_len")
     if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
-        return seq_len
-    return model.max_seq_len
+        return seq_len, "train.seq_len"
+    return model.max_seq_len, "model.max_seq_len (the spec sets no train.seq_len)"
 
 
 def credit_phases(credit: CreditSpec) -> list[tuple[float, float]]:
@@ -311,4 +319,4 @@ def _amount(x: float) -> str:
 
 __all__ = ["DEFAULT_MFU", "GPUS", "GPU", "MAX_GPUS", "MAX_PRICE", "MAX_SEQ_LEN", "MAX_TOKENS", "MIN_MFU", "CostError",
            "Estimate", "RunFlops", "credit_phases", "estimate", "find_gpu", "parse_count", "parse_fraction",
-           "parse_positive", "report", "training_seq_len"]
+           "parse_positive", "report", "seq_len_and_source", "training_seq_len"]

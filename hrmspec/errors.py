@@ -55,6 +55,9 @@ class KernelError(HrmspecError):
 
 
 def close_match(name: str, choices: Iterable[str]) -> str:
-    """A 'did you mean' hint for a misspelt name, or '' when nothing is close."""
-    found = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    """A 'did you mean' hint for a misspelt name, or '' when nothing is close. A choice that differs only
+    in case wins ('z_h' -> 'z_H', not 'z_L'), then difflib's closest."""
+    choices = [str(c) for c in choices]
+    folded = [c for c in choices if c.casefold() == str(name).casefold() and c != str(name)]
+    found = folded or difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
     return f"did you mean '{found[0]}'?" if found else ""

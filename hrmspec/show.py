@@ -6,6 +6,7 @@ import networkx as nx
 from rich.console import Console
 from rich.table import Table
 
+from hrmspec.cost import RunFlops, seq_len_and_source
 from hrmspec.graph.analysis import analyse, human, step_costs
 from hrmspec.graph.body import Body
 from hrmspec.graph.build import build_graph
@@ -17,18 +18,24 @@ from hrmspec.halting import HALTING, describe_rule
 from hrmspec.spec.schedule import sampled_loop
 
 
-def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Console | None = None) -> None:
+def show(G: nx.DiGraph, seq_len: int | None = None, dtype_bytes: int = 2, console: Console | None = None,
+         seq_source: str | None = None) -> None:
+    """Print the tables of `G`'s spec. Attention is counted at `seq_len` tokens (`seq_source` says where the
+    number comes from); by default at the row length `hrmspec cost` uses (`hrmspec.cost.seq_len_and_source`)."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # a log or a pipe: whole op and kernel names rather than 80 columns
             console = Console(width=160)
     spec = G.graph["spec"]
+    if seq_len is None:
+        seq_len, seq_source = seq_len_and_source(spec)
     st = analyse(G, seq_len=seq_len, dtype_bytes=dtype_bytes)
     m = spec.model
     console.print(
         f"[bold]{spec.name}[/bold]  ({spec.source})  d_model {m.d_model}, {m.heads} heads x {m.head_dim}, "
         f"vocab {m.vocab}, head {m.head}, objective {spec.objective.type}"
     )
+    console.print(f"attention at {seq_len} tokens: {seq_source or 'given'}", markup=False, highlight=False)
 
     t = Table(title="Parameters")
     t.add_column("part")
@@ -78,13 +85,17 @@ def show(G: nx.DiGraph, seq_len: int = 2048, dtype_bytes: int = 2, console: Cons
     t.add_column("quantity")
     t.add_column("value", justify="right")
     t.add_row("forward FLOPs", human(st.forward_flops_per_token))
+    loop = sampled_loop(m.schedule)
+    if loop is not None:  # what `hrmspec cost` prices: the mean over the loop's drawn count
+        t.add_row(f"forward FLOPs, mean over the sampled count (shown: {loop_layout(G.graph['calls']).count})",
+                  human(RunFlops(spec, seq_len).forward))
     t.add_row("training-step FLOPs (grad calls 3x, no-grad 1x)", human(st.train_flops_per_token))
     t.add_row(f"activation memory ({dtype_bytes} B/elem, grad calls)", human(st.activation_bytes_per_token, "B"))
     t.add_row(f"activation memory for one {seq_len}-token row", human(st.activation_bytes_per_token * seq_len, "B"))
     console.print(t)
     if spec.supervision is not None:
         supervision_table(spec, st.forward_flops_per_token * seq_len, st.train_flops_per_token * seq_len, console)
-    if sampled_loop(m.schedule) is not None:
+    if loop is not None:
         recurrence_table(G, seq_len, dtype_bytes, console)
     traffic_table(G, dtype_bytes, console)
 
@@ -138,10 +149,12 @@ def supervision_table(spec, forward_flops: float, train_flops: float, console: C
     console.print(t)
 
 
-def step_table(G: nx.DiGraph, seq_len: int = 2048, console: Console | None = None) -> None:
-    """The loop's steps (model.halting, objective.steps): the halting rule and what each step costs."""
+def step_table(G: nx.DiGraph, seq_len: int | None = None, console: Console | None = None) -> None:
+    """The loop's steps (model.halting, objective.steps): the halting rule and what each step costs (attention
+    at `seq_len`, by default the spec's training row length)."""
     console = console or Console()
     spec = G.graph["spec"]
+    seq_len = seq_len or seq_len_and_source(spec)[0]
     h, rows = spec.model.halting, step_costs(G, seq_len)
     if h is None:
         console.print(f"Loss over the loop's {len(rows)} steps: {spec.objective.steps}")

@@ -82,7 +82,7 @@ train: {steps: 1, batch_size: 2, seq_len: 96}
 """)
     assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "train.seq_len 96 is longer than model.max_seq_len 64" in err and "Traceback" not in err
+    assert "train.seq_len: 96 is longer than model.max_seq_len 64" in err and "Traceback" not in err
 
 
 def test_a_held_out_set_the_config_cannot_give_fails_before_the_first_step(tmp_path, capsys):

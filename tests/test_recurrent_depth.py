@@ -204,7 +204,7 @@ def test_a_sampled_run_logs_its_draws_and_resumes_exactly(tmp_path):
     train(spec(), part, progress_bar=False, stop_after=3)
     train(spec(), part, resume=True, progress_bar=False)
     assert losses(part) == losses(full)
-    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    recs = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     loop = spec().model.schedule[1].sample
     assert [r["recurrence"] for r in recs] == [draw_count(loop, 0, step) for step in range(6)]
 

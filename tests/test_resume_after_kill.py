@@ -143,7 +143,7 @@ def check_resume_after_kill(spec_text: str, tmp_path, processes: int) -> None:
 
     got, want = records(part), records(full)
     assert [r["step"] for r in got if "loss" in r] == list(range(1, STEPS + 1))  # each step exactly once
-    assert [r["step"] for r in got if "eval" in r] == [EVAL_EVERY]
+    assert [r["step"] for r in got if "eval" in r] == [EVAL_EVERY, STEPS]  # periodic, and at the end
     assert got == want  # loss, lr, credit depth, grad norm, held-out accuracy: every logged value
 
     a, b = final_state(part), final_state(full)

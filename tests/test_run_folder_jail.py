@@ -176,6 +176,7 @@ def test_appends_and_locks_never_open_through_a_link_or_a_hard_link(tmp_path):
 
 def test_overwrite_removes_planted_links_not_their_targets(planted_run, run_copy, spec_file, tmp_path, capsys):
     (run_copy / "metrics.jsonl").unlink()
+    (run_copy / "eval.json").unlink(missing_ok=True)  # the run's own final evaluation, replaced by a link
     aims = [plant(run_copy / "metrics.jsonl", target(tmp_path, "metrics")),
             plant(run_copy / "eval.json", target(tmp_path, "eval"))]
     shutil.rmtree(run_copy / "checkpoints")
@@ -187,7 +188,7 @@ def test_overwrite_removes_planted_links_not_their_targets(planted_run, run_copy
                         "--set", "train.steps=1")
     assert code == 0, err
     assert untouched(*aims) and {p.name: digest(p) for p in elsewhere.iterdir()} == before
-    assert regular(run_copy / "metrics.jsonl") and not (run_copy / "eval.json").exists()
+    assert regular(run_copy / "metrics.jsonl") and regular(run_copy / "eval.json")  # the new run's final eval
     assert not (run_copy / "checkpoints").is_symlink()
     assert [p.name for p in ckpt.list_checkpoints(run_copy)] == ["step_00000001"]
 
@@ -218,6 +219,7 @@ def test_a_linked_tensorboard_folder_is_refused(monkeypatch, tmp_path):
 
 
 def test_eval_and_plot_replace_linked_outputs(run_copy, tmp_path, capsys):
+    (run_copy / "eval.json").unlink(missing_ok=True)  # the run's own final evaluation, replaced by a link
     aims = [plant(run_copy / "eval.json", target(tmp_path, "eval")),
             plant(run_copy / "training.png", target(tmp_path, "png"))]
     code, err = run_cli(capsys, "eval", run_copy, "--n", "1")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from hrmspec.backends.common.contract import OnReference, OpTable
+from hrmspec.caches import private_inductor_cache
 
 # Each segment gets its own code object, so its compiled variants (shapes, dtypes, grad modes)
 # live in their own cache; this many per segment before it is run uncompiled (with a warning).
@@ -37,6 +38,7 @@ class InductorTable(OnReference):
 
     def __init__(self, reference: OpTable):
         super().__init__(reference)
+        private_inductor_cache()  # generated code kept under the user's home, not in /tmp
         if torch._dynamo.config.recompile_limit < VARIANTS_PER_SEGMENT:
             torch._dynamo.config.recompile_limit = VARIANTS_PER_SEGMENT
 

@@ -6,13 +6,16 @@ imported when a command runs, so `hrmspec validate` and `show` start without it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from hrmspec import progress
 from hrmspec.backends import BACKENDS
 from hrmspec.errors import CheckpointError
+from hrmspec.runtime.artifacts import preflight
 from hrmspec.runtime.artifacts.config import DEVICE_NAMES, TrainError, check_device_name
 from hrmspec.runtime.artifacts.data import DataError, Sample, format_sample
 from hrmspec.runtime.artifacts.plot import plot_run
@@ -25,15 +28,19 @@ def cmd_train(args) -> int:
     from hrmspec.runtime.training.loop import train
 
     spec = spec_from_arguments(args)
-    last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress,
-                 overwrite=args.overwrite, backend=args.backend, device=args.device)
+    # what the run would refuse, all at once and located, before its folder is made or locked
+    preflight.check(spec, preflight.source_of(args.spec, dict(parse_override(o) for o in args.overrides)))
+    with progress.shown():  # data generation, tokenizer training: a line each, from the first seconds
+        last = train(spec, args.out, resume=args.resume, fsdp=args.fsdp, progress_bar=not args.no_progress,
+                     overwrite=args.overwrite, backend=args.backend, device=args.device)
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}; checkpoints in {args.out}/checkpoints")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from hrmspec.runtime.evaluate.heldout import evaluate_run
+    from hrmspec.runtime.evaluate.adaptive_eval import loss_text
+    from hrmspec.runtime.evaluate.heldout import evaluate_run, sample_lines
 
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
                        backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args),
@@ -47,6 +54,17 @@ def cmd_eval(args) -> int:
     t.add_row("[bold]all[/bold]", f"[bold]{100 * res['accuracy']:.1f}%[/bold]", str(res["n"]))
     Console().print(t)
     print(f"checkpoint {res['checkpoint']}")  # on its own line: a table caption would wrap a long path
+    if res.get("limited_by"):  # how many samples ran, and why fewer than --n
+        print(f"ran {res['n']} of --n {res['requested']}: {res['limited_by']}")
+    else:
+        print(f"ran {res['n']} held-out samples (--n {args.n})")
+    if res.get("loss") is not None:  # under --exit: full depth's, printed below
+        grid = "max_segments" in res
+        what = f"cross-entropy per cell, {res['loss_tokens']} cells" if grid else \
+            f"response tokens teacher-forced, {res['loss_tokens']} tokens"
+        print(f"held-out {loss_text(res)}: {what}")
+    if res.get("samples"):
+        print("sample predictions:", *sample_lines(res), sep="\n")
     if res.get("max_segments", 1) > 1:  # deep supervision: what halting spared
         print(_steps_line(res["segments"], res["max_segments"], "segments per puzzle", "segments"))
     if "steps" in res:  # halting per step of the loop
@@ -55,8 +73,11 @@ def cmd_eval(args) -> int:
         from hrmspec.runtime.evaluate.adaptive_eval import report_lines
 
         print("\n".join(report_lines(res)))
-    print(f"wrote {args.dir}/eval.json")
+    print(f"wrote {args.dir}/eval-{res['label']}.json and {args.dir}/eval.json")
     return 0
+
+
+MAX_NEW_TOKENS = 64  # generate's default answer length, when the model has room for it
 
 
 def cmd_generate(args) -> int:
@@ -82,11 +103,22 @@ def cmd_generate(args) -> int:
         raise DataError(f"the prompt is {len(args.prompt):,} characters; model.max_seq_len is {limit} tokens")
     prompt, _ = format_sample(Sample(instruction=args.prompt, response="", condition=args.condition))
     ids = torch.tensor([tok.encode(prompt)])
-    if ids.shape[1] + args.max_new_tokens > limit:
+    room = limit - ids.shape[1]  # the tokens the model can still read after the prompt
+    if args.max_new_tokens is None and room < 1:
+        raise DataError(f"the prompt is {ids.shape[1]} tokens and model.max_seq_len is {limit}: no room is left for "
+                        "an answer; shorten the prompt")
+    if args.max_new_tokens is None:  # the default, capped to what fits
+        new_tokens = min(MAX_NEW_TOKENS, room)
+        if new_tokens < MAX_NEW_TOKENS:
+            print(f"note: at most {new_tokens} new tokens (not the default {MAX_NEW_TOKENS}): the prompt is "
+                  f"{ids.shape[1]} tokens and model.max_seq_len {limit}", file=sys.stderr)
+    elif args.max_new_tokens > room:
         raise DataError(f"the prompt is {ids.shape[1]} tokens and --max-new-tokens {args.max_new_tokens}: more than "
                         f"model.max_seq_len {limit}; shorten the prompt or lower --max-new-tokens")
+    else:
+        new_tokens = args.max_new_tokens
     stats = DecodeStats()
-    out = model.generate(ids, args.max_new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
+    out = model.generate(ids, new_tokens, eos_id=tok.eos_id, temperature=args.temperature, top_k=args.top_k,
                          depth=depth, stats=stats)
     row = out[0, ids.shape[1] :].tolist()
     if tok.eos_id in row:
@@ -225,10 +257,14 @@ def _halting_arguments(p) -> None:
                    "1 - epsilon, the exit gate's q), instead of the spec's")
 
 
-def _depth_arguments(p) -> None:
+def _depth_arguments(p, command: str = "eval") -> None:
+    then = ("eval also runs full depth to compare" if command == "eval" else
+            "every generated token's position decides alone, and the steps they ran are printed "
+            "after the answer")
     p.add_argument("--exit", metavar="CRITERION", default=None,
                    help="adaptive depth: each position leaves the loop when CRITERION says: kl:EPS, entropy:EPS, "
-                   "latent:EPS, cosine:EPS, argmax:N, or none (full depth); eval also runs full depth to compare")
+                   f"latent:EPS, cosine:EPS, argmax:N, or none (full depth); {then} (default: no adaptive depth, "
+                   "the spec's full depth)")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="adaptive depth: the most steps of the loop (default: its evaluation count)")
     p.add_argument("--warm-start", action="store_true",
@@ -258,15 +294,22 @@ def _register_generate(sub, name):
     p.add_argument("dir", help="a run directory")
     p.add_argument("prompt", help="the instruction; for a grid run the puzzle, row by row, '.' or 0 for an "
                    "empty cell (e.g. '1.3. .4.. ..1. 3...')")
-    p.add_argument("--condition", default=None, help="a condition token, e.g. direct")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--condition", default=None,
+                   help="a condition the run trained with, put in the prompt as its token <|NAME|>, e.g. direct or "
+                   "cot (default: none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+                   help=f"the most tokens to generate; decoding stops earlier at the end-of-answer token (default "
+                   f"{MAX_NEW_TOKENS}, capped at model.max_seq_len minus the prompt's tokens; a larger N than fits "
+                   "is an error)")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="sampling temperature, a number >= 0 (default 0: greedy, the most likely token)")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="with --temperature above 0: sample among the K most likely tokens only (default: all)")
     p.add_argument("--all-segments", action="store_true",
                    help="a grid run: run every segment instead of stopping where the halting head says")
     _halting_arguments(p)
     _placement_arguments(p)
-    _depth_arguments(p)
+    _depth_arguments(p, "generate")
     _nonfinite_argument(p)
     p.set_defaults(func=cmd_generate)
 
@@ -323,8 +366,9 @@ def _register_compare(sub, name):
 
 
 def _register_plot(sub, name):
-    p = sub.add_parser(name, help="plot loss, accuracy and credit depth of a run to a PNG")
-    p.add_argument("dir", help="a run directory")
+    p = sub.add_parser(name, help="plot loss, accuracy, credit depth and halting steps of a run to a PNG (a compare "
+                       "folder: each variant's loss)")
+    p.add_argument("dir", help="a run directory, or the --out folder of `hrmspec compare`")
     p.add_argument("--out", default=None, help="PNG path (default DIR/training.png)")
     p.set_defaults(func=cmd_plot)
 

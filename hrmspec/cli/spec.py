@@ -31,6 +31,7 @@ from hrmspec.cost import (
     parse_fraction,
     parse_positive,
     report,
+    seq_len_and_source,
 )
 from hrmspec.emit import MANIFEST, TARGETS, kernel_files, spec_kernels, write_files
 from hrmspec.errors import HrmspecError
@@ -38,15 +39,19 @@ from hrmspec.gpus import GPUS, get_gpu
 from hrmspec.graph import build_graph
 from hrmspec.graph.fusion import fuse_model
 from hrmspec.graph.roofline import roofline
+from hrmspec.runtime.artifacts import preflight
 from hrmspec.show import roofline_table, show
 from hrmspec.spec.arguments import positive_int
 from hrmspec.spec.arguments import spec_arguments as _spec_args
 from hrmspec.spec.arguments import spec_from_arguments as _load
 from hrmspec.spec.schedule import MAX_REPEAT, sampled_loop
+from hrmspec.spec.source import parse_override
 
 
 def cmd_validate(args) -> int:
+    """The whole spec: the model (the loader), then what a run would refuse (train:, data:, across sections)."""
     spec = _load(args)
+    preflight.check(spec, preflight.source_of(args.spec, dict(parse_override(o) for o in args.overrides)), run=False)
     print(f"{spec.source}: ok ({spec.name})")
     return 0
 
@@ -88,15 +93,15 @@ def cmd_show(args) -> int:
     batch = int(parse_positive(args.batch, "--batch", integer=True, maximum=MAX_BATCH))
     spec = _load(args)
     G = build_graph(spec, progress, recurrence=_recurrence(args.recurrence, spec))
-    if seq_len is None:  # a grid's row is its cells and the puzzle positions; else 2048 tokens
-        prefix = spec.model.puzzle.positions if spec.model.puzzle else 0
-        seq_len = spec.model.max_seq_len + prefix if spec.objective.type == "grid" else 2048
+    # the row `hrmspec cost` counts attention at: a grid's cells and puzzle positions, else train.seq_len, else
+    # model.max_seq_len
+    seq_len, seq_source = (seq_len, "--seq-len") if seq_len is not None else seq_len_and_source(spec)
     if gpu is not None:
         r = roofline(G, gpu, batch=batch, seq_len=seq_len, dtype_bytes=dtype_bytes)
         if args.json:
             print(json.dumps(r.as_dict(), indent=1))
             return 0
-    show(G, seq_len=seq_len, dtype_bytes=dtype_bytes)
+    show(G, seq_len=seq_len, dtype_bytes=dtype_bytes, seq_source=seq_source)
     if gpu is not None:
         roofline_table(r, _wide_console())
     if args.png:
@@ -204,7 +209,8 @@ def _register_show(sub, name: str) -> None:
     _spec_args(p)
     # numbers are read by the command, so a bad one is one line (exit 2), not argparse's usage text
     p.add_argument("--seq-len", default=None,
-                   help="sequence length for attention FLOPs (default 2048; a grid spec: its row length)")
+                   help="row length for attention FLOPs (default, as cost's: train.seq_len, else model.max_seq_len; "
+                   "a grid spec: its cells and puzzle positions)")
     p.add_argument("--progress", default="1", help="training progress 0..1 for the credit plan")
     p.add_argument("--recurrence", default=None, metavar="N",
                    help="run a sampled loop N times, 1 to its max (default: its evaluation count)")

@@ -43,7 +43,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "model.states.<name>": ("init",),
     "model.schedule (a repeat block)": ("repeat", "do"),
     "model.init": ("type", "std"),
-    "model.credit": ("depth", "last", "per_cycle", "priority"),
+    "model.credit": ("depth", "last", "per_cycle", "truncate", "priority"),
     "model.credit.depth": ("from", "to", "warmup"),
     "objective": ("type", "loss", "steps"),
 }
@@ -121,6 +121,10 @@ def _key_hint(key: Any, allowed: list[str], level: str) -> str:
     hint = near(key, allowed)
     if hint:
         return hint
+    own = [k for k in _KEYS.get(level, ()) if k not in allowed]  # this section's keys that another form takes
+    hint = near(key, own)
+    if hint:
+        return f"{hint} (a key of {level} that does not go with the others here)"
     exact = [lv for lv, keys in _KEYS.items() if lv != level and key in keys]
     if exact:
         return f"'{key}' is a key of {' and '.join(exact[:2])}"
@@ -178,11 +182,30 @@ class Fields:
                     f"did you mean '{key}'? (it is required)",
                     key=True,
                 )
+        self._misplaced(key)
         hint = f"e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
         unknown = [str(k) for k in self.data if k not in self.read and k not in known]
         if unknown:
             hint += f"{'; ' if hint else ''}found the unknown key '{unknown[0]}'"
         self.fail(self.path, f"missing required key '{key}'", hint, key=True)
+
+    def _misplaced(self, key: str) -> None:
+        """A required key written one level out (a dedented `do:`, `schedule:` at column 1) is an error
+        at the key as written, saying where it belongs."""
+        for depth in range(len(self.path) - 1, -1, -1):
+            outer = self.path[:depth]
+            level = dotted(outer) or "the top level"
+            if (*outer, key) not in self.src.keys or key in _KEYS.get(level, (key,)):
+                continue
+            found = "at the top level" if not outer else f"under `{level}:`"
+            here = self.src.keys[(*outer, key)]
+            into = self.path[-1]
+            owner = (f"the list item `{dotted(self.path)}`" if isinstance(into, int) else f"`{into}:`")
+            beside = [k for k in self.data if self.path + (k,) in self.src.keys]
+            hint = (f"indent it (and what it holds) to column {self.src.keys[self.path + (beside[0],)].col}, "
+                    f"beside `{beside[0]}:`" if beside else "")
+            raise SpecError(f"`{key}:` was found {found} (line {here.line}); it belongs under {owner}", here,
+                            dotted(self.path), hint)
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
         v = self.raw(key, default)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from hrmspec.halting import HALTING, SEGMENT_TYPES, STEP_TYPES
-from hrmspec.spec.fields import Fields, describe
+from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.schedule import flatten
 from hrmspec.spec.schema import CreditSpec, HaltingSpec, Repeat, StepHaltingSpec
 from hrmspec.spec.source import PathT, Source
@@ -62,11 +62,19 @@ def read_rule(src: Source, path: PathT, f: Fields, key: str, types: tuple[str, .
     values = {p.name: g.number(p.name, p.default, lo=p.lo, hi=p.hi, positive=p.positive)
               for p in HALTING[kind].params}
     mine = {p.name for p in HALTING[kind].params}
+    takes = f"{kind} takes {', '.join(p.name for p in HALTING[kind].params)}"
     for key in g.data:
         others = [t for t in types if t != kind and key in {p.name for p in HALTING[t].params}]
         if key not in mine and others:
-            g.fail(path + (key,), f"'{key}' is a parameter of {' and '.join(others)}, not of {kind}",
-                   f"{kind} takes {', '.join(p.name for p in HALTING[kind].params)}", key=True)
+            g.fail(path + (key,), f"'{key}' is a parameter of {' and '.join(others)}, not of {kind}", takes,
+                   key=True)
+        # a misspelt parameter is matched against the rules' own parameters, never another section's keys
+        if key not in mine and key != "type" and not near(key, sorted(mine)):
+            hint = near(key, names)
+            if hint:
+                owners = [t for t in types if hint.split("'")[1] in {p.name for p in HALTING[t].params}]
+                g.fail(path + (key,), f"unknown key '{key}'", f"{hint} (a parameter of {' and '.join(owners)}); "
+                       f"{takes}", key=True)
     g.finish()
     return kind, values
 

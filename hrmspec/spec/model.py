@@ -296,11 +296,19 @@ def _modules(
                 f"expected a module name (an identifier other than '{INPUT}'), found {name!r}",
                 key=True,
             )
+        if name in ("states", "schedule", "output", "credit", "halting") and name not in f.data and (
+                not isinstance(mf.data[name], dict) or "layers" not in mf.data[name]):
+            mf.fail(mpath, f"`{name}:` is indented under `modules:`; it belongs beside it under `model:`",
+                    f"indent `{name}:` to the column of `modules:` ({src.key_loc(path).col})", key=True)
         shorthand = f"write {name}: {{layers: {mf.data[name]}}}" if isinstance(mf.data[name], int) else ""
         g = Fields(src, mpath, "a mapping {layers, exit_norm, ...}", "model.modules.<name>", shorthand)
         layers = g.integer("layers", minimum=0, maximum=MAX_LAYERS)
         norm, attention, mlp = layer_fields(g, block)
         exit_norm = standalone_norm(g, "exit_norm", norm, "rms")
+        if layers == 0 and not g.has("exit_norm"):  # the default exit norm does not make a module of it
+            g.fail(mpath + ("layers",), "expected a positive integer, found 0",
+                   "a module of 0 layers is a norm alone (between stages): write its exit_norm, e.g. "
+                   "{layers: 0, exit_norm: {type: rms, affine: true}}")
         if layers == 0 and exit_norm is None:  # a module of no layers is its exit norm alone
             g.fail(mpath + ("layers",), "expected at least 1 layer, or an exit_norm for a module of 0 layers (a "
                    "norm between stages)", "e.g. {layers: 0, exit_norm: {type: rms, affine: true}}")

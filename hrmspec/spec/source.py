@@ -17,6 +17,7 @@ import copy
 import difflib
 import json
 import math
+import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ def _walk(node: yaml.Node, path: PathT, file: str, src: Source, loader: yaml.Saf
             _walk(item, path + (i,), file, src, loader)
 
 
-def _yaml_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
+def _yaml_error(e: yaml.MarkedYAMLError, file: str, text: str | None = None) -> SpecError:
     """A PyYAML error as a SpecError: the problem, where it was noticed, and what it was inside of."""
     mark = e.problem_mark or e.context_mark
     loc = _mark(file, mark) if mark is not None else Location(file)
@@ -137,13 +138,102 @@ def _yaml_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
     if e.problem and e.context and e.context_mark is not None and e.context_mark != mark:
         message += f" ({e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
     hint = ""
+    misplaced = _misplaced_key(e, text, file) if text is not None else None
+    if misplaced is not None:
+        return misplaced
     if "'\\t'" in problem:
         hint = "indent with spaces: YAML does not allow tabs"
     elif "mapping values are not allowed" in problem:
-        hint = "check the indentation of this line, or quote a value that contains ': '"
+        lines = (text or "").splitlines()
+        under = _key_under_a_value(lines, mark) if mark is not None and mark.line < len(lines) else ""
+        hint = under or "check the indentation of this line, or quote a value that contains ': '"
     elif "another document" in problem:
         hint = "a spec is one YAML document: remove the second '---'"
     return SpecError(message, loc, "", hint)
+
+
+def _misplaced_key(e: yaml.MarkedYAMLError, text: str, file: str) -> SpecError | None:
+    """An indentation mistake the parser reports as "expected <block end>": a key at a column where no
+    mapping or list item above it is open. Said with the key, its column and where it belongs."""
+    mark, context = e.problem_mark, e.context_mark
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    if context is None or not (e.problem or "").startswith("expected <block end>") or context.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    key = line[mark.column:].split(":", 1)[0].strip()
+    if not key or ":" not in line[mark.column:] or len(key) > 40:
+        return None
+    col = mark.column + 1
+    where = _mark(file, mark)
+    previous = next((i for i in range(mark.line - 1, -1, -1) if lines[i].strip()
+                     and not lines[i].strip().startswith("#")), None)
+    after_item = previous is not None and lines[previous].lstrip().startswith("- ") and ":" in lines[previous]
+    if "block collection" in (e.context or "") or (after_item and _indent(lines[previous]) + 2 > mark.column):
+        # inside a list: the key left the item it follows
+        dash = context.column if "block collection" in (e.context or "") else _indent(lines[previous])
+        item = next((i for i in range(mark.line - 1, -1, -1)
+                     if len(lines[i]) > dash and lines[i][dash] == "-" and not lines[i][:dash].strip()), None)
+        if item is None:
+            return None
+        body = lines[item][dash + 1:]
+        first = _one_line(body.lstrip().split(":", 1)[0], 40)
+        key_col = dash + 2 + len(body) - len(body.lstrip())
+        return SpecError(f"`{key}:` at column {col} is outside the list item at line {item + 1} "
+                         f"(`- {_one_line(body.strip(), 40)}`); it belongs under the list item", where, "",
+                         f"indent it to column {key_col}, beside `{first}:`")
+    if "block mapping" in (e.context or ""):  # between two levels: lines up with no mapping above it
+        key_col = context.column + 1
+        above = _line_above(lines, mark.line, mark.column)
+        if (above is not None and above != context.line and _indent(lines[above]) == context.column
+                and any(_indent(lines[i]) == mark.column and lines[i].strip() for i in range(context.line, above))):
+            # a key further up went left, out of its mapping, and closed it: that is the mistake
+            closer = _one_line(lines[above].strip().split(":", 1)[0], 40)
+            return SpecError(f"`{closer}:` at column {context.column + 1} closes the mapping it follows, so "
+                             f"`{key}:` at line {mark.line + 1}, column {col} lines up with no mapping",
+                             Location(file, above + 1, context.column + 1), "",
+                             f"indent `{closer}:` to the column of the keys it belongs with")
+        return SpecError(f"`{key}:` at column {col} lines up with no mapping above it (the mapping at line "
+                         f"{context.line + 1} has its keys at column {key_col})", where, "",
+                         f"indent it to column {key_col} to add it to that mapping, or further to nest it "
+                         "under the key above")
+    return None
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _line_above(lines: list[str], line: int, column: int) -> int | None:
+    """The nearest line above `line` with content indented less than `column` (comments skipped)."""
+    for i in range(line - 1, -1, -1):
+        text = lines[i].strip()
+        if text and not text.startswith("#") and _indent(lines[i]) < column:
+            return i
+    return None
+
+
+def _key_under_a_value(lines: list[str], mark: yaml.Mark) -> str:
+    """The hint for `key:` indented under a `key: value` line above it (YAML reads it as more of that
+    value, and finds a colon where none may be), or '' when the line is not that."""
+    key = _one_line(lines[mark.line][: mark.column], 40)
+    above = mark.line - 1
+    while above >= 0 and (not lines[above].strip() or lines[above].strip().startswith("#")):
+        above -= 1
+    if not key.isidentifier() or above < 0:
+        return ""
+    prev = lines[above]
+    body = prev.lstrip(" ")
+    start = _indent(prev) + (2 if body.startswith("- ") else 0)
+    body = prev[start:]
+    name, colon, value = body.partition(":")
+    name, col = _one_line(name, 40), _indent(lines[mark.line]) + 1
+    if not colon or not name.isidentifier() or not value.strip() or col <= start + 1:
+        return ""
+    return (f"check the indentation of this line: `{key}:` at column {col} is indented under `{name}: "
+            f"{_one_line(value, 30)}` (line {above + 1}), a value that cannot hold keys; indent it to column "
+            f"{start + 1}, beside `{name}:`")
 
 
 def _parse(text: str, file: str) -> Source | None:
@@ -161,7 +251,7 @@ def _parse(text: str, file: str) -> Source | None:
         src = Source(data=data, file=file)
         _walk(node, (), file, src, loader)
     except yaml.MarkedYAMLError as e:
-        raise _yaml_error(e, file) from None
+        raise _yaml_error(e, file, text) from None
     except yaml.YAMLError as e:  # the reader's: a character YAML does not allow (control characters)
         raise SpecError(f"invalid YAML: {_one_line(str(e))}", Location(file), "",
                         "remove control characters from the file") from None
@@ -293,24 +383,76 @@ def quoted(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# One-of forms. A mapping that holds one of several alternatives: written over a base that holds
+# another, the child's choice replaces the base's (with what belongs to it, such as depth's priority).
+_CREDIT_MODES = {"depth": ("depth", "priority"), "last": ("last",), "per_cycle": ("per_cycle",),
+                 "truncate": ("truncate",)}
+# Mappings told apart by one key: when it changes, the whole mapping is the child's (the parameters of
+# one halting rule or sampler are not those of another).
+_DISCRIMINATORS = {("model", "halting"): "type", ("supervision", "halting"): "type"}
+# Keys whose null is a value of its own, not "remove": rotary embeddings off, no exit norm, no EMA.
+_NULL_VALUES = ("rope_theta", "exit_norm")
+
+
+def _discriminator(path: PathT) -> str | None:
+    if path in _DISCRIMINATORS:
+        return _DISCRIMINATORS[path]
+    if path[:2] == ("model", "schedule") and path[-1:] == ("repeat",):
+        return "sample"  # a sampled repeat count: {sample: uniform, low, high} or {sample: lognormal_poisson, ...}
+    return None
+
+
+def replaced_keys(path: PathT, base: dict, child: dict) -> list:
+    """The keys of `base` (the mapping at `path`) that `child`, written over it, replaces: the other
+    alternatives of a one-of form, or every key when the mapping's discriminator changes."""
+    if path == ("model", "credit"):
+        chosen = [m for m in _CREDIT_MODES if m in child and child[m] is not None]
+        keep = {k for m in chosen for k in _CREDIT_MODES[m]}
+        if not chosen:
+            return []
+        return [k for m in _CREDIT_MODES if m not in chosen for k in _CREDIT_MODES[m] if k in base and k not in keep]
+    key = _discriminator(path)
+    if key is not None and key in child and child[key] != base.get(key):
+        return [k for k in base if k not in child]
+    return []
+
+
+def deletes(path: PathT, value: Any) -> bool:
+    """Whether `value`, written at `path` by an `extends:` child or a `--set`, removes the key."""
+    if value is not None or not path:
+        return False
+    return not (path[-1] in _NULL_VALUES or path == ("train", "ema"))
+
+
+def _drop(tables: tuple[dict, ...], prefix: PathT, itself: bool = False) -> None:
+    """Forget the locations under `prefix` (and of `prefix` itself with `itself`)."""
+    for table in tables:
+        for p in [p for p in table if p[: len(prefix)] == prefix and (itself or len(p) > len(prefix))]:
+            del table[p]
+
+
 def _merge(base: Source, child: Source) -> Source:
-    """Deep-merge `child` over `base`: mappings merge key by key, anything else is replaced."""
+    """Deep-merge `child` over `base`: mappings merge key by key, anything else is replaced. A child's
+    null removes the key; a child's choice in a one-of form replaces the base's (`replaced_keys`)."""
     out = Source(data=copy.deepcopy(base.data), file=child.file)
     out.values, out.keys = dict(base.values), dict(base.keys)
-
-    def drop(prefix: PathT) -> None:
-        for table in (out.values, out.keys):
-            for p in [p for p in table if p[: len(prefix)] == prefix and len(p) > len(prefix)]:
-                del table[p]
+    tables = (out.values, out.keys)
 
     def rec(dst: dict, src: dict, path: PathT) -> None:
+        for k in replaced_keys(path, dst, src):
+            del dst[k]
+            _drop(tables, path + (k,), itself=True)
         for k, v in src.items():
             p = path + (k,)
+            if deletes(p, v):
+                dst.pop(k, None)
+                _drop(tables, p, itself=True)
+                continue
             if isinstance(v, dict) and isinstance(dst.get(k), dict):
                 rec(dst[k], v, p)
             else:
                 dst[k] = copy.deepcopy(v)
-                drop(p)
+                _drop(tables, p)
                 out.values.update({q: loc for q, loc in child.values.items() if q[: len(p)] == p})
                 out.keys.update({q: loc for q, loc in child.keys.items() if q[: len(p)] == p})
             out.keys[p] = child.keys.get(p, out.keys.get(p))
@@ -370,8 +512,28 @@ def _near_file(path: Path) -> str:
     return f"did you mean '{near[match[0]]}'?" if match else ""
 
 
+_INDEX = re.compile(r"\[(-?\d+)\]")
+_PART = re.compile(r"([^.\[\]]+)((?:\[-?\d+\])*)")
+
+
+def override_path(key: str) -> PathT:
+    """The path of a dotted override key, list indices included: `model.schedule[0].do[1].repeat` ->
+    ('model', 'schedule', 0, 'do', 1, 'repeat'); a key of any other shape is an error naming it."""
+    path: list = []
+    for part in str(key).split("."):
+        m = _PART.fullmatch(part.strip())
+        if m is None:
+            hint = "use dotted keys with list indices: model.d_model=256, model.schedule[0].repeat=3"
+            raise SpecError(f"bad override key {_one_line(repr(str(key)), 60)}", Location("--set"), "", hint)
+        path.append(m.group(1))
+        path.extend(int(i) for i in _INDEX.findall(m.group(2)))
+    return tuple(path)
+
+
 def apply_overrides(src: Source, overrides: dict[str, Any] | None) -> Source:
-    """Apply dotted-key overrides (`model.d_model=256`) on top of a source, creating mappings as needed.
+    """Apply dotted-key overrides (`model.d_model=256`, `model.schedule[0].repeat=3`) on top of a source,
+    creating mappings as needed. As in an `extends:` child, null removes the key and a choice in a
+    one-of form replaces the base's (`replaced_keys`).
 
     Each overridden value (and every mapping the override creates) is located at `--set KEY`, so an
     error in it names the override rather than the file.
@@ -380,29 +542,48 @@ def apply_overrides(src: Source, overrides: dict[str, Any] | None) -> Source:
         return src
     data = copy.deepcopy(src.data)
     values, keys = dict(src.values), dict(src.keys)
-    for dotted_key, value in overrides.items():
-        parts = tuple(str(dotted_key).split("."))
-        if not all(p.strip() for p in parts):
-            hint = "use dotted keys: model.d_model=256"
-            raise SpecError(f"bad override key '{dotted_key}'", Location("--set"), "", hint)
-        loc = Location(f"--set {dotted_key}")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part, {}), dict):
-                raise SpecError(
-                    f"cannot set '{dotted_key}': '{'.'.join(parts[: i + 1])}' is not a mapping "
-                    f"(found {_kind(node[part])})",
-                    loc,
-                    dotted_key,
-                )
-            if node.get(part) is None:
-                node[part] = {}
-                values[parts[: i + 1]] = keys[parts[: i + 1]] = loc
-            node = node[part]
-        node[parts[-1]] = copy.deepcopy(value)
-        for table in (values, keys):
-            for p in [p for p in table if p[: len(parts)] == parts]:
-                del table[p]
+    for key, value in overrides.items():
+        parts = override_path(key)
+        shown = _one_line(str(key), 60)
+        loc = Location(f"--set {shown}")
+        node: Any = data
+        for i, part in enumerate(parts):
+            here, last = parts[: i + 1], i == len(parts) - 1
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    found = "a mapping" if isinstance(node, dict) else _kind_unquoted(node)
+                    raise SpecError(f"cannot index '{dotted(parts[:i])}': it is not a list (found {found})", loc,
+                                    "", "an index [N] selects an item of a list, such as model.schedule[0]")
+                if not -len(node) <= part < len(node):
+                    raise SpecError(f"index {part} is out of range: '{dotted(parts[:i])}' has {len(node)} "
+                                    f"item{'s' if len(node) != 1 else ''}", loc, "",
+                                    f"indices run from 0 to {len(node) - 1}" if node else "")
+                part = part % len(node)
+                parts = parts[:i] + (part,) + parts[i + 1:]
+                here = parts[: i + 1]
+            elif not isinstance(node, dict):
+                raise SpecError(f"cannot set '{dotted(parts[:i + 1])}': '{dotted(parts[:i])}' is not a mapping "
+                                f"(found {_kind(node)})", loc)
+            if last:
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if child is None and isinstance(parts[i + 1], int):
+                raise SpecError(f"cannot index '{dotted(here)}': there is no such list", loc)
+            if child is None:
+                child = node[part] = {}
+                values[here] = keys[here] = loc
+            node = child
+        part = parts[-1]
+        if isinstance(node, dict):
+            for k in replaced_keys(parts[:-1], node, {part: value}):
+                del node[k]
+                _drop((values, keys), parts[:-1] + (k,), itself=True)
+            if deletes(parts, value):
+                node.pop(part, None)
+                _drop((values, keys), parts, itself=True)
+                continue
+        node[part] = copy.deepcopy(value)
+        _drop((values, keys), parts, itself=True)
         values[parts] = keys[parts] = loc
     return Source(data=data, file=src.file, values=values, keys=keys)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hrmspec import progress
 from hrmspec.errors import HrmspecError
 from hrmspec.spec.source import quoted
 
@@ -348,7 +349,8 @@ def reasoning_gym_samples(
         # Excluded questions leave gaps; draw from a larger range until the quota is met.
         attempt = max(count, 1)
         while True:
-            ds = _make_dataset(task, attempt, base)
+            with progress.step(f"generating {attempt:,} {split} samples of {task.name}"):
+                ds = _make_dataset(task, attempt, base)
             got, read, dropped, empty = [], 0, 0, 0
             for i in range(len(ds)):
                 if len(got) == count:

@@ -23,7 +23,7 @@ eight symmetries of the square for n_queens and maze. Held-out puzzles come from
 any that also occurs among the training grids (augmented ones included) is dropped.
 
     data:
-      grids: [mini_sudoku]         # or {maze: {config: {min_grid_size: 6, max_grid_size: 8}}}
+      grids: [mini_sudoku]         # or [{maze: {config: {max_grid_size: 8}}}], or {maze: {config: {...}}}
       size: 2000                   # training puzzles (before augmentation)
       augment: 4                   # augmented copies of each training puzzle (0: none)
       eval_size: 200
@@ -152,7 +152,7 @@ GRID_TASKS: dict[str, GridTask] = {
 
 @dataclass
 class GridConfig:
-    grids: Any = None  # list of task names, or mapping name -> {config: {...}}
+    grids: Any = None  # list of task names (or one-key mappings name -> {config}), or mapping name -> {config: {...}}
     size: int = 1000
     augment: int = 0
     eval_size: int = 200
@@ -174,13 +174,19 @@ class GridConfig:
         if raw is None:
             raise DataError(f"data.grids: the grid objective needs grid tasks, e.g. grids: [mini_sudoku]; "
                             f"known: {', '.join(GRID_TASKS)}")
-        items = raw.items() if isinstance(raw, Mapping) else ((name, {}) for name in raw)
         out = {}
-        for name, opts in items:
+        for name, opts in _grid_items(raw):
+            if name in out:
+                raise DataError(f"data.grids: grid task {name!r} is listed twice")
             if name not in GRID_TASKS:
                 raise DataError(f"data.grids: unknown grid task {name!r}{_close(str(name), GRID_TASKS)}; "
                                 f"known: {', '.join(GRID_TASKS)}")
+            if opts is not None and not isinstance(opts, Mapping):
+                raise DataError(f"data.grids.{name}: expected a mapping {{config: {{...}}}}, found {_short(opts)}")
             opts = dict(opts or {})
+            if not isinstance(opts.get("config") or {}, Mapping):
+                raise DataError(f"data.grids.{name}.config: expected a mapping of the task's options, found "
+                                f"{_short(opts['config'])}")
             unknown = set(opts) - {"config"}
             if unknown:
                 raise DataError(f"data.grids.{name}: unknown key {sorted(unknown)[0]!r}; known: config")
@@ -200,6 +206,33 @@ class GridConfig:
     def vocab(self) -> int:
         """Tokens the run's grids use: padding and every task's symbols."""
         return max(GRID_TASKS[n].vocab for n in self.tasks())
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _grid_items(raw: Any) -> list[tuple[Any, Any]]:
+    """(name, options) of each grid task in `data.grids`, written as a mapping {name: {config}}, as a list of
+    names and one-key mappings ([mini_sudoku, {maze: {config: {...}}}]), or as one name."""
+    if isinstance(raw, str):
+        return [(raw, None)]
+    if isinstance(raw, Mapping):
+        return list(raw.items())
+    if not isinstance(raw, list):
+        raise DataError(f"data.grids: expected a list of grid tasks or a mapping name -> {{config}}, "
+                        f"found {_short(raw)}")
+    items = []
+    for i, item in enumerate(raw):
+        if isinstance(item, Mapping) and len(item) == 1:
+            items.extend(item.items())
+        elif isinstance(item, str):
+            items.append((item, None))
+        else:
+            raise DataError(f"data.grids[{i}]: expected a task name or a one-key mapping {{name: {{config: ...}}}}, "
+                            f"found {_short(item)}")
+    return items
 
 
 def encode(grid: list[list[int]]) -> list[int]:

@@ -1,11 +1,15 @@
-"""`hrmspec plot`: loss, held-out accuracy and credit depth of a run against steps."""
+"""`hrmspec plot`: loss, held-out accuracy, credit depth and halting of a run against steps; a `compare`
+folder: each variant's loss."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hrmspec.errors import HrmspecError
+from hrmspec.graph.credit_plan import credit_depth
+from hrmspec.graph.layout import loop_layout, unroll
 from hrmspec.runtime.artifacts.files import (
     CHECKPOINT,
     INSIDE_CHECKPOINTS,
@@ -14,6 +18,8 @@ from hrmspec.runtime.artifacts.files import (
     protected_folder,
     writing,
 )
+from hrmspec.spec.load import load_spec
+from hrmspec.spec.source import read_json
 
 MAX_RECORD_BYTES = 1 << 20  # a metrics record is a few hundred bytes; a longer line is damage, never read whole
 
@@ -67,41 +73,211 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Plot a run (loss, held-out accuracy, credit depth, halting) or a `compare` folder (each variant's
+    loss on one figure) to `out` (default DIR/training.png); returns the path written."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     run_dir = Path(run_dir)
-    steps, evals = read_metrics(run_dir)
     path = Path(out) if out else run_dir / "training.png"
+    compare = is_compare_folder(run_dir)
+    metrics = None if compare else read_metrics(run_dir)  # no metrics: one line before the image's name is checked
     fmt = _image_format(path, FigureCanvasBase.get_supported_filetypes())
-    final = run_dir / "eval.json"
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    x = [r["step"] for r in steps]
-    axes[0].plot(x, [r["loss"] for r in steps])
-    axes[0].set_ylabel("loss (response tokens)")
-    axes[0].set_yscale("log")
-    if evals:
-        axes[1].plot([r["step"] for r in evals], [100 * r["eval"]["accuracy"] for r in evals], marker="o", label="all")
-    if final.exists():
-        res = json.loads(final.read_text())
-        last = x[-1] if x else 0
-        axes[1].plot([last], [100 * res["accuracy"]], marker="*", markersize=12, linestyle="none",
-                     label=f"final: {100 * res['accuracy']:.1f}% of {res['n']} (eval.json)")
-    axes[1].set_ylabel("held-out accuracy %")
-    axes[1].set_ylim(0, 105)
-    axes[1].legend(loc="lower right")
-    axes[2].step(x, [r["credit_depth"] or 0 for r in steps], where="post")
-    axes[2].set_ylabel("credit depth")
-    axes[2].set_xlabel("step")
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
+    fig = compare_figure(run_dir) if compare else training_figure(run_dir, metrics)
     with writing(path):  # through a temp file renamed over it: a link there is replaced, never followed
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
-    plt.close(fig)
     return path
+
+
+def _figure(rows: int, height: float):
+    """A figure of `rows` axes sharing x, on the Agg canvas (no pyplot: no global state, no windows)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def training_figure(run_dir: str | Path, metrics: tuple[list[dict], list[dict]] | None = None):
+    """The figure of one run: loss, held-out accuracy, credit depth and, when metrics.jsonl logs them, the
+    halting steps (mean steps per position, or segments per sample) against the step. `metrics`: the run's
+    `read_metrics`, when already read."""
+    run_dir = Path(run_dir)
+    steps, evals = metrics or read_metrics(run_dir)
+    spec = _run_spec(run_dir)
+    halting = [r for r in steps if _number(r.get("steps")) or _number(r.get("segments"))]
+    fig, axes = _figure(4 if halting else 3, 10 if halting else 8)
+    x = [r["step"] for r in steps]
+    losses = [r["loss"] for r in steps]
+    axes[0].plot(x, losses, marker="." if len(x) < 20 else None)  # a few points: each one shown
+    axes[0].set_ylabel("loss (response tokens)")
+    axes[0].set_yscale("log")
+    plain_log_ticks(axes[0].yaxis, losses)
+    _accuracy(axes[1], run_dir, evals, x[-1] if x else 0)
+    _credit(axes[2], steps, spec)
+    if halting:
+        _halting(axes[3], halting, spec)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    return fig
+
+
+def _accuracy(ax, run_dir: Path, evals: list[dict], last: int) -> None:
+    if evals:
+        ax.plot([r["step"] for r in evals], [100 * r["eval"]["accuracy"] for r in evals], marker="o", label="all")
+    final = run_dir / "eval.json"
+    if final.exists():
+        res = json.loads(final.read_text())
+        ax.plot([last], [100 * res["accuracy"]], marker="*", markersize=12, linestyle="none",
+                label=f"final: {100 * res['accuracy']:.1f}% of {res['n']} (eval.json)")
+    ax.set_ylabel("held-out accuracy %")
+    ax.set_ylim(0, 105)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+
+
+def _credit(ax, steps: list[dict], spec) -> None:
+    """The credit depth as the plan ramps it, from step 0; a plan without a depth says so instead of a flat 0."""
+    ax.set_ylabel("credit depth")
+    logged = [(r["step"], r["credit_depth"]) for r in steps if _number(r.get("credit_depth"))]
+    credit = spec.model.credit if spec is not None else None
+    if credit is not None and credit.mode == "none":
+        return _say(ax, "no credit limit: every call carries gradient (credit: none)")
+    if credit is not None and credit.mode != "depth":
+        return _say(ax, f"credit {credit_words(credit)}: no depth ramp")
+    if not logged:
+        return _say(ax, "no credit depth logged")
+    if credit is not None:  # the ramp's start, which the first log line (at step log_every) misses
+        start = (0, credit_depth(credit, 0.0))
+    else:  # the run's spec cannot be read: the first depth logged, from step 0
+        start = (0, logged[0][1])
+    points = [start] + [p for p in logged if p[0] > 0]
+    ax.step([p[0] for p in points], [p[1] for p in points], where="post")
+    ax.set_ylim(0, max(p[1] for p in points) + 1)
+
+
+def credit_words(credit) -> str:
+    """A credit plan in a few words: 'last 3', 'truncate 2', 'per_cycle', 'last_cycle'."""
+    value = {"last": credit.last, "truncate": credit.truncate}.get(credit.mode)
+    return f"{credit.mode} {value}" if value is not None else credit.mode
+
+
+def _halting(ax, records: list[dict], spec) -> None:
+    """Mean steps per position (model.halting) or segments per sample (deep supervision), and the most there are."""
+    key = "steps" if any(_number(r.get("steps")) for r in records) else "segments"
+    points = [(r["step"], r[key]) for r in records if _number(r.get(key))]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+    most = _most_steps(spec, key)
+    if most:
+        ax.axhline(most, linestyle="--", color="#888888", lw=0.8, label=f"the most: {most}")
+        ax.legend(loc="lower right")
+    ax.set_ylabel("mean steps per position" if key == "steps" else "mean segments per sample")
+    ax.set_ylim(0, max([p[1] for p in points] + [most or 0]) * 1.1)
+
+
+def _most_steps(spec, key: str) -> int | None:
+    """The loop's steps (model.halting) or the supervision's segments the spec allows; None when unknown."""
+    if spec is None:
+        return None
+    if key == "segments":
+        return spec.supervision.segments if spec.supervision is not None else None
+    return loop_layout(unroll(spec.model.schedule)).count or None
+
+
+def _run_spec(run_dir: Path):
+    """The run's resolved spec (DIR/spec.yaml, as training wrote it), or None when it cannot be read."""
+    try:
+        return load_spec(run_dir / "spec.yaml") if (run_dir / "spec.yaml").is_file() else None
+    except HrmspecError:
+        return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _say(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#525252")
+    ax.set_yticks([])
+
+
+def plain_log_ticks(axis, values: list[float]) -> None:
+    """Plain tick labels (3.5, 4, 0.2) on a log axis over less than two decades, where matplotlib would write
+    3.8×10⁰; wider ranges keep its decades."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    positive = [v for v in values if _number(v) and v > 0]
+    if not positive or max(positive) / min(positive) >= 100:
+        return
+    lo, hi = min(positive), max(positive)
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    if 1.01 < hi / lo < 10:  # within a decade: a few round values in between
+        ticks = {f"{t:.3g}": t for t in MaxNLocator(nbins=5).tick_values(lo, hi) if t > 0}  # one per label
+        axis.set_major_locator(FixedLocator(sorted(ticks.values())))
+    elif hi / lo >= 10:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    # else one value: matplotlib widens the axis to a decade around it, and its decades are labelled
+    axis.set_minor_formatter(NullFormatter())
+    axis.set_major_formatter(plain)
+
+
+# what `hrmspec compare` writes in its folder (runtime/training/compare.py: RESULTS)
+COMPARE_RESULTS = "compare.json"
+COMPARE_BYTES, COMPARE_VALUES = 64 << 20, 2_000_000
+
+
+def is_compare_folder(folder: Path) -> bool:
+    """A folder `hrmspec compare` wrote: its compare.json, and no metrics of its own."""
+    return (folder / COMPARE_RESULTS).is_file() and not (folder / "metrics.jsonl").exists()
+
+
+def compare_runs(folder: Path) -> list[tuple[str, Path]]:
+    """(name, run folder) of each variant compare.json lists, in its order; a folder that is not a plain name
+    inside `folder` (a damaged or planted compare.json) is left out."""
+    doc = read_json(folder / COMPARE_RESULTS, max_bytes=COMPARE_BYTES, max_values=COMPARE_VALUES)
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    out = []
+    for r in runs if isinstance(runs, list) else []:
+        name = r.get("folder") if isinstance(r, dict) else None
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            continue
+        run = folder / name
+        if run.is_symlink() or not run.is_dir():
+            continue
+        out.append((str(r.get("run") or r.get("spec") or name), run))
+    return out
+
+
+def compare_figure(folder: str | Path):
+    """Each variant's training loss against the step on one axes, and held-out accuracy against training
+    FLOPs when compare.json has the curves."""
+    folder = Path(folder)
+    curves = []
+    for name, run in compare_runs(folder):
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and not metrics.is_symlink():
+            steps, _ = read_metrics(run)
+            if steps:
+                curves.append((name, steps))
+    if not curves:
+        raise HrmspecError(f"{folder} is a comparison whose runs have logged no training metrics yet: see its "
+                           f"report, {folder / 'compare.md'}")
+    fig, axes = _figure(1, 5)
+    ax = axes[0]
+    losses = []
+    for name, steps in curves:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=name)
+        losses += [r["loss"] for r in steps]
+    ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis, losses)
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_xlabel("step")
+    ax.legend(loc="upper right")
+    fig.suptitle(f"{folder.name}: training loss of {len(curves)} variants (held-out accuracy: compare.png)")
+    fig.tight_layout()
+    return fig
 
 
 def _image_format(path: Path, formats: dict[str, str]) -> str:

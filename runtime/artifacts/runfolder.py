@@ -113,6 +113,8 @@ def check_new_run(out: Path, overwrite: bool) -> None:
             shutil.rmtree(out / folder, ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for labelled in out.glob("eval-*.json"):  # one evaluation per configuration (eval-full.json, ...)
+        labelled.unlink(missing_ok=True)
 
 
 class StopSignals:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hrmspec import progress
 from hrmspec.errors import HrmspecError
 from hrmspec.runtime.artifacts.data import BOX_END, DEFAULT_CONDITIONS, IM_END, IM_START, PAD, condition_token
 from hrmspec.runtime.artifacts.files import atomic_write
@@ -163,5 +164,6 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    with progress.step(f"training a byte-level BPE tokenizer of up to {vocab_size:,} tokens"):
+        hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)

@@ -5,7 +5,9 @@ initial state: at full depth (every position runs the cap, no warm start: the mo
 count) and with the exit (runtime/execution/adaptive.py). Both results go into eval.json, the exit's at
 the top level as a plain evaluation's are, full depth's under "full_depth":
 
-    accuracy, tasks, n       as `evaluate_model` reports them
+    accuracy, tasks, n       as `evaluate_model` reports them (and requested, limited_by, samples)
+    loss, perplexity         the held-out loss: full depth's only (a teacher-forced forward runs the loop
+                             to its cap; the exit decides token by token as it decodes), null for the exit
     depth                    steps per position: "mean" of "max_steps", "prompt" and "decoded" means (the
                              prompt's positions, the tokens fed back), "min", "median", "max", "histogram"
     tokens, seconds, tokens_per_s   tokens decoded (eos included) over the time decoding took
@@ -36,10 +38,11 @@ def compare_depths(evaluate, model, tokenizer, dcfg, n: int, max_new_tokens: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             res = evaluate(model, tokenizer, dcfg, n=n, max_new_tokens=max_new_tokens, root=root, stats=stats,
-                           depth=policy)
-        runs[name] = {"tasks": res["tasks"], "accuracy": res["accuracy"], "n": res["n"],
-                      "depth": depth_summary(stats), **speed(stats)}
-    return {**runs["exit"], "exit": str(depth.exit), "warm_start": depth.warm_start,
+                           depth=policy, loss=name == "full_depth")
+        runs[name] = {"tasks": res["tasks"], "accuracy": res["accuracy"], "n": res["n"], "loss": res["loss"],
+                      "perplexity": res["perplexity"], "depth": depth_summary(stats), **speed(stats)}
+        shared = {k: res[k] for k in ("requested", "limited_by", "samples") if k in res}
+    return {**runs["exit"], **shared, "exit": str(depth.exit), "warm_start": depth.warm_start,
             "full_depth": runs["full_depth"]}
 
 
@@ -82,6 +85,14 @@ def depth_lines(summary: dict | None) -> list[str]:
             "positions by steps: " + ", ".join(f"{d}: {count}" for d, count in s["histogram"].items())]
 
 
+def loss_text(res: dict) -> str:
+    """The held-out loss of a result, e.g. "loss 2.3026 (perplexity 10.00)" ("loss -" when there is none)."""
+    if res.get("loss") is None:
+        return "loss -"
+    ppl = res.get("perplexity")
+    return f"loss {res['loss']:.4f}" + (f" (perplexity {ppl:.2f})" if ppl is not None else "")
+
+
 def report_lines(res: dict) -> list[str]:
     """What `hrmspec eval --exit` prints below its accuracy table."""
     full = res["full_depth"]
@@ -89,6 +100,8 @@ def report_lines(res: dict) -> list[str]:
     warm = " with a warm start" if res["warm_start"] else ""
     lines = [f"exit {res['exit']}{warm}: accuracy {100 * res['accuracy']:.1f}% against {100 * full['accuracy']:.1f}% "
              f"at full depth ({most} steps)"]
+    if full.get("loss") is not None:
+        lines.append(f"held-out {loss_text(full)} at full depth")
     if len(res["tasks"]) > 1:
         lines += [f"  {t}: {100 * r['accuracy']:.1f}% against {100 * full['tasks'][t]['accuracy']:.1f}%"
                   for t, r in res["tasks"].items()]
@@ -99,4 +112,4 @@ def report_lines(res: dict) -> list[str]:
     return lines
 
 
-__all__ = ["checked", "compare_depths", "depth_lines", "depth_summary", "report_lines", "speed"]
+__all__ = ["checked", "compare_depths", "depth_lines", "depth_summary", "loss_text", "report_lines", "speed"]

@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from hrmspec.caches import private_inductor_cache
 from hrmspec.runtime.execution.context import Context
 from hrmspec.runtime.execution.driver import Static, walk
 from hrmspec.spec.grammar import INPUT
@@ -84,6 +85,7 @@ def compiled_step():
     """`decode_step` under torch.compile, made once per process: the programs it builds serve every later
     `generate(..., compile=True)`. `dynamic=None`: static shapes first, a size that changes becomes a
     variable of the next program."""
+    private_inductor_cache()  # generated code kept under the user's home, not in /tmp
     return torch.compile(decode_step, fullgraph=True, dynamic=None)
 
 

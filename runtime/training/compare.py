@@ -1,5 +1,5 @@
 """`hrmspec compare`: train several specs on the same data under the same budget, then score each on
-the same held-out set.
+the same held-out set: accuracy, and the held-out loss that ranks runs too short to answer anything.
 
 The budget is training FLOPs, tokens or optimizer steps. With `flops=X` each spec gets the step count
 whose training FLOPs (`hrmspec.cost.RunFlops`: the graph's forward, the credited calls' backward,
@@ -360,22 +360,25 @@ def run_one(plan: Plan, out: Path, eval_n: int, progress_bar: bool, done: int = 
     t1 = time.perf_counter()
     res = evaluate_run(run, n=eval_n)
     t2 = time.perf_counter()
-    return entry(plan, "done", result=res, train_s=spent + t1 - t0, eval_s=t2 - t1, curve=curve(plan, run, res))
+    return entry(plan, "done", result=res, train_s=spent + t1 - t0, eval_s=t2 - t1, curve=curve(plan, run, res),
+                 loss_curve=curve(plan, run, res, "loss") if res.get("loss") is not None else None)
 
 
-def curve(plan: Plan, run: Path, final: dict) -> list[dict]:
-    """Held-out accuracy against training FLOPs: the evaluations logged during training, then the final one."""
+def curve(plan: Plan, run: Path, final: dict, key: str = "accuracy") -> list[dict]:
+    """Held-out accuracy (or `key`: "loss") against training FLOPs: the evaluations logged during training before
+    the last step, then the final one."""
     try:
         _, evals = read_metrics(run)
     except HrmspecError:
         evals = []
-    points = [{"step": r["step"], "flops": plan.flops_after(r["step"]), "accuracy": r["eval"]["accuracy"]}
-              for r in evals if isinstance(r.get("eval"), dict) and "accuracy" in r["eval"]]
-    return points + [{"step": plan.steps, "flops": plan.train_flops, "accuracy": final["accuracy"]}]
+    points = [{"step": r["step"], "flops": plan.flops_after(r["step"]), key: r["eval"][key]}
+              for r in evals if isinstance(r.get("eval"), dict) and r["eval"].get(key) is not None
+              and isinstance(r.get("step"), int) and r["step"] < plan.steps]
+    return points + [{"step": plan.steps, "flops": plan.train_flops, key: final.get(key)}]
 
 
 def entry(plan: Plan, status: str, result: dict | None = None, error: str | None = None, train_s: float = 0.0,
-          eval_s: float = 0.0, curve: list[dict] | None = None) -> dict[str, Any]:
+          eval_s: float = 0.0, curve: list[dict] | None = None, loss_curve: list[dict] | None = None) -> dict[str, Any]:
     """One spec's record in compare.json."""
     result = result or {}
     tokens = plan.tokens
@@ -386,9 +389,10 @@ def entry(plan: Plan, status: str, result: dict | None = None, error: str | None
         "tokens": tokens, "train_flops": plan.train_flops,
         "flops_per_token": plan.train_flops / tokens if tokens else None, "forward_flops_per_token": plan.forward,
         "accuracy": result.get("accuracy"), "n": result.get("n"),
+        "loss": result.get("loss"), "perplexity": result.get("perplexity"),
         "tasks": {t: r["accuracy"] for t, r in (result.get("tasks") or {}).items()},
         "train_s": round(train_s, 3), "eval_s": round(eval_s, 3), "wall_s": round(train_s + eval_s, 3),
-        "curve": curve or [], "error": error,
+        "curve": curve or [], "loss_curve": loss_curve or [], "error": error,
     }
 
 

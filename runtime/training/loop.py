@@ -12,7 +12,9 @@ tensors, so a run resumes, and is evaluated, on either side.
 
 `train()` reads as the run does: a `Trainer` is set up (data, tokenizer, model, parallel wrapper,
 optimizer and EMA, each restored from the newest checkpoint with `--resume`), then `fit` runs
-`step` until the last one, logging, evaluating and checkpointing on the way.
+`step` until the last one, logging, evaluating and checkpointing on the way, and evaluates the
+finished run: accuracy, held-out loss and a few sample predictions in the log and metrics.jsonl,
+the last also in eval.json (`_log_eval`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import hrmspec
 from hrmspec.errors import CheckpointError, HrmspecError, SpecError
 from hrmspec.runtime.artifacts import checkpoint as ckpt
 from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
+from hrmspec.runtime.artifacts.data import DataError
 from hrmspec.runtime.artifacts.files import (
     open_append_nofollow,
     read_tensors,
@@ -47,6 +50,8 @@ from hrmspec.runtime.artifacts.placement import Placement, local_rank, resolve, 
 from hrmspec.runtime.artifacts.plot import metric_records
 from hrmspec.runtime.artifacts.runfolder import RunLock, StopSignals, TrainInterrupted, check_new_run, check_out_folder
 from hrmspec.runtime.artifacts.sharded import is_sharded, load_sharded, save_sharded
+from hrmspec.runtime.evaluate.adaptive_eval import loss_text
+from hrmspec.runtime.evaluate.heldout import sample_lines, write_eval
 from hrmspec.runtime.execution.supervision import Carry
 from hrmspec.runtime.training.objective import objective_for
 from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
@@ -243,6 +248,7 @@ class Trainer:
         board = _tensorboard(self.out, self.step) if lead else None
         bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
+        first = self.step  # a run resumed at its last step trains nothing and is not evaluated again
         t_log, tokens = time.perf_counter(), 0
         window: dict[str, float] = {}  # supervised segments' metrics since the last log line
         signals = StopSignals().__enter__()  # left in the finally below
@@ -271,9 +277,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(self.step, loss, last.get("tokens_per_s"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
-                    res = self._log_eval()
-                    if bar is not None:
-                        bar.note(f"held-out at step {self.step}: {100 * res['accuracy']:.1f}% of {res['n']}")
+                    self._log_eval(bar)
                 stop = self._stop_signal(signals.received)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.step == stop_after or stop:
                     self.save()
@@ -283,6 +287,8 @@ class Trainer:
                                            f"continue with --resume --out {self.out}", stop)
                 if stop_after is not None and self.step >= stop_after:
                     break
+            if lead and self.step == cfg.steps and self.step > first:  # the end: evaluated once, checkpointed
+                self._log_eval(bar, final=True)
         finally:
             signals.__exit__()
             for closing in (bar, self.metrics, board):
@@ -300,14 +306,38 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)
 
-    def _log_eval(self) -> dict:
-        """Held-out accuracy now (EMA weights), into metrics.jsonl; a sampled loop at its evaluation count."""
+    def _log_eval(self, bar=None, final: bool = False) -> dict | None:
+        """Held-out accuracy and loss now (EMA weights), with a few sample predictions, into metrics.jsonl and the
+        log lines; a sampled loop at its evaluation count. Its random draws (a random initial state) come from a
+        fork of the RNG: evaluating never changes what training computes. The `final` one, after the last
+        checkpoint, also goes to eval.json and eval-full.json, as `hrmspec eval` writes them. Not run: a
+        sharded model (every rank holds a part; `hrmspec eval` reads the checkpoint), and none is logged
+        when there is no held-out sample."""
         cfg = self.cfg
+        if self.sharded:
+            if final and bar is not None:
+                bar.note(f"not evaluated: a sharded run; evaluate it with hrmspec eval {self.out}")
+            return None
         self.model.recurrence = None  # the next step draws its own
-        res = self.objective.evaluate(cfg.eval_n, self.ema)
+        try:
+            with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+                res = self.objective.evaluate(cfg.eval_n, self.ema)
+        except DataError as e:  # periodic evaluations checked the held-out set before the first step
+            if bar is not None:
+                bar.note(f"not evaluated: the held-out set: {e}")
+            return None
+        if not res["n"]:
+            if bar is not None and final:
+                bar.note(f"not evaluated: no held-out sample ({res.get('limited_by') or 'the held-out set is empty'})")
+            return None
         with writing(self.out / "metrics.jsonl"):
             self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
             self.metrics.flush()
+        if final:  # naming the checkpoint it evaluated, as `hrmspec eval` does
+            write_eval(self.out, {**res, "checkpoint": str(ckpt.latest_checkpoint(self.out))})
+        if bar is not None:
+            for line in eval_lines(self.step, res):
+                bar.note(line)
         return res
 
     def _schedule(self) -> float:
@@ -385,6 +415,12 @@ class Trainer:
             )
         if self.sharded:
             dist.barrier()  # the checkpoint is in place before any rank goes on (or exits)
+
+
+def eval_lines(step: int, res: dict) -> list[str]:
+    """What the log shows of an evaluation: accuracy, held-out loss, the sample predictions."""
+    return [f"held-out at step {step}: {100 * res['accuracy']:.1f}% of {res['n']}; {loss_text(res)}",
+            *sample_lines(res)]
 
 
 def _dist(device: torch.device) -> tuple[int, int]:
