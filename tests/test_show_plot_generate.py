@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_hostile_input import MODEL
 
 from hrmspec.cli import main
 from hrmspec.cost import seq_len_and_source
@@ -80,16 +81,7 @@ def test_a_grid_row_is_its_cells_and_puzzle_positions():
 
 # -- generate: documented defaults that fit the model ---------------------------------------------------------
 
-MODEL = """model:
-  vocab: 320
-  d_model: 32
-  heads: 2
-  ffn: 64
-  max_seq_len: MAX
-  modules: {L: {layers: 1}}
-  states: {z: {init: embed}}
-  schedule: ["z = L(z)"]
-"""
+# the one-layer model of the hostile-input tests, max_seq_len filled in per test
 
 
 @pytest.fixture(scope="module")

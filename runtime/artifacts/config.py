@@ -9,6 +9,7 @@ from typing import Any
 
 from hrmspec.backends import BACKENDS
 from hrmspec.errors import HrmspecError, close_match
+from hrmspec.spec.source import quoted
 
 DEVICE_NAMES = "auto | cpu | cuda | cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
@@ -56,7 +57,7 @@ class TrainConfig:
             if key not in names:
                 hint = close_match(key, names)
                 hint = f" ({hint})" if hint else ""
-                shown = _short(key, 40)[1:-1] if isinstance(key, str) else _short(key)
+                shown = quoted(key, 40)[1:-1] if isinstance(key, str) else quoted(key)
                 raise TrainError(f"train.{shown}: unknown key{hint}; known: {', '.join(names)}")
         for name, (low, high, what) in NUMBERS.items():
             if name in d and not (name == "ema" and d[name] is None):
@@ -67,14 +68,14 @@ class TrainConfig:
         if "betas" in d:
             d["betas"] = _betas(d["betas"])
         if d.get("tokenizer") is not None and not isinstance(d["tokenizer"], str):
-            raise TrainError(f"train.tokenizer: expected the path of a tokenizer.json, found {_short(d['tokenizer'])}")
+            raise TrainError(f"train.tokenizer: expected the path of a tokenizer.json, found {quoted(d['tokenizer'])}")
         cfg = cls(**d)
         if cfg.optimizer not in ("adam_atan2", "adamw"):
-            raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {_short(cfg.optimizer)}")
+            raise TrainError(f"train.optimizer: expected adam_atan2 | adamw, found {quoted(cfg.optimizer)}")
         if cfg.schedule not in ("cosine", "constant"):
-            raise TrainError(f"train.schedule: expected cosine | constant, found {_short(cfg.schedule)}")
+            raise TrainError(f"train.schedule: expected cosine | constant, found {quoted(cfg.schedule)}")
         if cfg.dtype not in ("auto", "fp32", "bf16"):
-            raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {_short(cfg.dtype)}")
+            raise TrainError(f"train.dtype: expected auto | fp32 | bf16, found {quoted(cfg.dtype)}")
         if cfg.puzzle_optimizer is not None:
             cfg.puzzle_optimizer = _puzzle_optimizer(cfg.puzzle_optimizer)
         check_backend_name(cfg.backend, "train.backend")
@@ -96,12 +97,6 @@ NUMBERS = {
 }
 
 
-def _short(v: object, limit: int = 60) -> str:
-    """`repr(v)` cut to `limit` characters: a message never echoes a huge value."""
-    text = repr(v)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _checked_int(name: str, v: object, low: int, high: int) -> int:
     """`v` as an integer in [low, high] (YAML may give 1e3 as a string or a float: whole numbers are taken)."""
     n = _number(v)
@@ -109,7 +104,7 @@ def _checked_int(name: str, v: object, low: int, high: int) -> int:
         n = int(n)
     if not isinstance(n, int) or isinstance(v, bool) or not low <= n <= high:
         top = "" if high == 10**12 else f" and at most {high}"
-        raise TrainError(f"train.{name}: expected an integer of at least {low}{top}, found {_short(v)}")
+        raise TrainError(f"train.{name}: expected an integer of at least {low}{top}, found {quoted(v)}")
     return n
 
 
@@ -121,7 +116,7 @@ def _checked_number(name: str, v: object, low: float, high: float | None, what: 
     if ok and name == "ema":
         ok = n < 1
     if not ok:
-        raise TrainError(f"train.{name}: expected a finite number {what}, found {_short(v)}")
+        raise TrainError(f"train.{name}: expected a finite number {what}, found {quoted(v)}")
     return float(n)
 
 
@@ -130,7 +125,7 @@ def _betas(v: object) -> tuple[float, float]:
     items = list(v) if isinstance(v, (list, tuple)) else None
     nums = [_number(b) for b in items] if items is not None else []
     if items is None or len(items) != 2 or any(b is None or not math.isfinite(b) or not 0 <= b < 1 for b in nums):
-        raise TrainError(f"train.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95], found {_short(v)}")
+        raise TrainError(f"train.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95], found {quoted(v)}")
     return (float(nums[0]), float(nums[1]))
 
 
@@ -140,7 +135,7 @@ def check_backend_name(name: object, key: str) -> str:
     if name not in choices:
         hint = close_match(str(name), choices)
         hint = f" ({hint})" if hint else ""
-        raise TrainError(f"{key}: expected {' | '.join(choices)}, found {_short(name)}{hint}")
+        raise TrainError(f"{key}: expected {' | '.join(choices)}, found {quoted(name)}{hint}")
     return str(name)
 
 
@@ -148,7 +143,7 @@ def check_device_name(name: object, key: str) -> str:
     """`name` when it is a device `key` takes (auto, cpu, cuda, cuda:N), else a TrainError. Whether the
     device exists on this machine is asked when a run starts (placement.py), not here."""
     if not isinstance(name, str) or not _DEVICE.fullmatch(name):
-        raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {_short(name)}")
+        raise TrainError(f"{key}: expected {DEVICE_NAMES}, found {quoted(name)}")
     return name
 
 

@@ -170,15 +170,15 @@ def _check_unicode(key: str, text: str | None) -> None:
                         "JSON text must be whole Unicode characters") from None
 
 
-def _lines(f: BinaryIO) -> Iterator[bytes | None]:
-    """The lines of a binary file, each read with at most MAX_LINE_BYTES + 1 bytes in memory: a longer
-    line comes as None, and its rest is skipped in bounded chunks (never kept) if the caller reads on."""
-    while raw := f.readline(MAX_LINE_BYTES + 1):
-        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+def bounded_lines(f: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """The lines of a binary file, each read with at most `limit` + 1 bytes in memory: a longer line
+    comes as None, and its rest is skipped in bounded chunks (never kept) if the caller reads on."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
             yield raw
             continue
         yield None
-        while chunk := f.readline(MAX_LINE_BYTES):
+        while chunk := f.readline(limit):
             if chunk.endswith(b"\n"):
                 break
 
@@ -198,7 +198,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False,
     samples: list[Sample] = []
     stats = DataStats()
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is that line's error, not the file's
-        for lineno, raw in enumerate(_lines(f), start=1):
+        for lineno, raw in enumerate(bounded_lines(f), start=1):
             if raw is not None and not raw.strip():
                 continue
             stats.read += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from hrmspec.errors import HrmspecError
 from hrmspec.graph.credit_plan import credit_depth
 from hrmspec.graph.layout import loop_layout, unroll
+from hrmspec.runtime.artifacts.data import bounded_lines
 from hrmspec.runtime.artifacts.files import (
     CHECKPOINT,
     INSIDE_CHECKPOINTS,
@@ -28,37 +29,24 @@ def metric_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, streamed line by line (memory bounded by MAX_RECORD_BYTES whatever
     the file holds); a last line cut short (a run killed while writing it) is left out, a broken line
     before it is an error naming the line."""
-    out = []
+    out, broken = [], None  # broken: (line number, why) of a bad line, an error once a line follows it
     with open(path, "rb") as f:
-        number = 0
-        while raw := f.readline(MAX_RECORD_BYTES + 1):
-            number += 1
-            ended = raw.endswith(b"\n")
-            if len(raw) > MAX_RECORD_BYTES and not ended:
-                ended = _skip_rest_of_line(f)
-                if not ended:  # the last line, cut short
-                    break
-                raise HrmspecError(f"{path}:{number}: a line of more than {MAX_RECORD_BYTES:,} bytes, not a "
-                                   "metrics record; the file is damaged")
+        for number, raw in enumerate(bounded_lines(f, MAX_RECORD_BYTES), start=1):
+            if broken is not None:
+                raise HrmspecError(f"{path}:{broken[0]}: {broken[1]}; the file is damaged")
+            if raw is None:
+                broken = (number, f"a line of more than {MAX_RECORD_BYTES:,} bytes, not a metrics record")
+                continue
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw.decode("utf-8", errors="replace"))
             except (ValueError, RecursionError):
-                if not ended or not f.peek(1):  # the last line: a record cut short
-                    break
-                raise HrmspecError(f"{path}:{number}: not a JSON record; the file is damaged") from None
+                broken = (number, "not a JSON record")
+                continue
             if isinstance(rec, dict):
                 out.append(rec)
     return out
-
-
-def _skip_rest_of_line(f, chunk: int = 1 << 20) -> bool:
-    """Read past the rest of the current line in bounded chunks; whether a line end was found."""
-    while piece := f.readline(chunk):
-        if piece.endswith(b"\n"):
-            return True
-    return False
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
