@@ -46,6 +46,60 @@ class SpecError(HrmspecError):
         super().__init__(text)
 
 
+MAX_PROBLEMS = 20  # reported at once; more would bury the first ones
+
+
+class SpecProblems(SpecError):
+    """Several problems of one spec, reported together (each on its own line, with its place)."""
+
+    def __init__(self, problems: list[SpecError]):
+        self.problems = problems
+        shown = problems[:MAX_PROBLEMS]
+        more = f"\n(and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
+        count = f"{len(problems)} problems:\n" if len(problems) > 1 else ""
+        HrmspecError.__init__(self, count + "\n".join(str(p) for p in shown) + more)
+        self.message, self.loc, self.path, self.hint = str(self), None, "", ""
+
+
+class Gather:
+    """The errors of a section's independent parts, reported together: `gather(part, stand_in)` runs `part`;
+    when it fails, its error is kept and `stand_in` returned, so the parts after it are still checked.
+    `done()` raises what was kept: the one error, or all of them in the order of the file."""
+
+    def __init__(self):
+        self.errors: list[SpecError] = []
+
+    def __call__(self, part, stand_in=None):
+        try:
+            return part()
+        except SpecProblems as e:
+            self.errors.extend(e.problems)
+        except SpecError as e:
+            self.errors.append(e)
+        return stand_in
+
+    def done(self) -> None:
+        """Raise what was kept: one problem per place (a second one there follows from the first), in the
+        order of each file (files in the order their first problem was found), unplaced ones last."""
+        kept, places = [], set()
+        for e in self.errors:
+            place = (e.loc.file, e.loc.line, e.loc.col) if e.loc is not None and e.loc.line else None
+            if place is None or place not in places:
+                kept.append(e)
+                places.add(place)
+        files = list(dict.fromkeys(e.loc.file for e in kept if e.loc is not None and e.loc.line))
+
+        def where(e: SpecError):
+            placed = e.loc is not None and e.loc.line
+            return (files.index(e.loc.file), e.loc.line, e.loc.col) if placed else (len(files), 0, 0)
+
+        kept.sort(key=where)
+        if len(kept) == 1:
+            raise kept[0]
+        if kept:
+            raise SpecProblems(kept)
+
+
 class CheckpointError(HrmspecError):
     """A checkpoint that is missing, corrupt or does not match its spec."""
 

@@ -222,3 +222,40 @@ def test_a_grid_run_reports_the_mean_cross_entropy_per_cell(tmp_path):
     assert res["loss_tokens"] == batch["labels"].numel() and "perplexity" not in res
     assert res["loss"] == pytest.approx(float(-picked.log().mean()), rel=1e-6)
     assert res["samples"][0]["expected"].count("\n") == rows.side - 1  # drawn as a grid, row by row
+
+
+def test_sweep_values_and_their_grid():
+    from hrmspec.runtime.training.compare import CompareError, parse_sweep, sweep_grid
+
+    assert parse_sweep("model.schedule[0].repeat=1,2,4") == ("model.schedule[0].repeat", [1, 2, 4])
+    assert parse_sweep("data.tasks=[[gcd], [gcd, lcm]]") == ("data.tasks", [["gcd"], ["gcd", "lcm"]])
+    assert parse_sweep("train.lr=0.001,0.003") == ("train.lr", [0.001, 0.003])
+    grid = sweep_grid([("a", [1, 2]), ("b", ["x", "y", "z"])])
+    assert grid[:3] == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"}] and len(grid) == 6
+    for bad in ("train.lr=1,,2", "train.lr=1,1"):
+        with pytest.raises(CompareError):
+            parse_sweep(bad)
+    with pytest.raises(CompareError, match="swept twice"):
+        sweep_grid([("a", [1]), ("a", [2])])
+
+
+def test_compare_sweeps_a_grid_of_variants_under_one_budget(folder, capsys):
+    out = folder / "sweep"
+    code = main(["compare", str(folder / "micro.yaml"), "--budget", "steps=1", "--out", str(out), "--n", "2",
+                 "--evals", "0", "--no-progress", "--sweep", "model.schedule[0].repeat=1,2",
+                 "--sweep", "model.d_model=32,64"])
+    assert code == 0, capsys.readouterr().err
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert len(runs) == 4 and all(r["status"] == "done" for r in runs)
+    # each variant trained the model its values make: parameters grow with d_model, calls with the repeat
+    names = [r["spec"] for r in runs]
+    assert names[0] == "micro [model.schedule[0].repeat=1, model.d_model=32]"
+    params = {n: r["params"] for n, r in zip(names, runs)}
+    assert params[names[1]] > params[names[0]] and params[names[0]] == params[names[2]]
+    for r in runs:
+        trained = load_spec_text((out / r["folder"] / "spec.yaml").read_text())
+        repeat = trained.model.schedule[0].count
+        assert f"repeat={repeat}," in r["spec"] and f"d_model={trained.model.d_model}]" in r["spec"]
+    assert main(["compare", str(folder / "micro.yaml"), "--budget", "steps=1", "--out", str(folder / "sweep2"),
+                 "--sweep", "model.d_model=32", "--sweep", "model.d_model=64"]) == 2
+    assert "swept twice" in capsys.readouterr().err

@@ -3,6 +3,7 @@ bytes and characters inserted, numbers pushed to extremes, deep nesting and alia
 succeed or give one error line and exit 2 — never a traceback and never hang (an alarm stops a case
 that would)."""
 
+import re
 import signal
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hrmspec.cli import main
+from hrmspec.errors import MAX_PROBLEMS
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 EXTREMES = ["0", "-1", "1e308", "nan", ".inf", "99999999999999999999999", "true", "null", "''", "[]", "{}",
@@ -67,9 +69,16 @@ def test_validate_on_a_mutated_spec_succeeds_or_says_one_line(text, tmp_path, ca
     out, err = capsys.readouterr()
     assert code in (0, 2), (code, err)
     assert "Traceback" not in err
-    if code == 2:
+    if code == 2:  # one located problem (and its hint), or "N problems:" and each one located
         lines = err.strip().splitlines()
-        assert lines[0].startswith("hrmspec: error: ") and len(lines) <= 2, err
+        assert lines[0].startswith("hrmspec: error: "), err
+        many = re.fullmatch(r"hrmspec: error: (\d+) problems:", lines[0])
+        if many is None:
+            assert len(lines) <= 2, err
+        else:
+            located = [line for line in lines[1:] if not line.startswith("  hint: ") and not line.startswith("(and ")]
+            assert 2 <= len(located) <= MAX_PROBLEMS and len(located) == min(int(many.group(1)), MAX_PROBLEMS), err
+            assert all(re.match(r"\S+:\d+:\d+: |--set ", line) for line in located), err
         assert not any(c in err for c in "\x00\x1b\x07")
     else:
         assert out.strip().endswith(")") and ": ok (" in out

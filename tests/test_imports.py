@@ -28,7 +28,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 # imports worth deferring: optional dependencies, and required ones that are slow to import
 DEFERRABLE = {"torch", "triton", "pyopencl", "cupy", "cuda", "nvidia", "transformers", "matplotlib",
-              "reasoning_gym", "tensorboard", "numpy", "safetensors", "tokenizers"}
+              "reasoning_gym", "tensorboard", "wandb", "numpy", "safetensors", "tokenizers"}
 
 
 def package_dirs() -> dict[str, Path]:

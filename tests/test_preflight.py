@@ -55,3 +55,13 @@ def test_a_refused_train_leaves_no_folder(tmp_path, capsys):
     code, err = run(capsys, "train", str(path), "--out", str(out), "--no-progress")
     assert code == 2 and "train.step: unknown key" in err and "data.tasks" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config", [".inf", "[1, 2]", "seven"])
+def test_a_task_config_that_is_not_a_mapping_is_one_located_line(tmp_path, capsys, config):
+    path = tmp_path / "s.yaml"
+    path.write_text("extends: transformer\ndata:\n  source: reasoning_gym\n  tasks:\n    spell_backward:\n"
+                    f"      config: {config}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml:6:7: data.tasks.spell_backward.config: expected a mapping" in err and "Traceback" not in err

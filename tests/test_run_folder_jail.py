@@ -204,7 +204,7 @@ def test_a_linked_checkpoints_folder_is_refused(spec_file, tmp_path, capsys):
 
 
 def test_a_linked_tensorboard_folder_is_refused(monkeypatch, tmp_path):
-    from hrmspec.runtime.training import loop
+    from hrmspec.runtime.training.loggers import TensorBoardLogger
 
     made = []
     module = types.ModuleType("torch.utils.tensorboard")
@@ -212,9 +212,9 @@ def test_a_linked_tensorboard_folder_is_refused(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
     plant(tmp_path / "tensorboard", tmp_path / "outside")
     with pytest.raises(OutputError, match="tensorboard is a symbolic link"):
-        loop._tensorboard(tmp_path, 0)
+        TensorBoardLogger(tmp_path, 0)
     (tmp_path / "tensorboard").unlink()
-    loop._tensorboard(tmp_path, 0)
+    TensorBoardLogger(tmp_path, 0)
     assert made == [str(tmp_path / "tensorboard")]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from hrmspec.errors import SpecError
+from hrmspec.errors import Location, SpecError, SpecProblems
 from hrmspec.kinds import MLPS
 from hrmspec.spec import load_spec, load_spec_text, parse_override
 
@@ -285,6 +285,8 @@ def test_malformed_spec(text, path, message, line, col, hint):
     with pytest.raises(SpecError) as info:
         load_spec_text(text, FILE)
     e = info.value
+    if isinstance(e, SpecProblems):  # the row's mistake is the first problem of the file
+        e = e.problems[0]
     shown = str(e)
     assert message in e.message, shown
     assert e.path == path, shown
@@ -377,9 +379,11 @@ def test_extends_not_a_string(tmp_path):
 def test_error_in_child_points_at_child_and_in_base_at_base(tmp_path):
     _write(tmp_path, "base.yaml", edit("mask: prefix_lm", "mask: prefixlm"))
     child = _write(tmp_path, "child.yaml", "extends: base.yaml\nmodel:\n  vocab: sixty\n")
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(SpecProblems) as info:  # both reported: the child's first, then the base's
         load_spec(child)
-    assert (info.value.loc.file, info.value.loc.line) == (str(child), 3)
+    first, second = info.value.problems
+    assert (first.loc.file, first.loc.line) == (str(child), 3)
+    assert second.loc.file.endswith("base.yaml") and second.loc.line == 9
     child.write_text("extends: base.yaml\nmodel:\n  vocab: 100\n")
     with pytest.raises(SpecError) as info:
         load_spec(child)
@@ -458,3 +462,44 @@ def test_not_utf8(tmp_path):
     p.write_bytes(b"name: \xff\n")
     with pytest.raises(SpecError, match="expected UTF-8 text"):
         load_spec(p)
+
+
+def test_every_problem_of_the_model_section_is_reported_at_once():
+    """Four independent mistakes, four problems, each at its place in file order; a mistake's consequences (a
+    module standing in for one with a problem) add none."""
+    text = (edit("  vocab: 64\n", "  vocab: sixty-four\n")
+            .replace("L: {layers: 1}", "L: {layres: 1}", 1)
+            .replace("init: buffer", "init: bufer", 1)
+            .replace("output: z_H", "output: z_h", 1))
+    with pytest.raises(SpecProblems) as info:
+        load_spec_text(text, FILE)
+    got = [(p.path, p.loc.line) for p in info.value.problems]
+    want = ["model.vocab", "model.modules.L.layres", "model.states.z_L.init", "model.output"]
+    assert [p for p, _ in got] == want, got
+    assert [line for _, line in got] == sorted(line for _, line in got)
+    assert str(info.value).startswith("4 problems:\n") and "did you mean 'z_H'?" in str(info.value)
+
+
+def test_a_problem_and_its_echo_at_the_same_place_are_reported_once():
+    from hrmspec.errors import Gather
+
+    gather = Gather()
+    for message in ("first", "its echo"):
+        gather(lambda m=message: (_ for _ in ()).throw(SpecError(m, Location(FILE, 3, 5), "model.x")))
+    with pytest.raises(SpecError) as info:
+        gather.done()
+    assert not isinstance(info.value, SpecProblems) and info.value.message == "first"
+
+
+@pytest.mark.parametrize("section, message", [("modules", "expected at least one module"),
+                                              ("states", "expected at least one state")])
+def test_an_empty_modules_or_states_key_is_one_located_problem(section, message):
+    """`modules:` with nothing under it (null) is no module at all: said at the key, with no traceback."""
+    lines = BASE.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {section}:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("    "))
+    text = "".join(lines[:start + 1] + lines[end:])
+    with pytest.raises(SpecError) as info:
+        load_spec_text(text, FILE)
+    problems = info.value.problems if isinstance(info.value, SpecProblems) else [info.value]
+    assert any(message in p.message and p.path == f"model.{section}" for p in problems), str(info.value)

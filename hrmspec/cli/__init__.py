@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hrmspec.cli import interop, runs, spec
+from hrmspec.cli import data, interop, runs, spec
 from hrmspec.errors import HrmspecError
 
 EXIT_USER_ERROR = 2
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for group in (spec, runs, interop):  # spec commands, runs (train, eval, generate, ...), conversions
+    for group in (spec, runs, interop, data):  # spec commands, runs (train, eval, generate, ...), conversions, data
         for name, register in group.COMMANDS:
             register(sub, name)
     return parser

@@ -14,11 +14,11 @@ from rich.table import Table
 
 from hrmspec import progress
 from hrmspec.backends import BACKENDS
-from hrmspec.errors import CheckpointError
+from hrmspec.errors import CheckpointError, HrmspecError
 from hrmspec.runtime.artifacts import preflight
 from hrmspec.runtime.artifacts.config import DEVICE_NAMES, TrainError, check_device_name
 from hrmspec.runtime.artifacts.data import DataError, Sample, format_sample
-from hrmspec.runtime.artifacts.plot import plot_run
+from hrmspec.runtime.artifacts.plot import plot_readouts, plot_run
 from hrmspec.runtime.training.compare_report import print_table, write_report
 from hrmspec.spec.arguments import positive_int, spec_arguments, spec_from_arguments
 from hrmspec.spec.source import parse_override
@@ -42,9 +42,25 @@ def cmd_eval(args) -> int:
     from hrmspec.runtime.evaluate.adaptive_eval import loss_text
     from hrmspec.runtime.evaluate.heldout import evaluate_run, sample_lines
 
+    if args.per_cycle:
+        return _per_cycle(args)
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
                        backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args),
-                       allow_nonfinite=args.allow_nonfinite)
+                       allow_nonfinite=args.allow_nonfinite, data_dir=args.data)
+    if "exact_accuracy" in res:  # a dataset folder in the official layout, scored as the official code does
+        from hrmspec.runtime.evaluate.puzzles import summary_lines
+
+        print("\n".join(summary_lines(res)))
+        if res.get("limited_by"):
+            print(f"ran {res['n']:,} of --n {res['requested']:,}: {res['limited_by']}")
+        if res.get("samples"):
+            print("sample predictions:", *sample_lines(res), sep="\n")
+        print(f"checkpoint {res['checkpoint']}")
+        wrote = [f"{args.dir}/eval-{res['label']}.json", f"{args.dir}/eval.json"]
+        if any(k.startswith("ARC/") for k in res):
+            wrote.append(f"{args.dir}/submission.json")
+        print(f"wrote {', '.join(wrote)}")
+        return 0
     t = Table(title="Held-out accuracy")
     t.add_column("task")
     t.add_column("accuracy", justify="right")
@@ -57,7 +73,7 @@ def cmd_eval(args) -> int:
     if res.get("limited_by"):  # how many samples ran, and why fewer than --n
         print(f"ran {res['n']} of --n {res['requested']}: {res['limited_by']}")
     else:
-        print(f"ran {res['n']} held-out samples (--n {args.n})")
+        print(f"ran {res['n']} held-out samples (--n {res.get('requested', args.n or 200)})")
     if res.get("loss") is not None:  # under --exit: full depth's, printed below
         grid = "max_segments" in res
         what = f"cross-entropy per cell, {res['loss_tokens']} cells" if grid else \
@@ -74,6 +90,22 @@ def cmd_eval(args) -> int:
 
         print("\n".join(report_lines(res)))
     print(f"wrote {args.dir}/eval-{res['label']}.json and {args.dir}/eval.json")
+    return 0
+
+
+def _per_cycle(args) -> int:
+    from hrmspec.runtime.evaluate.readout import Readout, readout_run
+
+    if (args.tasks or args.all_segments or args.all_steps or args.threshold is not None or args.exit or args.compile
+            or args.data):
+        raise HrmspecError("--per-cycle reads out one forward at the spec's full depth on the spec's held-out rows: "
+                           "it takes --n, --backend, --device and --allow-nonfinite only")
+    res = readout_run(args.dir, n=args.n or 64, backend=args.backend or "auto", device=args.device or "auto",
+                      allow_nonfinite=args.allow_nonfinite)
+    shown = Readout(res["points"], res["calls"], res["rows"], res["tokens"])
+    print("\n".join(shown.lines()))
+    print(f"checkpoint {res['checkpoint']}")
+    print(f"wrote {args.dir}/readout.json")
     return 0
 
 
@@ -171,6 +203,9 @@ def _solve_grid(model, spec, args) -> int:
 def cmd_plot(args) -> int:
     path = plot_run(args.dir, args.out)
     print(f"wrote {path}")
+    readouts = plot_readouts(args.dir, path.with_name(f"{path.stem}-readout{path.suffix}") if args.out else None)
+    if readouts is not None:
+        print(f"wrote {readouts}")
     return 0
 
 
@@ -234,13 +269,23 @@ def _register_eval(sub, name):
     p = sub.add_parser(name, help="decode held-out samples and score them with the tasks' answer checkers")
     p.add_argument("dir", help="a run directory")
     p.add_argument("--tasks", nargs="+", help="evaluate these tasks instead of the spec's")
-    p.add_argument("--n", type=positive_int, default=200, help="held-out samples (default 200)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="held-out samples (default 200; a dataset folder: every test example)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="a grid run: evaluate on this dataset folder in the official HRM/TRM layout (hrmspec "
+                   "build-data) instead of the spec's data, every segment run, with the official metrics (exact and "
+                   "token accuracy; ARC: votes over augmentations, pass@K and submission.json)")
     p.add_argument("--all-segments", action="store_true",
                    help="with deep supervision: run every segment instead of stopping each row where its head says")
     _halting_arguments(p)
     _placement_arguments(p)
     _depth_arguments(p)
     _nonfinite_argument(p)
+    p.add_argument("--per-cycle", action="store_true",
+                   help="instead of decoding: read the output out through the head after each step of the loop "
+                   "(each H cycle) on the first --n held-out rows (default 64), teacher-forced: loss and accuracy "
+                   "against depth, "
+                   "and each state's norm and change per module call; writes readout.json")
     p.add_argument("--compile", action="store_true",
                    help="decode with the decode step compiled by torch.compile (specs with a fixed unrolling): "
                    "tens of seconds to compile, then faster per token (1.5x eager at batches of 64 on 2 CPU "
@@ -325,12 +370,21 @@ def _temperature(text: str) -> float:
 
 
 def cmd_compare(args) -> int:
-    from hrmspec.runtime.training.compare import Budget, CompareError, load_specs, plan_runs, read_data, run_compare
+    from hrmspec.runtime.training.compare import (
+        Budget,
+        CompareError,
+        load_specs,
+        parse_sweep,
+        plan_runs,
+        read_data,
+        run_compare,
+    )
 
     budget = Budget.parse(args.budget)
     if args.n < 1 or args.evals < 0:
         raise CompareError(f"--n must be >= 1 and --evals >= 0, found {args.n} and {args.evals}")
-    specs = load_specs(args.spec, dict(parse_override(o) for o in args.overrides))
+    specs = load_specs(args.spec, dict(parse_override(o) for o in args.overrides),
+                       [parse_sweep(s) for s in args.sweeps])
     plans = plan_runs(specs, budget, read_data(args.data), evals=args.evals, eval_n=args.n, seeds=args.seeds)
     runs = run_compare(plans, budget, args.out, eval_n=args.n, progress_bar=not args.no_progress)
     print_table(runs, str(budget))
@@ -355,6 +409,10 @@ def _register_compare(sub, name):
     p.add_argument("--out", required=True, help="folder: one run folder per spec, compare.json, .md and .png")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of every spec (e.g. --set train.batch_size=8)")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="train a variant of each spec per value (e.g. --sweep model.schedule[0].repeat=1,2,4); "
+                   "several --sweep give their grid (every combination); values are YAML as in --set, "
+                   "KEY=[...] for values with commas")
     p.add_argument("--n", type=int, default=200, help="held-out samples each spec is scored on (default 200)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train each spec N times, train.seed = its own, +1, ... (default 1); the report gives every "

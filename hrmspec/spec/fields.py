@@ -183,6 +183,7 @@ class Fields:
                     key=True,
                 )
         self._misplaced(key)
+        self._nested(key)
         hint = f"e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
         unknown = [str(k) for k in self.data if k not in self.read and k not in known]
         if unknown:
@@ -206,6 +207,18 @@ class Fields:
                     f"beside `{beside[0]}:`" if beside else "")
             raise SpecError(f"`{key}:` was found {found} (line {here.line}); it belongs under {owner}", here,
                             dotted(self.path), hint)
+
+    def _nested(self, key: str) -> None:
+        """A required key written one level in, under a sibling (`states:` indented under `modules:`), is an
+        error at the key as written."""
+        for sibling in self.data:
+            here = self.src.keys.get((*self.path, sibling, key))
+            if here is None or key in _KEYS.get(dotted(self.path + (sibling,)), ()):
+                continue
+            column = self.src.keys[(*self.path, sibling)].col
+            raise SpecError(f"`{key}:` is indented under `{sibling}:`; it belongs beside it under "
+                            f"`{dotted(self.path) or 'the top level'}:`", here, dotted((*self.path, sibling, key)),
+                            f"indent `{key}:` to the column of `{sibling}:` ({column})")
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
         v = self.raw(key, default)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hrmspec.errors import SpecError
+from hrmspec.errors import Gather, SpecError
 from hrmspec.spec.block import layer_fields, mlp_width, standalone_norm, width_fields
 from hrmspec.spec.credit import read_credit
 from hrmspec.spec.fields import Fields, describe, near
@@ -33,123 +33,83 @@ from hrmspec.spec.schema import (
 )
 from hrmspec.spec.source import PathT, Source, dotted
 
+REQUIRED_MISSING = object()  # never a value of the document: raw() either returns one or raises
 _STATE_INITS = ("embed", "buffer", "zeros", "learned", "random")
 _WEIGHT_INITS = ("lecun_normal", "normal")
 
 
 def read_model(src: Source, top: Fields) -> ModelSpec:
-    """The `model` mapping of the document; `top` reads the top level and records 'model' as read."""
+    """The `model` mapping of the document; `top` reads the top level and records 'model' as read. Every
+    problem found is reported (`Gather`): a part that fails stands in with a default so the parts after it,
+    and the checks across them, still run where they do not depend on it."""
     path: PathT = ("model",)
     top.raw("model")
     f = Fields(src, path, "a mapping (vocab, d_model, heads, ...)", "model")
-    vocab = f.integer("vocab", maximum=1 << 24)
-    d_model = f.integer("d_model", maximum=1 << 16)
-    heads = f.integer("heads", maximum=1 << 12)
-    head_dim = f.integer("head_dim", 0, maximum=1 << 12)
+    gather = Gather()
+    vocab = gather(lambda: f.integer("vocab", maximum=1 << 24), 256)
+    d_model = gather(lambda: f.integer("d_model", maximum=1 << 16))
+    heads = gather(lambda: f.integer("heads", maximum=1 << 12))
+    head_dim = gather(lambda: f.integer("head_dim", 0, maximum=1 << 12), 0)
     if not head_dim:
-        if d_model % heads:
-            f.fail(
-                path + ("heads",),
-                f"expected heads to divide d_model ({d_model}), found {heads}",
-                _divisor_hint(d_model, heads),
-            )
-        head_dim = d_model // heads
-    max_seq_len = f.integer("max_seq_len", 2048, maximum=1 << 24)
+        if d_model and heads and d_model % heads:
+            gather(lambda: f.fail(path + ("heads",), f"expected heads to divide d_model ({d_model}), found {heads}",
+                                  _divisor_hint(d_model, heads)))
+        head_dim = max((d_model or 64) // (heads or 1), 1)
+    d_model, heads = d_model or 64, heads or 1  # stand-ins: the problem is reported
+    max_seq_len = gather(lambda: f.integer("max_seq_len", 2048, maximum=1 << 24), 2048)
 
     # the shared layer (model.block) and the MLP width (model.ffn or model.expansion)
-    bf = Fields(src, path + ("block",), "a mapping {norm, attention, mlp}", "model.block")
-    f.read.add("block")
-    norm, attention, mlp = layer_fields(bf, BlockSpec(NormSpec(), AttentionSpec(), "swiglu", 0))
-    bf.finish()
-    ffn, expansion = width_fields(f)
-    block = BlockSpec(norm, attention, mlp, mlp_width(mlp, d_model, ffn, expansion) or 0)  # 0: set per module
-    final_norm = standalone_norm(f, "final_norm", norm, False, flag=True)
+    def shared_layer():
+        bf = Fields(src, path + ("block",), "a mapping {norm, attention, mlp}", "model.block")
+        parts = layer_fields(bf, BlockSpec(NormSpec(), AttentionSpec(), "swiglu", 0))
+        bf.finish()
+        return parts
 
-    modules = _modules(src, path + ("modules",), f, block, d_model, ffn, expansion)
+    f.read.add("block")
+    norm, attention, mlp = gather(shared_layer, (NormSpec(), AttentionSpec(), "swiglu"))
+    ffn, expansion = gather(lambda: width_fields(f), (None, 4.0))  # a stand-in width: no module lacks one
+    block = BlockSpec(norm, attention, mlp, mlp_width(mlp, d_model, ffn, expansion) or 0)  # 0: set per module
+    final_norm = gather(lambda: standalone_norm(f, "final_norm", norm, False, flag=True))
+
+    modules = _modules(src, path + ("modules",), f, block, d_model, ffn, expansion, gather)
     module_names = [m.name for m in modules]
     uses_rope = [m for m in modules if m.block.attention.rope_theta is not None]
     if uses_rope and head_dim % 2:
         if f.has("head_dim"):
-            f.fail(path + ("head_dim",), f"expected an even head_dim (rotary embeddings), found {head_dim}")
-        f.fail(
-            path + ("heads",),
-            f"expected an even head_dim for rotary embeddings, found d_model / heads = {head_dim}",
-            "choose heads so that d_model / heads is even, or set rope_theta: none",
-        )
+            gather(lambda: f.fail(path + ("head_dim",), f"expected an even head_dim (rotary embeddings), found "
+                                  f"{head_dim}"))
+        else:
+            gather(lambda: f.fail(path + ("heads",), f"expected an even head_dim for rotary embeddings, found "
+                                  f"d_model / heads = {head_dim}",
+                                  "choose heads so that d_model / heads is even, or set rope_theta: none"))
 
-    states = _states(src, path + ("states",), f, module_names)
-    state_names = [s.name for s in states]
+    before = len(gather.errors)
+    states = _states(src, path + ("states",), f, module_names, gather)
+    states_read = len(gather.errors) == before  # no stand-in among them: their inits can be checked
 
-    schedule = read_schedule(src, path + ("schedule",), f.raw("schedule"))
-    calls = unrolled_calls(schedule)
-    if calls > MAX_CALLS:
-        f.fail(path + ("schedule",), f"the schedule unrolls to {calls:,} module calls; at most {MAX_CALLS:,} are "
-               "supported", "lower the repeat counts")
-    statements = flatten(schedule)
-    for st in statements:
-        check_names(st, module_names, state_names)
-    _check_sampled(src, path + ("schedule",), schedule)
-    modules = _injections(src, modules, statements)
-    called = [st.module for st in statements]
-    for m in module_names:
-        if m not in called:
-            f.fail(
-                path + ("modules", m),
-                f"module '{m}' is declared but never called in the schedule",
-                f'call it, e.g. "{state_names[0]} = {m}({state_names[0]})", or remove it',
-                key=True,
-            )
-    if not any(s.init == "embed" for s in states) and not any(INPUT in st.inputs for st in statements):
-        f.fail(
-            path + ("states",),
-            f"the input never reaches the model: no state has 'init: embed' and no statement reads '{INPUT}'",
-            f"e.g. {state_names[0]}: {{init: embed}}, or add '{INPUT}' to a sum",
-            key=True,
-        )
-
-    output = f.raw("output", state_names[0])
-    if output not in state_names:
-        hint = near(output, state_names) or (
-            f"'{INPUT}' is the input embedding, not a state"
-            if output == INPUT
-            else f"states: {', '.join(state_names)}"
-        )
-        f.fail(path + ("output",), f"expected a state, found {describe(output)}", hint)
-    assigned = [st.target for st in statements]
-    if output not in assigned:
-        where = path + ("output",) if f.has("output") else path
-        f.fail(
-            where,
-            f"expected the output to be a state the schedule assigns ({', '.join(dict.fromkeys(assigned))}), "
-            f"found '{output}'",
-            key=not f.has("output"),
-        )
-    head = f.choice("head", ("tied", "untied"), "untied")
-
-    init = _init(src, path, f)
-    scale = f.raw("embed_scale", "auto")
-    if scale == "auto":
-        # the embedding table is initialised with std s and scaled by 1/s, so z_H starts at unit scale
-        scale = 1.0 / (lecun_std(d_model) if init.type == "lecun_normal" else init.std)
-    elif isinstance(scale, str) and not _is_number(scale):
-        hint = near(scale, ["auto"]) or "auto: 1 / (the embedding's init std)"
-        f.fail(path + ("embed_scale",), f"expected a positive number or auto, found {describe(scale)}", hint)
-    else:
-        scale = f.number("embed_scale", positive=True)
-
-    credit = read_credit(src, path + ("credit",), called)
-    f.read.add("credit")
-    puzzle = _puzzle(src, path, f, d_model)
-    positions = f.choice("positions", ("none", "learned"), "none")
-    modules = _token_mlp_widths(src, path, modules, max_seq_len + (puzzle.positions if puzzle else 0), expansion)
-    if f.raw("halting", None) is not None and sampled_loop(schedule) is not None:
-        f.fail(path + ("halting",), "model.halting runs the loop step by step at a fixed count; it cannot be "
-               "combined with a sampled repeat count", "give the loop a fixed count, or drop halting", key=True)
-    halting = read_halting(src, path + ("halting",), f, schedule, output, credit)
+    schedule = gather(lambda: read_schedule(src, path + ("schedule",), f.raw("schedule")))
+    wired = None
+    if schedule is not None and modules and states:
+        wired = _wiring(src, path, f, gather, schedule, modules, states, states_read)
+    f.read.update(("output", "credit", "halting"))  # read by the wiring, or not checkable without a schedule
+    head = gather(lambda: f.choice("head", ("tied", "untied"), "untied"), "untied")
+    init = gather(lambda: _init(src, path, f), InitSpec())
+    scale = gather(lambda: _embed_scale(path, f, d_model, init), 1.0)
+    puzzle = gather(lambda: _puzzle(src, path, f, d_model))
+    positions = gather(lambda: f.choice("positions", ("none", "learned"), "none"), "none")
+    if wired is not None:
+        modules = wired[-1]  # with their injections
+    modules = gather(lambda: _token_mlp_widths(src, path, modules, max_seq_len + (puzzle.positions if puzzle else 0),
+                                               expansion), modules)
     if f.has("act"):
-        f.fail(path + ("act",), "unknown key 'act'", "adaptive computation time is written halting: {type: act, "
-               "threshold: 0.99, weight: 0.01}", key=True)
-    f.finish()
+        gather(lambda: f.fail(path + ("act",), "unknown key 'act'", "adaptive computation time is written halting: "
+                              "{type: act, threshold: 0.99, weight: 0.01}", key=True))
+        f.read.add("act")
+    gather(f.finish)
+    gather.done()
+    if wired is None:  # every way to get here records a problem; should one not, say where it stopped
+        f.fail(path + ("schedule",), "the schedule could not be checked against the modules and states", key=True)
+    schedule, output, credit, halting, _ = wired
     return ModelSpec(
         vocab=vocab,
         d_model=d_model,
@@ -170,6 +130,82 @@ def read_model(src: Source, top: Fields) -> ModelSpec:
         positions=positions,
         halting=halting,
     )
+
+
+def _wiring(src: Source, path: PathT, f: Fields, gather: Gather, schedule: tuple, modules: list[ModuleSpec],
+            states: list[StateSpec], states_read: bool = True):
+    """What the schedule ties together, checked: the calls' names, the loop's form, every module called, the
+    input reaching the model, the output, the credit plan and halting. (schedule, output, credit, halting,
+    modules with their injections); None when a problem stops the checks that depend on it. `states_read`:
+    False when a state stands in for one with a problem (its init is not checked against the input)."""
+    module_names, state_names = [m.name for m in modules], [s.name for s in states]
+    calls = unrolled_calls(schedule)
+    if calls > MAX_CALLS:
+        gather(lambda: f.fail(path + ("schedule",), f"the schedule unrolls to {calls:,} module calls; at most "
+                              f"{MAX_CALLS:,} are supported", "lower the repeat counts"))
+        return None
+    statements = flatten(schedule)
+    named = [gather(lambda st=st: check_names(st, module_names, state_names) or True, False) for st in statements]
+    gather(lambda: _check_sampled(src, path + ("schedule",), schedule))
+    if not all(named):
+        return None
+    modules = gather(lambda: _injections(src, modules, statements), modules)
+    called = [st.module for st in statements]
+    for m in module_names:
+        if m not in called:
+            gather(lambda m=m: f.fail(path + ("modules", m), f"module '{m}' is declared but never called in the "
+                                      "schedule", f'call it, e.g. "{state_names[0]} = {m}({state_names[0]})", '
+                                      "or remove it", key=True))
+    if states_read and not any(s.init == "embed" for s in states) and not any(INPUT in st.inputs for st in statements):
+        gather(lambda: f.fail(path + ("states",), f"the input never reaches the model: no state has 'init: embed' "
+                              f"and no statement reads '{INPUT}'",
+                              f"e.g. {state_names[0]}: {{init: embed}}, or add '{INPUT}' to a sum", key=True))
+    output = gather(lambda: _output(path, f, state_names, statements))
+    credit = gather(lambda: read_credit(src, path + ("credit",), called))
+    f.read.add("credit")
+    if f.raw("halting", None) is not None and sampled_loop(schedule) is not None:
+        gather(lambda: f.fail(path + ("halting",), "model.halting runs the loop step by step at a fixed count; it "
+                              "cannot be combined with a sampled repeat count",
+                              "give the loop a fixed count, or drop halting", key=True))
+        return None
+    if output is None or credit is None:
+        return None
+    halting = gather(lambda: read_halting(src, path + ("halting",), f, schedule, output, credit))
+    return schedule, output, credit, halting, modules
+
+
+def _output(path: PathT, f: Fields, state_names: list[str], statements: list) -> str:
+    """model.output: a state the schedule assigns (default the first state)."""
+    output = f.raw("output", state_names[0])
+    if output not in state_names:
+        hint = near(output, state_names) or (
+            f"'{INPUT}' is the input embedding, not a state"
+            if output == INPUT
+            else f"states: {', '.join(state_names)}"
+        )
+        f.fail(path + ("output",), f"expected a state, found {describe(output)}", hint)
+    assigned = [st.target for st in statements]
+    if output not in assigned:
+        where = path + ("output",) if f.has("output") else path
+        f.fail(
+            where,
+            f"expected the output to be a state the schedule assigns ({', '.join(dict.fromkeys(assigned))}), "
+            f"found '{output}'",
+            key=not f.has("output"),
+        )
+    return output
+
+
+def _embed_scale(path: PathT, f: Fields, d_model: int, init: InitSpec) -> float:
+    """model.embed_scale: a positive number, or auto: the embedding table is initialised with std s and
+    scaled by 1/s, so the input starts at unit scale."""
+    scale = f.raw("embed_scale", "auto")
+    if scale == "auto":
+        return 1.0 / (lecun_std(d_model) if init.type == "lecun_normal" else init.std)
+    if isinstance(scale, str) and not _is_number(scale):
+        hint = near(scale, ["auto"]) or "auto: 1 / (the embedding's init std)"
+        f.fail(path + ("embed_scale",), f"expected a positive number or auto, found {describe(scale)}", hint)
+    return f.number("embed_scale", positive=True)
 
 
 def _puzzle(src: Source, path: PathT, f: Fields, d_model: int) -> PuzzleSpec | None:
@@ -279,16 +315,21 @@ def _modules(
     d_model: int,
     ffn: int | None,
     expansion: float | None,
+    gather: Gather,
 ) -> list[ModuleSpec]:
-    """model.modules: each module's block is `block` with the module's own fields applied."""
-    f.raw("modules")
-    mf = Fields(
-        src, path, "a mapping of module name -> {layers, ...}", hint="e.g. modules: {L: {layers: 2}}"
-    )
+    """model.modules: each module's block is `block` with the module's own fields applied. A module with a
+    problem (reported) stands in as one default layer, so the schedule's calls of it are still checked."""
+    if not gather(lambda: f.raw("modules") is not REQUIRED_MISSING, False):  # missing: reported
+        return []
+    mf = gather(lambda: Fields(src, path, "a mapping of module name -> {layers, ...}",
+                               hint="e.g. modules: {L: {layers: 2}}"))
+    if mf is None:
+        return []
     if not mf.data:
-        mf.fail(path, "expected at least one module", "e.g. modules: {L: {layers: 2}, H: {layers: 2}}")
-    modules = []
-    for name in list(mf.data):
+        gather(lambda: mf.fail(path, "expected at least one module", "e.g. modules: {L: {layers: 2}, H: {layers: 2}}"))
+        return []
+
+    def module(name) -> ModuleSpec:
         mpath = path + (name,)
         if not isinstance(name, str) or not name.isidentifier() or name == INPUT:
             mf.fail(
@@ -319,23 +360,31 @@ def _modules(
         if width is None:
             g.fail(mpath, "expected an MLP width: model.ffn, model.expansion or this module's ffn", key=True)
         g.finish()
-        modules.append(
-            ModuleSpec(
-                name=name, layers=layers, exit_norm=exit_norm, block=BlockSpec(norm, attention, mlp, width)
-            )
-        )
+        return ModuleSpec(name=name, layers=layers, exit_norm=exit_norm, block=BlockSpec(norm, attention, mlp, width))
+
+    modules = []
+    for name in list(mf.data):
+        stand_in = ModuleSpec(name=str(name), layers=1, exit_norm=NormSpec(),
+                              block=replace(block, ffn=block.ffn or 4 * d_model))
+        modules.append(gather(lambda name=name: module(name), stand_in))
         mf.read.add(name)
     return modules
 
 
-def _states(src: Source, path: PathT, f: Fields, module_names: list[str]) -> list[StateSpec]:
-    """model.states: each state's name and how it starts."""
-    f.raw("states")
-    sf = Fields(src, path, "a mapping of state name -> {init}", hint="e.g. states: {z_H: {init: embed}}")
+def _states(src: Source, path: PathT, f: Fields, module_names: list[str], gather: Gather) -> list[StateSpec]:
+    """model.states: each state's name and how it starts; a state with a problem (reported) stands in as a
+    buffer."""
+    if not gather(lambda: f.raw("states") is not REQUIRED_MISSING, False):  # missing: reported
+        return []
+    sf = gather(lambda: Fields(src, path, "a mapping of state name -> {init}",
+                               hint="e.g. states: {z_H: {init: embed}}"))
+    if sf is None:
+        return []
     if not sf.data:
-        sf.fail(path, "expected at least one state", "e.g. states: {z_H: {init: embed}}")
-    states = []
-    for name in list(sf.data):
+        gather(lambda: sf.fail(path, "expected at least one state", "e.g. states: {z_H: {init: embed}}"))
+        return []
+
+    def state(name) -> StateSpec:
         spath = path + (name,)
         if name == INPUT:
             sf.fail(spath, f"'{INPUT}' is the input embedding and cannot be declared as a state", key=True)
@@ -354,8 +403,12 @@ def _states(src: Source, path: PathT, f: Fields, module_names: list[str]) -> lis
         )
         init = g.choice("init", _STATE_INITS)
         std = g.number("std", 1.0, lo=0.0) if init == "random" else 1.0  # random: a draw per forward
-        states.append(StateSpec(name=name, init=init, std=std))
         g.finish()
+        return StateSpec(name=name, init=init, std=std)
+
+    states = []
+    for name in list(sf.data):
+        states.append(gather(lambda name=name: state(name), StateSpec(name=str(name), init="buffer", std=1.0)))
         sf.read.add(name)
     return states
 

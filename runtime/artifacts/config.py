@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +41,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_n: int = 64  # held-out samples per periodic evaluation
+    readout_rows: int = 8  # rows of the per-cycle readout logged every log_every steps (evaluate/readout.py); 0: off
     save_every: int = 250
     keep: int = 2  # checkpoints kept
     max_nan_steps: int = 5  # non-finite losses in a row before giving up
@@ -49,6 +51,10 @@ class TrainConfig:
     # the puzzle table (model.puzzle) by HRM's sparse sign-SGD: {type: sign_sgd, lr, weight_decay}, the lr on
     # the main schedule; null: it trains with the main optimizer (runtime/training/optim.py: SparseSignSGD)
     puzzle_optimizer: dict | None = None
+    # where metrics go (runtime/training/loggers.py): jsonl | tensorboard | wandb, a name or a list of them;
+    # null: jsonl, and tensorboard when it is installed
+    log: list | None = None
+    wandb_project: str | None = None  # the W&B project (log: [wandb]); null: $WANDB_PROJECT, else "hrmspec"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -67,6 +73,10 @@ class TrainConfig:
                 d[name] = _checked_int(name, d[name], low, high)
         if "betas" in d:
             d["betas"] = _betas(d["betas"])
+        if d.get("log") is not None:
+            d["log"] = _loggers(d["log"])
+        if d.get("wandb_project") is not None:
+            d["wandb_project"] = _wandb_project(d["wandb_project"])
         if d.get("tokenizer") is not None and not isinstance(d["tokenizer"], str):
             raise TrainError(f"train.tokenizer: expected the path of a tokenizer.json, found {quoted(d['tokenizer'])}")
         cfg = cls(**d)
@@ -82,12 +92,21 @@ class TrainConfig:
         check_device_name(cfg.device, "train.device")
         return cfg
 
+    def check_loggers(self) -> None:
+        """A TrainError naming the extra to install for the first logger of train.log whose package is missing
+        (asked of the installation, not of the spec: a run checks it before it makes its folder, preflight.py)."""
+        for name in self.log or ():
+            problem = missing_logger(name)
+            if problem:
+                raise TrainError(problem)
+
 
 # name -> (lowest, highest, what it is): every integer of the section, checked before anything runs
 INTEGERS = {
     "steps": (1, 10**12), "batch_size": (1, 10**7), "seq_len": (1, 10**7), "seed": (0, 2**63 - 1),
     "log_every": (1, 10**12), "eval_every": (0, 10**12), "eval_n": (1, 10**9), "save_every": (1, 10**12),
     "keep": (1, 10**6), "max_nan_steps": (1, 10**9), "threads": (0, 4096), "max_new_tokens": (1, 10**7),
+    "readout_rows": (0, 4096),
 }
 # name -> (lowest, highest, why): finite numbers; `lr` must be above 0, the fractions within [0, 1]
 NUMBERS = {
@@ -158,6 +177,54 @@ def _number(v: object) -> float | None:
         return None
 
 
+# train.log's names -> the package each needs (None: nothing beyond hrmspec's own dependencies)
+LOGGERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+# W&B refuses these in a project name (and names longer than 128 characters)
+_WANDB_PROJECT = re.compile(r"[^/\\#?%:\s][^/\\#?%:]{0,127}")
+
+
+def install_hint(name: str) -> str:
+    return f"pip install 'hrmspec[{name}]'"
+
+
+def missing_logger(name: str) -> str | None:
+    """Why logger `name` cannot run here (its package is not installed, with the command that installs it),
+    or None. Found without importing the package (tensorboard and wandb take seconds to import)."""
+    package = LOGGERS.get(name)
+    if package is None:
+        return None
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken installation, or a module without a spec
+        found = False
+    return None if found else f"train.log: {name} is not installed: {install_hint(name)}"
+
+
+def _loggers(v: object) -> list[str]:
+    """train.log checked: a logger's name or a list of them, each known and named once."""
+    items = [v] if isinstance(v, str) else v
+    known = " | ".join(LOGGERS)
+    if not isinstance(items, (list, tuple)):
+        raise TrainError(f"train.log: expected a list of loggers ({known}), found {quoted(v)}")
+    seen: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or item not in LOGGERS:
+            hint = close_match(item, LOGGERS) if isinstance(item, str) else ""
+            hint = f" ({hint})" if hint else ""
+            raise TrainError(f"train.log: unknown logger {quoted(item)}{hint}; known: {known}")
+        if item in seen:
+            raise TrainError(f"train.log: {item} is named twice")
+        seen.append(item)
+    return seen
+
+
+def _wandb_project(v: object) -> str:
+    if not isinstance(v, str) or not _WANDB_PROJECT.fullmatch(v):
+        raise TrainError(f"train.wandb_project: expected a W&B project name (at most 128 characters, none of "
+                         f"/ \\ # ? % :), found {quoted(v)}")
+    return v
+
+
 def _puzzle_optimizer(d: object) -> dict:
     """train.puzzle_optimizer checked: {"type": "sign_sgd", "lr": > 0, "weight_decay": >= 0}."""
     key = "train.puzzle_optimizer"
@@ -182,4 +249,5 @@ def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
-__all__ = ["DEVICE_NAMES", "TrainConfig", "TrainError", "check_backend_name", "check_device_name", "config_dict"]
+__all__ = ["DEVICE_NAMES", "LOGGERS", "TrainConfig", "TrainError", "check_backend_name", "check_device_name",
+           "config_dict", "install_hint", "missing_logger"]

@@ -276,7 +276,11 @@ def parse_tasks(tasks: Sequence[str] | Mapping[str, Any], where: str = "data.tas
         weight = opts.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
             raise DataError(f"{where}.{name}.weight: expected a positive number, got {weight!r}")
-        config = dict(opts.get("config") or {})
+        config = opts.get("config")
+        if config is not None and not isinstance(config, Mapping):
+            raise DataError(f"{where}.{name}.config: expected a mapping of the task's options, got "
+                            f"{quoted(config)}")
+        config = dict(config or {})
         _check_task_config(name, config, f"{where}.{name}.config")
         out.append(GymTask(name, float(weight), config))
     return out

@@ -209,38 +209,48 @@ class Batches:
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        n = len(self.rows)
+        n = self._epoch_rows()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _epoch_order(self) -> torch.Tensor:
+        """The rows of this epoch, in order: a permutation drawn from (seed, epoch); or, for rows that sample
+        their own epochs (`epoch_order(seed, epoch)`: the official puzzle sampler, one puzzle of each group),
+        what they draw; without shuffling, every row in order."""
         if self._order is None:
             n = len(self.rows)
-            if self.shuffle:
+            own = getattr(self.rows, "epoch_order", None)
+            if self.shuffle and own is not None:
+                self._order = torch.from_numpy(np.asarray(own(self.seed, self.epoch), dtype=np.int64))
+            elif self.shuffle:
                 order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
                 self._order = torch.from_numpy(order)
             else:
                 self._order = torch.arange(n)
         return self._order
 
+    def _epoch_rows(self) -> int:
+        return len(self._epoch_order())
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         end = self.position + self.batch_size
-        n = len(self.rows)
+        n = self._epoch_rows()
         if self.position >= n or (self.drop_last and end > n):
             self.epoch += 1
             self.position = 0
             self._order = None
             end = self.batch_size
+            n = self._epoch_rows()
         index = self._epoch_order()[self.position:end]
         self.position = min(end, n)
         return self.rows.batch(index)
 
     def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rest of the current epoch, then stop (e.g. one pass over an eval set)."""
-        while self.position < len(self.rows) and not (
-            self.drop_last and self.position + self.batch_size > len(self.rows)
+        while self.position < self._epoch_rows() and not (
+            self.drop_last and self.position + self.batch_size > self._epoch_rows()
         ):
             yield next(self)
 

@@ -71,19 +71,90 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = None if compare else read_metrics(run_dir)  # no metrics: one line before the image's name is checked
     fmt = _image_format(path, FigureCanvasBase.get_supported_filetypes())
     fig = compare_figure(run_dir) if compare else training_figure(run_dir, metrics)
-    with writing(path):  # through a temp file renamed over it: a link there is replaced, never followed
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
+    _save(fig, path, fmt)
     return path
 
 
-def _figure(rows: int, height: float):
-    """A figure of `rows` axes sharing x, on the Agg canvas (no pyplot: no global state, no windows)."""
+def plot_readouts(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """The per-cycle readouts training logged (`readout` records of metrics.jsonl) as their own figure, to
+    `out` (default DIR/readout.png); None when the run logged none (or `run_dir` is a compare folder)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    run_dir = Path(run_dir)
+    if is_compare_folder(run_dir):
+        return None
+    steps, _ = read_metrics(run_dir)
+    logged = [r for r in steps if isinstance(r.get("readout"), dict) and _readout_ok(r["readout"])]
+    if not logged:
+        return None
+    path = Path(out) if out else run_dir / "readout.png"
+    fmt = _image_format(path, FigureCanvasBase.get_supported_filetypes())
+    _save(readout_figure(run_dir, logged), path, fmt)
+    return path
+
+
+def _save(fig, path: Path, fmt: str) -> None:
+    with writing(path):  # through a temp file renamed over it: a link there is replaced, never followed
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
+
+
+def _readout_ok(r: dict) -> bool:
+    """A readout record as training writes it (runtime/evaluate/readout.py `compact`): lists of numbers."""
+    lists = [r.get(k) for k in ("loss", "accuracy", "norm", "change")]
+    return all(isinstance(v, list) and all(x is None or _number(x) for x in v) for v in lists) and bool(lists[0])
+
+
+MAX_CURVES = 6  # readouts drawn per panel: the first, the last and evenly spaced ones between
+
+
+def readout_figure(run_dir: Path, logged: list[dict]):
+    """Loss and accuracy read out after each step of the loop (one curve per logged training step, darker
+    later), and how far each module call moved its state (the last readout): the depth a model uses, and
+    whether its latent settles."""
+    fig, axes = _figure(3, 9, sharex=False)
+    pick = sorted({round(i * (len(logged) - 1) / max(MAX_CURVES - 1, 1)) for i in range(MAX_CURVES)})
+    chosen = [logged[i] for i in pick]
+    from matplotlib import colormaps
+
+    shades = colormaps["viridis_r"]
+    for n, rec in enumerate(chosen):
+        r = rec["readout"]
+        depth = list(range(1, len(r["loss"]) + 1))
+        color = shades(0.15 + 0.85 * n / max(len(chosen) - 1, 1))  # light early, dark late
+        axes[0].plot(depth, r["loss"], marker=".", color=color, label=f"step {rec['step']}")
+        axes[1].plot(depth, [100 * v for v in r["accuracy"]], marker=".", color=color)
+    axes[0].set_ylabel("loss read out")
+    axes[0].legend(loc="upper right", fontsize="small")
+    axes[1].set_ylabel("token accuracy %")
+    axes[1].set_xlabel("step of the loop (H cycle) read out")
+    for ax in axes[:2]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    last = chosen[-1]["readout"]
+    calls = last.get("calls") if isinstance(last.get("calls"), list) else []
+    change = last["change"]
+    x = list(range(len(change)))
+    states = {}
+    for i, text in enumerate(calls[: len(change)]):
+        states.setdefault(str(text).split("=")[0].strip(), []).append(i)
+    for name, idx in (states or {"state": x}).items():
+        axes[2].plot(idx, [change[i] for i in idx], marker="o", linestyle="-", label=name)
+    axes[2].set_yscale("log" if all(v and v > 0 for v in change) else "linear")
+    axes[2].set_ylabel("||new - old|| / ||new||")
+    axes[2].set_xlabel(f"module call (step {chosen[-1]['step']})")
+    axes[2].legend(loc="upper right", fontsize="small")
+    fig.suptitle(f"{run_dir.name}: per-cycle readout")
+    fig.tight_layout()
+    return fig
+
+
+def _figure(rows: int, height: float, sharex: bool = True):
+    """A figure of `rows` axes (sharing x), on the Agg canvas (no pyplot: no global state, no windows)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, height))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0]
     return fig, list(axes)
 
 

@@ -21,27 +21,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hrmspec.errors import HrmspecError, SpecError
+from hrmspec.errors import MAX_PROBLEMS, HrmspecError, SpecError, SpecProblems
 from hrmspec.runtime.artifacts.config import TrainConfig
 from hrmspec.runtime.artifacts.data import DataConfig, parse_tasks
 from hrmspec.spec.schema import Spec
 from hrmspec.spec.shipped import resolve_spec_path
 from hrmspec.spec.source import Source, apply_overrides, read_source
 
-MAX_PROBLEMS = 20  # reported at once; more would bury the first ones
 _PREFIX = re.compile(r"((?:train|data)(?:\.[A-Za-z_][\w-]*)*):\s*")
-
-
-class SpecProblems(SpecError):
-    """Several problems of one spec, reported together (each on its own line, with its place)."""
-
-    def __init__(self, problems: list[SpecError]):
-        self.problems = problems
-        shown = problems[:MAX_PROBLEMS]
-        more = f"\n(and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
-        count = f"{len(problems)} problems:\n" if len(problems) > 1 else ""
-        HrmspecError.__init__(self, count + "\n".join(str(p) for p in shown) + more)
-        self.message, self.loc, self.path, self.hint = str(self), None, "", ""
 
 
 def source_of(spec: str | Path, overrides: dict[str, Any] | None) -> Source:
@@ -64,6 +51,11 @@ def problems(spec: Spec, src: Source | None = None, run: bool = True) -> list[Sp
         found.append(SpecError(message.split("\n")[0], loc, ".".join(path)))
 
     cfg = _train(spec, add)
+    try:  # a logger whose package is missing: refused with the command that installs it
+        if cfg is not None:
+            cfg.check_loggers()
+    except HrmspecError as e:
+        add(e, ("train", "log"))
     if run or spec.raw.get("data"):
         _data(spec, add)
     if cfg is not None and spec.objective.type != "grid":
@@ -104,6 +96,19 @@ def _data(spec: Spec, add) -> None:
     section = spec.data if spec.data is not None else {}
     if not isinstance(section, dict):
         add(SpecError(f"expected a mapping, found {type(section).__name__}"), ("data",))
+        return
+    if spec.objective.type == "grid" and section.get("source") == "hrm_dataset":
+        from hrmspec.runtime.artifacts.puzzle_data import PuzzleSource  # numpy: it reads the folder's arrays
+
+        try:
+            source = PuzzleSource.from_dict(dict(section))
+            root = Path(spec.source).parent
+            if not Path(source.path).is_absolute():
+                source.path = str(root / source.path)
+            train = TrainConfig.from_dict(dict(spec.train or {}))
+            source.training_split(spec.model, train.batch_size, train.seed)
+        except HrmspecError as e:
+            add(e, ("data", "path"))
         return
     if spec.objective.type == "grid":
         from hrmspec.runtime.artifacts.grids import GridConfig  # torch: a grid spec's data needs it

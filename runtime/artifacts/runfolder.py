@@ -34,8 +34,9 @@ from hrmspec.runtime.artifacts.files import LINK_REFUSED, RUN_FOLDER, open_lock_
 
 LOCK = ".lock"
 HOLDER_BYTES = 64  # the lock file's content: "pid N", padded, overwritten in place
-RUN_FILES = ("metrics.jsonl", "eval.json")  # what a run writes and --overwrite deletes, with RUN_FOLDERS
-RUN_FOLDERS = ("checkpoints", "tensorboard")  # the event files too: the new run's steps are not shown twice
+# what a run writes and --overwrite deletes, with RUN_FOLDERS
+RUN_FILES = ("metrics.jsonl", "eval.json", "readout.json", "wandb-id.txt")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "wandb")  # the event files too: the new run's steps are not shown twice
 
 
 class TrainInterrupted(TrainError):

@@ -17,7 +17,6 @@ import math
 import re
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,8 +31,12 @@ from hrmspec.runtime.artifacts.grids import GridConfig, load_grids, render
 from hrmspec.runtime.artifacts.grids import solved as grid_solved
 from hrmspec.runtime.artifacts.packing import pack
 from hrmspec.runtime.artifacts.placement import resolve, to_device
+from hrmspec.runtime.artifacts.puzzle_data import SOURCE as PUZZLES
+from hrmspec.runtime.artifacts.puzzle_data import PuzzleSource, is_puzzle_source
 from hrmspec.runtime.artifacts.tokenizer import Tokenizer
 from hrmspec.runtime.evaluate.adaptive_eval import checked, compare_depths
+from hrmspec.runtime.evaluate.puzzles import evaluate_puzzles
+from hrmspec.runtime.evaluate.weights import ema_weights
 from hrmspec.runtime.execution.adaptive import parse_exit
 from hrmspec.runtime.execution.depth import DecodeStats, DepthPolicy
 from hrmspec.runtime.execution.generate import compile_refusal
@@ -62,22 +65,6 @@ def _eval_split(dcfg, root=None):
     if key not in _SPLITS:
         _SPLITS[key] = load_split(dcfg, "eval", root=root)
     return _SPLITS[key]
-
-
-@contextmanager
-def ema_weights(model: torch.nn.Module, ema):
-    """Temporarily evaluate with the EMA weights."""
-    if ema is None:
-        yield model
-        return
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ema.copy_to(model)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
 
 
 # An exit criterion that reads logits (kl, entropy, argmax) makes the logits of every position of the rows
@@ -327,9 +314,13 @@ def load_run(run_dir: str | Path, use_ema: bool = True, backend: str = "auto", d
                                                    f"(hrmspec train SPEC --out {run_dir})")
 
 
-def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = None, use_ema: bool = True,
+DEFAULT_N = 200  # held-out samples `eval` scores (a dataset folder: every test example)
+
+
+def evaluate_run(run_dir: str | Path, n: int | None = 200, tasks: list[str] | None = None, use_ema: bool = True,
                  all_segments: bool = False, backend: str = "auto", device: str = "auto",
-                 depth: DepthPolicy | None = None, allow_nonfinite: bool = False) -> dict:
+                 depth: DepthPolicy | None = None, allow_nonfinite: bool = False,
+                 data_dir: str | Path | None = None) -> dict:
     """Evaluate the newest checkpoint of a run; writes run_dir/eval-<label>.json (`eval_label`: one file per
     configuration) and run_dir/eval.json (the latest evaluation). `all_segments`: a spec with
     halting runs every segment instead of stopping where its head says. `backend` and `device`: see
@@ -348,7 +339,19 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         depth = checked(model, depth)  # a criterion or a spec it cannot run: refused before decoding
     label = eval_label(DepthPolicy.of(depth, max_steps=cap), all_segments, tasks)
     data = dict(spec.data)
-    if spec.objective.type == "grid":
+    if data_dir is not None and spec.objective.type != "grid":
+        raise CheckpointError(f"--data: a dataset folder of puzzles is for grid runs; {run_dir} trained "
+                              f"{spec.objective.type}")
+    if data_dir is not None:
+        data = {"source": PUZZLES, "path": str(data_dir)}
+    if spec.objective.type == "grid" and is_puzzle_source(data):  # an official dataset, officially scored
+        try:
+            res = evaluate_puzzles(model, PuzzleSource.from_dict(data), n=n, out=run_dir)
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
+        label = "dataset" if data_dir is None else f"data-{Path(data_dir).name}"
+    elif spec.objective.type == "grid":
+        n = DEFAULT_N if n is None else n
         if tasks:
             data["grids"] = tasks
         try:
@@ -356,6 +359,7 @@ def evaluate_run(run_dir: str | Path, n: int = 200, tasks: list[str] | None = No
         except DataError as e:
             raise CheckpointError(str(e)) from None
     else:
+        n = DEFAULT_N if n is None else n
         if tasks:
             data["tasks"] = tasks
         dcfg = DataConfig.from_dict(data)

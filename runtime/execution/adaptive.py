@@ -41,9 +41,8 @@ import torch.nn.functional as F
 
 from hrmspec.capabilities import refusal
 from hrmspec.errors import HrmspecError, close_match
-from hrmspec.runtime.execution.driver import StepLoop, context_of, walk
+from hrmspec.runtime.execution.driver import StepLoop, walk
 from hrmspec.runtime.execution.stack import KVCache, KVSlot
-from hrmspec.spec.grammar import INPUT
 from hrmspec.spec.schedule import MAX_CALLS, MAX_REPEAT
 
 
@@ -316,7 +315,7 @@ class AdaptiveDepth:
         """`doc_ids` and `position_ids` as for the model's forward (with a cache, `doc_ids` covers the cached
         keys too: (B, past + S)). `last_only`: the logits of the last position only, (B, 1, vocab)."""
         model, stages = self.model, self.stages
-        B, S = input_ids.shape
+        S = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if self.warm_start and cache is None:
             raise ValueError("a warm start carries the loop's states from token to token: decode with a KV cache")
@@ -325,14 +324,10 @@ class AdaptiveDepth:
             if self.warm is None or S != 1:
                 raise ValueError("a warm start decodes one token at a time after a prompt of the same forward")
             warm = self.warm
-        if position_ids is None:  # these tokens come after the cached ones
-            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
-        ctx = model.context(B, S, prefix_mask, doc_ids, position_ids, past)
-        x = model.embed_inputs(input_ids, position_ids=position_ids)
-        z = {INPUT: x, **model.initial_states(x, self.init_scale)}
+        z, ctx, rows_ctx = model.begin(input_ids, prefix_mask, doc_ids, position_ids, init_scale=self.init_scale,
+                                       past=past)
         flags = [False] * len(stages.calls)  # no gradient at inference
-        steps = walk(model, stages, flags, z, ctx, CriterionRule(self, cache, warm), cache,
-                     context_of(model, S, past, prefix_mask, doc_ids, position_ids))
+        steps = walk(model, stages, flags, z, ctx, CriterionRule(self, cache, warm), cache, rows_ctx)
         hidden = z[model.spec.model.output]
         logits = model.logits_of(hidden[:, -1:] if last_only else hidden)
         return DepthOutput(logits, steps, hidden, {s.name: z[s.name] for s in model.spec.model.states})

@@ -285,30 +285,19 @@ class CompiledModel(nn.Module):
         `all_steps` runs every step of the loop without halting and `threshold` replaces the spec's.
         `num_steps` runs a sampled loop that many times (default: `set_recurrence`'s count, else the
         spec's evaluation count); `init_scale` scales the draw of random initial states (0: zeros)."""
-        B, S = input_ids.shape
-        m, P = self.spec.model, self.prefix_len
+        m = self.spec.model
         past = cache.length if cache is not None else 0
         if cache is not None and self.decode_refusal:
             raise ValueError(f"{self.spec.name}: {self.decode_refusal}")
-        if P:  # the puzzle positions belong to the instruction and to the row's first document
-            prefix_mask = None if prefix_mask is None else torch.cat(
-                [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)
-            doc_ids = None if doc_ids is None else torch.cat([doc_ids[:, :1].expand(B, P), doc_ids], 1)
-            position_ids = None if position_ids is None else torch.cat(
-                [torch.arange(P, device=position_ids.device).expand(B, P), position_ids + P], 1)
-        ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
-        if position_ids is None and past:  # decoding with a cache: these tokens come after the cached ones
-            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
-        x = self.embed_inputs(input_ids, puzzle_ids, position_ids)  # (B, P + S, d)
-        z = {INPUT: x, **self.initial_states(x, init_scale), **(states or {})}
+        z, ctx, rows_ctx = self.begin(input_ids, prefix_mask, doc_ids, position_ids, puzzle_ids, states,
+                                      init_scale, past)
         layout, flags = self.layout_at(num_steps if num_steps is not None else self.recurrence)
         if cache is not None and len(cache.slots) != len(layout.calls):
             raise ValueError(f"the KV cache holds {len(cache.slots)} calls, this forward makes {len(layout.calls)}: "
                              "make it with new_cache(num_steps) for the same count")
         if self.stepwise:  # halting per step of the loop, or a loss over every step
             rule = step_rule(self, z[m.output], labels, layout.count, all_steps, threshold)
-            steps = walk(self, layout, flags, z, ctx, rule, cache,
-                         context_of(self, P + S, past, prefix_mask, doc_ids, position_ids))
+            steps = walk(self, layout, flags, z, ctx, rule, cache, rows_ctx)
             res = LoopResult(z[m.output], steps, rule.weights)
             rule.finish(res)
             hidden = res.hidden
@@ -331,6 +320,28 @@ class CompiledModel(nn.Module):
         if hasattr(self, "halting"):  # in the forward: a data-parallel wrapper sees the head's weights used
             out.q_logits = self.halting_logits(hidden)
         return out
+
+    def begin(self, input_ids: torch.Tensor, prefix_mask=None, doc_ids=None, position_ids=None, puzzle_ids=None,
+              states: dict[str, torch.Tensor] | None = None, init_scale: float = 1.0, past: int = 0):
+        """What every walk of the schedule starts from: (z, ctx, context_of) — the states before the first
+        call (the input x under 'x', each state's initial value or the given `states`), the batch's masks and
+        rotary tables, and how to make those of a subset of rows (what the driver needs once some stop).
+        The puzzle positions of a spec with `model.puzzle` join the instruction and the row's first document."""
+        B, S = input_ids.shape
+        P = self.prefix_len
+        if P:
+            prefix_mask = None if prefix_mask is None else torch.cat(
+                [torch.ones_like(prefix_mask[:, :1]).expand(B, P), prefix_mask], 1)
+            doc_ids = None if doc_ids is None else torch.cat([doc_ids[:, :1].expand(B, P), doc_ids], 1)
+            position_ids = None if position_ids is None else torch.cat(
+                [torch.arange(P, device=position_ids.device).expand(B, P), position_ids + P], 1)
+        ctx = self.context(B, P + S, prefix_mask, doc_ids, position_ids, past)
+        rows_ctx = context_of(self, P + S, past, prefix_mask, doc_ids, position_ids)
+        if position_ids is None and past:  # decoding with a cache: these tokens come after the cached ones
+            position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        x = self.embed_inputs(input_ids, puzzle_ids, position_ids)  # (B, P + S, d)
+        z = {INPUT: x, **self.initial_states(x, init_scale), **(states or {})}
+        return z, ctx, rows_ctx
 
     def head_output(self, hidden: torch.Tensor, labels: torch.Tensor | None, return_logits: bool) -> ModelOutput:
         """The head on output states (B, P + S, d): logits, or with labels and `return_logits=False` only

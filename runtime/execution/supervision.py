@@ -172,11 +172,14 @@ class Supervisor:
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def solve(self, batch: dict[str, torch.Tensor], all_segments: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, batch: dict[str, torch.Tensor], all_segments: bool = False,
+              q_halt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, S, vocab) of the segment each row stopped at, segments each row ran (B,)).
 
         A row stops when its halting head says so (without a head, or with `all_segments`, after
-        every segment); only the rows still running are computed."""
+        every segment); only the rows still running are computed. `q_halt` (B,), when given, receives
+        each row's q_halt logit at the segment it stopped at (0 without a halting head): what the
+        official ARC evaluation votes with."""
         data = {k: batch[k] for k in DATA_KEYS if k in batch}
         B = data["input_ids"].shape[0]
         states = {k: v.clone() for k, v in self._initial_states(data).items()}  # written row by row below
@@ -192,10 +195,13 @@ class Supervisor:
             for k, v in out.states.items():
                 states[k][running] = v
             steps[running] = segment
+            if self.halting is not None and (q_halt is not None or not all_segments):
+                q_stop, q_continue = self.q_logits(out, steps[running])
+                if q_halt is not None:
+                    q_halt[running] = q_stop.to(q_halt.dtype)
             if segment == self.spec.segments or self.halting is None or all_segments:
                 continue
-            q_halt, q_continue = self.q_logits(out, steps[running])
-            running = running[~self.says_halt(q_halt, q_continue)]
+            running = running[~self.says_halt(q_stop, q_continue)]
             if running.numel() == 0:
                 break
         return logits, steps

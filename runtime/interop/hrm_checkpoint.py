@@ -4,7 +4,10 @@ An official checkpoint is what `pretrain.py` of sapientinc/HRM or of TinyRecursi
 into its checkpoint_path: files `step_<N>`, each a torch.save of the ACT loss head's state dict
 (hrm_weights.py), and `all_config.yaml`, the training config whose `arch:` section describes the
 model (hrm_config.py). The sizes the config leaves to the dataset come from the weights' shapes;
-only seq_len must be given when the model has no learned positions.
+only seq_len must be given when the model has no learned positions and the dataset the config names
+(data_path, data_paths) is not at hand. The config's run settings (learning rates, batch, EMA, the
+dataset) become the spec's train: and data: sections, so `hrmspec train` repeats the official run;
+an export writes them back (hrm_config.py: training_from_config, config_from_training).
 
     from_hrm_checkpoint(path, config, seq_len)   a CompiledModel with the official ACT interface
     to_hrm_checkpoint(model, directory)          model.pt + all_config.yaml, as pretrain.py writes them
@@ -37,11 +40,15 @@ from hrmspec.runtime.artifacts.files import (
 from hrmspec.runtime.interop.convert import load_checkpoint, save_checkpoint
 from hrmspec.runtime.interop.hrm_config import (
     ARCH_FILE,
+    config_from_training,
     hrm_arch_from_spec,
+    official_dataset,
     read_arch_file,
+    read_config_file,
     read_hrm_arch,
     roles,
     spec_from_hrm_arch,
+    training_from_config,
 )
 from hrmspec.runtime.interop.hrm_weights import hrm_tensors, load_hrm_tensors, read_hrm_tensors, sizes_from_tensors
 
@@ -74,12 +81,19 @@ def from_hrm_checkpoint(path: str | os.PathLike, config: str | os.PathLike | Non
     file = checkpoint_file(path)
     config_path = Path(config) if config is not None else file.parent / ARCH_FILE
     arch = read_hrm_arch(read_arch_file(config_path), str(config_path))
+    doc = read_config_file(config_path)
+    if seq_len is None:  # the dataset the run trained on, when it is here, says it (pretrain.py reads it there)
+        meta, _ = official_dataset(doc, config_path.parent)
+        found = meta.get("seq_len") if meta else None
+        seq_len = found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
     tensors = read_hrm_tensors(file)
     sizes = sizes_from_tensors(arch, tensors, seq_len, str(file), str(config_path))
     name = file.resolve().parent.name or arch.model
-    spec = spec_from_hrm_arch(arch, sizes, name=name, source=str(config_path))
+    train, data, notes = training_from_config(doc, str(config_path), bool(arch.puzzle_emb_ndim), config_path.parent)
+    spec = spec_from_hrm_arch(arch, sizes, name=name, source=str(config_path), train=train, data=data)
     model = compile_spec(spec, backend=backend)
     load_hrm_tensors(model, roles(spec), tensors, str(file), str(config_path))
+    model.import_notes = notes  # what of the training config could not be carried over
     return model
 
 
@@ -95,11 +109,13 @@ def to_hrm_checkpoint(model, directory: str | os.PathLike, forward_dtype: str = 
     tensors = hrm_tensors(model, roles(model.spec), forward_dtype, compiled)
     directory = output_folder(directory)  # never a checkpoint or run folder; nothing written through a link
     file = directory / WEIGHTS_FILE
-    header = (f"# the arch section of an official training config (pretrain.py); the weights are in {WEIGHTS_FILE}\n"
+    header = (f"# an official training config (pretrain.py): the arch and the run's settings; the weights are in "
+              f"{WEIGHTS_FILE}\n"
               "# seq_len, vocab_size and num_puzzle_identifiers come from the dataset, as in pretrain.py\n")
     with writing(directory):
         atomic_write(file, lambda p: torch.save(tensors, p))
-        write_text_atomic(directory / ARCH_FILE, header + yaml.safe_dump({"arch": arch.config()}, sort_keys=False))
+        config = {"arch": arch.config(), **config_from_training(model.spec.train or {}, model.spec.data)}
+        write_text_atomic(directory / ARCH_FILE, header + yaml.safe_dump(config, sort_keys=False))
     return file
 
 
@@ -108,7 +124,10 @@ def import_hrm(path: str | os.PathLike, out_dir: str | os.PathLike, config: str 
     """Convert an official HRM / TRM checkpoint into an hrmspec checkpoint directory (a new one: an existing
     checkpoint, run folder or the source's folder is refused before anything is read)."""
     check_output_folder(out_dir, source=path)
-    return save_checkpoint(from_hrm_checkpoint(path, config, seq_len), out_dir)
+    model = from_hrm_checkpoint(path, config, seq_len)
+    for note in model.import_notes:
+        print(f"note: {note}")
+    return save_checkpoint(model, out_dir)
 
 
 def export_hrm(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, forward_dtype: str = "bfloat16") -> Path:

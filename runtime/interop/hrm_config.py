@@ -120,9 +120,8 @@ class HrmArch:
 # --------------------------------------------------------------------------- reading a config
 
 
-def read_arch_file(path: str | Path) -> dict[str, Any]:
-    """The arch section of `all_config.yaml` (the whole training config), or of an arch file itself
-    (config/arch/*.yaml, with its `${.key}` references to keys beside them resolved)."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The whole document of `all_config.yaml` (or of an arch file), read with the limits of a spec."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"config file not found: {path}; give the all_config.yaml the checkpoint "
@@ -131,7 +130,14 @@ def read_arch_file(path: str | Path) -> dict[str, Any]:
         doc = read_yaml(path)  # with the limits of a spec: size, alias expansions, nesting
     except SpecError as e:
         raise CheckpointError(f"{e.loc}: not a readable YAML file ({e.message})") from None
-    arch = doc.get("arch", doc) if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_arch_file(path: str | Path) -> dict[str, Any]:
+    """The arch section of `all_config.yaml` (the whole training config), or of an arch file itself
+    (config/arch/*.yaml, with its `${.key}` references to keys beside them resolved)."""
+    doc = read_config_file(path)
+    arch = doc.get("arch", doc) if doc else None
     if not isinstance(arch, dict) or "name" not in arch:
         raise CheckpointError(f"{path}: expected an official training config with an 'arch:' section "
                               "(name, H_cycles, hidden_size, ...)")
@@ -207,8 +213,10 @@ def _expansion(c: ConfigReader) -> float:
 # --------------------------------------------------------------------------- arch -> spec
 
 
-def spec_from_hrm_arch(a: HrmArch, sizes: Sizes, name: str, source: str = ARCH_FILE) -> Spec:
-    """The spec of an official model (see the module docstring)."""
+def spec_from_hrm_arch(a: HrmArch, sizes: Sizes, name: str, source: str = ARCH_FILE,
+                       train: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> Spec:
+    """The spec of an official model (see the module docstring), with the `train:` and `data:` sections of
+    the official run when given (`training_from_config`)."""
     rotary = a.pos_encodings == "rope" and not a.mlp_t  # mlp_t's blocks never apply the rotary tables
     block = {
         "norm": {"type": "rms", "eps": a.rms_norm_eps, "affine": False, "place": "post"},
@@ -253,7 +261,148 @@ def spec_from_hrm_arch(a: HrmArch, sizes: Sizes, name: str, source: str = ARCH_F
         "supervision": {"segments": a.halt_max_steps,
                         "halting": {"type": a.halting, "exploration": a.halt_exploration_prob, "weight": 0.5}},
     }
+    if data:
+        doc["data"] = data
+    if train:
+        doc["train"] = train
     return spec_from_document(doc, source)
+
+
+# --------------------------------------------------------------------------- the training config
+
+
+def training_from_config(doc: Mapping[str, Any], source: str, has_puzzle: bool,
+                         root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """(train:, data:, notes) of a spec that repeats the official run `doc` (all_config.yaml) describes:
+
+        lr, beta1 / beta2, weight_decay    lr, betas, weight_decay (AdamATan2: optimizer adam_atan2)
+        global_batch_size                  batch_size
+        lr_min_ratio                       min_lr_ratio; schedule constant when it is 1, else cosine
+        lr_warmup_steps, epochs            warmup (a fraction of the steps) and steps, when the dataset's
+                                           train/dataset.json is found: epochs x total_groups x
+                                           mean_puzzle_examples / global_batch_size steps, as pretrain.py
+        puzzle_emb_lr, _weight_decay       puzzle_optimizer: {type: sign_sgd, lr, weight_decay}
+        ema, ema_rate (TRM)                ema: ema_rate, or null (HRM has none)
+        seed                               seed
+        data_path / data_paths[0]          data: {source: hrm_dataset, path}
+
+    A value that is missing or not a number is left to the spec's default, and said in `notes`."""
+    notes: list[str] = []
+    train: dict[str, Any] = {"optimizer": "adam_atan2"}
+
+    def number(key: str):
+        v = doc.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            return None
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+        return f if math.isfinite(f) else None
+
+    for key, name in (("lr", "lr"), ("weight_decay", "weight_decay"), ("lr_min_ratio", "min_lr_ratio")):
+        v = number(key)
+        if v is None:
+            notes.append(f"{key} not in {source}: train.{name} keeps its default")
+        else:
+            train[name] = v
+    if number("beta1") is not None and number("beta2") is not None:
+        train["betas"] = [number("beta1"), number("beta2")]
+    batch = number("global_batch_size")
+    if batch is not None and batch >= 1 and batch == int(batch):
+        train["batch_size"] = int(batch)
+    if "min_lr_ratio" in train:
+        train["schedule"] = "constant" if train["min_lr_ratio"] >= 1.0 else "cosine"
+    seed = number("seed")
+    if seed is not None and seed >= 0 and seed == int(seed):
+        train["seed"] = int(seed)
+    if isinstance(doc.get("ema"), bool):
+        rate = number("ema_rate")
+        train["ema"] = (rate if rate is not None else 0.999) if doc["ema"] else None
+    else:
+        train["ema"] = None  # sapientinc/HRM trains without one
+    if has_puzzle and number("puzzle_emb_lr") is not None:
+        wd = number("puzzle_emb_weight_decay")
+        train["puzzle_optimizer"] = {"type": "sign_sgd", "lr": number("puzzle_emb_lr"),
+                                     "weight_decay": wd if wd is not None else train.get("weight_decay", 0.1)}
+    paths = doc.get("data_paths") if isinstance(doc.get("data_paths"), list) else [doc.get("data_path")]
+    path = data_path_of(doc)
+    data = {"source": "hrm_dataset", "path": path} if path else None
+    if paths and len(paths) > 1:
+        notes.append(f"data_paths lists {len(paths)} datasets; data.path takes the first ({path})")
+    steps = _official_steps(doc, path, root, number, notes)
+    if steps:
+        train["steps"] = steps
+        warmup = number("lr_warmup_steps")
+        if warmup is not None:
+            train["warmup"] = min(1.0, round(warmup) / steps)
+    return train, data, notes
+
+
+def config_from_training(train: Mapping[str, Any], data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The top-level keys of all_config.yaml for a spec's `train:` and `data:` (the inverse of
+    `training_from_config` for what the spec gives): an exported checkpoint carries its run's settings."""
+    out: dict[str, Any] = {}
+    if data and data.get("source") == "hrm_dataset" and isinstance(data.get("path"), str):
+        out["data_path"] = data["path"]
+    for name, key in (("lr", "lr"), ("weight_decay", "weight_decay"), ("min_lr_ratio", "lr_min_ratio"),
+                      ("batch_size", "global_batch_size"), ("seed", "seed")):
+        if name in train:
+            out[key] = train[name]
+    betas = train.get("betas")
+    if isinstance(betas, (list, tuple)) and len(betas) == 2:
+        out["beta1"], out["beta2"] = betas
+    if "ema" in train:
+        out["ema"] = train["ema"] is not None
+        if train["ema"] is not None:
+            out["ema_rate"] = train["ema"]
+    po = train.get("puzzle_optimizer")
+    if isinstance(po, Mapping):
+        out["puzzle_emb_lr"] = po.get("lr")
+        if "weight_decay" in po:
+            out["puzzle_emb_weight_decay"] = po["weight_decay"]
+    if "steps" in train and "warmup" in train:
+        out["lr_warmup_steps"] = round(float(train["warmup"]) * int(train["steps"]))
+    return out
+
+
+def data_path_of(doc: Mapping[str, Any]) -> str | None:
+    """The (first) dataset folder an official config trains on: data_paths[0] (TRM) or data_path (HRM)."""
+    paths = doc.get("data_paths") if isinstance(doc.get("data_paths"), list) else [doc.get("data_path")]
+    return paths[0] if paths and isinstance(paths[0], str) and paths[0] else None
+
+
+def official_dataset(doc: Mapping[str, Any], root: Path | None = None) -> tuple[dict | None, str]:
+    """(the train split's dataset.json, where it was looked for) of the dataset an official config names, read
+    from the working directory (as pretrain.py does) or beside the config; None when it is not there."""
+    path = data_path_of(doc)
+    if path is None:
+        return None, "the config names no data_path"
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), *([root / path] if root else [])]
+    for folder in candidates:
+        meta_path = folder / "train" / "dataset.json"
+        if meta_path.is_file():
+            try:
+                meta = read_yaml(meta_path)  # JSON is YAML; read with the same limits
+            except SpecError:
+                return None, f"{meta_path} is not readable"
+            return (meta if isinstance(meta, dict) else None), str(meta_path)
+    return None, f"{path}/train/dataset.json not found"
+
+
+def _official_steps(doc, path: str | None, root: Path | None, number, notes: list[str]) -> int | None:
+    """pretrain.py's total_steps, from the epochs, the batch and the dataset's train/dataset.json."""
+    epochs, batch = number("epochs"), number("global_batch_size")
+    if path is None or epochs is None or not batch:
+        return None
+    meta, where = official_dataset(doc, root)
+    try:
+        steps = int(epochs * float(meta["total_groups"]) * float(meta["mean_puzzle_examples"]) / batch)
+    except (KeyError, TypeError, ValueError):
+        notes.append(f"{where}: train.steps and warmup keep their defaults (pretrain.py takes them from the "
+                     "dataset: epochs x total_groups x mean_puzzle_examples / global_batch_size)")
+        return None
+    return steps if steps >= 1 else None
 
 
 # --------------------------------------------------------------------------- spec -> arch
@@ -401,4 +550,7 @@ __all__ = [
     "read_hrm_arch",
     "roles",
     "spec_from_hrm_arch",
+    "training_from_config",
+    "config_from_training",
+    "official_dataset",
 ]

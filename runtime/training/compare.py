@@ -37,7 +37,7 @@ from hrmspec.runtime.evaluate.heldout import evaluate_run
 from hrmspec.runtime.training.loop import train
 from hrmspec.spec.load import load_spec
 from hrmspec.spec.schema import Spec
-from hrmspec.spec.source import load_yaml_text, read_json, read_yaml
+from hrmspec.spec.source import load_yaml_text, parse_override, read_json, read_yaml
 
 RESULTS = "compare.json"
 BUDGETS = ("flops", "tokens", "steps")
@@ -396,12 +396,61 @@ def entry(plan: Plan, status: str, result: dict | None = None, error: str | None
     }
 
 
-def load_specs(names: list[str], overrides: dict[str, Any] | None = None) -> list[Spec]:
-    """The specs to compare, each with the same `--set` overrides."""
+MAX_VARIANTS = 256  # specs x sweep values: a grid larger than this is a typo, not a plan
+
+
+def parse_sweep(text: str) -> tuple[str, list[Any]]:
+    """`--sweep KEY=V1,V2,...` (or `KEY=[V1, V2]`, for values that hold commas) -> (key, values), each value
+    YAML as in `--set`."""
+    key, raw = parse_override(text)
+    if isinstance(raw, list):
+        values = raw
+    else:
+        text_value = text.partition("=")[2]
+        values = [parse_override(f"{key}={part}")[1] for part in text_value.split(",")]
+    if not values or any(v == "" for v in values):
+        raise CompareError(f"--sweep {text!r}: expected KEY=V1,V2,... with at least one value and no empty one")
+    if len({repr(v) for v in values}) != len(values):
+        raise CompareError(f"--sweep {text!r}: a value is listed twice")
+    return key, values
+
+
+def sweep_grid(sweeps: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Every combination of the sweeps' values (the first sweep varies slowest); [{}] without sweeps."""
+    keys = [k for k, _ in sweeps]
+    if len(set(keys)) != len(keys):
+        raise CompareError(f"--sweep: {next(k for k in keys if keys.count(k) > 1)} is swept twice; give its "
+                           "values once, comma-separated")
+    grid = [{}]
+    for key, values in sweeps:
+        grid = [{**combo, key: v} for combo in grid for v in values]
+    return grid
+
+
+def _value_text(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+
+def load_specs(names: list[str], overrides: dict[str, Any] | None = None,
+               sweeps: list[tuple[str, list[Any]]] | None = None) -> list[Spec]:
+    """The specs to compare, each with the same `--set` overrides; with `sweeps` (`parse_sweep`), one variant
+    of each spec per combination of their values, named `<spec> [key=value, ...]`."""
     if not names:
         raise CompareError("give at least one spec to compare")
-    return [load_spec(n, overrides or None) for n in names]
+    grid = sweep_grid(sweeps or [])
+    if len(names) * len(grid) > MAX_VARIANTS:
+        raise CompareError(f"{len(names)} specs x {len(grid)} sweep combinations is {len(names) * len(grid)} runs, "
+                           f"over the limit of {MAX_VARIANTS}")
+    specs = []
+    for n in names:
+        for combo in grid:
+            spec = load_spec(n, {**(overrides or {}), **combo} or None)
+            if combo:
+                label = ", ".join(f"{k}={_value_text(v)}" for k, v in combo.items())
+                spec = load_spec(spec, {"name": f"{spec.name} [{label}]"[:100]})
+            specs.append(spec)
+    return specs
 
 
-__all__ = ["BUDGETS", "Budget", "CompareError", "Plan", "load_specs", "plan_runs", "read_data", "run_compare",
-           "steps_for"]
+__all__ = ["BUDGETS", "Budget", "CompareError", "Plan", "load_specs", "parse_sweep", "plan_runs", "read_data",
+           "run_compare", "steps_for", "sweep_grid"]

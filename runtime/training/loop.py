@@ -33,12 +33,12 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import hrmspec
+from hrmspec import progress
 from hrmspec.errors import CheckpointError, HrmspecError, SpecError
 from hrmspec.runtime.artifacts import checkpoint as ckpt
 from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
 from hrmspec.runtime.artifacts.data import DataError
 from hrmspec.runtime.artifacts.files import (
-    open_append_nofollow,
     read_tensors,
     reason,
     refuse_link,
@@ -52,7 +52,9 @@ from hrmspec.runtime.artifacts.runfolder import RunLock, StopSignals, TrainInter
 from hrmspec.runtime.artifacts.sharded import is_sharded, load_sharded, save_sharded
 from hrmspec.runtime.evaluate.adaptive_eval import loss_text
 from hrmspec.runtime.evaluate.heldout import sample_lines, write_eval
+from hrmspec.runtime.evaluate.readout import compact, probe_batch, read_out
 from hrmspec.runtime.execution.supervision import Carry
+from hrmspec.runtime.training.loggers import Loggers, open_loggers, run_config
 from hrmspec.runtime.training.objective import objective_for
 from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
 from hrmspec.runtime.training.recurrence import draw_count
@@ -152,11 +154,15 @@ class Trainer:
         if cfg.eval_every and self.rank == 0:  # the held-out set now: a config that cannot give one fails here
             self.objective.check_held_out()
         # weights, gradients, two optimizer moments, the EMA: refused before anything is allocated
-        self.model = hrmspec.compile(spec, backend=self.placement.backend, copies=4 + (1 if cfg.ema else 0),
-                                     copies_are="fp32 weights, gradients, optimizer moments"
-                                     + (", EMA" if cfg.ema else ""))
+        with progress.step(f"compiling {spec.name} for the {self.placement.backend} backend"):
+            self.model = hrmspec.compile(spec, backend=self.placement.backend, copies=4 + (1 if cfg.ema else 0),
+                                         copies_are="fp32 weights, gradients, optimizer moments"
+                                         + (", EMA" if cfg.ema else ""))
         self.model.reset_parameters(seed=cfg.seed)  # on the CPU: the same weights whatever the device
         self.batches = Batches(rows, cfg.batch_size, seed=cfg.seed)
+        # the per-cycle readout's fixed rows (rank 0; not under FSDP, whose forward needs every rank)
+        self.probe = (probe_batch(rows, cfg.readout_rows, self.device)
+                      if self.rank == 0 and not (self.world > 1 and fsdp) else None)
         self.step, self.skipped, self.nan_run = 0, 0, 0
         state = self._restore_model(start) if start is not None else None
         if start is not None and self.step > cfg.steps:
@@ -244,8 +250,9 @@ class Trainer:
     def fit(self, progress_bar: bool = True, stop_after: int | None = None) -> dict:
         """Steps until `train.steps` (or `stop_after`), logging, evaluating and checkpointing."""
         cfg, lead = self.cfg, self.rank == 0
-        self.metrics = open_append_nofollow(self.out / "metrics.jsonl") if lead else None
-        board = _tensorboard(self.out, self.step) if lead else None
+        # train.log's loggers (metrics.jsonl, TensorBoard, W&B: loggers.py), written by rank 0 only
+        self.loggers: Loggers | None = open_loggers(cfg.log, self.out, self.step, run_config(self.spec.raw, cfg),
+                                                    cfg.wandb_project) if lead else None
         bar = _progress(progress_bar and lead, cfg.steps, self.step, cfg.log_every)
         last: dict = {}
         first = self.step  # a run resumed at its last step trains nothing and is not evaluated again
@@ -272,8 +279,10 @@ class Trainer:
                             "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
                             "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
                     last.update(self.objective.log_fields(window))
+                    if self.probe is not None:
+                        last["readout"] = self._readout()
                     t_log, tokens, window = now, 0, {}
-                    self._write(last, board)
+                    self._write(last)
                 if bar is not None:
                     bar.update(self.step, loss, last.get("tokens_per_s"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and lead:
@@ -291,7 +300,7 @@ class Trainer:
                 self._log_eval(bar, final=True)
         finally:
             signals.__exit__()
-            for closing in (bar, self.metrics, board):
+            for closing in (bar, self.loggers):
                 if closing is not None:
                     closing.close()
         if self.world > 1:
@@ -330,9 +339,7 @@ class Trainer:
             if bar is not None and final:
                 bar.note(f"not evaluated: no held-out sample ({res.get('limited_by') or 'the held-out set is empty'})")
             return None
-        with writing(self.out / "metrics.jsonl"):
-            self.metrics.write(json.dumps({"step": self.step, "eval": res}) + "\n")
-            self.metrics.flush()
+        self.loggers.log(res, self.step, "eval")  # metrics.jsonl: {"step": N, "eval": {...}}
         if final:  # naming the checkpoint it evaluated, as `hrmspec eval` does
             write_eval(self.out, {**res, "checkpoint": str(ckpt.latest_checkpoint(self.out))})
         if bar is not None:
@@ -375,13 +382,16 @@ class Trainer:
             self.nan_run = 0
         return done
 
-    def _write(self, record: dict, board) -> None:
-        with writing(self.out / "metrics.jsonl"):
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-        if board is not None:
-            for key in ("loss", "lr", "credit_depth", "tokens_per_s", "grad_norm"):
-                board.add_scalar(f"train/{key}", record[key], record["step"])
+    def _readout(self) -> dict:
+        """The per-cycle readout of the probe rows (runtime/evaluate/readout.py), no-grad, the training RNG
+        untouched (a random initial state draws from a fork of it)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return compact(read_out(self.model, self.probe))
+
+    def _write(self, record: dict) -> None:
+        """A logged step's record to every logger (metrics.jsonl: the record as it is, one line)."""
+        self.loggers.log(record, record["step"], "train")
 
     def save(self) -> None:
         """A checkpoint of this step. Under FSDP every rank writes its own shards (sharded.py) into a
@@ -537,20 +547,6 @@ def _load_training_state(ckpt_dir: Path, model, optimizer, ema, sharded: bool) -
     if ema is not None:
         for name, shadow in ema.shadow.items():
             shadow.copy_(distribute_tensor(ema_state[name], shadow.device_mesh, shadow.placements))
-
-
-def _tensorboard(out: Path, start: int):
-    """TensorBoard event files beside metrics.jsonl, when tensorboard is installed. A run resumed from step
-    `start` purges the events logged after it (a run that died past its last checkpoint), as metrics.jsonl
-    drops its lines: the steps it does again are shown once."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    refuse_link(out / "tensorboard")  # its event files are written inside the run folder, or not at all
-    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
-
-
 
 
 class _Bar:

@@ -24,8 +24,10 @@ from hrmspec.runtime.artifacts.config import TrainConfig, TrainError
 from hrmspec.runtime.artifacts.data import DataConfig, DataError, encode_samples, format_sample, load_split
 from hrmspec.runtime.artifacts.grids import GridConfig, load_grids
 from hrmspec.runtime.artifacts.packing import pack
+from hrmspec.runtime.artifacts.puzzle_data import PuzzleSource, is_puzzle_source
 from hrmspec.runtime.artifacts.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from hrmspec.runtime.evaluate.heldout import evaluate_grids, evaluate_model, held_out_set
+from hrmspec.runtime.evaluate.puzzles import evaluate_puzzles
 from hrmspec.runtime.execution.rules import expected_step
 from hrmspec.runtime.execution.supervision import Carry, Supervisor
 from hrmspec.spec.schema import Spec
@@ -165,6 +167,8 @@ class Segments(Text):
         if not self.grid:  # supervised text: packed rows as the text objective makes them
             return super().prepare(start)
         spec, cfg = self.spec, self.cfg
+        if is_puzzle_source(spec.data):
+            return self._prepare_dataset()
         try:
             self.data_cfg = GridConfig.from_dict(spec.data)
             rows = load_grids(self.data_cfg, "train")
@@ -181,6 +185,19 @@ class Segments(Text):
             raise TrainError(f"only {len(rows)} training grids for batch_size {cfg.batch_size}: use more data "
                              "(data.size, data.augment) or a smaller batch")
         return rows
+
+    def _prepare_dataset(self):
+        """The train split of a dataset folder in the official layout (`data: {source: hrm_dataset, path}`),
+        checked against the model."""
+        try:
+            self.data_cfg = PuzzleSource.from_dict(self.spec.data)
+            return self.data_cfg.training_split(self.spec.model, self.cfg.batch_size, self.cfg.seed)
+        except DataError as e:
+            raise TrainError(str(e)) from None
+
+    def check_held_out(self) -> None:
+        if not is_puzzle_source(self.spec.data):
+            super().check_held_out()
 
     def bind(self, model, net):
         super().bind(model, net)
@@ -199,6 +216,8 @@ class Segments(Text):
     def evaluate(self, n, ema=None):
         if not self.grid:
             return super().evaluate(n, ema)
+        if isinstance(self.data_cfg, PuzzleSource):  # scored as the official code scores it
+            return evaluate_puzzles(self.model, self.data_cfg, n=n, ema=ema)
         return evaluate_grids(self.model, self.data_cfg, n=n, ema=ema)
 
     def log_fields(self, window):
