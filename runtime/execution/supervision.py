@@ -29,6 +29,7 @@ does), or, with `halt=True`, where its head says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -173,13 +174,19 @@ class Supervisor:
 
     @torch.no_grad()
     def solve(self, batch: dict[str, torch.Tensor], all_segments: bool = False,
-              q_halt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              q_halt: torch.Tensor | None = None, perturb: Perturb | None = None,
+              on_segment: OnSegment | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, S, vocab) of the segment each row stopped at, segments each row ran (B,)).
 
         A row stops when its halting head says so (without a head, or with `all_segments`, after
         every segment); only the rows still running are computed. `q_halt` (B,), when given, receives
         each row's q_halt logit at the segment it stopped at (0 without a halting head): what the
-        official ARC evaluation votes with."""
+        official ARC evaluation votes with.
+
+        Two hooks, for test-time scaling and for drawing a solution as it forms: `perturb(states, segment)`
+        returns the states a segment starts from (the running rows', e.g. with noise added: noisy
+        trajectories), and `on_segment(segment, rows, logits, q_halt)` sees each segment's output (the rows
+        computed (R,), their logits (R, S, vocab), their q_halt logits (R,) or None without a head)."""
         data = {k: batch[k] for k in DATA_KEYS if k in batch}
         B = data["input_ids"].shape[0]
         states = {k: v.clone() for k, v in self._initial_states(data).items()}  # written row by row below
@@ -188,17 +195,23 @@ class Supervisor:
         running = torch.arange(B, device=steps.device)
         for segment in range(1, self.spec.segments + 1):
             rows = {k: v[running] for k, v in data.items()}
-            out = self._forward(rows, {k: v[running] for k, v in states.items()})
+            start = {k: v[running] for k, v in states.items()}
+            if perturb is not None:
+                start = perturb(start, segment)
+            out = self._forward(rows, start)
             if logits is None:
                 logits = out.logits.new_zeros((B, *out.logits.shape[1:]))
             logits[running] = out.logits
             for k, v in out.states.items():
                 states[k][running] = v
             steps[running] = segment
-            if self.halting is not None and (q_halt is not None or not all_segments):
+            q_stop = None
+            if self.halting is not None and (q_halt is not None or on_segment is not None or not all_segments):
                 q_stop, q_continue = self.q_logits(out, steps[running])
                 if q_halt is not None:
                     q_halt[running] = q_stop.to(q_halt.dtype)
+            if on_segment is not None:
+                on_segment(segment, running, out.logits, q_stop)
             if segment == self.spec.segments or self.halting is None or all_segments:
                 continue
             running = running[~self.says_halt(q_stop, q_continue)]
@@ -207,4 +220,9 @@ class Supervisor:
         return logits, steps
 
 
-__all__ = ["DATA_KEYS", "Carry", "SegmentOutput", "Supervisor"]
+# solve's hooks: the states a segment starts from; what each segment computed
+Perturb = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+OnSegment = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+__all__ = ["DATA_KEYS", "Carry", "OnSegment", "Perturb", "SegmentOutput", "Supervisor"]
