@@ -259,3 +259,21 @@ def test_compare_sweeps_a_grid_of_variants_under_one_budget(folder, capsys):
     assert main(["compare", str(folder / "micro.yaml"), "--budget", "steps=1", "--out", str(folder / "sweep2"),
                  "--sweep", "model.d_model=32", "--sweep", "model.d_model=64"]) == 2
     assert "swept twice" in capsys.readouterr().err
+
+
+def test_compare_scores_a_run_once_reusing_the_evaluation_training_ended_with(folder, monkeypatch):
+    import hrmspec.runtime.training.compare as compare
+
+    calls = []
+    real = compare.evaluate_run
+    monkeypatch.setattr(compare, "evaluate_run", lambda run, n: calls.append(n) or real(run, n=n))
+    budget = Budget("steps", 2)
+    out = folder / "once"
+    (first,) = run_compare(plan_runs([spec(folder)], budget, evals=0, eval_n=4), budget, out, eval_n=4,
+                           progress_bar=False, say=lambda _: None)
+    assert calls == [] and first["n"] == 4
+    assert first["loss"] == json.loads((out / "micro" / "eval.json").read_text())["loss"]
+    # scored on another number of samples: the finished run is evaluated again, on that number
+    (again,) = run_compare(plan_runs([spec(folder)], budget, evals=0, eval_n=3), budget, out, eval_n=3,
+                           progress_bar=False, say=lambda _: None)
+    assert calls == [3] and again["n"] == 3

@@ -358,10 +358,27 @@ def run_one(plan: Plan, out: Path, eval_n: int, progress_bar: bool, done: int = 
         # a folder with no checkpoint holds at most the logs of an attempt that died before its first one
         train(plan.spec, run, resume=done > 0, overwrite=done == 0, progress_bar=progress_bar)
     t1 = time.perf_counter()
-    res = evaluate_run(run, n=eval_n)
+    res = finished_evaluation(run, eval_n) or evaluate_run(run, n=eval_n)
     t2 = time.perf_counter()
     return entry(plan, "done", result=res, train_s=spent + t1 - t0, eval_s=t2 - t1, curve=curve(plan, run, res),
                  loss_curve=curve(plan, run, res, "loss") if res.get("loss") is not None else None)
+
+
+def finished_evaluation(run: Path, eval_n: int) -> dict | None:
+    """The evaluation training wrote at its end (run/eval.json), when it is the one `eval` would make now: of the
+    newest checkpoint, at full depth, on `eval_n` samples (train.eval_n is set to it). None otherwise (then
+    the run is evaluated again): a run finished earlier on another --n, or an eval.json of another kind."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        res = read_json(path, max_bytes=RESULTS_BYTES, max_values=RESULTS_VALUES)
+    except HrmspecError:
+        return None
+    newest = ckpt.latest_checkpoint(run)
+    same = (isinstance(res, dict) and res.get("label") == "full" and res.get("requested") == eval_n
+            and newest is not None and res.get("checkpoint") == str(newest))
+    return res if same else None
 
 
 def curve(plan: Plan, run: Path, final: dict, key: str = "accuracy") -> list[dict]:
