@@ -450,3 +450,42 @@ def test_a_full_disk_ends_train_in_one_line(run_copy, spec_file, monkeypatch, ca
     assert [p.name for p in ckpt.list_checkpoints(run_copy)] == ["step_00000003"]
     assert ckpt.latest_checkpoint(run_copy) != last
     assert not list((run_copy / "checkpoints").glob(".tmp-*"))
+
+
+def test_overwrite_replaces_a_converted_checkpoint_whole_and_nothing_it_must_not(tmp_path, capsys):
+    """import-hrm --overwrite: the new checkpoint takes the old one's place whole (no stale file stays); without
+    it the old one is refused; an input, a run folder and a run's checkpoints are never replaced."""
+    from test_hrm_checkpoint import archs_example, official_tensors, resolved, write_official
+
+    from hrmspec.cli import main
+    from hrmspec.runtime.interop.convert import load_checkpoint
+
+    a = archs_example(trm=True)
+    step = write_official(tmp_path / "official", a, official_tensors(resolved(a), 7, 3, 5, seed=0))
+    out = tmp_path / "ours"
+    assert main(["import-hrm", str(step), "--seq-len", "5", "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("from before")
+    assert main(["import-hrm", str(step), "--seq-len", "5", "--out", str(out)]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert main(["import-hrm", str(step), "--seq-len", "5", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and load_checkpoint(out).spec.model.max_seq_len == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ours.")]  # no temporary folder left
+    # a conversion that fails half way leaves the old checkpoint as it was
+    assert main(["import-hrm", str(step), "--out", str(out), "--overwrite"]) == 2  # no --seq-len: refused late
+    assert load_checkpoint(out).spec.model.max_seq_len == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ours.")]
+    capsys.readouterr()
+    for target in (tmp_path / "official", out):  # the input's folder; a checkpoint read by export-hrm
+        source = step if target != out else out
+        command = "import-hrm" if target != out else "export-hrm"
+        args = [command, str(source), "--out", str(target), "--overwrite"]
+        args += ["--seq-len", "5"] if target != out else []
+        assert main(args) == 2
+        assert "never replaces an input" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    for target in (run, run / "checkpoints" / "step_00000001"):
+        assert main(["import-hrm", str(step), "--seq-len", "5", "--out", str(target), "--overwrite"]) == 2
+        assert "never that" in capsys.readouterr().err
+    assert step.is_file() and (run / "metrics.jsonl").exists()

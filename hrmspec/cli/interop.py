@@ -9,15 +9,25 @@ lm-eval are imported when a command runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 from hrmspec.errors import HrmspecError
 
 
+def _out(args, source):
+    """The folder a conversion writes: --out itself, or with --overwrite a new folder that replaces it whole
+    when the conversion succeeds (files.replacing)."""
+    from hrmspec.runtime.artifacts.files import replacing
+
+    return replacing(args.out, source=source) if args.overwrite else contextlib.nullcontext(args.out)
+
+
 def cmd_import_hf(args) -> int:
     from hrmspec.runtime.interop.convert import import_hf
 
-    import_hf(args.dir, args.out)
+    with _out(args, args.dir) as out:
+        import_hf(args.dir, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -25,7 +35,8 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     from hrmspec.runtime.interop.convert import export_hf
 
-    export_hf(args.ckpt, args.out)
+    with _out(args, args.ckpt) as out:
+        export_hf(args.ckpt, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -33,7 +44,8 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hrm(args) -> int:
     from hrmspec.runtime.interop.hrm_checkpoint import import_hrm
 
-    import_hrm(args.ckpt, args.out, config=args.config, seq_len=args.seq_len)
+    with _out(args, args.ckpt) as out:
+        import_hrm(args.ckpt, out, config=args.config, seq_len=args.seq_len)
     print(f"wrote {args.out}")
     return 0
 
@@ -41,8 +53,9 @@ def cmd_import_hrm(args) -> int:
 def cmd_export_hrm(args) -> int:
     from hrmspec.runtime.interop.hrm_checkpoint import export_hrm
 
-    file = export_hrm(args.ckpt, args.out, forward_dtype=args.forward_dtype)
-    print(f"wrote {file} and {file.parent / 'all_config.yaml'}")
+    with _out(args, args.ckpt) as out:
+        export_hrm(args.ckpt, out, forward_dtype=args.forward_dtype)
+    print(f"wrote {args.out}/model.pt and {args.out}/all_config.yaml")
     return 0
 
 
@@ -67,6 +80,9 @@ def _register_import_hf(sub, name: str) -> None:
     p = sub.add_parser(name, help="convert a transformers hrm_text checkpoint to an hrmspec checkpoint")
     p.add_argument("dir", help="a directory with config.json and model.safetensors")
     p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a checkpoint or a folder of files) whole, once the conversion has "
+                   "succeeded; never the input, a run folder or a run's checkpoints")
     p.set_defaults(func=cmd_import_hf)
 
 
@@ -74,6 +90,9 @@ def _register_export_hf(sub, name: str) -> None:
     p = sub.add_parser(name, help="write an hrmspec checkpoint as a transformers hrm_text checkpoint")
     p.add_argument("ckpt", help="an hrmspec checkpoint directory (spec.yaml + model.safetensors)")
     p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a checkpoint or a folder of files) whole, once the conversion has "
+                   "succeeded; never the input, a run folder or a run's checkpoints")
     p.set_defaults(func=cmd_export_hf)
 
 
@@ -85,6 +104,9 @@ def _register_import_hrm(sub, name: str) -> None:
     p.add_argument("--seq-len", type=int, help="the dataset's sequence length (81 for 9 x 9 Sudoku, 900 for ARC); "
                    "needed unless the model has learned positions")
     p.add_argument("--out", required=True, help="the hrmspec checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a checkpoint or a folder of files) whole, once the conversion has "
+                   "succeeded; never the input, a run folder or a run's checkpoints")
     p.set_defaults(func=cmd_import_hrm)
 
 
@@ -94,6 +116,9 @@ def _register_export_hrm(sub, name: str) -> None:
     p.add_argument("--out", required=True, help="the directory to write model.pt and all_config.yaml to")
     p.add_argument("--forward-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="the official model's forward_dtype, which H_init and L_init are written in (default bfloat16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a checkpoint or a folder of files) whole, once the conversion has "
+                   "succeeded; never the input, a run folder or a run's checkpoints")
     p.set_defaults(func=cmd_export_hrm)
 
 

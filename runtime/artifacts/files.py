@@ -20,7 +20,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -214,6 +216,45 @@ def output_folder(path: str | os.PathLike, what: str = "--out", source: str | os
     except OSError as e:
         raise OutputError(f"{what} {path}: cannot create the folder ({reason(e)})") from None
     return path
+
+
+@contextmanager
+def replacing(path: str | os.PathLike, what: str = "--out", source: str | os.PathLike | None = None):
+    """What `--overwrite` does to an output folder: yields a new, empty folder beside `path` to write into; when
+    the block ends without an error, the new folder takes `path`'s place whole (the old one moved aside, then
+    deleted), so no file of the old output survives next to the new ones, and a failure leaves the old folder
+    as it was. A missing `path` is yielded as it is. Refused (one line) as `check_output_folder` refuses,
+    except an hrmspec checkpoint folder of its own (what an import replaces): never the input, a run folder,
+    a run's checkpoints, the filesystem root or the home folder."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        yield path
+        return
+    if path.is_symlink():
+        raise OutputError(f"{what} {path} {LINK_REFUSED}")
+    if not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    if source is not None:
+        src = Path(source).resolve()
+        if path.resolve() in (src, src.parent if src.is_file() else src, *src.parents):
+            raise OutputError(f"{what} {path} holds {source}, which is read; --overwrite never replaces an input")
+    why = protected_folder(path)
+    if why and why != CHECKPOINT:
+        raise OutputError(f"{what} {path} is {why}; --overwrite replaces a checkpoint or a folder of files, "
+                          "never that: write to a new folder")
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    fresh, old = path.parent / f".{path.name}.new-{tag}", path.parent / f".{path.name}.old-{tag}"
+    with writing(fresh):
+        fresh.mkdir()
+    try:
+        yield fresh
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    with writing(path):
+        os.rename(path, old)
+        os.rename(fresh, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
