@@ -30,7 +30,7 @@ from hrmspec.gpus import GPU, GPUS, GPUError, get_gpu
 from hrmspec.graph.analysis import analyse, human
 from hrmspec.graph.build import build_graph
 from hrmspec.graph.credit_plan import credit_depth
-from hrmspec.spec.schedule import sampled_loop
+from hrmspec.spec.schedule import curriculum_breaks, sample_at, sampled_loop
 from hrmspec.spec.schema import CreditSpec, SampleSpec, Spec
 
 
@@ -179,15 +179,21 @@ class RunFlops:
                         for n in (1, 2))
             self.forward = one + (sum(n * p for n, p in count_distribution(self.loop.sample)) - 1) * (two - one)
 
+    def _phase(self, progress: float) -> tuple:
+        """What the cost of a step depends on at `progress`: the credit depth, and the sampler a recurrence
+        curriculum has reached (both never go down as progress grows)."""
+        sample = sample_at(self.loop.sample, progress) if self.loop is not None else None
+        return credit_depth(self.spec.model.credit, progress), sample
+
     def at(self, progress: float) -> float:
-        """Training FLOPs per token of a step at `progress` (the plan changes only with the credit depth);
-        with a sampled loop, the expectation over its count."""
-        key = credit_depth(self.spec.model.credit, progress)
+        """Training FLOPs per token of a step at `progress` (the plan changes only with the credit depth and
+        a curriculum's mean count); with a sampled loop, the expectation over its count."""
+        key = self._phase(progress)
         if key not in self._at:
             if self.loop is None:
                 self._at[key] = self._at_count(progress, None)
             else:
-                self._at[key] = sum(p * self._at_count(progress, n) for n, p in count_distribution(self.loop.sample))
+                self._at[key] = sum(p * self._at_count(progress, n) for n, p in count_distribution(key[1]))
         return self._at[key]
 
     def _at_count(self, progress: float, count: int | None) -> float:
@@ -210,7 +216,11 @@ class RunFlops:
     @cached_property
     def mean(self) -> float:
         """Training FLOPs per token averaged over a whole run (the integral over progress)."""
-        return sum((b - a) * self.at((a + b) / 2) for a, b in credit_phases(self.spec.model.credit))
+        edges = {0.0, 1.0, *(x for phase in credit_phases(self.spec.model.credit) for x in phase)}
+        if self.loop is not None:
+            edges |= set(curriculum_breaks(self.loop.sample))
+        edges = sorted(edges)
+        return sum((b - a) * self.at((a + b) / 2) for a, b in zip(edges, edges[1:]) if b > a)
 
     @property
     def start(self) -> float:
@@ -227,14 +237,15 @@ class RunFlops:
     def phases(self, steps: int) -> list[tuple[int, float]]:
         """`per_step(steps)` run-length encoded: (how many steps in a row, their training FLOPs per token),
         found in O(phases * log steps), never a list of every step. The cost changes only with the credit
-        depth, which never falls as progress grows: a binary search finds where each depth ends."""
-        credit, out, first = self.spec.model.credit, [], 0
+        depth and a curriculum's count, which never fall as progress grows: a binary search finds where each
+        phase ends."""
+        out, first = [], 0
         while first < steps:
-            depth = credit_depth(credit, first / steps)
-            lo, hi = first + 1, steps  # the first step of another depth is in [lo, hi]; hi: none
+            phase = self._phase(first / steps)
+            lo, hi = first + 1, steps  # the first step of another phase is in [lo, hi]; hi: none
             while lo < hi:
                 mid = (lo + hi) // 2
-                if credit_depth(credit, mid / steps) == depth:
+                if self._phase(mid / steps) == phase:
                     lo = mid + 1
                 else:
                     hi = mid

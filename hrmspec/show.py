@@ -111,7 +111,10 @@ def recurrence_table(G: nx.DiGraph, seq_len: int, dtype_bytes: int, console: Con
             sample.mean + 1
     else:
         law, mean = f"uniform in [{sample.low}, {sample.high}]", (sample.low + sample.high) / 2
-    t = Table(title=f"Sampled loop: count ~ {law}, at most {sample.max}; evaluation runs {loop.count}")
+    c = sample.curriculum
+    rising = (f"; the {'mean' if sample.kind == 'lognormal_poisson' else 'high end'} rises from 1 ({c.schedule}) over "
+              f"the first {c.over:.0%} of training") if c is not None else ""
+    t = Table(title=f"Sampled loop: count ~ {law}, at most {sample.max}{rising}; evaluation runs {loop.count}")
     for col in ("count", "forward FLOPs/token", "training FLOPs/token", "activation memory/token"):
         t.add_column(col, justify="right")
     counts = {f"{round(mean)} (expected {mean:g})": round(mean), f"{loop.count} (evaluation)": loop.count,

@@ -8,13 +8,14 @@ that every name a statement uses is a declared module or state, pointing at the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 from hrmspec.errors import SpecError, close_match
 from hrmspec.spec.fields import Fields, describe, near
 from hrmspec.spec.grammar import INPUT, Statement, parse_statement
-from hrmspec.spec.schema import Repeat, SampleSpec
+from hrmspec.spec.schema import Curriculum, Repeat, SampleSpec
 from hrmspec.spec.source import PathT, Source, dotted
 
 
@@ -76,8 +77,53 @@ def read_sample(src: Source, path: PathT) -> tuple[SampleSpec, int]:
         spec = SampleSpec(kind=kind, low=low, high=high, max=cap)
         default = high
     count = f.integer("eval", default, maximum=cap)
+    if f.raw("curriculum", None) is not None:
+        g = Fields(src, path + ("curriculum",), "a mapping {schedule: linear | 1-sqrt, over: 0.25}",
+                   "model.schedule (a sampled repeat's curriculum)")
+        spec = replace(spec, curriculum=Curriculum(schedule=g.choice("schedule", CURRICULA, "linear"),
+                                                   over=g.number("over", 0.25, lo=0.0, hi=1.0, positive=True)))
+        g.finish()
     f.finish()
     return spec, count
+
+
+CURRICULA = ("linear", "1-sqrt")
+
+
+def _rise(schedule: str, x: float) -> float:
+    return x if schedule == "linear" else 1.0 - math.sqrt(max(0.0, 1.0 - x))
+
+
+def _rise_inverse(schedule: str, y: float) -> float:
+    return y if schedule == "linear" else 1.0 - (1.0 - y) ** 2
+
+
+def _scaled(sample: SampleSpec) -> float:
+    """What a curriculum raises: the mean count (lognormal_poisson) or the highest one (uniform)."""
+    return sample.mean if sample.kind == "lognormal_poisson" else float(sample.high)
+
+
+def sample_at(sample: SampleSpec, progress: float) -> SampleSpec:
+    """The sampler at training progress `progress` (0..1): as written, or under its curriculum with the mean
+    (high) at ceil(m * w(min(progress / over, 1))), at least 1 (at least `low`)."""
+    c = sample.curriculum
+    if c is None:
+        return sample
+    m = _scaled(sample)
+    value = max(1, math.ceil(m * _rise(c.schedule, min(max(progress, 0.0) / c.over, 1.0)) - 1e-12))
+    if sample.kind == "lognormal_poisson":
+        return replace(sample, mean=min(float(value), sample.mean), curriculum=None)
+    return replace(sample, high=max(sample.low, min(value, sample.high)), curriculum=None)
+
+
+def curriculum_breaks(sample: SampleSpec) -> list[float]:
+    """The progress values in (0, 1) where the curriculum's value steps up (empty without one)."""
+    c = sample.curriculum
+    if c is None:
+        return []
+    m = _scaled(sample)
+    breaks = (c.over * _rise_inverse(c.schedule, k / m) for k in range(1, math.ceil(m)))
+    return [p for p in breaks if 0.0 < p < 1.0]
 
 
 MAX_REPEAT = 4096  # iterations of one repeat block

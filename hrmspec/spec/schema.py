@@ -90,6 +90,19 @@ class SampleSpec:
     low: int = 1  # uniform
     high: int = 1  # uniform
     max: int = 4096  # no draw exceeds it
+    # a recurrence curriculum: the mean (lognormal_poisson) or `high` (uniform) rises from 1 to its value over
+    # the first `over` of training, as `schedule` says (hrmspec.spec.schedule.sample_at); None: fixed
+    curriculum: Curriculum | None = None
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """How a sampled loop's mean count is raised during training (the retrofitted-recurrence recipe):
+    at progress p it is ceil(m * w(min(p / over, 1))) (at least 1), m the full value, w(x) = x (linear) or
+    1 - sqrt(1 - x) (1-sqrt: slow at first)."""
+
+    schedule: Literal["linear", "1-sqrt"] = "linear"
+    over: float = 0.25  # the fraction of training the rise takes
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from hrmspec.runtime.execution.supervision import Carry
 from hrmspec.runtime.training.loggers import Loggers, open_loggers, run_config
 from hrmspec.runtime.training.objective import objective_for
 from hrmspec.runtime.training.optim import EMA, SparseSignSGD, lr_at, make_optimizer
-from hrmspec.runtime.training.recurrence import draw_count
+from hrmspec.runtime.training.recurrence import draw_count, expected_count
 from hrmspec.runtime.training.step import StepResult, TrainState, param_groups, train_step
 from hrmspec.spec.schedule import sampled_loop
 from hrmspec.spec.schema import Spec
@@ -276,6 +276,7 @@ class Trainer:
                     last = {"step": self.step, "loss": round(loss, 6), "lr": lr,
                             "credit_depth": self.model.credit_depth,
                             **({"recurrence": self.model.recurrence} if self.model.recurrence else {}),
+                            **self._curriculum(),
                             "tokens_per_s": round(tokens / max(now - t_log, 1e-9), 1),
                             "grad_norm": round(_scalar(grad_norm), 6), "skipped_steps": self.skipped}
                     last.update(self.objective.log_fields(window))
@@ -353,7 +354,7 @@ class Trainer:
         self.model.set_progress(self.step / cfg.steps)
         loop = sampled_loop(self.spec.model.schedule)
         if loop is not None:  # the same draw on every rank, and after a resume (recurrence.py)
-            self.model.set_recurrence(draw_count(loop.sample, cfg.seed, self.step))
+            self.model.set_recurrence(draw_count(loop.sample, cfg.seed, self.step, self.step / cfg.steps))
         warmup = int(cfg.warmup * cfg.steps)
         lr = lr_at(self.step, cfg.steps, cfg.lr, warmup, cfg.schedule, cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
@@ -381,6 +382,13 @@ class Trainer:
         else:
             self.nan_run = 0
         return done
+
+    def _curriculum(self) -> dict:
+        """The expected loop count a recurrence curriculum has reached at this step, for the log."""
+        loop = sampled_loop(self.spec.model.schedule)
+        if loop is None or loop.sample.curriculum is None:
+            return {}
+        return {"recurrence_mean": round(expected_count(loop.sample, (self.step - 1) / self.cfg.steps), 3)}
 
     def _readout(self) -> dict:
         """The per-cycle readout of the probe rows (runtime/evaluate/readout.py), no-grad, the training RNG

@@ -7,7 +7,10 @@ counts the uninterrupted one would have. Huginn's sampler (arXiv 2502.05171):
     rate  ~ LogNormal(ln(mean) - sigma^2 / 2, sigma)     E[rate] = mean
     count = Poisson(rate) + 1                            E[count] = mean + 1
 
-and a uniform count in [low, high] for RINS-style stochastic recursion; both capped at `max`.
+and a uniform count in [low, high] for RINS-style stochastic recursion; both capped at `max`. A
+curriculum (`curriculum: {schedule: linear | 1-sqrt, over: f}`) raises the mean (the high end) from 1
+over the first fraction f of training; the count of a step then depends on its progress too, which is
+itself a function of the step: a resumed run still draws what the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import math
 
 import torch
 
+from hrmspec.spec.schedule import sample_at
 from hrmspec.spec.schema import SampleSpec
 
 
-def draw_count(sample: SampleSpec, seed: int, step: int) -> int:
-    """The loop count of optimizer step `step` of a run seeded `seed`."""
+def draw_count(sample: SampleSpec, seed: int, step: int, progress: float = 1.0) -> int:
+    """The loop count of optimizer step `step` of a run seeded `seed`, at training `progress` (a curriculum
+    sets the mean from it: hrmspec.spec.schedule.sample_at)."""
+    sample = sample_at(sample, progress)
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
     if sample.kind == "lognormal_poisson":
         mu = math.log(sample.mean) - sample.sigma**2 / 2
@@ -32,6 +38,8 @@ def draw_count(sample: SampleSpec, seed: int, step: int) -> int:
     return min(count, sample.max)
 
 
-def expected_count(sample: SampleSpec) -> float:
-    """E[count] before the cap (the cap lowers it by a negligible amount at sensible settings)."""
+def expected_count(sample: SampleSpec, progress: float = 1.0) -> float:
+    """E[count] at training `progress`, before the cap (the cap lowers it by a negligible amount at sensible
+    settings)."""
+    sample = sample_at(sample, progress)
     return sample.mean + 1 if sample.kind == "lognormal_poisson" else (sample.low + sample.high) / 2
