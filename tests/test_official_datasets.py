@@ -84,6 +84,8 @@ def test_a_sudoku_run_trains_and_reports_the_official_metrics(sudoku, capsys):
     out = capsys.readouterr().out
     res = json.loads((run / "eval-dataset.json").read_text())
     assert res["n"] == 5 and "exact accuracy" in out and "every segment run" in out
+    assert main(["generate", str(run), "1" * 81]) == 2  # a dataset's puzzles are drawn with eval --show
+    assert "eval" in capsys.readouterr().err
     # the official ACTLossHead metrics, computed here from the model's predictions at its last segment
     model, _, _, _ = load_run(run)
     data = PuzzleSplit.open(sudoku / "data", "test")

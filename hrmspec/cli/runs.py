@@ -44,6 +44,11 @@ def cmd_eval(args) -> int:
 
     if args.per_cycle:
         return _per_cycle(args)
+    if any(getattr(args, k, None) is not None for k in ("vote_augment", "trajectories", "noise", "noise_state", "pick",
+                                                        "ensemble", "seed")):
+        return _scaling(args)
+    if args.show is not None:
+        return _show(args)
     res = evaluate_run(args.dir, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
                        backend=args.backend or "auto", device=args.device or "auto", depth=depth_policy(args),
                        allow_nonfinite=args.allow_nonfinite, data_dir=args.data)
@@ -93,6 +98,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _scaling(args) -> int:
+    """`eval` with test-time scaling options: every prefix setting's segments per puzzle and accuracy, as a table
+    (runtime/evaluate/scaling.py)."""
+    from hrmspec.runtime.evaluate.scaling import Options, evaluate_scaling, setting_label
+
+    if args.exit or args.max_steps is not None or args.warm_start or args.all_steps or args.threshold is not None \
+            or args.compile or getattr(args, "show", None) is not None:
+        raise HrmspecError("--vote-augment, --trajectories, --noise and --ensemble solve grid puzzles in segments: "
+                           "they take --n, --tasks, --data, --all-segments, --backend, --device and --allow-nonfinite "
+                           "only")
+    opts = Options(vote_augment=args.vote_augment or 1, trajectories=args.trajectories or 1, noise=args.noise,
+                   noise_state=tuple(args.noise_state) if args.noise_state else None, pick=args.pick or "q",
+                   ensemble=tuple(args.ensemble or ()), seed=args.seed or 0)
+    res = evaluate_scaling(args.dir, opts, n=args.n, tasks=args.tasks, all_segments=args.all_segments,
+                           backend=args.backend or "auto", device=args.device or "auto",
+                           allow_nonfinite=args.allow_nonfinite, data_dir=args.data)
+    t = Table(title=f"Test-time scaling, {res['n']} puzzles")
+    t.add_column("setting")
+    t.add_column("segments / puzzle", justify="right")
+    t.add_column("accuracy", justify="right")
+    for s in res["settings"]:
+        t.add_row(setting_label(s, bool(res["ensemble"])), f"{s['segments']:.2f}", f"{100 * s['accuracy']:.1f}%")
+    Console().print(t)
+    print("k: augmented copies voted, n: trajectories per copy" + (", m: runs voting" if res["ensemble"] else "") +
+          f" (noise {res['noise']:g}, pick {res['pick']})")
+    if res.get("limited_by"):
+        print(f"ran {res['n']} puzzles: {res['limited_by']}")
+    print(f"checkpoint {', '.join(res['checkpoints'])}")
+    print(f"wrote {args.dir}/eval-scaling.json and {args.dir}/eval-scaling.png")
+    return 0
+
+
 def _per_cycle(args) -> int:
     from hrmspec.runtime.evaluate.readout import Readout, readout_run
 
@@ -106,6 +143,56 @@ def _per_cycle(args) -> int:
     print("\n".join(shown.lines()))
     print(f"checkpoint {res['checkpoint']}")
     print(f"wrote {args.dir}/readout.json")
+    return 0
+
+
+def _show(args) -> int:
+    """`eval --show K`: the first K held-out puzzles of a grid run drawn after each segment, to DIR/show-<i>.png."""
+    import torch
+
+    from hrmspec.runtime.artifacts.draw_grids import check_grid_run, grid_figure, save_figure, segment_grids
+    from hrmspec.runtime.artifacts.grids import GridConfig
+    from hrmspec.runtime.artifacts.placement import to_device
+    from hrmspec.runtime.artifacts.puzzle_data import SOURCE, PuzzleSource, is_puzzle_source
+    from hrmspec.runtime.evaluate.heldout import held_out_set, load_run
+    from hrmspec.runtime.evaluate.puzzles import kind_of
+
+    if args.show < 1:
+        raise HrmspecError(f"--show {args.show}: expected a number of puzzles >= 1")
+    if (args.tasks or args.all_segments or args.all_steps or args.threshold is not None or args.exit or args.compile
+            or args.n is not None):
+        raise HrmspecError("--show draws the first K held-out puzzles with every segment run: it takes --data, "
+                           "--backend, --device and --allow-nonfinite only")
+    run = Path(args.dir)
+    check_grid_run(run, "--show")  # before the model is loaded
+    model, _, spec, _ = load_run(run, backend=args.backend or "auto", device=args.device or "auto",
+                                 allow_nonfinite=args.allow_nonfinite)
+    data = {"source": SOURCE, "path": str(args.data)} if args.data else dict(spec.data)
+    try:
+        if args.data or is_puzzle_source(data):
+            rows = PuzzleSource.from_dict(data).split("test")
+            kind, count = kind_of(rows), min(args.show, len(rows))
+            batch = rows.batch(torch.arange(count)) if count else None
+            side = round(len(batch["input_ids"][0]) ** 0.5) if count else 0
+            names = [kind] * count
+        else:
+            rows = held_out_set(GridConfig.from_dict(data))
+            count = min(args.show, len(rows))
+            batch = rows.batch(torch.arange(count)) if count else None
+            side, names = rows.side, rows.tasks[:count]
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    if not count:
+        raise HrmspecError(f"--show: {run} has no held-out puzzles to draw")
+    batch = to_device(batch, model.embed.weight.device)
+    records = segment_grids(model, batch)
+    inputs, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    for i in range(count):
+        fig = grid_figure(records[i], names[i], side, label=labels[i], puzzle=inputs[i],
+                          title=f"held-out puzzle {i} ({names[i] or 'grid'})")
+        print(f"wrote {save_figure(fig, run / f'show-{i}.png')}")
+    if count < args.show:
+        print(f"drew {count} of --show {args.show}: the held-out set holds {len(rows)}")
     return 0
 
 
@@ -165,6 +252,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    """`generate`, its --png checked first: an image path, for a grid run (before the model is loaded)."""
+    if args.png is not None:
+        from hrmspec.runtime.artifacts.draw_grids import check_grid_run, image_format
+
+        image_format(args.png)
+        check_grid_run(args.dir, "--png")
+    return cmd_generate(args)
+
+
 def _utf8(text: str, what: str) -> None:
     """Refuse an argument that is not UTF-8 text (the shell passed raw bytes; Python holds them as surrogates)."""
     try:
@@ -187,6 +284,10 @@ def _solve_grid(model, spec, args) -> int:
     from hrmspec.runtime.artifacts.grids import GridConfig, parse_grid, render
     from hrmspec.runtime.execution.supervision import Supervisor
 
+    if (spec.data or {}).get("source") == "hrm_dataset":  # its puzzles are rows of a dataset, not typed text
+        raise HrmspecError(f"{args.dir} trained on a dataset folder ({spec.data.get('path')}): draw its held-out "
+                           f"puzzles with `hrmspec eval {args.dir} --show K`; generate types puzzles of the "
+                           "reasoning-gym grid tasks")
     task = next(iter(GridConfig.from_dict(spec.data).tasks()))
     cells = parse_grid(args.prompt, task, spec.model.max_seq_len)
     side = round(len(cells) ** 0.5)
@@ -197,6 +298,12 @@ def _solve_grid(model, spec, args) -> int:
     logits, steps = supervisor.solve(batch, all_segments=args.all_segments)
     print(render(logits[0].argmax(-1).tolist(), side, task))
     print(f"segments: {int(steps[0])} of {supervisor.spec.segments}")
+    if args.png is not None:
+        from hrmspec.runtime.artifacts.draw_grids import grid_figure, save_figure, segment_grids
+
+        records = segment_grids(model, batch)[0]
+        fig = grid_figure(records, task, side, puzzle=cells, title=f"{task}: every segment run")
+        print(f"wrote {save_figure(fig, args.png)}")
     return 0
 
 
@@ -290,6 +397,34 @@ def _register_eval(sub, name):
                    help="decode with the decode step compiled by torch.compile (specs with a fixed unrolling): "
                    "tens of seconds to compile, then faster per token (1.5x eager at batches of 64 on 2 CPU "
                    "cores): for large or repeated evaluations")
+    p.add_argument("--show", type=int, default=None, metavar="K",
+                   help="a grid run: instead of scoring, draw the first K held-out puzzles' predicted grids after "
+                   "each segment (every segment run), with each segment's sigmoid(q_halt), the cells changed since "
+                   "the previous segment and the cells wrong against the label; writes DIR/show-<i>.png")
+    scaling = p.add_argument_group("test-time scaling (grid runs; any of these options: a table of accuracy against "
+                                   "forward segments per puzzle, DIR/eval-scaling.json and DIR/eval-scaling.png)")
+    scaling.add_argument("--vote-augment", type=positive_int, default=None, metavar="K",
+                         help="solve K copies of each puzzle (itself, then K-1 random symmetries that keep solutions "
+                         "solutions: sudoku permutations and transpose, the square's 8 symmetries for n_queens and "
+                         "mazes), map the answers back and vote (votes, then mean sigmoid(q_halt)); refused for "
+                         "ARC, whose dataset eval already votes over (default 1: no voting)")
+    scaling.add_argument("--trajectories", type=positive_int, default=None, metavar="N",
+                         help="solve each copy N times as rows of one batch, trajectories 2..N with Gaussian noise "
+                         "on the latent states at every segment; reports n = 1, 2, 4, ..., N (default 1)")
+    scaling.add_argument("--noise", type=float, default=None, metavar="SIGMA",
+                         help="the noise of --trajectories: SIGMA times the state's RMS (per position) times a "
+                         "standard normal draw (default 0.1)")
+    scaling.add_argument("--noise-state", nargs="+", default=None, metavar="NAME",
+                         help="the states the noise goes to (default: every state but the model's output, e.g. z_L "
+                         "of HRM, z of TRM)")
+    scaling.add_argument("--pick", choices=("q", "vote"), default=None,
+                         help="how --trajectories answer: q, the trajectory whose halting head is surest (highest "
+                         "q_halt; needs a halting head); vote, every trajectory votes (default q)")
+    scaling.add_argument("--ensemble", nargs="+", default=None, metavar="RUN",
+                         help="other run folders trained on the same puzzles: they solve the same copies and "
+                         "their answers join the vote (the table adds m, the runs voting)")
+    scaling.add_argument("--seed", type=int, default=None,
+                         help="the seed of the symmetries and the noise: one seed, one result (default 0)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -352,11 +487,14 @@ def _register_generate(sub, name):
                    help="with --temperature above 0: sample among the K most likely tokens only (default: all)")
     p.add_argument("--all-segments", action="store_true",
                    help="a grid run: run every segment instead of stopping where the halting head says")
+    p.add_argument("--png", metavar="OUT", default=None,
+                   help="a grid run: also draw the predicted grid after each segment (every segment run) to OUT "
+                   "(.png, .svg or .pdf), with each segment's sigmoid(q_halt) and the cells that changed")
     _halting_arguments(p)
     _placement_arguments(p)
     _depth_arguments(p, "generate")
     _nonfinite_argument(p)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=_generate)
 
 
 def _temperature(text: str) -> float:

@@ -183,10 +183,11 @@ class Supervisor:
         each row's q_halt logit at the segment it stopped at (0 without a halting head): what the
         official ARC evaluation votes with.
 
-        Two hooks, for test-time scaling and for drawing a solution as it forms: `perturb(states, segment)`
-        returns the states a segment starts from (the running rows', e.g. with noise added: noisy
-        trajectories), and `on_segment(segment, rows, logits, q_halt)` sees each segment's output (the rows
-        computed (R,), their logits (R, S, vocab), their q_halt logits (R,) or None without a head)."""
+        Two hooks, for test-time scaling and for drawing a solution as it forms: `perturb(states, segment,
+        rows)` returns the states a segment starts from (those of the rows still running, `rows` (R,) their
+        indices in the batch; e.g. with noise added: noisy trajectories), and `on_segment(segment, rows,
+        logits, q_halt)` sees each segment's output (the rows computed (R,), their logits (R, S, vocab),
+        their q_halt logits (R,) or None without a head)."""
         data = {k: batch[k] for k in DATA_KEYS if k in batch}
         B = data["input_ids"].shape[0]
         states = {k: v.clone() for k, v in self._initial_states(data).items()}  # written row by row below
@@ -197,7 +198,7 @@ class Supervisor:
             rows = {k: v[running] for k, v in data.items()}
             start = {k: v[running] for k, v in states.items()}
             if perturb is not None:
-                start = perturb(start, segment)
+                start = perturb(start, segment, running)
             out = self._forward(rows, start)
             if logits is None:
                 logits = out.logits.new_zeros((B, *out.logits.shape[1:]))
@@ -221,7 +222,7 @@ class Supervisor:
 
 
 # solve's hooks: the states a segment starts from; what each segment computed
-Perturb = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+Perturb = Callable[[dict[str, torch.Tensor], int, torch.Tensor], dict[str, torch.Tensor]]
 OnSegment = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
