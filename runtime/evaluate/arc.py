@@ -10,10 +10,11 @@ splits, two files this evaluator reads:
                         the test outputs are the labels (a set without solutions carries a dummy [[0]])
 
 Every evaluated row is one test input of one augmented copy of a task, placed at the corner of the
-30 x 30 canvas. `update_batch` reads the row's name from its identifier, crops the input and the
-prediction, and undoes the augmentation on both, so that each prediction is a grid of the original task,
-filed under the original test input (found by its hash). Each prediction is one vote, carrying the
-model's confidence sigmoid(q_halt_logit) (computed in float64).
+30 x 30 canvas (900 tokens), or of a smaller square canvas (`build-data arc --canvas N`: N * N tokens; the
+side is read off the rows, or fixed with `canvas=N`). `update_batch` reads the row's name from its
+identifier, crops the input and the prediction, and undoes the augmentation on both, so that each
+prediction is a grid of the original task, filed under the original test input (found by its hash).
+Each prediction is one vote, carrying the model's confidence sigmoid(q_halt_logit) (computed in float64).
 
 `result` counts the votes for every test input of every task in test_puzzles.json: the candidate
 grids are ranked by (number of votes, mean confidence), both descending, a complete tie keeping the
@@ -54,7 +55,17 @@ from typing import Any
 import numpy as np
 
 from hrmspec.errors import SpecError
-from hrmspec.runtime.artifacts.arc_grids import IDENTITY, SEQ_LEN, Augmentation, check_grid, crop, grid_hash, parse_name
+from hrmspec.runtime.artifacts.arc_grids import (
+    IDENTITY,
+    SEQ_LEN,
+    Augmentation,
+    canvas_side,
+    check_grid,
+    crop,
+    grid_hash,
+    parse_name,
+    side_of,
+)
 from hrmspec.runtime.artifacts.data import DataError
 from hrmspec.runtime.artifacts.files import atomic_write, writing
 from hrmspec.spec.source import quoted
@@ -144,7 +155,9 @@ class ArcEvaluator:
     required_outputs = frozenset({"inputs", "puzzle_identifiers", "q_halt_logits", "preds"})
 
     def __init__(self, data_dir: str | os.PathLike, pass_ks: Sequence[int] = (1, 2, 5, 10, 100, 1000),
-                 submission_k: int = 2, blank_identifier_id: int = 0):
+                 submission_k: int = 2, blank_identifier_id: int = 0, canvas: int | None = None):
+        """`canvas`: the side of the square canvas the rows use (2-30; their length is its square); None
+        accepts any square canvas, read off the rows' length (900 tokens: the official 30 x 30)."""
         ks = tuple(pass_ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"pass_ks are positive integers, not {quoted(pass_ks)}")
@@ -153,6 +166,7 @@ class ArcEvaluator:
         self.data_dir = Path(data_dir)
         self.pass_ks = ks
         self.submission_k = submission_k
+        self.canvas = None if canvas is None else canvas_side(canvas)
         self.blank_identifier_id = int(blank_identifier_id)
         self._identifiers_path = self.data_dir / IDENTIFIERS
         self.identifiers = read_identifiers(self._identifiers_path)
@@ -183,8 +197,8 @@ class ArcEvaluator:
 
     def update_batch(self, batch: Mapping[str, Any], preds: Mapping[str, Any]) -> None:
         """File every non-blank row's prediction under its task and test input. `batch` and `preds`
-        together hold inputs (B, 900), puzzle_identifiers (B,), preds (B, 900) and q_halt_logits (B,),
-        as torch tensors or numpy arrays."""
+        together hold inputs (B, L), puzzle_identifiers (B,), preds (B, L) and q_halt_logits (B,), as torch
+        tensors or numpy arrays; L is the canvas's side squared (900 for the official 30 x 30)."""
         found = {k: v for coll in (batch, preds) for k, v in coll.items() if k in self.required_outputs}
         missing = sorted(self.required_outputs - found.keys())
         if missing:
@@ -194,9 +208,16 @@ class ArcEvaluator:
         outputs = _array(found["preds"], "preds")
         q = _confidence(found["q_halt_logits"]).reshape(-1)
         b = ids.shape[0]
+        if self.canvas is not None:
+            length = self.canvas * self.canvas
+        else:  # the canvas the rows come in: any square up to 30 x 30
+            length = inputs.shape[-1] if inputs.ndim == 2 else SEQ_LEN
+            if side_of(length) is None:
+                length = SEQ_LEN
         for name, arr in (("inputs", inputs), ("preds", outputs)):
-            if arr.shape != (b, SEQ_LEN):
-                raise ValueError(f"{name}: expected shape ({b}, {SEQ_LEN}), found {arr.shape}")
+            if arr.shape != (b, length):
+                raise ValueError(f"{name}: expected shape ({b}, {length}) (rows of a square canvas, 900 tokens for "
+                                 f"30 x 30), found {arr.shape}")
         if q.shape != (b,):
             raise ValueError(f"q_halt_logits: expected {b} values, found shape {q.shape}")
         rows = np.flatnonzero(ids != self.blank_identifier_id)

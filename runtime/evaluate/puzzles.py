@@ -36,13 +36,15 @@ SYMBOLS = {"sudoku": "?.123456789", "maze": "?# SGo", "arc": "?|0123456789"}
 
 
 def kind_of(split: PuzzleSplit) -> str | None:
-    """sudoku, maze or arc, from the sizes the official builders give each (None: another dataset)."""
+    """sudoku, maze or arc, from the sizes the official builders give each (None: another dataset); arc is
+    vocab 12 in any square canvas up to 30 x 30 (seq_len a perfect square, 900 officially)."""
     meta = split.metadata
     if meta.vocab_size == 11 and meta.seq_len == 81:
         return "sudoku"
     if meta.vocab_size == 6:
         return "maze"
-    if meta.vocab_size == 12 and meta.seq_len == 900:
+    side = int(round(meta.seq_len ** 0.5))  # ARC: a square canvas, 30 x 30 (900) or smaller (build-data --canvas)
+    if meta.vocab_size == 12 and 2 <= side <= 30 and side * side == meta.seq_len:
         return "arc"
     return None
 
