@@ -12,10 +12,11 @@ OUT ?= runs/hrm-text-tiny
 .PHONY: install install-dev demo test test-all test-deep lint bench mutate
 
 # pip runs again only when pyproject.toml changed since the last install into this Python from this
-# checkout (a stamp per interpreter under .make/), or when hrmspec does not import from here; `rm -rf .make`
+# checkout (a stamp per interpreter under .make/), or when hrmspec.runtime (mapped by the install, unlike the
+# hrmspec folder the current directory shadows) does not import from here; `rm -rf .make`
 # forces it. A fresh clone has no stamp, so it installs.
 PY_ID := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')
-HERE_OK := $(shell $(PYTHON) -c 'import os, sys, hrmspec; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(hrmspec.__file__))) != os.getcwd())' 2>/dev/null && echo yes)
+HERE_OK := $(shell $(PYTHON) -c 'import os, sys, hrmspec.runtime as r; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(r.__file__))) != os.getcwd())' 2>/dev/null && echo yes)
 ifneq ($(HERE_OK),yes)
 $(shell rm -f .make/installed-$(PY_ID) .make/installed-dev-$(PY_ID))
 endif
