@@ -257,7 +257,7 @@ def _generate(args) -> int:
     if args.png is not None:
         from hrmspec.runtime.artifacts.draw_grids import check_grid_run, image_format
 
-        image_format(args.png)
+        image_format(args.png, "--png")
         check_grid_run(args.dir, "--png")
     return cmd_generate(args)
 
@@ -303,7 +303,7 @@ def _solve_grid(model, spec, args) -> int:
 
         records = segment_grids(model, batch)[0]
         fig = grid_figure(records, task, side, puzzle=cells, title=f"{task}: every segment run")
-        print(f"wrote {save_figure(fig, args.png)}")
+        print(f"wrote {save_figure(fig, args.png, what='--png')}")
     return 0
 
 

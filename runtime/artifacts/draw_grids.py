@@ -20,8 +20,8 @@ sudoku '?.123456789' and maze '?# SGo' share the tokens of the tasks of those na
 canvas (30 x 30, 900 tokens, officially), colour c as c + 2, each grid cropped to its corner rectangle,
 `arc_grids.crop`); any other kind draws token numbers in a generic palette. An ARC figure shows the
 test input as its first panel, beside the attempts; the attempts share one window: the largest of the
-label's and the predictions' grids, with room for the EOS border. `save_figure` writes a figure (png,
-svg, pdf, ... by the suffix) atomically.
+label's and the predictions' grids, with room for the EOS border. `save_figure` (plot.py's) writes a figure
+(png, svg, pdf, ... by the suffix) atomically.
 Matplotlib is imported only when a figure is drawn.
 """
 
@@ -36,9 +36,8 @@ import torch
 from hrmspec.errors import HrmspecError
 from hrmspec.runtime.artifacts import arc_grids
 from hrmspec.runtime.artifacts import checkpoint as ckpt
-from hrmspec.runtime.artifacts.files import CHECKPOINT, INSIDE_CHECKPOINTS, OutputError, protected_folder
 from hrmspec.runtime.artifacts.grids import GRID_TASKS
-from hrmspec.runtime.artifacts.plot import _save
+from hrmspec.runtime.artifacts.plot import image_format, save_figure
 from hrmspec.runtime.execution.losses import IGNORE_INDEX
 from hrmspec.runtime.execution.supervision import Supervisor
 from hrmspec.spec.load import load_spec
@@ -272,35 +271,6 @@ def check_grid_run(run_dir: str | Path, option: str) -> None:
     if spec.objective.type != "grid":
         raise HrmspecError(f"{option} draws a grid puzzle's segments; {run_dir} trained {spec.objective.type}, "
                            "not a grid run")
-
-
-def image_format(path: str | Path) -> str:
-    """The image format `path` names by its suffix (png, svg, pdf, ...); one line (OutputError) when it names
-    none, is a folder, its folder is missing or is a checkpoint's."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder: name the image file to write (e.g. {path / 'solution.png'})")
-    if fmt not in formats:
-        raise OutputError(f"{path}: not an image file name; the suffix must be one of "
-                          f"{', '.join('.' + f for f in sorted(formats))}")
-    why = protected_folder(path.parent)
-    if why.startswith(INSIDE_CHECKPOINTS) or why == CHECKPOINT:
-        raise OutputError(f"{path}: its folder is {why}; a drawing is never written there")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: the folder {path.parent} does not exist")
-    return fmt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write `fig` to `path` (`image_format`) through a temp file renamed over it; one line (OutputError) when
-    the path is refused or cannot be written (a read-only folder, a full disk)."""
-    path = Path(path)
-    _save(fig, path, image_format(path))
-    return path
 
 
 __all__ = ["ARC_PALETTE", "check_grid_run", "grid_figure", "image_format", "save_figure", "segment_grids"]

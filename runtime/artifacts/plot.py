@@ -63,23 +63,17 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plot a run (loss, held-out accuracy, credit depth, halting) or a `compare` folder (each variant's
     loss on one figure) to `out` (default DIR/training.png); returns the path written."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     run_dir = Path(run_dir)
     path = Path(out) if out else run_dir / "training.png"
     compare = is_compare_folder(run_dir)
     metrics = None if compare else read_metrics(run_dir)  # no metrics: one line before the image's name is checked
-    fmt = _image_format(path, FigureCanvasBase.get_supported_filetypes())
-    fig = compare_figure(run_dir) if compare else training_figure(run_dir, metrics)
-    _save(fig, path, fmt)
-    return path
+    fmt = image_format(path)  # before anything is drawn
+    return save_figure(compare_figure(run_dir) if compare else training_figure(run_dir, metrics), path, fmt)
 
 
 def plot_readouts(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """The per-cycle readouts training logged (`readout` records of metrics.jsonl) as their own figure, to
     `out` (default DIR/readout.png); None when the run logged none (or `run_dir` is a compare folder)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     run_dir = Path(run_dir)
     if is_compare_folder(run_dir):
         return None
@@ -88,14 +82,18 @@ def plot_readouts(run_dir: str | Path, out: str | Path | None = None) -> Path | 
     if not logged:
         return None
     path = Path(out) if out else run_dir / "readout.png"
-    fmt = _image_format(path, FigureCanvasBase.get_supported_filetypes())
-    _save(readout_figure(run_dir, logged), path, fmt)
-    return path
+    fmt = image_format(path)
+    return save_figure(readout_figure(run_dir, logged), path, fmt)
 
 
-def _save(fig, path: Path, fmt: str) -> None:
-    with writing(path):  # through a temp file renamed over it: a link there is replaced, never followed
+def save_figure(fig, path: str | Path, fmt: str | None = None, what: str = "--out") -> Path:
+    """Write `fig` to `path` in `fmt` (default: the one its suffix names, `image_format`) through a temp file
+    renamed over it: a link there is replaced, never followed; a failure is one line. The path written."""
+    path = Path(path)
+    fmt = fmt or image_format(path, what)
+    with writing(path):
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
+    return path
 
 
 def _readout_ok(r: dict) -> bool:
@@ -111,7 +109,7 @@ def readout_figure(run_dir: Path, logged: list[dict]):
     """Loss and accuracy read out after each step of the loop (one curve per logged training step, darker
     later), and how far each module call moved its state (the last readout): the depth a model uses, and
     whether its latent settles."""
-    fig, axes = _figure(3, 9, sharex=False)
+    fig, axes = new_figure(3, 9, sharex=False)
     pick = sorted({round(i * (len(logged) - 1) / max(MAX_CURVES - 1, 1)) for i in range(MAX_CURVES)})
     chosen = [logged[i] for i in pick]
     from matplotlib import colormaps
@@ -147,7 +145,7 @@ def readout_figure(run_dir: Path, logged: list[dict]):
     return fig
 
 
-def _figure(rows: int, height: float, sharex: bool = True):
+def new_figure(rows: int, height: float, sharex: bool = True):
     """A figure of `rows` axes (sharing x), on the Agg canvas (no pyplot: no global state, no windows)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -166,7 +164,7 @@ def training_figure(run_dir: str | Path, metrics: tuple[list[dict], list[dict]] 
     steps, evals = metrics or read_metrics(run_dir)
     spec = _run_spec(run_dir)
     halting = [r for r in steps if _number(r.get("steps")) or _number(r.get("segments"))]
-    fig, axes = _figure(4 if halting else 3, 10 if halting else 8)
+    fig, axes = new_figure(4 if halting else 3, 10 if halting else 8)
     x = [r["step"] for r in steps]
     losses = [r["loss"] for r in steps]
     axes[0].plot(x, losses, marker="." if len(x) < 20 else None)  # a few points: each one shown
@@ -323,7 +321,7 @@ def compare_figure(folder: str | Path):
     if not curves:
         raise HrmspecError(f"{folder} is a comparison whose runs have logged no training metrics yet: see its "
                            f"report, {folder / 'compare.md'}")
-    fig, axes = _figure(1, 5)
+    fig, axes = new_figure(1, 5)
     ax = axes[0]
     losses = []
     for name, steps in curves:
@@ -339,18 +337,23 @@ def compare_figure(folder: str | Path):
     return fig
 
 
-def _image_format(path: Path, formats: dict[str, str]) -> str:
-    """The image format `path` names by its suffix; one line when it names none (so a plot never replaces
-    metrics.jsonl, a spec or a checkpoint's file), is a folder, is inside a run's checkpoints or has no folder."""
+def image_format(path: str | Path, what: str = "--out") -> str:
+    """The image format `path` names by its suffix (png, svg, pdf, ...); one line when it names none (so a
+    drawing never replaces metrics.jsonl, a spec or a checkpoint's file), is a folder, is inside a run's
+    checkpoints or has no folder. `what`: the option that gave the path, for the message."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
     fmt = path.suffix.lstrip(".").lower()
     if path.is_dir():
-        raise OutputError(f"--out {path} is a folder: name the image file to write (e.g. {path / 'training.png'})")
+        raise OutputError(f"{what} {path} is a folder: name the image file to write (e.g. {path / 'figure.png'})")
     if fmt not in formats:
-        raise OutputError(f"--out {path}: not an image file name; the suffix must be one of "
+        raise OutputError(f"{what} {path}: not an image file name; the suffix must be one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
     why = protected_folder(path.parent)
     if why.startswith(INSIDE_CHECKPOINTS) or why == CHECKPOINT:
-        raise OutputError(f"--out {path}: its folder is {why}; a plot is never written there")
+        raise OutputError(f"{what} {path}: its folder is {why}; a drawing is never written there")
     if not path.parent.is_dir():
-        raise OutputError(f"--out {path}: the folder {path.parent} does not exist")
+        raise OutputError(f"{what} {path}: the folder {path.parent} does not exist")
     return fmt

@@ -47,7 +47,7 @@ from hrmspec.runtime.artifacts.data import DataError
 from hrmspec.runtime.artifacts.files import write_text_atomic, writing
 from hrmspec.runtime.artifacts.grids import GRID_TASKS, GridConfig, _apply, augmentations
 from hrmspec.runtime.artifacts.placement import to_device
-from hrmspec.runtime.artifacts.plot import _figure, _save
+from hrmspec.runtime.artifacts.plot import new_figure, save_figure
 from hrmspec.runtime.artifacts.puzzle_data import SOURCE as PUZZLES
 from hrmspec.runtime.artifacts.puzzle_data import PuzzleSource, is_puzzle_source
 from hrmspec.runtime.evaluate.heldout import DEFAULT_N, held_out_set, load_run
@@ -494,7 +494,7 @@ def write_scaling(run_dir: Path, res: dict) -> list[Path]:
     with writing(paths[0]):
         write_text_atomic(paths[0], json.dumps(res, indent=2))
     fig = scaling_figure(res)
-    _save(fig, paths[1], "png")
+    save_figure(fig, paths[1], "png")
     return paths
 
 
@@ -515,7 +515,7 @@ def curves(res: dict) -> dict[str, list[tuple[float, float]]]:
 
 def scaling_figure(res: dict):
     """Accuracy against forward segments per puzzle, one curve per `curves` label."""
-    fig, (ax,) = _figure(1, 4.5)
+    fig, (ax,) = new_figure(1, 4.5)
     for label, points in curves(res).items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=label)
