@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from report import environment
+from report import environment, seed_mean, seed_percent
 
 from hrmspec.graph import build_graph
 from hrmspec.graph.analysis import analyse
@@ -100,13 +100,10 @@ def write(rows: list[dict]) -> None:
 def _row(name: str, label: str, runs: list[dict], spread: bool = False) -> str:
     """A table row: the runs' mean of each number, with the range of the accuracies when `spread`."""
     def mean(key):
-        return sum(r[key] for r in runs) / len(runs)
+        return seed_mean(runs, key)
 
     def pct(key):
-        text = f"{100 * mean(key):.1f}%"
-        if spread:
-            text += f" ({100 * min(r[key] for r in runs):.1f}-{100 * max(r[key] for r in runs):.1f})"
-        return text
+        return seed_percent(runs, key, spread)
 
     r = runs[0]
     wall = f"{mean('wall_s'):.0f} s" if all(x["wall_s"] for x in runs) else "-"

@@ -85,6 +85,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def seed_mean(runs: list[dict], key: str) -> float:
+    """The mean of `key` over runs of several seeds."""
+    return sum(r[key] for r in runs) / len(runs)
+
+
+def seed_percent(runs: list[dict], key: str, spread: bool = False) -> str:
+    """The mean of a fraction over seeds as a percentage, with the least and the most when `spread`."""
+    text = f"{100 * seed_mean(runs, key):.1f}%"
+    if spread:
+        text += f" ({100 * min(r[key] for r in runs):.1f}-{100 * max(r[key] for r in runs):.1f})"
+    return text
+
+
 def environment(threads: list[int]) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
