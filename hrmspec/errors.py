@@ -78,6 +78,10 @@ class Gather:
             self.errors.append(e)
         return stand_in
 
+    def ran(self, part) -> bool:
+        """Run `part`; whether it ran without a problem (its problem is kept)."""
+        return self(lambda: part() or True, False)
+
     def done(self) -> None:
         """Raise what was kept: one problem per place (a second one there follows from the first), in the
         order of each file (files in the order their first problem was found), unplaced ones last."""

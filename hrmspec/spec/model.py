@@ -33,7 +33,6 @@ from hrmspec.spec.schema import (
 )
 from hrmspec.spec.source import PathT, Source, dotted
 
-REQUIRED_MISSING = object()  # never a value of the document: raw() either returns one or raises
 _STATE_INITS = ("embed", "buffer", "zeros", "learned", "random")
 _WEIGHT_INITS = ("lecun_normal", "normal")
 
@@ -145,7 +144,7 @@ def _wiring(src: Source, path: PathT, f: Fields, gather: Gather, schedule: tuple
                               f"{MAX_CALLS:,} are supported", "lower the repeat counts"))
         return None
     statements = flatten(schedule)
-    named = [gather(lambda st=st: check_names(st, module_names, state_names) or True, False) for st in statements]
+    named = [gather.ran(lambda st=st: check_names(st, module_names, state_names)) for st in statements]
     gather(lambda: _check_sampled(src, path + ("schedule",), schedule))
     if not all(named):
         return None
@@ -319,7 +318,7 @@ def _modules(
 ) -> list[ModuleSpec]:
     """model.modules: each module's block is `block` with the module's own fields applied. A module with a
     problem (reported) stands in as one default layer, so the schedule's calls of it are still checked."""
-    if not gather(lambda: f.raw("modules") is not REQUIRED_MISSING, False):  # missing: reported
+    if not gather.ran(lambda: f.raw("modules")):  # missing: reported
         return []
     mf = gather(lambda: Fields(src, path, "a mapping of module name -> {layers, ...}",
                                hint="e.g. modules: {L: {layers: 2}}"))
@@ -374,7 +373,7 @@ def _modules(
 def _states(src: Source, path: PathT, f: Fields, module_names: list[str], gather: Gather) -> list[StateSpec]:
     """model.states: each state's name and how it starts; a state with a problem (reported) stands in as a
     buffer."""
-    if not gather(lambda: f.raw("states") is not REQUIRED_MISSING, False):  # missing: reported
+    if not gather.ran(lambda: f.raw("states")):  # missing: reported
         return []
     sf = gather(lambda: Fields(src, path, "a mapping of state name -> {init}",
                                hint="e.g. states: {z_H: {init: embed}}"))
