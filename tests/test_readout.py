@@ -194,3 +194,19 @@ def test_training_logs_a_readout_each_log_line_without_touching_the_training_str
     out = capsys.readouterr().out
     assert "readout.png" in out and (folder / "run3" / "readout.png").stat().st_size > 0
     assert main(["plot", str(folder / "run0")]) == 0 and "readout.png" not in capsys.readouterr().out
+
+
+def test_a_readout_point_made_a_few_positions_at_a_time_is_the_same(monkeypatch):
+    """A large vocabulary never makes S x V logits at once: the points are computed in position chunks."""
+    import hrmspec.runtime.evaluate.readout as readout
+
+    torch.manual_seed(0)
+    spec = load_spec_text(HRM)
+    model = hrmspec.compile(spec, backend="reference").eval()
+    b = batch(spec.model.vocab)
+    whole = read_out(model, b)
+    monkeypatch.setattr(readout, "LOGITS", 3 * 2 * spec.model.vocab)  # two positions of 3 rows at a time
+    chunked = read_out(model, b)
+    assert [p["loss"] for p in chunked.points] == pytest.approx([p["loss"] for p in whole.points], rel=1e-6)
+    assert [p["accuracy"] for p in chunked.points] == [p["accuracy"] for p in whole.points]
+    assert [p["exact"] for p in chunked.points] == [p["exact"] for p in whole.points]

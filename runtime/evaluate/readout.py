@@ -68,12 +68,22 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.float().pow(2).mean().sqrt())
 
 
+LOGITS = 1 << 22  # logits made at once by a readout point (16 MiB in fp32): a large vocabulary never gets S x V
+
+
 def _point(model, step: int, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
-    logits = model.logits_of(hidden[:, model.prefix_len:])
+    """The loss, token accuracy and fully right rows of the output state `hidden` read through the head,
+    position chunks at a time (at most LOGITS logits exist at once)."""
+    h = hidden[:, model.prefix_len:]
     counted = labels != IGNORE_INDEX
     n = int(counted.sum())
-    total = float(token_losses(logits, labels, model.spec.objective.loss).sum())
-    right = (logits.argmax(-1) == labels) & counted
+    per = max(1, LOGITS // (h.shape[0] * model.spec.model.vocab))
+    total, right = 0.0, torch.zeros_like(counted)
+    for start in range(0, h.shape[1], per):
+        logits = model.logits_of(h[:, start:start + per])
+        part = labels[:, start:start + per]
+        total += float(token_losses(logits, part, model.spec.objective.loss).sum())
+        right[:, start:start + per] = (logits.argmax(-1) == part) & counted[:, start:start + per]
     rows_right = (right | ~counted).all(-1) & counted.any(-1)
     loss = total / n if n and math.isfinite(total) else None
     return {"step": step, "loss": None if loss is None else round(loss, 6),
