@@ -137,22 +137,10 @@ def test_cli_generate_png_and_eval_show(run, tmp_path, capsys):
 
 
 def test_eval_show_draws_an_official_arc_dataset(tmp_path, capsys):
-    import json
-
-    import hrmspec.runtime.artifacts.puzzle_build as pb
     from hrmspec.cli import main
-    from tests.test_build_data import kaggle
-    from tests.test_official_datasets import SPEC
+    from tests.test_official_datasets import arc_run
 
-    training = kaggle(tmp_path, "training", ["t1"], seed=1)
-    evaluation = kaggle(tmp_path, "evaluation", ["e1"], seed=2)
-    pb.build_arc([("training", training, tmp_path / "training_solutions.json", "train"),
-                  ("evaluation", evaluation, tmp_path / "evaluation_solutions.json", "test")],
-                 tmp_path / "arc", num_aug=1, seed=0)
-    ids = len(json.loads((tmp_path / "arc" / "identifiers.json").read_text()))
-    spec = load_spec_text(SPEC.format(vocab=12, seq=900, ids=ids, path=tmp_path / "arc").replace(
-        "d_model: 16", "d_model: 8"), str(tmp_path / "arc.yaml"))
-    train(spec, tmp_path / "run", progress_bar=False)
+    arc_run(tmp_path, ["t1"], ["e1"], num_aug=1)
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--show", "1"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'run' / 'show-0.png'}"]

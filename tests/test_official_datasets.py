@@ -115,16 +115,22 @@ def test_validate_and_train_refuse_a_dataset_the_model_cannot_read(sudoku, capsy
     assert "build-data" in capsys.readouterr().err
 
 
-def test_an_arc_run_votes_over_augmentations_and_writes_a_submission(tmp_path, capsys):
-    training = kaggle(tmp_path, "training", ["t1", "t2"], seed=1)
-    evaluation = kaggle(tmp_path, "evaluation", ["e1", "e2"], seed=2)
+def arc_run(tmp_path, train_tasks: list[str], eval_tasks: list[str], num_aug: int):
+    """A tiny ARC dataset in tmp_path/arc built from random Kaggle tasks, and a micro TRM trained 2 steps on it
+    in tmp_path/run."""
+    training = kaggle(tmp_path, "training", train_tasks, seed=1)
+    evaluation = kaggle(tmp_path, "evaluation", eval_tasks, seed=2)
     pb.build_arc([("training", training, tmp_path / "training_solutions.json", "train"),
                   ("evaluation", evaluation, tmp_path / "evaluation_solutions.json", "test")],
-                 tmp_path / "arc", num_aug=2, seed=0)
+                 tmp_path / "arc", num_aug=num_aug, seed=0)
     ids = len(json.loads((tmp_path / "arc" / "identifiers.json").read_text()))
     spec = load_spec_text(SPEC.format(vocab=12, seq=900, ids=ids, path=tmp_path / "arc").replace(
         "d_model: 16", "d_model: 8"), str(tmp_path / "arc.yaml"))
     train(spec, tmp_path / "run", progress_bar=False)
+
+
+def test_an_arc_run_votes_over_augmentations_and_writes_a_submission(tmp_path, capsys):
+    arc_run(tmp_path, ["t1", "t2"], ["e1", "e2"], num_aug=2)
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "arc")]) == 0
     out = capsys.readouterr().out
